@@ -1,0 +1,198 @@
+"""Settings: the environment read once, validated, frozen, and passed on.
+
+This is the only module that reads ``os.environ``. Every other module receives a
+:class:`Settings` (or the few values it needs) as an argument.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Mapping
+from urllib.parse import urlsplit
+
+PLURAL_BASES = {
+    "uat": "https://pluraluat.v2.pinepg.in/api",
+    "prod": "https://api.pluralpay.in/api",
+}
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable and what it accepts."""
+
+    def __init__(self, variable: str, accepts: str, got: str | None = None):
+        self.variable = variable
+        detail = f"{variable}: must be {accepts}"
+        if got is not None:
+            detail += f" (got {got!r})"
+        super().__init__(detail)
+
+
+class Secret:
+    """A string that never shows itself in ``repr``, ``str``, logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the worker, the producer API and the command line need to know."""
+
+    plural_env: str = "uat"
+    plural_base_url: str = PLURAL_BASES["uat"]
+    client_id: str | None = None
+    client_secret: Secret | None = field(default=None)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    rate_limit: float = 10.0
+    """Cancels per second to Plural, across every worker process and host."""
+    rate_burst: int = 0
+    """Calls allowed at once above the steady rate."""
+    retry_budget: float = 86400.0
+    """Seconds a cancel keeps retrying through outages."""
+    result_ttl: int = 604800
+    """Seconds a status record is kept in Redis."""
+    connect_timeout: float = 3.05
+    """Seconds to wait for a TCP/TLS connection to Plural."""
+    read_timeout: float = 15.0
+    """Seconds to wait for Plural's answer once connected."""
+    sentry_dsn: str | None = None
+    sentry_environment: str | None = None
+    metrics_port: int = 0
+    """Port of the worker's Prometheus endpoint; 0 means off."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Read and validate the environment. Raises :class:`ConfigError` on the first bad value."""
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str | None:
+            value = env.get(name)
+            if value is None or value.strip() == "":
+                return None
+            return value.strip()
+
+        plural_env = (get("PLURAL_ENV") or "uat").lower()
+        if plural_env not in PLURAL_BASES:
+            raise ConfigError("PLURAL_ENV", "one of uat, prod", plural_env)
+
+        base_url = get("PLURAL_BASE_URL")
+        if base_url is None:
+            base_url = PLURAL_BASES[plural_env]
+        else:
+            parts = urlsplit(base_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError("PLURAL_BASE_URL", "an http(s) URL such as https://host/api", base_url)
+            if plural_env == "prod" and parts.scheme != "https":
+                raise ConfigError("PLURAL_BASE_URL", "an https URL when PLURAL_ENV=prod", base_url)
+            if parts.username or parts.password:
+                raise ConfigError("PLURAL_BASE_URL", "a URL without credentials in it")
+            base_url = base_url.rstrip("/")
+
+        redis_url = get("REDIS_URL") or cls.redis_url
+        if urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
+            # Never echo the URL: it may carry a password.
+            raise ConfigError("REDIS_URL", "a redis://, rediss:// or unix:// URL")
+
+        secret = get("PLURAL_CLIENT_SECRET")
+        return cls(
+            plural_env=plural_env,
+            plural_base_url=base_url,
+            client_id=get("PLURAL_CLIENT_ID"),
+            client_secret=Secret(secret) if secret else None,
+            redis_url=redis_url,
+            rate_limit=_number(get, "PLURAL_RATE_LIMIT", cls.rate_limit, positive=True),
+            rate_burst=int(_number(get, "PLURAL_RATE_BURST", cls.rate_burst, integer=True)),
+            retry_budget=_number(get, "CANCEL_RETRY_BUDGET", cls.retry_budget, positive=True),
+            result_ttl=int(_number(get, "RESULT_TTL", cls.result_ttl, positive=True, integer=True)),
+            connect_timeout=_number(get, "PLURAL_CONNECT_TIMEOUT", cls.connect_timeout, positive=True),
+            read_timeout=_number(get, "PLURAL_READ_TIMEOUT", cls.read_timeout, positive=True),
+            sentry_dsn=_sentry_dsn(get("SENTRY_DSN")),
+            sentry_environment=get("SENTRY_ENVIRONMENT"),
+            metrics_port=int(_number(get, "METRICS_PORT", cls.metrics_port, integer=True, maximum=65535)),
+        )
+
+    def require_credentials(self) -> "Settings":
+        """Return self when Plural credentials are set; the worker cannot run without them."""
+        if not self.client_id:
+            raise ConfigError("PLURAL_CLIENT_ID", "set to the client id from Plural's dashboard (required by the worker)")
+        if not self.client_secret:
+            raise ConfigError("PLURAL_CLIENT_SECRET", "set to the client secret from Plural's dashboard (required by the worker)")
+        return self
+
+    def with_overrides(self, **changes) -> "Settings":
+        """A copy with some fields changed (tests and the command line use this)."""
+        return replace(self, **changes)
+
+    def describe(self) -> dict[str, str]:
+        """Every setting as text, secrets masked, for ``plural-cancel check`` and start-up logs."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "redis_url":
+                value = _mask_url_password(value)
+            elif f.name == "sentry_dsn" and value:
+                value = _mask_url_password(value, mask_user=True)
+            out[f.name] = "" if value is None else str(value)
+        return out
+
+
+def _number(get, name: str, default: float, *, positive: bool = False, integer: bool = False,
+            maximum: float | None = None) -> float:
+    raw = get(name)
+    if raw is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    accepts = f"{'a positive' if positive else 'a non-negative'} {kind.split(' ', 1)[1]}"
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        raise ConfigError(name, accepts, raw) from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(name, accepts, raw)
+    if value < 0 or (positive and value == 0):
+        raise ConfigError(name, accepts, raw)
+    if maximum is not None and value > maximum:
+        raise ConfigError(name, f"{accepts} no larger than {maximum:g}", raw)
+    return value
+
+
+def _sentry_dsn(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname or not parts.username:
+        raise ConfigError("SENTRY_DSN", "a Sentry DSN such as https://KEY@host/PROJECT_ID")
+    return raw
+
+
+def _mask_url_password(url: str, mask_user: bool = False) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        creds, host = netloc.rsplit("@", 1)
+        if mask_user:
+            creds = "***"
+        elif ":" in creds:
+            creds = creds.split(":", 1)[0] + ":***"
+        netloc = f"{creds}@{host}"
+    return parts._replace(netloc=netloc).geturl()
