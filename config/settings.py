@@ -69,11 +69,15 @@ class Settings:
     """Calls allowed at once above the steady rate."""
     retry_budget: float = 86400.0
     """Seconds a cancel keeps retrying through outages."""
+    retry_base: float = 2.0
+    """Seconds: the first retry waits up to this long; each later one up to twice as long."""
+    retry_cap: float = 600.0
+    """Seconds: no retry waits longer than this (before Plural's own Retry-After)."""
     result_ttl: int = 604800
     """Seconds a status record is kept in Redis."""
     connect_timeout: float = 3.05
     """Seconds to wait for a TCP/TLS connection to Plural."""
-    read_timeout: float = 15.0
+    read_timeout: float = 10.0
     """Seconds to wait for Plural's answer once connected."""
     sentry_dsn: str | None = None
     sentry_environment: str | None = None
@@ -123,6 +127,8 @@ class Settings:
             rate_limit=_number(get, "PLURAL_RATE_LIMIT", cls.rate_limit, positive=True),
             rate_burst=int(_number(get, "PLURAL_RATE_BURST", cls.rate_burst, integer=True)),
             retry_budget=_number(get, "CANCEL_RETRY_BUDGET", cls.retry_budget, positive=True),
+            retry_base=_number(get, "CANCEL_RETRY_BASE", cls.retry_base, positive=True),
+            retry_cap=_number(get, "CANCEL_RETRY_CAP", cls.retry_cap, positive=True),
             result_ttl=int(_number(get, "RESULT_TTL", cls.result_ttl, positive=True, integer=True)),
             connect_timeout=_number(get, "PLURAL_CONNECT_TIMEOUT", cls.connect_timeout, positive=True),
             read_timeout=_number(get, "PLURAL_READ_TIMEOUT", cls.read_timeout, positive=True),

@@ -1,0 +1,10 @@
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY config ./config
+COPY worker ./worker
+COPY tasks ./tasks
+COPY sandbox ./sandbox
+RUN pip install --no-cache-dir . && useradd --system app
+USER app
+CMD ["celery", "-A", "worker", "worker", "--loglevel=INFO"]

@@ -1,0 +1,34 @@
+# The README's two commands:  `make run`  and  `make test`.
+# Each does its own set-up: a virtual environment with the project installed, and
+# Debian's redis-server when it is missing (tests and `make run` start their own).
+
+PYTHON ?= python3
+VENV   := .venv
+STAMP  := $(VENV)/.installed-stamp
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test setup redis-server bench clean
+
+run: setup redis-server
+	@bash scripts/run-local.sh
+
+test: setup redis-server
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (found " + sys.version.split()[0] + ")")'
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server from Debian's packages"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; \
+	  $(SUDO) systemctl disable --now redis-server >/dev/null 2>&1 || true; }
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

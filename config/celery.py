@@ -1,0 +1,104 @@
+"""Celery settings derived from :class:`config.settings.Settings`, applied in one ``conf.update``.
+
+The product relies on at-least-once delivery over the Redis transport:
+
+- ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged only
+  after the cancel has been recorded, so a worker that dies mid-cancel hands it back.
+- ``worker_prefetch_multiplier = 1``: a worker holds no more messages than it has
+  threads, so a dead worker strands as few as possible.
+- ``visibility_timeout``: kombu re-delivers an unacknowledged message after this long.
+  It must exceed the longest a cancel can legitimately run (:func:`lease_seconds`),
+  and no ETA/countdown may ever be longer than it (we never use one: deferred cancels
+  wait in Redis, see ``worker.ledger``), or a message is delivered twice.
+- soft shutdown: with ``REMAP_SIGTERM=SIGQUIT`` (set by the Procfile and
+  docker-compose), SIGTERM lets in-flight cancels finish for up to
+  ``worker_soft_shutdown_timeout`` seconds, then hands unfinished messages back.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from config.settings import Settings
+
+QUEUE = "celery"
+"""Celery's default queue: a service that enqueues with ``send_task`` by name and no
+routing configuration of ours lands here, so this is the queue the worker consumes."""
+
+DEFAULT_CONCURRENCY = 32
+"""Threads per worker process: a cancel spends nearly all its time waiting on Plural."""
+
+RESTORE_INTERVAL = 5
+"""Seconds between kombu's sweeps for unacknowledged messages past the visibility timeout."""
+
+PUMP_INTERVAL = 0.25
+"""Seconds between moves of due deferred cancels back to the queue (each worker)."""
+
+RECONCILE_INTERVAL = 15.0
+"""Seconds between reconciler runs (beat): republish lost messages and expired leases."""
+
+OUTBOX_GRACE = 30.0
+"""Seconds a new record may wait for its message before the reconciler republishes it."""
+
+
+def lease_seconds(settings: Settings) -> float:
+    """The longest one cancel may hold its link, in seconds.
+
+    One run makes at most four HTTP calls (PUT, token after a 401, PUT again, GET),
+    each bounded by the connect and read timeouts, plus a short rate-limit wait.
+    """
+    return max(30.0, 4 * (settings.connect_timeout + settings.read_timeout) + 10.0)
+
+
+def visibility_timeout(settings: Settings) -> int:
+    """Seconds before kombu re-delivers an unacknowledged message; longer than any lease."""
+    return int(lease_seconds(settings) + 10)
+
+
+def celery_config(settings: Settings) -> dict:
+    """The whole Celery configuration, for one ``app.conf.update``."""
+    transport_options = {
+        "visibility_timeout": visibility_timeout(settings),
+        "unacked_restore_interval": RESTORE_INTERVAL,
+        "unacked_restore_throttle": 1,
+        "socket_timeout": 30,
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+        "health_check_interval": 25,
+    }
+    return {
+        "broker_url": settings.redis_url,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "result_backend": None,
+        "task_ignore_result": True,  # results live in the ledger, where producers read them
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": QUEUE,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "task_track_started": False,
+        "worker_prefetch_multiplier": 1,
+        "worker_pool": "threads",
+        "worker_concurrency": DEFAULT_CONCURRENCY,
+        "worker_soft_shutdown_timeout": 15.0,
+        "worker_enable_soft_shutdown_on_idle": False,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+        "worker_disable_rate_limits": True,  # our limiter is global (worker.ratelimit); Celery's is per worker
+        "broker_pool_limit": DEFAULT_CONCURRENCY + 4,
+        "enable_utc": True,
+        "timezone": "UTC",
+        # Beat on RedBeat: two beat processes may run for availability; a lock in
+        # Redis lets only one of them fire.
+        "beat_scheduler": "redbeat.RedBeatScheduler",
+        "redbeat_redis_url": settings.redis_url,
+        "redbeat_key_prefix": "plural-cancel:redbeat",
+        "redbeat_lock_timeout": 30,
+        "beat_max_loop_interval": 5,
+        "beat_schedule": {
+            "reconcile": {"task": "tasks.reconcile", "schedule": timedelta(seconds=RECONCILE_INTERVAL)},
+        },
+    }

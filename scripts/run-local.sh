@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# `make run`: Redis (the configured one, or a project-local redis-server with AOF
+# persistence), the Plural sandbox when no credentials are set, a worker and beat,
+# all in the foreground. Ctrl-C stops them all.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.venv
+mkdir -p var/redis
+pids=()
+cleanup() { trap - INT TERM EXIT; for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait; }
+trap cleanup INT TERM EXIT
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+if [ -z "${REDIS_URL:-}" ]; then
+  port=6379
+  while ! port_free "$port"; do port=$((port + 1)); done
+  redis-server --port "$port" --bind 127.0.0.1 --dir "$PWD/var/redis" --appendonly yes \
+    --appendfsync everysec --save "" --daemonize no --logfile "$PWD/var/redis/redis.log" &
+  pids+=($!)
+  export REDIS_URL="redis://127.0.0.1:$port/0"
+  for _ in $(seq 50); do port_free "$port" || break; sleep 0.1; done
+  echo "redis: project-local redis-server with AOF in var/redis, $REDIS_URL"
+fi
+
+if [ -z "${PLURAL_CLIENT_ID:-}" ] && [ -z "${PLURAL_BASE_URL:-}" ]; then
+  sport=${SANDBOX_PORT:-8800}
+  while ! port_free "$sport"; do sport=$((sport + 1)); done
+  export PLURAL_CLIENT_ID=sandbox-client PLURAL_CLIENT_SECRET=sandbox-secret
+  "$VENV/bin/plural-cancel" sandbox --port "$sport" &
+  pids+=($!)
+  export PLURAL_BASE_URL="http://127.0.0.1:$sport/api"
+  for _ in $(seq 50); do port_free "$sport" || break; sleep 0.1; done
+  echo "plural: no credentials set, using the local sandbox at $PLURAL_BASE_URL"
+fi
+
+export REMAP_SIGTERM=SIGQUIT
+"$VENV/bin/celery" -A worker worker --loglevel=INFO &
+pids+=($!)
+"$VENV/bin/celery" -A worker beat --loglevel=INFO &
+pids+=($!)
+
+cat <<MSG
+
+Running. In another terminal, with the same environment:
+  export REDIS_URL=$REDIS_URL
+  .venv/bin/plural-cancel enqueue pl-demo-created-01        # prints a Request-ID
+  .venv/bin/plural-cancel status REQUEST_ID
+or from Python:  from tasks import enqueue_cancel; enqueue_cancel("pl-demo-created-01")
+Ctrl-C stops everything.
+
+MSG
+wait -n "${pids[@]}"

@@ -1,0 +1,177 @@
+"""The cancel task and the one classification of what Plural answered.
+
+The task body follows the path of one cancel: claim the record, call Plural (the
+same Request-ID on every attempt), classify the answer, then finish or defer.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+from config.celery import lease_seconds
+from worker import app
+from worker.errors import PluralAuthError, PluralError, PluralRequestError
+from worker.links import PaymentLink
+from worker.plural import PluralClient
+from worker.retry import backoff
+from worker.runtime import Runtime
+from worker.tokens import TokenUnavailable
+from worker.validation import validate_payment_link_id, validate_request_id
+
+log = logging.getLogger(__name__)
+
+# After a refused cancel, the link's own status says what happened (API-NOTES).
+DONE_STATUSES = {"CANCELLED": ("succeeded", "already_cancelled")}
+FINAL_STATUSES = {"PROCESSED", "PARTIAL_PROCESSED", "EXPIRED"}
+IN_FLIGHT_STATUSES = {"PAYMENT_INITIATED"}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one attempt came to: ``succeeded``/``failed`` with an outcome, or ``retry``."""
+
+    state: str
+    outcome: str | None = None
+    link: PaymentLink | None = None
+    error: PluralError | Exception | None = None
+    retry_after: float | None = None
+    """Seconds Plural asked us to wait, for ``retry``."""
+
+
+def attempt(client: PluralClient, payment_link_id: str, request_id: str) -> Decision:
+    """Call Plural once for this cancel (plus a GET when the answer is unclear) and classify."""
+    try:
+        link = client.cancel_payment_link(payment_link_id, request_id)
+    except PluralAuthError as exc:  # the client already dropped the token and tried once more
+        return Decision("failed", "auth_failed", error=exc)
+    except PluralRequestError as exc:
+        return decide_from_link(client, payment_link_id, exc)
+    except PluralError as exc:
+        return _retry_or_reject(exc)
+    except TokenUnavailable as exc:
+        return Decision("retry", error=exc)
+    if link.status == "CANCELLED":
+        return Decision("succeeded", "cancelled", link=link)
+    return _from_status(link, None)
+
+
+def decide_from_link(client: PluralClient, payment_link_id: str, refusal: PluralRequestError) -> Decision:
+    """Plural refused the cancel with a 4xx: ``GET`` the link and let its status decide."""
+    try:
+        # A fresh Request-ID: the cancel's own id belongs to the PUT it identifies.
+        link = client.get_payment_link(payment_link_id, request_id=str(uuid.uuid4()))
+    except PluralAuthError as exc:
+        return Decision("failed", "auth_failed", error=exc)
+    except PluralRequestError:
+        # Unknown link, or a request Plural calls invalid: nothing to cancel.
+        return Decision("failed", "rejected", error=refusal)
+    except PluralError as exc:
+        return _retry_or_reject(exc)
+    except TokenUnavailable as exc:
+        return Decision("retry", error=exc)
+    return _from_status(link, refusal)
+
+
+def _from_status(link: PaymentLink, refusal: PluralError | None) -> Decision:
+    if link.status in DONE_STATUSES:
+        state, outcome = DONE_STATUSES[link.status]
+        return Decision(state, outcome, link=link)
+    if link.status in FINAL_STATUSES:
+        return Decision("failed", "not_cancellable", link=link, error=refusal)
+    if link.status in IN_FLIGHT_STATUSES:
+        # A payment is in flight: it may fail (cancel then) or succeed (not_cancellable then).
+        return Decision("retry", link=link, error=refusal)
+    return Decision("failed", "rejected", link=link, error=refusal)
+
+
+def _retry_or_reject(exc: PluralError) -> Decision:
+    if exc.retryable:
+        return Decision("retry", error=exc, retry_after=exc.retry_after)
+    return Decision("failed", "rejected", error=exc)
+
+
+def error_summary(error: PluralError | Exception | None) -> dict | None:
+    """What a status record keeps of an error: status, Plural's code, its message; no secrets."""
+    if error is None:
+        return None
+    if isinstance(error, PluralError):
+        return error.as_dict()
+    return {"http_status": None, "code": type(error).__name__, "message": str(error)[:300]}
+
+
+def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
+    """Run one delivery of one cancel; returns what became of it (for logs and tests)."""
+    ledger = rt.ledger
+    owner = uuid.uuid4().hex
+    claim = ledger.claim(request_id, payment_link_id, owner, lease_seconds(rt.settings))
+    if claim.verdict == "busy":
+        # Another delivery holds the link: come back when its lock runs out, in case it died.
+        ledger.park(request_id, rt.clock() + claim.wait + 1.0)
+        return "busy"
+    if claim.verdict != "claimed":
+        if claim.verdict == "mismatch":
+            log.error("message names another link than its record; dropped",
+                      extra={"request_id": request_id, "payment_link_id": payment_link_id})
+        return claim.verdict
+    if rt.clock() >= claim.deadline:
+        ledger.finish(request_id, payment_link_id, owner, state="failed", outcome="gave_up", attempted=False)
+        return "gave_up"
+
+    decision = attempt(rt.plural, payment_link_id, request_id)
+    return record(rt, decision, payment_link_id, request_id, owner, attempts=claim.attempts + 1,
+                  deadline=claim.deadline)
+
+
+def record(rt: Runtime, decision: Decision, payment_link_id: str, request_id: str, owner: str, *,
+           attempts: int, deadline: float) -> str:
+    """Write the decision to the ledger: finish it, or defer it with backoff inside the budget."""
+    ledger = rt.ledger
+    error = error_summary(decision.error)
+    fields = {"request_id": request_id, "payment_link_id": payment_link_id, "attempts": attempts}
+    if decision.state == "retry":
+        settings = rt.settings
+        delay = backoff(attempts, base=settings.retry_base, cap=settings.retry_cap, jitter=rt.jitter,
+                        retry_after=decision.retry_after)
+        due = rt.clock() + delay
+        if due <= deadline:
+            ledger.defer(request_id, payment_link_id, owner, due=due, attempted=True, last_error=error)
+            log.info("cancel retrying in %.1fs", delay, extra={**fields, "state": "retrying", "error": error})
+            return "retrying"
+        decision = Decision("failed", "gave_up", link=decision.link, error=decision.error)
+    link = decision.link
+    ledger.finish(
+        request_id, payment_link_id, owner, state=decision.state, outcome=decision.outcome, attempted=True,
+        link_status=link.status if link else None,
+        cancelled_at=_iso(link.cancelled_at) if link else None,
+        amount={"value": link.amount.value, "currency": link.amount.currency} if link and link.amount else None,
+        last_error=error,
+    )
+    level = logging.INFO if decision.state == "succeeded" else logging.WARNING
+    log.log(level, "cancel %s: %s", decision.state, decision.outcome,
+            extra={**fields, "state": decision.state, "outcome": decision.outcome, "error": error})
+    return decision.outcome
+
+
+def _iso(value) -> str | None:
+    if value is None:
+        return None
+    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@app.task(name="tasks.cancel_payment_link", bind=True)
+def cancel_payment_link(self, payment_link_id: str, request_id: str) -> str:
+    """Cancel one Plural payment link; ``request_id`` is the idempotency key of this cancel.
+
+    Sent by name (``send_task("tasks.cancel_payment_link", kwargs=...)``) from any
+    service; creates the status record when the sender did not.
+    """
+    try:
+        validate_payment_link_id(payment_link_id)
+        validate_request_id(request_id)
+    except ValueError as exc:
+        # Retrying cannot fix a malformed message; the sender must.
+        log.error("cancel message refused: %s", exc)
+        return "invalid"
+    return execute(self.app.runtime, payment_link_id, request_id)

@@ -1,0 +1,92 @@
+"""Settings: read once, validated, secrets masked."""
+
+import subprocess
+import sys
+
+import pytest
+
+from config.settings import PLURAL_BASES, ConfigError, Settings
+from tests.support.workers import ROOT
+
+
+def test_defaults_follow_the_contract():
+    s = Settings.from_env({})
+    assert s.plural_env == "uat"
+    assert s.plural_base_url == PLURAL_BASES["uat"] == "https://pluraluat.v2.pinepg.in/api"
+    assert s.redis_url == "redis://127.0.0.1:6379/0"
+    assert (s.rate_limit, s.rate_burst, s.retry_budget, s.result_ttl) == (10.0, 0, 86400.0, 604800)
+    assert s.client_id is None and s.client_secret is None and s.sentry_dsn is None
+
+
+def test_prod_picks_the_production_base():
+    assert Settings.from_env({"PLURAL_ENV": "PROD"}).plural_base_url == "https://api.pluralpay.in/api"
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"PLURAL_ENV": "staging"}, "PLURAL_ENV"),
+    ({"PLURAL_BASE_URL": "ftp://x/api"}, "PLURAL_BASE_URL"),
+    ({"PLURAL_BASE_URL": "not a url"}, "PLURAL_BASE_URL"),
+    ({"PLURAL_ENV": "prod", "PLURAL_BASE_URL": "http://proxy.local/api"}, "PLURAL_BASE_URL"),
+    ({"PLURAL_RATE_LIMIT": "0"}, "PLURAL_RATE_LIMIT"),
+    ({"PLURAL_RATE_LIMIT": "-3"}, "PLURAL_RATE_LIMIT"),
+    ({"PLURAL_RATE_LIMIT": "fast"}, "PLURAL_RATE_LIMIT"),
+    ({"PLURAL_RATE_LIMIT": "nan"}, "PLURAL_RATE_LIMIT"),
+    ({"PLURAL_RATE_BURST": "-1"}, "PLURAL_RATE_BURST"),
+    ({"PLURAL_RATE_BURST": "1.5"}, "PLURAL_RATE_BURST"),
+    ({"CANCEL_RETRY_BUDGET": "0"}, "CANCEL_RETRY_BUDGET"),
+    ({"RESULT_TTL": "forever"}, "RESULT_TTL"),
+    ({"REDIS_URL": "http://localhost:6379"}, "REDIS_URL"),
+    ({"SENTRY_DSN": "not-a-dsn"}, "SENTRY_DSN"),
+])
+def test_a_bad_value_names_the_variable(env, variable):
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    assert info.value.variable == variable
+    assert str(info.value).startswith(f"{variable}: must be ")
+    assert "\n" not in str(info.value)
+
+
+def test_the_worker_requires_credentials_but_producers_do_not():
+    s = Settings.from_env({})
+    with pytest.raises(ConfigError, match="PLURAL_CLIENT_ID"):
+        s.require_credentials()
+    with pytest.raises(ConfigError, match="PLURAL_CLIENT_SECRET"):
+        Settings.from_env({"PLURAL_CLIENT_ID": "x"}).require_credentials()
+    full = Settings.from_env({"PLURAL_CLIENT_ID": "x", "PLURAL_CLIENT_SECRET": "y"})
+    assert full.require_credentials() is full
+
+
+def test_the_secret_never_shows():
+    s = Settings.from_env({"PLURAL_CLIENT_ID": "cid", "PLURAL_CLIENT_SECRET": "s3cr3t-value",
+                           "REDIS_URL": "redis://:redispass@host:6379/0",
+                           "SENTRY_DSN": "https://publickey@sentry.example/1"})
+    assert s.client_secret.reveal() == "s3cr3t-value"
+    for text in (repr(s), str(s), str(s.describe())):
+        assert "s3cr3t-value" not in text
+    described = s.describe()
+    assert "redispass" not in described["redis_url"]
+    assert "publickey" not in described["sentry_dsn"]
+
+
+def test_settings_are_frozen():
+    s = Settings.from_env({})
+    with pytest.raises(Exception):
+        s.rate_limit = 99
+
+
+def test_a_worker_with_a_bad_setting_stops_with_one_line():
+    celery = str(__import__("pathlib").Path(sys.executable).with_name("celery"))
+    result = subprocess.run([celery, "-A", "worker", "worker"], cwd=ROOT, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "PLURAL_RATE_LIMIT": "lots",
+                                 "PLURAL_CLIENT_ID": "a", "PLURAL_CLIENT_SECRET": "b"}, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "plural-cancel: configuration error: PLURAL_RATE_LIMIT: must be a positive number (got 'lots')"]
+
+
+def test_a_worker_without_credentials_stops_with_one_line():
+    celery = str(__import__("pathlib").Path(sys.executable).with_name("celery"))
+    result = subprocess.run([celery, "-A", "worker", "worker"], cwd=ROOT, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin"}, timeout=60)
+    assert result.returncode == 2
+    assert "PLURAL_CLIENT_ID" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,320 @@
+"""The ledger: one status record per Request-ID, and the sets that keep every cancel moving.
+
+Each change that touches more than one key is one Lua script, so a crash between two
+Redis writes can never leave a cancel half-recorded:
+
+- ``create``: the record and its outbox entry appear together, or not at all.
+- ``claim``: a delivery takes the per-link lock and the record's lease together.
+- ``finish``: outcome, dead-letter set, outcome stream and lock release together.
+- ``defer``: the record turns ``retrying`` and enters the due-time set together.
+
+Timestamps are epoch seconds (floats) in Redis and ISO 8601 in :meth:`Ledger.status`.
+No customer personal data is ever written here: only ids, statuses, amounts and
+Plural's error code and message.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable
+
+import redis
+
+from worker.keys import Keys
+
+TERMINAL = ("succeeded", "failed")
+STREAM_MAXLEN = 100_000
+"""Outcome events kept in the stream (approximately: trimmed with ``~``)."""
+
+# KEYS: [1] record  [2] outbox
+# ARGV: [1] request_id  [2] payment_link_id  [3] now  [4] ttl seconds  [5] deadline
+# Returns 1 when created, 0 when the same cancel exists, -1 when the Request-ID is
+# already used for another link.
+CREATE = """
+local existing = redis.call('HGET', KEYS[1], 'payment_link_id')
+if existing then
+  if existing ~= ARGV[2] then return -1 end
+  return 0
+end
+redis.call('HSET', KEYS[1], 'request_id', ARGV[1], 'payment_link_id', ARGV[2], 'state', 'queued',
+           'attempts', 0, 'created_at', ARGV[3], 'updated_at', ARGV[3], 'deadline', ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"""
+
+# KEYS: [1] record  [2] link lock  [3] leases  [4] deferred  [5] outbox
+# ARGV: [1] request_id  [2] payment_link_id  [3] now  [4] lease seconds  [5] owner
+#       [6] ttl seconds  [7] deadline for a record created here
+# Returns {verdict, detail}: claimed/attempts, terminal/state, mismatch/link,
+# early/next_attempt_at, busy/seconds the lock still holds.
+CLAIM = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then
+  -- A message sent by name from another service: the record starts here.
+  redis.call('HSET', KEYS[1], 'request_id', ARGV[1], 'payment_link_id', ARGV[2], 'state', 'queued',
+             'attempts', 0, 'created_at', ARGV[3], 'updated_at', ARGV[3], 'deadline', ARGV[7])
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+  state = 'queued'
+elseif redis.call('HGET', KEYS[1], 'payment_link_id') ~= ARGV[2] then
+  return {'mismatch', redis.call('HGET', KEYS[1], 'payment_link_id')}
+end
+if state == 'succeeded' or state == 'failed' then
+  redis.call('ZREM', KEYS[5], ARGV[1])
+  return {'terminal', state}
+end
+local now = tonumber(ARGV[3])
+if state == 'retrying' then
+  local due = tonumber(redis.call('HGET', KEYS[1], 'next_attempt_at') or '0') or 0
+  if due > now + 1 then
+    -- A stray copy arrived before its time; the due-time set brings the real one back.
+    redis.call('ZADD', KEYS[4], 'NX', due, ARGV[1])
+    return {'early', tostring(due)}
+  end
+end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[5] then
+  return {'busy', tostring(redis.call('PTTL', KEYS[2]) / 1000)}
+end
+redis.call('SET', KEYS[2], ARGV[5], 'PX', math.floor(tonumber(ARGV[4]) * 1000))
+redis.call('HSET', KEYS[1], 'state', 'running', 'updated_at', ARGV[3], 'owner', ARGV[5], 'next_attempt_at', '')
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+return {'claimed', redis.call('HGET', KEYS[1], 'attempts'), redis.call('HGET', KEYS[1], 'deadline')}
+"""
+
+# KEYS: [1] record  [2] link lock  [3] leases  [4] failed  [5] events
+# ARGV: [1] request_id  [2] owner  [3] now  [4] ttl  [5] attempted (0/1)  [6] stream maxlen
+#       [7] JSON object of fields to set (state, outcome, link_status, ...)
+FINISH = """
+local fields = cjson.decode(ARGV[7])
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', tonumber(ARGV[5]))
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[3], 'next_attempt_at', '')
+redis.call('HDEL', KEYS[1], 'owner')
+local event = {'request_id', ARGV[1], 'attempts', tostring(attempts), 'at', ARGV[3]}
+for k, v in pairs(fields) do
+  redis.call('HSET', KEYS[1], k, v)
+  table.insert(event, k)
+  table.insert(event, v)
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if fields['state'] == 'failed' then
+  redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+else
+  redis.call('ZREM', KEYS[4], ARGV[1])
+end
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', unpack(event))
+if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+return attempts
+"""
+
+# KEYS: [1] record  [2] link lock  [3] leases  [4] deferred
+# ARGV: [1] request_id  [2] owner  [3] now  [4] due  [5] attempted (0/1)  [6] last_error JSON or ''
+DEFER = """
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', tonumber(ARGV[5]))
+redis.call('HSET', KEYS[1], 'state', 'retrying', 'updated_at', ARGV[3], 'next_attempt_at', ARGV[4])
+redis.call('HDEL', KEYS[1], 'owner')
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'last_error', ARGV[6]) end
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+return attempts
+"""
+
+# KEYS: [1] a sorted set (deferred, outbox or leases)  [2] record key prefix
+# ARGV: [1] scores up to this are due  [2] how many at most  [3] hold until (new score)
+# Marks due members as being handled (score pushed to ARGV[3]) and returns
+# {request_id, payment_link_id, ...}. Members whose record has expired are dropped.
+TAKE_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, rid in ipairs(due) do
+  local link = redis.call('HGET', KEYS[2] .. rid, 'payment_link_id')
+  if link then
+    redis.call('ZADD', KEYS[1], ARGV[3], rid)
+    table.insert(out, rid)
+    table.insert(out, link)
+  else
+    redis.call('ZREM', KEYS[1], rid)
+  end
+end
+return out
+"""
+
+# KEYS: [1] sorted set   ARGV: [1] held score   [2..] request ids
+# Removes members only while they still carry the hold score: a cancel that has been
+# deferred again in the meantime keeps its new due time.
+RELEASE_HELD = """
+local n = 0
+for i = 2, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) == tonumber(ARGV[1]) then
+    n = n + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return n
+"""
+
+
+class RequestIdConflict(ValueError):
+    """The Request-ID is already used for a cancel of another payment link."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What :meth:`Ledger.claim` decided for one delivery."""
+
+    verdict: str
+    """``claimed``, ``terminal``, ``early``, ``busy`` or ``mismatch``."""
+    attempts: int = 0
+    deadline: float = 0.0
+    """Epoch seconds after which no new attempt may start (the retry budget)."""
+    wait: float = 0.0
+    """For ``busy``: seconds until the other holder's lock runs out."""
+
+
+class Ledger:
+    """Status records, leases, the deferred set, dead letters and the outcome stream."""
+
+    def __init__(self, client: redis.Redis, *, result_ttl: int, retry_budget: float,
+                 keys: Keys = Keys(), clock: Callable[[], float] = time.time):
+        self.redis = client
+        self.keys = keys
+        self.result_ttl = result_ttl
+        self.retry_budget = retry_budget
+        self.clock = clock
+        self._create = client.register_script(CREATE)
+        self._claim = client.register_script(CLAIM)
+        self._finish = client.register_script(FINISH)
+        self._defer = client.register_script(DEFER)
+        self._take_due = client.register_script(TAKE_DUE)
+        self._release_held = client.register_script(RELEASE_HELD)
+
+    # -- producers -------------------------------------------------------------------
+
+    def create_many(self, items: Iterable[tuple[str, str]]) -> list[int]:
+        """Create records for (request_id, payment_link_id) pairs in one pipeline.
+
+        Returns one code per pair: 1 created (publish it), 0 already there (publish
+        nothing), -1 the Request-ID belongs to another link.
+        """
+        now = self.clock()
+        pipe = self.redis.pipeline(transaction=False)
+        for request_id, link_id in items:
+            self._create(keys=[self.keys.record(request_id), self.keys.outbox],
+                         args=[request_id, link_id, repr(now), self.result_ttl, repr(now + self.retry_budget)],
+                         client=pipe)
+        return [int(code) for code in pipe.execute()]
+
+    def mark_published(self, request_ids: Iterable[str]) -> None:
+        """The messages of these records have left: take them out of the outbox."""
+        ids = list(request_ids)
+        if ids:
+            self.redis.zrem(self.keys.outbox, *ids)
+
+    # -- the worker ------------------------------------------------------------------
+
+    def claim(self, request_id: str, payment_link_id: str, owner: str, lease: float) -> Claim:
+        """Take this cancel for one attempt: the per-link lock and a lease of ``lease`` seconds."""
+        now = self.clock()
+        keys = [self.keys.record(request_id), self.keys.link_lock(payment_link_id), self.keys.leases,
+                self.keys.deferred, self.keys.outbox]
+        reply = self._claim(keys=keys, args=[request_id, payment_link_id, repr(now), lease, owner,
+                                             self.result_ttl, repr(now + self.retry_budget)])
+        verdict = _text(reply[0])
+        if verdict == "claimed":
+            return Claim("claimed", attempts=int(reply[1]), deadline=float(reply[2]))
+        if verdict == "busy":
+            return Claim("busy", wait=max(0.1, float(reply[1])))
+        return Claim(verdict)
+
+    def finish(self, request_id: str, payment_link_id: str, owner: str, *, state: str, outcome: str,
+               attempted: bool, link_status: str | None = None, cancelled_at: str | None = None,
+               amount: dict | None = None, last_error: dict | None = None) -> int:
+        """Record a terminal outcome, append it to the outcome stream; returns the attempts made."""
+        fields = {"state": state, "outcome": outcome}
+        if link_status:
+            fields["link_status"] = link_status
+        if cancelled_at:
+            fields["cancelled_at"] = cancelled_at
+        if amount:
+            fields["amount"] = json.dumps(amount, separators=(",", ":"))
+        if last_error:
+            fields["last_error"] = json.dumps(last_error, separators=(",", ":"))
+        keys = [self.keys.record(request_id), self.keys.link_lock(payment_link_id), self.keys.leases,
+                self.keys.failed, self.keys.events]
+        return int(self._finish(keys=keys, args=[request_id, owner, repr(self.clock()), self.result_ttl,
+                                                 int(attempted), STREAM_MAXLEN, json.dumps(fields)]))
+
+    def defer(self, request_id: str, payment_link_id: str, owner: str, *, due: float, attempted: bool,
+              last_error: dict | None = None) -> int:
+        """Park this cancel until ``due`` (epoch seconds) in Redis, not in worker memory."""
+        keys = [self.keys.record(request_id), self.keys.link_lock(payment_link_id), self.keys.leases,
+                self.keys.deferred]
+        error = json.dumps(last_error, separators=(",", ":")) if last_error else ""
+        return int(self._defer(keys=keys, args=[request_id, owner, repr(self.clock()), repr(due),
+                                                int(attempted), error]))
+
+    def park(self, request_id: str, due: float) -> None:
+        """Bring a copy that could not run (its link is busy) back at ``due``, state untouched."""
+        self.redis.zadd(self.keys.deferred, {request_id: due})
+
+    # -- periodic work ---------------------------------------------------------------
+
+    def take_due(self, zset: str, *, upto: float, limit: int, hold_until: float) -> list[tuple[str, str]]:
+        """Hold members of ``zset`` scored up to ``upto`` until ``hold_until``; returns (request_id, link).
+
+        A process that dies before :meth:`release_held` leaves them to come due again
+        at ``hold_until``: nothing is lost, at worst a message is published twice.
+        """
+        flat = self._take_due(keys=[zset, self.keys.record("")],
+                              args=[repr(upto), limit, repr(hold_until)])
+        pairs = [_text(x) for x in flat]
+        return list(zip(pairs[0::2], pairs[1::2]))
+
+    def release_held(self, zset: str, request_ids: list[str], held_score: float) -> None:
+        """Forget members taken with :meth:`take_due` once their messages are published."""
+        if request_ids:
+            self._release_held(keys=[zset], args=[repr(held_score), *request_ids])
+
+    # -- reading ---------------------------------------------------------------------
+
+    def status(self, request_id: str) -> dict[str, Any] | None:
+        """The status record as CONTRACT.md shows it, or None when unknown or expired."""
+        raw = self.redis.hgetall(self.keys.record(request_id))
+        if not raw:
+            return None
+        return format_record({_text(k): _text(v) for k, v in raw.items()})
+
+
+def format_record(raw: dict[str, str]) -> dict[str, Any]:
+    """A record's hash fields as the public status dictionary."""
+    def iso(field: str) -> str | None:
+        value = raw.get(field)
+        if not value:
+            return None
+        return datetime.fromtimestamp(float(value), timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    return {
+        "request_id": raw.get("request_id"),
+        "payment_link_id": raw.get("payment_link_id"),
+        "state": raw.get("state"),
+        "outcome": raw.get("outcome") or None,
+        "link_status": raw.get("link_status") or None,
+        "attempts": int(raw.get("attempts") or 0),
+        "next_attempt_at": iso("next_attempt_at"),
+        "last_error": json.loads(raw["last_error"]) if raw.get("last_error") else None,
+        "amount": json.loads(raw["amount"]) if raw.get("amount") else None,
+        "created_at": iso("created_at"),
+        "updated_at": iso("updated_at"),
+        "cancelled_at": raw.get("cancelled_at") or None,
+    }
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

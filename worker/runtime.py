@@ -1,0 +1,58 @@
+"""What one worker or producer process needs, built once from the settings.
+
+One Redis connection pool, one ledger, one Plural client on one pooled HTTP session
+and one shared token cache per process; threads of the pool share them.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from functools import cached_property
+from typing import Callable
+
+import redis
+
+from config.settings import Settings
+from worker.keys import Keys
+from worker.ledger import Ledger
+from worker.plural import PluralClient
+from worker.tokens import RedisTokenCache
+
+
+class Runtime:
+    """Long-lived collaborators of one process. ``clock`` and ``jitter`` are injectable for tests."""
+
+    def __init__(self, settings: Settings, *, keys: Keys = Keys(), clock: Callable[[], float] = time.time,
+                 jitter: Callable[[], float] = random.random):
+        self.settings = settings
+        self.keys = keys
+        self.clock = clock
+        self.jitter = jitter
+        """Returns a float in [0, 1): the one source of randomness for retry delays."""
+        self._lock = threading.Lock()
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.settings.redis_url, socket_timeout=10, socket_connect_timeout=5,
+                                    health_check_interval=30, max_connections=256)
+
+    @cached_property
+    def ledger(self) -> Ledger:
+        return Ledger(self.redis, result_ttl=self.settings.result_ttl, retry_budget=self.settings.retry_budget,
+                      keys=self.keys, clock=self.clock)
+
+    @cached_property
+    def plural(self) -> PluralClient:
+        """The Plural client; needs credentials, so only the worker (not producers) builds it."""
+        settings = self.settings.require_credentials()
+        tokens = RedisTokenCache(self.redis, settings.client_id, settings.client_secret.reveal(),
+                                 keys=self.keys, clock=self.clock)
+        return PluralClient.from_settings(settings, tokens=tokens)
+
+    def close(self) -> None:
+        if "plural" in self.__dict__:
+            self.plural.close()
+        if "redis" in self.__dict__:
+            self.redis.close()

@@ -1,0 +1,162 @@
+"""The Plural access token, shared by every worker process and host through Redis.
+
+One token per client id. It is refreshed about 60 s before it expires, by one
+process at a time (a single-flight lock: N processes needing a token cause one
+Generate Token call, the others wait briefly and reuse it), and dropped on a 401.
+
+The token is stored encrypted with Fernet (AES-128-CBC + HMAC-SHA256) under a key
+derived from the client secret, so a Redis dump or replica holds no usable bearer
+token. A fingerprint (a keyed hash) of the token sits beside the ciphertext so that
+"drop this token, if it is still the cached one" is one atomic Lua script.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import threading
+import time
+from typing import Callable
+
+import redis
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from worker.keys import Keys
+from worker.plural import AccessToken
+
+log = logging.getLogger(__name__)
+
+REFRESH_MARGIN = 60.0
+"""Seconds before expiry at which a token counts as stale and is refreshed."""
+
+LOCK_TTL_MS = 15_000
+"""How long a refresh may hold the single-flight lock, in milliseconds (covers a slow token call)."""
+
+WAIT_STEP = 0.05
+"""Seconds between looks at Redis while another process fetches the token."""
+
+# KEYS: [1] token hash   ARGV: [1] fingerprint of the token to drop
+# Deletes the cached token only when it is still the one that was rejected, so a
+# 401 seen late never throws away a fresher token fetched by another process.
+DROP_IF_SAME = """
+if redis.call('HGET', KEYS[1], 'fp') == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# KEYS: [1] lock key   ARGV: [1] owner token
+RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class TokenUnavailable(Exception):
+    """No token could be had in time: another process holds the refresh lock and produced none."""
+
+
+class RedisTokenCache:
+    """A :class:`worker.plural.TokenStore` backed by Redis, shared across processes and hosts."""
+
+    def __init__(self, client: redis.Redis, client_id: str, client_secret: str, *,
+                 keys: Keys = Keys(), clock: Callable[[], float] = time.time,
+                 wait_timeout: float = 20.0):
+        self._redis = client
+        self._key = keys.token(client_id)
+        self._lock_key = keys.token_lock(client_id)
+        self._fernet, self._fp_key = _derive_keys(client_id, client_secret)
+        self._clock = clock
+        self._wait_timeout = wait_timeout
+        self._drop = client.register_script(DROP_IF_SAME)
+        self._release = client.register_script(RELEASE_LOCK)
+        # A per-process memo saves a Redis round trip and a decryption per cancel;
+        # it follows the same refresh deadline as the shared copy.
+        self._local: AccessToken | None = None
+        self._local_lock = threading.Lock()
+
+    def get(self, fetch: Callable[[], AccessToken]) -> str:
+        """A token valid for at least REFRESH_MARGIN seconds; calls ``fetch`` in at most one process."""
+        local = self._local
+        if local is not None and self._fresh(local):
+            return local.value
+        with self._local_lock:  # one thread per process goes to Redis
+            local = self._local
+            if local is not None and self._fresh(local):
+                return local.value
+            token = self._get_shared(fetch)
+            self._local = token
+            return token.value
+
+    def invalidate(self, token: str) -> None:
+        """Drop ``token`` here and in Redis, unless a newer one has replaced it already."""
+        with self._local_lock:
+            if self._local is not None and self._local.value == token:
+                self._local = None
+        self._drop(keys=[self._key], args=[self._fingerprint(token)])
+        log.info("plural token dropped after a 401")
+
+    def _get_shared(self, fetch: Callable[[], AccessToken]) -> AccessToken:
+        deadline = time.monotonic() + self._wait_timeout
+        while True:
+            cached = self._read()
+            if cached is not None and self._fresh(cached):
+                return cached
+            owner = secrets.token_hex(8)
+            if self._redis.set(self._lock_key, owner, nx=True, px=LOCK_TTL_MS):
+                try:
+                    # Another process may have stored a token between our read and the lock.
+                    cached = self._read()
+                    if cached is not None and self._fresh(cached):
+                        return cached
+                    token = fetch()
+                    self._write(token)
+                    return token
+                finally:
+                    self._release(keys=[self._lock_key], args=[owner])
+            if time.monotonic() >= deadline:
+                raise TokenUnavailable("timed out waiting for another process to fetch the Plural token")
+            time.sleep(WAIT_STEP)
+
+    def _fresh(self, token: AccessToken) -> bool:
+        return token.expires_at - self._clock() > REFRESH_MARGIN
+
+    def _read(self) -> AccessToken | None:
+        blob = self._redis.hget(self._key, "blob")
+        if blob is None:
+            return None
+        try:
+            data = json.loads(self._fernet.decrypt(blob))
+            return AccessToken(value=data["t"], expires_at=float(data["exp"]))
+        except (InvalidToken, ValueError, KeyError, TypeError):
+            # Written under another secret (rotated credentials) or damaged: refetch.
+            log.warning("cached plural token unreadable; fetching a new one")
+            return None
+
+    def _write(self, token: AccessToken) -> None:
+        ttl = int(token.expires_at - self._clock() - REFRESH_MARGIN)
+        if ttl <= 0:
+            return  # too short-lived to be worth sharing
+        blob = self._fernet.encrypt(json.dumps({"t": token.value, "exp": token.expires_at}).encode())
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(self._key, mapping={"blob": blob, "fp": self._fingerprint(token.value)})
+        pipe.expire(self._key, ttl)
+        pipe.execute()
+
+    def _fingerprint(self, token: str) -> str:
+        return hmac.new(self._fp_key, token.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _derive_keys(client_id: str, client_secret: str) -> tuple[Fernet, bytes]:
+    """A Fernet key and a fingerprint key, both derived from the client secret with HKDF."""
+    material = HKDF(algorithm=hashes.SHA256(), length=64, salt=b"plural-cancel/token-cache/v1",
+                    info=client_id.encode()).derive(client_secret.encode())
+    return Fernet(base64.urlsafe_b64encode(material[:32])), material[32:]
