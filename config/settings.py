@@ -69,6 +69,12 @@ class Settings:
     """Calls allowed at once above the steady rate."""
     retry_budget: float = 86400.0
     """Seconds a cancel keeps retrying through outages."""
+    breaker_threshold: int = 5
+    """Consecutive retryable failures (5xx, 429, timeouts, resets) that open the circuit breaker."""
+    breaker_cooldown: float = 30.0
+    """Seconds the breaker stays open before one probe may test Plural again."""
+    limiter_max_wait: float = 1.0
+    """Seconds a cancel may wait in-line for a rate-limit slot before it is deferred instead."""
     retry_base: float = 2.0
     """Seconds: the first retry waits up to this long; each later one up to twice as long."""
     retry_cap: float = 600.0
@@ -127,6 +133,10 @@ class Settings:
             rate_limit=_number(get, "PLURAL_RATE_LIMIT", cls.rate_limit, positive=True),
             rate_burst=int(_number(get, "PLURAL_RATE_BURST", cls.rate_burst, integer=True)),
             retry_budget=_number(get, "CANCEL_RETRY_BUDGET", cls.retry_budget, positive=True),
+            breaker_threshold=int(_number(get, "BREAKER_THRESHOLD", cls.breaker_threshold, positive=True,
+                                          integer=True)),
+            breaker_cooldown=_number(get, "BREAKER_COOLDOWN", cls.breaker_cooldown, positive=True),
+            limiter_max_wait=_number(get, "LIMITER_MAX_WAIT", cls.limiter_max_wait),
             retry_base=_number(get, "CANCEL_RETRY_BASE", cls.retry_base, positive=True),
             retry_cap=_number(get, "CANCEL_RETRY_CAP", cls.retry_cap, positive=True),
             result_ttl=int(_number(get, "RESULT_TTL", cls.result_ttl, positive=True, integer=True)),

@@ -3,14 +3,25 @@
 Every error carries what an on-call engineer needs (HTTP status, Plural's code and
 message, its details, the Request-ID) and whether trying again can help. One
 function, :func:`classify_http`, turns an HTTP answer into an error; nothing else
-decides retryability.
+decides retryability of an HTTP answer.
+
+Messages never hold a response body, a token or a secret: bodies can carry customer
+personal data, and messages end up in logs, Sentry and the status record.
 """
 
 from __future__ import annotations
 
 import email.utils
+import re
 import time
+from datetime import timezone
 from typing import Any, Mapping
+
+MAX_MESSAGE = 300
+"""Characters of Plural's own error message kept (a bound on what reaches logs and Redis)."""
+
+# Codes Plural uses for refused credentials; documented with HTTP 422, not 401.
+AUTH_CODES = frozenset({"USER_AUTHENTICATION_FAILED", "INVALID_USER_ACCOUNT", "UNAUTHORIZED"})
 
 
 class PluralError(Exception):
@@ -45,10 +56,23 @@ class PluralError(Exception):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self)!r})"
 
+    def __reduce__(self):
+        # Celery and billiard pickle exceptions between processes; the default
+        # reduction would call cls(message) and lose every keyword attribute.
+        return (_rebuild, (type(self), self.message, self._state()))
+
+    def _state(self) -> dict[str, Any]:
+        return dict(http_status=self.http_status, code=self.code, details=self.details,
+                    request_id=self.request_id, retry_after=self.retry_after, retryable=self.retryable)
+
     def as_dict(self) -> dict[str, Any]:
         """What a status record keeps of this error (no secrets, no personal data)."""
         return {"http_status": self.http_status, "code": self.code or type(self).__name__,
-                "message": self.message[:300]}
+                "message": self.message[:MAX_MESSAGE]}
+
+
+def _rebuild(cls: type[PluralError], message: str, state: dict[str, Any]) -> PluralError:
+    return cls(message, **state)
 
 
 class PluralConnectionError(PluralError):
@@ -58,7 +82,7 @@ class PluralConnectionError(PluralError):
 
 
 class PluralTimeout(PluralConnectionError):
-    """Plural did not answer within the read timeout."""
+    """Plural did not connect or answer within the timeout (the request may have been processed)."""
 
 
 class PluralTLSError(PluralError):
@@ -86,48 +110,85 @@ class PluralRequestError(PluralError):
 
 
 class PluralBadResponse(PluralError):
-    """Plural's answer could not be read: not JSON, truncated, empty, or the wrong shape."""
+    """Plural's answer could not be read: not JSON, truncated, empty, a redirect, or the wrong shape."""
+
+
+_DELTA_SECONDS = re.compile(r"\d+(?:\.\d+)?")
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """``Retry-After`` as seconds from now: delta-seconds or an HTTP date; None when absent or unreadable."""
+    """``Retry-After`` as seconds from ``now`` (epoch seconds; default the wall clock).
+
+    Accepts delta-seconds (``7``) or an HTTP date; a date in the past gives 0.
+    None when absent, negative or unreadable: a garbled hint must not stall a retry.
+    """
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _DELTA_SECONDS.fullmatch(value):
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when is None:
         return None
+    if when.tzinfo is None:  # "-0000" yields a naive datetime; HTTP dates are always UTC
+        when = when.replace(tzinfo=timezone.utc)
     now = time.time() if now is None else now
     return max(0.0, when.timestamp() - now)
 
 
 def classify_http(status: int, body: Any, *, request_id: str | None = None,
-                  retry_after: str | None = None, text_snippet: str = "") -> PluralError:
+                  retry_after: str | None = None, text_snippet: str = "",
+                  body_note: str = "", now: float | None = None) -> PluralError:
     """The one decision: which error an HTTP answer other than 2xx is, and whether it is retryable.
 
-    5xx and 429 are retryable; 401 means the token was rejected; every other 4xx is final.
-    ``body`` is the parsed JSON (or None when the answer was not JSON).
+    ``status`` is the HTTP status; ``body`` the parsed JSON (None when the answer was not
+    JSON); ``retry_after`` the raw ``Retry-After`` header; ``now`` the clock (epoch seconds)
+    against which an HTTP-date hint is measured. ``body_note`` describes an unreadable body
+    (e.g. ``"body is not JSON (text/html, 1234 bytes)"``) and is appended to the message;
+    ``text_snippet`` is accepted for old callers but never copied into the message.
+
+    5xx, 429 and 408 (a :class:`PluralTimeout`) are retryable, keeping any ``Retry-After``
+    hint; 401, and a 4xx whose code says the credentials were refused, are
+    :class:`PluralAuthError`; a 3xx is a :class:`PluralBadResponse` (redirects are not
+    followed); every other 4xx is a final :class:`PluralRequestError`.
     """
     code = message = None
     details: Mapping[str, Any] = {}
     if isinstance(body, Mapping):
         code = body.get("code") if isinstance(body.get("code"), str) else None
         message = body.get("message") if isinstance(body.get("message"), str) else None
-        raw_details = body.get("additionalErrorPayload") or body.get("additional_error_details")
-        if isinstance(raw_details, Mapping):
-            details = raw_details
-    if message is None:
-        message = f"Plural answered HTTP {status}" + (" with a body that is not JSON" if body is None and text_snippet else "")
+        # Plural names its details object both ways in different responses.
+        for name in ("additionalErrorPayload", "additional_error_details"):
+            if isinstance(body.get(name), Mapping):
+                details = body[name]
+                break
+    if message:
+        message = message[:MAX_MESSAGE]
+    else:
+        message = f"Plural answered HTTP {status}"
+        if body_note:
+            message += f"; {body_note}"
+        elif body is None and text_snippet:
+            message += "; body is not JSON"
     kwargs = dict(http_status=status, code=code, details=details, request_id=request_id)
+    if 300 <= status < 400:
+        return PluralBadResponse(
+            f"Plural answered a redirect (HTTP {status}), which is not followed: check PLURAL_BASE_URL",
+            **kwargs)
     if status == 429:
-        return PluralRateLimited(message, retry_after=parse_retry_after(retry_after), **kwargs)
+        return PluralRateLimited(message, retry_after=parse_retry_after(retry_after, now), **kwargs)
     if status >= 500:
-        return PluralServerError(message, retry_after=parse_retry_after(retry_after), **kwargs)
-    if status == 401:
+        return PluralServerError(message, retry_after=parse_retry_after(retry_after, now), **kwargs)
+    if status == 408:
+        # The server (or a proxy) gave up waiting for our request: a timeout, not a refusal,
+        # so it must not be read as "Plural refused this cancel".
+        return PluralTimeout(message, retry_after=parse_retry_after(retry_after, now), **kwargs)
+    if status == 401 or code in AUTH_CODES:
         return PluralAuthError(message, **kwargs)
-    return PluralRequestError(message, **kwargs)
+    if 400 <= status < 500:
+        return PluralRequestError(message, **kwargs)
+    # 1xx or 2xx handed here by mistake, or a status outside HTTP's range.
+    return PluralBadResponse(message, **kwargs)

@@ -1,0 +1,660 @@
+"""The Plural client against a real HTTP server on 127.0.0.1 whose answers each test scripts.
+
+No mocking: every request crosses a real socket, so headers, paths, timeouts, resets
+and TLS failures are what requests and urllib3 really do with them.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import email.utils
+import ipaddress
+import json
+import logging
+import re
+import socket
+import ssl
+import struct
+import threading
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from config.settings import Secret, Settings
+from worker.errors import (PluralAuthError, PluralBadResponse, PluralConnectionError, PluralError,
+                           PluralRateLimited, PluralRequestError, PluralServerError, PluralTimeout,
+                           PluralTLSError)
+from worker.links import LINK_STATUSES, PaymentLink
+from worker.plural import AccessToken, MemoryTokenStore, PluralClient
+
+NOW = calendar.timegm((2024, 7, 9, 7, 57, 8)) + 0.022
+NOW_STAMP = "2024-07-09T07:57:08.022Z"
+CLIENT_ID = "client-7f3a"
+SECRET = "s3cr3t-DO-NOT-LEAK-91c2"
+LINK_ID = "pl-v1-250306082755-aa-uT0noy"
+UTC = dt.timezone.utc
+
+# The seed's 200 example, verbatim (its tabs and misspelt "adddress_type" included).
+SEED_200 = '''{
+  "payment_link": "https://shortener.v2.pinepg.in/PLUTUS/3rh4jtd",
+  "payment_link_id": "pl-v1-250306082755-aa-uT0noy",
+  "status": "CANCELLED",
+  "amount": {
+    "value": 100,
+    "currency": "INR"
+  },
+  "amount_due": {
+    "value": 100,
+    "currency": "INR"
+  },
+  "order_id": "v1-250131113650-aa-TUzeRY",
+  "merchant_payment_link_reference": "link_ref",
+  "description": "Payment for order #12345",
+  "expire_by": "2025-03-21T08:29Z",
+  "merchant_order_reference": "link_ref",
+  "allowed_payment_methods": [
+    "NETBANKING"
+  ],
+  "customer": {
+    "email_id": "kevin.bob@example.com",
+    "first_name": "Kevin",
+    "last_name": "Bob",
+    "customer_id": "123456",
+    "mobile_number": "9876543210",
+    "country_code": "91",
+    "billing_address": {
+        \t"address1": "10 Downing Street Westminster London",
+        \t"address2": "Oxford Street Westminster London",
+        \t"address3": "Baker Street Westminster London",
+        \t"pincode": "51524036",
+        \t"city": "Westminster",
+        \t"state": "Westminster",
+        \t"country": "London",
+\t\t\t\t\t"full_name": "Kevin Bob",
+\t\t\t\t\t"adddress_type": "Home",
+\t\t\t\t\t"address_category": "billing"
+      \t},
+     "shipping_address": {
+        \t"address1": "10 Downing Street Westminster London",
+        \t"address2": "Oxford Street Westminster London",
+        \t"address3": "Baker Street Westminster London",
+        \t"pincode": "51524036",
+        \t"city": "Westminster",
+        \t"state": "Westminster",
+        \t"country": "London",
+\t\t\t\t\t"full_name": "Kevin Bob",
+\t\t\t\t\t"adddress_type": "Home",
+\t\t\t\t\t"address_category": "shipping"
+      \t}
+  },
+  "product_details": [
+    {
+      "product_code": "xyz",
+      "product_amount": {
+        "currency": "INR",
+        "value": 1200000
+      },
+      "product_coupon_discount_amount": {
+        "currency": "INR",
+        "value": 0
+      }
+    }
+  ],
+  "cart_coupon_discount_amount": {
+    "currency": "INR",
+    "value": 0
+  },
+  "merchant_metadata": {
+    "clientId": "DD",
+    "transactionReferenceNo": "pine-1223",
+    "merchantId": "1234",
+    "tid": "9000990",
+    "acquirerName": "HDFC_FSS",
+    "isOfferDisplayRequired": "true",
+    "OfferData": "UHJvZHVjdF9Db2RlPSIgIiZQcm9kdWN0X05hbWU9IiImUGF5bWVudF9Nb2RlPUJhbmsgRU1JJkNhcmRfVHlwZT1EZWJpdCBDYXJkJkJhbmtfTmFtZT1IREZDIERlYml0JkVNSV9UZW51cmU9NiZJbnRlcmVzdF9SYXRlPTkuMCZJbnRlcmVzdF9BbW91bnQ9MTM4MTQwJk1vbnRobHlfSW5zdGFsbWVudD04OTQ2OTAmQXV0aG9yaXphdGlvbl9BbW91bnQ9MTAwJkxvYW5fYm9va2luZ19BbW91bnQ9NTIzMDAwMCZJbnRlcmVzdF9DYXNoYmFja19BbW91bnQ9MCZJbnRlcmVzdF9DYXNoYmFja19UeXBlPURlZmVycmVkJkFkZGl0aW9uYWxfQ2FzaGJhY2s9IiImQWRkaXRpb25hbF9DYXNoYmFja19UeXBlPSIiJkRlc2NyaXB0aW9uPUJhbmsgRU1JJlByb2R1Y3RfVmFsdWU9NTIzMDAwMA",
+    "tenant_id": "PGATPOS",
+    "is_offer_validation_required": "true"
+  },
+  "created_at": "2025-03-06T08:27:55.881Z",
+  "updated_at": "2025-03-06T08:27:55.881Z",
+  "cancelled_at": "2025-03-06T08:27:55.881Z"
+}'''
+
+
+@dataclass
+class Answer:
+    """One scripted answer: a status and body, or a stall (``delay`` seconds), or a reset."""
+
+    status: int = 200
+    body: Any = None
+    headers: dict = field(default_factory=dict)
+    delay: float = 0.0
+    reset: bool = False
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: Any  # http.client.HTTPMessage: case-insensitive .get()
+    body: bytes
+
+
+class ScriptedPlural:
+    """A threaded HTTP/1.1 server: token calls get fresh tokens unless scripted; other calls pop ``answers``."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None):
+        self.answers: deque[Answer] = deque()
+        self.token_answers: deque[Answer] = deque()
+        self.seen: list[Seen] = []
+        self.issued: list[str] = []
+        self.stop = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def handle_request(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                outer.seen.append(Seen(self.command, self.path, self.headers,
+                                       self.rfile.read(length) if length else b""))
+                outer.reply(self, outer.next_answer(self.path))
+
+            do_GET = do_PUT = do_POST = handle_request
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.handle_error = lambda request, address: None  # clients that gave up are expected
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        self.base_url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}/api"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def next_answer(self, path: str) -> Answer:
+        if path.endswith("/auth/v1/token"):
+            if self.token_answers:
+                return self.token_answers.popleft()
+            self.issued.append(f"tkn{len(self.issued) + 1}-{uuid.uuid4().hex}")
+            return Answer(200, {"access_token": self.issued[-1], "expires_at": "2024-07-09T08:57:08.022Z"})
+        return self.answers.popleft() if self.answers else Answer(599, {"code": "NOTHING_SCRIPTED"})
+
+    def reply(self, handler: BaseHTTPRequestHandler, answer: Answer) -> None:
+        if answer.delay:
+            self.stop.wait(answer.delay)
+        if answer.reset:
+            # SO_LINGER with a zero timeout turns close() into a TCP RST.
+            handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            handler.rfile.close()
+            handler.wfile.close()
+            handler.connection.close()
+            handler.close_connection = True
+            return
+        body, headers = answer.body, dict(answer.headers)
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+            headers.setdefault("Content-Type", "application/json")
+        payload = (body or "").encode() if not isinstance(body, bytes) else body
+        try:
+            handler.send_response(answer.status)
+            for name, value in headers.items():
+                handler.send_header(name, value)
+            handler.send_header("Content-Length", str(len(payload)))
+            handler.end_headers()
+            handler.wfile.write(payload)
+        except OSError:
+            pass  # the client timed out and left
+
+    def calls(self, suffix: str = "") -> list[Seen]:
+        return [s for s in self.seen if not s.path.endswith("/auth/v1/token") and s.path.endswith(suffix)]
+
+    def token_calls(self) -> list[Seen]:
+        return [s for s in self.seen if s.path.endswith("/auth/v1/token")]
+
+    def close(self) -> None:
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class RecordingStore(MemoryTokenStore):
+    """The real in-memory store, noting which tokens the client asked it to drop."""
+
+    def __init__(self):
+        super().__init__(clock=lambda: NOW)
+        self.invalidated: list[str] = []
+
+    def invalidate(self, token: str) -> None:
+        self.invalidated.append(token)
+        super().invalidate(token)
+
+
+@pytest.fixture
+def plural():
+    server = ScriptedPlural()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def store():
+    return RecordingStore()
+
+
+@pytest.fixture
+def client(plural, store):
+    with PluralClient(plural.base_url, CLIENT_ID, SECRET, tokens=store, clock=lambda: NOW,
+                      read_timeout=5) as c:
+        yield c
+
+
+def leak_free(*texts: str, tokens: list[str] = ()) -> None:
+    for text in texts:
+        assert SECRET not in text
+        for token in tokens:
+            assert token not in text
+
+
+# -- the 200 answer ------------------------------------------------------------------
+
+def test_cancel_sends_the_seed_request_and_parses_the_seed_answer(plural, client):
+    plural.answers.append(Answer(200, SEED_200, {"Content-Type": "application/json"}))
+    link = client.cancel_payment_link(LINK_ID, "req-1")
+
+    token_call, put = plural.seen
+    assert (token_call.method, token_call.path) == ("POST", "/api/auth/v1/token")
+    assert json.loads(token_call.body) == {"client_id": CLIENT_ID, "client_secret": SECRET,
+                                           "grant_type": "client_credentials"}
+    assert token_call.headers.get("Authorization") is None
+    assert token_call.headers["Request-Timestamp"] == NOW_STAMP
+    assert token_call.headers["Request-ID"] not in ("", "req-1")
+
+    assert (put.method, put.path) == ("PUT", f"/api/pay/v1/paymentlink/{LINK_ID}/cancel")
+    assert put.headers["Authorization"] == f"Bearer {plural.issued[0]}"
+    assert put.headers["Content-Type"] == "application/json"
+    assert put.headers["Accept"] == "application/json"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", put.headers["Request-Timestamp"])
+    assert put.headers["Request-Timestamp"] == NOW_STAMP
+    assert put.headers["Request-ID"] == "req-1"
+    assert put.headers["User-Agent"].startswith("plural-cancel/")
+    assert put.body == b"" and put.headers["Content-Length"] == "0"
+
+    assert link.status == "CANCELLED" and link.status in LINK_STATUSES
+    assert link.payment_link_id == LINK_ID
+    assert link.payment_link == "https://shortener.v2.pinepg.in/PLUTUS/3rh4jtd"
+    assert (link.amount.value, link.amount.currency) == (100, "INR")
+    assert (link.amount_due.value, link.amount_due.currency) == (100, "INR")
+    assert link.order_id == "v1-250131113650-aa-TUzeRY"
+    assert link.merchant_payment_link_reference == link.merchant_order_reference == "link_ref"
+    assert link.description == "Payment for order #12345"
+    assert link.expire_by == dt.datetime(2025, 3, 21, 8, 29, tzinfo=UTC)
+    assert link.allowed_payment_methods == ("NETBANKING",)
+    stamp = dt.datetime(2025, 3, 6, 8, 27, 55, 881000, tzinfo=UTC)
+    assert link.created_at == link.updated_at == link.cancelled_at == stamp
+    c = link.customer
+    assert (c.email_id, c.first_name, c.last_name) == ("kevin.bob@example.com", "Kevin", "Bob")
+    assert (c.customer_id, c.mobile_number, c.country_code) == ("123456", "9876543210", "91")
+    for address, category in ((c.billing_address, "billing"), (c.shipping_address, "shipping")):
+        assert address.address1 == "10 Downing Street Westminster London"
+        assert address.address2 == "Oxford Street Westminster London"
+        assert address.address3 == "Baker Street Westminster London"
+        assert (address.pincode, address.city, address.state) == ("51524036", "Westminster", "Westminster")
+        assert (address.country, address.full_name) == ("London", "Kevin Bob")
+        assert address.address_type == "Home"  # read from the seed's "adddress_type"
+        assert address.address_category == category
+    (product,) = link.product_details
+    assert product.product_code == "xyz"
+    assert (product.product_amount.value, product.product_amount.currency) == (1200000, "INR")
+    assert product.product_coupon_discount_amount.value == 0
+    assert link.cart_coupon_discount_amount.value == 0
+    assert link.merchant_metadata["tenant_id"] == "PGATPOS"
+    assert link.merchant_metadata["OfferData"].startswith("UHJvZHVjdF9Db2Rl")
+    assert len(link.merchant_metadata) == 9 and link.extra == {}
+    shown = repr(link)
+    for pii in ("kevin", "Kevin", "9876543210", "Downing", "51524036", "Payment for order"):
+        assert pii not in shown
+
+
+def test_token_is_reused_and_get_and_create_use_their_paths(plural, client):
+    plural.answers.extend([Answer(200, {"status": "CREATED", "payment_link_id": LINK_ID}),
+                           Answer(200, {"status": "CREATED", "payment_link_id": LINK_ID, "new": 1})])
+    created = client.create_payment_link(5000, "order_42", request_id="req-c", description="d")
+    fetched = client.get_payment_link(LINK_ID)
+    assert len(plural.token_calls()) == 1
+    post, get = plural.calls()
+    assert (post.method, post.path) == ("POST", "/api/pay/v1/paymentlink")
+    assert json.loads(post.body) == {"amount": {"value": 5000, "currency": "INR"},
+                                     "merchant_payment_link_reference": "order_42", "description": "d"}
+    assert (get.method, get.path, get.body) == ("GET", f"/api/pay/v1/paymentlink/{LINK_ID}", b"")
+    assert uuid.UUID(get.headers["Request-ID"])
+    assert created.status == "CREATED" and fetched.extra == {"new": 1} and fetched.customer is None
+
+
+def test_model_tolerates_spellings_numbers_offsets_and_absent_fields():
+    link = PaymentLink.from_dict({
+        "status": "EXPIRED", "amount": {"value": 100.0, "currency": "INR"}, "amount_due": {"currency": "INR"},
+        "expire_by": "2025-03-21T13:59+05:30", "created_at": "2025-03-06T08:27:55",
+        "updated_at": "2025-03-06T08:27:55.881123Z", "cancelled_at": None, "product_details": None,
+        "customer": {"mobile_number": 9876543210, "billing_address": {"address_type": "Work", "pincode": 560001}},
+    })
+    assert (link.amount.value, link.amount_due.value) == (100, 0)
+    assert link.expire_by == dt.datetime(2025, 3, 21, 8, 29, tzinfo=UTC)
+    assert link.created_at == dt.datetime(2025, 3, 6, 8, 27, 55, tzinfo=UTC)
+    assert link.updated_at.microsecond == 881123 and link.cancelled_at is None
+    assert link.customer.mobile_number == "9876543210" and link.customer.shipping_address is None
+    assert (link.customer.billing_address.address_type, link.customer.billing_address.pincode) == ("Work", "560001")
+    assert link.product_details == () and link.payment_link_id is None
+    assert isinstance(hash(link), int)  # frozen and hashable despite its dict fields
+
+
+# -- error answers ----------------------------------------------------------------------
+
+OMS = {"source": "OMS", "step": "PAYMENT_CREATION"}
+
+
+@pytest.mark.parametrize("status, body, headers, cls, code, details, retry_after", [
+    (400, {"code": "INVALID_REQUEST", "message": "bad link"}, {}, PluralRequestError, "INVALID_REQUEST", {}, None),
+    (404, {"code": "NOT_FOUND", "message": "no such link"}, {}, PluralRequestError, "NOT_FOUND", {}, None),
+    (422, {"code": "DUPLICATE_REQUEST", "message": "already processed"}, {}, PluralRequestError,
+     "DUPLICATE_REQUEST", {}, None),
+    (429, {"code": "RATE_LIMITED", "message": "slow down"}, {"Retry-After": "7"}, PluralRateLimited,
+     "RATE_LIMITED", {}, 7.0),
+    (500, {"code": "INTERNAL_ERROR", "message": "failed", "additionalErrorPayload": OMS}, {},
+     PluralServerError, "INTERNAL_ERROR", OMS, None),
+    (500, {"code": "INTERNAL_ERROR", "message": "failed", "additional_error_details": OMS}, {},
+     PluralServerError, "INTERNAL_ERROR", OMS, None),
+    (503, {"code": "INTERNAL_ERROR", "message": "down"}, {"Retry-After": "30"}, PluralServerError,
+     "INTERNAL_ERROR", {}, 30.0),
+])
+def test_error_answers_are_classified(plural, client, status, body, headers, cls, code, details, retry_after):
+    plural.answers.append(Answer(status, body, headers))
+    with pytest.raises(cls) as caught:
+        client.cancel_payment_link(LINK_ID, "req-err")
+    err = caught.value
+    assert (err.http_status, err.code, err.message, err.details) == (status, code, body["message"], details)
+    assert err.request_id == "req-err" and err.retry_after == retry_after
+    assert err.retryable == (status >= 429)
+    assert len(plural.calls()) == 1  # the client never retries by itself
+
+
+def test_429_with_an_http_date(plural, client):
+    when = email.utils.formatdate(NOW + 120, usegmt=True)
+    plural.answers.append(Answer(429, {"code": "RATE_LIMITED", "message": "later"}, {"Retry-After": when}))
+    with pytest.raises(PluralRateLimited) as caught:
+        client.cancel_payment_link(LINK_ID, "req-429")
+    assert caught.value.retry_after == pytest.approx(120, abs=1) and caught.value.retryable
+
+
+def test_html_502_is_a_retryable_server_error_without_the_body(plural, client):
+    html = "<html><body>Bad Gateway kevin.bob@example.com</body></html>"
+    plural.answers.append(Answer(502, html, {"Content-Type": "text/html; charset=utf-8"}))
+    with pytest.raises(PluralServerError) as caught:
+        client.cancel_payment_link(LINK_ID, "req-502")
+    err = caught.value
+    assert err.retryable and err.http_status == 502 and err.code is None and err.request_id == "req-502"
+    assert f"body is not JSON (text/html, {len(html)} bytes)" in str(err)
+    assert "kevin" not in str(err) and "Bad Gateway" not in str(err)
+
+
+@pytest.mark.parametrize("body, headers, words", [
+    ('{"status": "CANCELLED", "payment_li', {"Content-Type": "application/json"}, "not JSON (application/json"),
+    ("", {}, "body is empty"),
+    ("<html>ok</html>", {"Content-Type": "text/html"}, "not JSON (text/html, 15 bytes)"),
+    ([{"status": "CANCELLED"}], {}, "must be a JSON object, not list"),
+    ({"payment_link_id": LINK_ID}, {}, "no status"),
+    ({"status": "CANCELLED", "amount": {"value": "100", "currency": "INR"}}, {}, "amount.value"),
+    ({"status": "CANCELLED", "customer": ["kevin"]}, {}, "customer must be a JSON object"),
+    ({"status": "CANCELLED", "cancelled_at": "yesterday"}, {}, "cancelled_at"),
+])
+def test_unreadable_200_is_a_bad_response(plural, client, body, headers, words):
+    plural.answers.append(Answer(200, body, headers))
+    with pytest.raises(PluralBadResponse) as caught:
+        client.cancel_payment_link(LINK_ID, "req-bad")
+    err = caught.value
+    assert words in err.message and err.http_status == 200 and err.request_id == "req-bad"
+    assert not err.retryable and "kevin" not in str(err) and "payment_li" not in str(err)
+
+
+def test_a_redirect_is_not_followed(plural, client):
+    plural.answers.append(Answer(302, "", {"Location": f"{plural.base_url}/elsewhere"}))
+    with pytest.raises(PluralBadResponse) as caught:
+        client.cancel_payment_link(LINK_ID, "req-302")
+    assert caught.value.http_status == 302 and "redirect" in caught.value.message
+    assert len(plural.calls()) == 1
+
+
+# -- the 401 dance ----------------------------------------------------------------------
+
+def test_401_drops_the_token_and_retries_once_with_the_same_request_id(plural, client, store):
+    plural.answers.extend([Answer(401, {"code": "UNAUTHORIZED", "message": "expired"}),
+                           Answer(200, SEED_200)])
+    assert client.cancel_payment_link(LINK_ID, "req-401").status == "CANCELLED"
+    first, second = plural.calls()
+    assert store.invalidated == [plural.issued[0]]
+    assert len(plural.token_calls()) == 2
+    assert first.headers["Request-ID"] == second.headers["Request-ID"] == "req-401"
+    assert first.headers["Authorization"] == f"Bearer {plural.issued[0]}"
+    assert second.headers["Authorization"] == f"Bearer {plural.issued[1]}"
+
+
+def test_401_twice_is_an_auth_error(plural, client, store, caplog):
+    caplog.set_level(logging.DEBUG)
+    plural.answers.extend([Answer(401, {"code": "UNAUTHORIZED", "message": "expired"}),
+                           Answer(401, {"code": "UNAUTHORIZED", "message": "still bad"})])
+    with pytest.raises(PluralAuthError) as caught:
+        client.cancel_payment_link(LINK_ID, "req-401x2")
+    err = caught.value
+    assert (err.http_status, err.code, err.request_id, err.retryable) == (401, "UNAUTHORIZED", "req-401x2", False)
+    assert len(plural.calls()) == 2 and len(plural.token_calls()) == 2
+    assert store.invalidated == [plural.issued[0]]
+    leak_free(str(err), repr(err), caplog.text, repr(client), tokens=plural.issued)
+    assert "PUT /pay/v1/paymentlink/" in caplog.text and "req-401x2" in caplog.text
+
+
+# -- failures below HTTP ----------------------------------------------------------------
+
+def test_read_timeout(plural):
+    plural.answers.append(Answer(200, SEED_200, delay=2.0))
+    with PluralClient(plural.base_url, CLIENT_ID, SECRET, read_timeout=0.3) as client:
+        with pytest.raises(PluralTimeout) as caught:
+            client.cancel_payment_link(LINK_ID, "req-slow")
+    assert caught.value.retryable and caught.value.request_id == "req-slow"
+    assert caught.value.http_status is None
+
+
+def test_connection_reset(plural, client):
+    plural.answers.append(Answer(reset=True))
+    with pytest.raises(PluralConnectionError) as caught:
+        client.cancel_payment_link(LINK_ID, "req-rst")
+    assert not isinstance(caught.value, PluralTimeout)
+    assert caught.value.retryable and caught.value.request_id == "req-rst"
+
+
+def test_connection_refused():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed when the block ends: nothing listens there
+    with PluralClient(f"http://127.0.0.1:{port}/api", CLIENT_ID, SECRET) as client:
+        with pytest.raises(PluralConnectionError) as caught:
+            client.cancel_payment_link(LINK_ID, "req-refused")
+    err = caught.value
+    assert err.retryable and err.request_id == "req-refused" and "Generate Token failed" in err.message
+
+
+def _self_signed_tls(tmp_path) -> ssl.SSLContext:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    return context
+
+
+@pytest.mark.parametrize("kind", ["untrusted certificate", "plain http behind https"])
+def test_tls_failure_is_final(tmp_path, kind):
+    server = ScriptedPlural(tls=_self_signed_tls(tmp_path) if kind == "untrusted certificate" else None)
+    try:
+        base = server.base_url.replace("http://", "https://")
+        with PluralClient(base, CLIENT_ID, SECRET) as client:
+            with pytest.raises(PluralTLSError) as caught:
+                client.cancel_payment_link(LINK_ID, "req-tls")
+        assert not caught.value.retryable and caught.value.request_id == "req-tls"
+        if kind == "untrusted certificate":
+            assert "self-signed certificate" in caught.value.message
+        assert server.seen == []
+    finally:
+        server.close()
+
+
+# -- input validation -----------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "pl 1", "x" * 51, "", "pl\n", None, 42])
+def test_bad_link_ids_send_nothing(plural, client, bad):
+    for call in (lambda: client.cancel_payment_link(bad, "req-1"), lambda: client.get_payment_link(bad)):
+        with pytest.raises(ValueError, match="payment_link_id"):
+            call()
+    assert plural.seen == []
+
+
+@pytest.mark.parametrize("bad", ["", "r" * 51, "a b", "a/b", "ü", None])
+def test_bad_request_ids_send_nothing(plural, client, bad):
+    with pytest.raises(ValueError, match="request_id"):
+        client.cancel_payment_link(LINK_ID, bad)
+    assert plural.seen == []
+
+
+def test_50_char_ids_are_accepted(plural, client):
+    plural.answers.append(Answer(200, {"status": "CANCELLED"}))
+    assert client.cancel_payment_link("p" * 50, "r" * 50).status == "CANCELLED"
+    assert plural.calls()[0].path == f"/api/pay/v1/paymentlink/{'p' * 50}/cancel"
+
+
+# -- Generate Token ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("answer, expires_at", [
+    ({"access_token": "t", "expires_at": "2024-08-28T15:00:12.213Z"},
+     calendar.timegm((2024, 8, 28, 15, 0, 12)) + 0.213),
+    ({"access_token": "t", "expires_at": "2024-08-28T15:00Z"}, calendar.timegm((2024, 8, 28, 15, 0, 0))),
+    ({"access_token": "t", "expires_at": "2024-08-28T15:00:12+00:00"}, calendar.timegm((2024, 8, 28, 15, 0, 12))),
+    ({"access_token": "t", "expires_in": 3600}, NOW + 3600),
+])
+def test_generate_token_reads_either_expiry(plural, client, answer, expires_at):
+    plural.token_answers.append(Answer(200, answer))
+    token = client.generate_token()
+    assert token == AccessToken("t", pytest.approx(expires_at))
+    assert "'t'" not in repr(token)
+
+
+@pytest.mark.parametrize("status, code", [(422, "USER_AUTHENTICATION_FAILED"), (401, "UNAUTHORIZED")])
+def test_refused_credentials_are_a_final_auth_error(plural, client, status, code, caplog):
+    caplog.set_level(logging.DEBUG)
+    plural.token_answers.append(Answer(status, {"code": code, "message": f"client_secret {SECRET} is wrong"}))
+    with pytest.raises(PluralAuthError) as caught:
+        client.cancel_payment_link(LINK_ID, "req-auth")
+    err = caught.value
+    assert (err.http_status, err.code, err.retryable, err.request_id) == (status, code, False, "req-auth")
+    assert plural.calls() == []
+    leak_free(str(err), repr(err), caplog.text, repr(client))
+
+
+def test_token_outage_is_retryable_and_no_put_is_sent(plural, client):
+    plural.token_answers.append(Answer(503, {"code": "INTERNAL_ERROR", "message": "down"}, {"Retry-After": "5"}))
+    with pytest.raises(PluralServerError) as caught:
+        client.cancel_payment_link(LINK_ID, "req-tok503")
+    err = caught.value
+    assert err.retryable and err.retry_after == 5.0 and err.request_id == "req-tok503"
+    assert err.message.startswith("Generate Token failed") and plural.calls() == []
+
+
+def test_token_without_access_token_is_a_bad_response(plural, client):
+    plural.token_answers.append(Answer(200, {"expires_in": 3600}))
+    with pytest.raises(PluralBadResponse, match="access_token"):
+        client.generate_token()
+
+
+def test_missing_credentials_send_nothing(plural):
+    with PluralClient(plural.base_url, None, None) as client:
+        with pytest.raises(PluralAuthError, match="PLURAL_CLIENT_ID"):
+            client.cancel_payment_link(LINK_ID, "req-1")
+    assert plural.seen == []
+
+
+def test_from_settings_uses_the_secret_and_timeouts(plural):
+    settings = Settings(plural_base_url=plural.base_url, client_id=CLIENT_ID, client_secret=Secret(SECRET),
+                        read_timeout=0.3)
+    with PluralClient.from_settings(settings, clock=lambda: NOW) as client:
+        assert client.generate_token().value == plural.issued[0]
+        assert client._timeout == (settings.connect_timeout, 0.3)
+    assert json.loads(plural.token_calls()[0].body)["client_secret"] == SECRET
+
+
+# -- the in-process token store ----------------------------------------------------------
+
+def test_memory_store_refreshes_60s_before_expiry_and_drops_only_the_rejected_token():
+    now = [1000.0]
+    store = MemoryTokenStore(clock=lambda: now[0])
+    fetched = []
+
+    def fetch():
+        fetched.append(AccessToken(f"t{len(fetched)}", now[0] + 3600))
+        return fetched[-1]
+
+    assert store.get(fetch) == "t0"
+    now[0] += 3539
+    assert store.get(fetch) == "t0"
+    now[0] += 2  # 59 s before expiry: stale
+    assert store.get(fetch) == "t1"
+    store.invalidate("t0")  # a late 401 for an old token leaves the new one alone
+    assert store.get(fetch) == "t1"
+    store.invalidate("t1")
+    assert store.get(fetch) == "t2"
+
+
+def test_memory_store_fetches_once_for_many_threads():
+    store = MemoryTokenStore()
+    calls = []
+    gate = threading.Event()
+
+    def fetch():
+        calls.append(1)
+        gate.wait(0.2)
+        return AccessToken("shared", 1e12)
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(store.get(fetch))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == ["shared"] * 8 and len(calls) == 1
+
+
+def test_errors_survive_pickling_for_celery():
+    import pickle
+    err = PluralRateLimited("slow", http_status=429, code="RATE_LIMITED", request_id="r", retry_after=7.0)
+    back = pickle.loads(pickle.dumps(err))
+    assert (type(back), back.http_status, back.retry_after, back.request_id) == (PluralRateLimited, 429, 7.0, "r")
+    assert isinstance(back, PluralError)

@@ -1,0 +1,395 @@
+"""The HTTP client for Plural (Pine Labs online): Generate Token and the payment-link calls.
+
+One pooled ``requests.Session``, explicit connect and read timeouts on every call,
+certificates always verified, redirects never followed, and no retries here:
+retrying (with the same Request-ID) is the cancel task's job, so this client makes
+each attempt exactly once, except for the single re-try after a rejected token.
+
+Every failure is a :class:`worker.errors.PluralError` carrying the Request-ID; no
+message, log line or ``repr`` holds the token, the client secret or a response body.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import ssl
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Protocol
+from urllib.parse import quote
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+
+from worker.errors import (PluralAuthError, PluralBadResponse, PluralConnectionError, PluralError,
+                           PluralTimeout, PluralTLSError, classify_http)
+from worker.links import LinkFormatError, PaymentLink, parse_timestamp
+# The one definition of a valid id, shared with the producer API; re-exported from here.
+from worker.validation import validate_payment_link_id, validate_request_id
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"plural-cancel/0.1.0 python-requests/{requests.__version__}"
+POOL_SIZE = 64
+"""Connections kept open per host: enough for one worker process's threads or greenlets."""
+REFRESH_MARGIN = 60.0
+"""Seconds before expiry at which a cached token is replaced."""
+FALLBACK_TOKEN_LIFETIME = 300.0
+"""Seconds a token is trusted when Generate Token gave no readable expiry (a 401 ends it sooner)."""
+
+# merchant_payment_link_reference: 1-50 of A-Za-z0-9-_, as documented for create.
+_REFERENCE = re.compile(r"[A-Za-z0-9_-]{1,50}")
+
+
+def new_request_id() -> str:
+    """A fresh GUID for the Request-ID header."""
+    return str(uuid.uuid4())
+
+
+def format_timestamp(epoch: float) -> str:
+    """Epoch seconds as Plural's ``Request-Timestamp``: ISO 8601 UTC, milliseconds, ``Z``."""
+    moment = datetime.fromtimestamp(epoch, tz=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    """A bearer token from Generate Token; ``expires_at`` in epoch seconds. Its value never shows in ``repr``."""
+
+    value: str = field(repr=False)
+    expires_at: float
+
+
+class TokenStore(Protocol):
+    """Where the client gets its bearer token from; the Redis cache in ``worker.tokens`` is one."""
+
+    def get(self, fetch: Callable[[], AccessToken]) -> str:
+        """A valid token, calling ``fetch()`` when none is cached or the cached one is about to expire."""
+
+    def invalidate(self, token: str) -> None:
+        """Drop ``token`` (Plural rejected it), only if it is still the cached one."""
+
+
+class MemoryTokenStore:
+    """An in-process :class:`TokenStore`: thread-safe, one fetch at a time, refreshed before expiry."""
+
+    def __init__(self, clock: Callable[[], float] = time.time, refresh_margin: float = REFRESH_MARGIN):
+        self._clock = clock
+        self._margin = refresh_margin
+        self._lock = threading.Lock()
+        self._token: AccessToken | None = None
+        self._refresh_at = 0.0
+
+    def get(self, fetch: Callable[[], AccessToken]) -> str:
+        # The lock is held across fetch() on purpose: threads that need a token at the
+        # same moment wait for the one Generate Token call instead of each making one.
+        with self._lock:
+            if self._token is not None and self._clock() < self._refresh_at:
+                return self._token.value
+            token = fetch()
+            lifetime = token.expires_at - self._clock()
+            # A token shorter-lived than the margin is still used, for half its life.
+            self._refresh_at = token.expires_at - min(self._margin, max(lifetime, 0.0) / 2)
+            self._token = token
+            return token.value
+
+    def invalidate(self, token: str) -> None:
+        with self._lock:
+            if self._token is not None and self._token.value == token:
+                self._token = None
+
+
+def new_session(pool_maxsize: int = POOL_SIZE) -> requests.Session:
+    """A ``requests.Session`` with one connection pool per scheme and no transport retries."""
+    session = requests.Session()
+    # max_retries=0: urllib3 must not silently resend a PUT; the task retries with backoff,
+    # a rate-limit slot and the ledger's knowledge, which urllib3 does not have.
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_maxsize, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    # trust_env stays True so HTTPS_PROXY / NO_PROXY and REQUESTS_CA_BUNDLE work behind a
+    # corporate egress proxy. It cannot switch verification off: verify=True is passed on
+    # every call, and a CA bundle from the environment still verifies. (It also reads
+    # ~/.netrc, which matters only if an operator put Plural's host there on purpose.)
+    return session
+
+
+class PluralClient:
+    """Plural's Generate Token and payment-link endpoints.
+
+    ``base_url`` ends in ``/api`` (``https://pluraluat.v2.pinepg.in/api``); timeouts are in
+    seconds; ``clock`` gives epoch seconds (for ``Request-Timestamp`` and token expiry).
+    Thread-safe: one client may serve every thread of a worker process.
+    """
+
+    def __init__(self, base_url: str, client_id: str | None, client_secret: str | None, *,
+                 tokens: TokenStore | None = None, connect_timeout: float = 3.05,
+                 read_timeout: float = 15.0, session: requests.Session | None = None,
+                 clock: Callable[[], float] = time.time):
+        if not base_url.startswith(("https://", "http://")):
+            raise ValueError("base_url must be an http(s) URL such as https://pluraluat.v2.pinepg.in/api")
+        self.base_url = base_url.rstrip("/")
+        self.client_id = client_id
+        self._client_secret = client_secret
+        self._clock = clock
+        self._tokens: TokenStore = tokens if tokens is not None else MemoryTokenStore(clock)
+        self._timeout = (connect_timeout, read_timeout)
+        self._owns_session = session is None
+        self._session = session if session is not None else new_session()
+
+    @classmethod
+    def from_settings(cls, settings, tokens: TokenStore | None = None, *,
+                      clock: Callable[[], float] = time.time) -> "PluralClient":
+        """A client for ``config.settings.Settings`` (base URL, credentials, timeouts)."""
+        secret = settings.client_secret.reveal() if settings.client_secret else None
+        return cls(settings.plural_base_url, settings.client_id, secret, tokens=tokens, clock=clock,
+                   connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout)
+
+    def __repr__(self) -> str:
+        return f"PluralClient(base_url={self.base_url!r}, client_id={self.client_id!r})"
+
+    def __enter__(self) -> "PluralClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool, when this client created it."""
+        if self._owns_session:
+            self._session.close()
+
+    # -- Generate Token ---------------------------------------------------------------
+
+    def generate_token(self, request_id: str | None = None) -> AccessToken:
+        """Call Generate Token. Refused credentials (any final 4xx) raise :class:`PluralAuthError`.
+
+        A 5xx, 429, timeout or connection failure raises the retryable error it is.
+        """
+        request_id = validate_request_id(request_id) if request_id is not None else new_request_id()
+        if not self.client_id or not self._client_secret:
+            raise PluralAuthError("Plural credentials are not configured: set PLURAL_CLIENT_ID and "
+                                  "PLURAL_CLIENT_SECRET", request_id=request_id)
+        body = {"client_id": self.client_id, "client_secret": self._client_secret,
+                "grant_type": "client_credentials"}
+        started = self._clock()
+        response = self._send("POST", "/auth/v1/token", request_id, json_body=body)
+        try:
+            data = self._read(response, request_id)
+        except PluralError as exc:
+            if exc.retryable or exc.http_status is None or not 400 <= exc.http_status < 500:
+                raise
+            # 401/422 (and any other final 4xx) here mean the credentials or the base URL
+            # are wrong: a configuration error that no retry can fix.
+            raise PluralAuthError(
+                f"Generate Token refused the credentials: {self._scrub(exc.message)}",
+                http_status=exc.http_status, code=exc.code, details=exc.details,
+                request_id=request_id) from None
+        value = data.get("access_token") if isinstance(data, dict) else None
+        if not isinstance(value, str) or not value:
+            raise PluralBadResponse("Generate Token answered without an access_token",
+                                    http_status=response.status_code, request_id=request_id)
+        return AccessToken(value=value, expires_at=self._expiry(data, started, request_id))
+
+    def _expiry(self, data: dict, started: float, request_id: str) -> float:
+        """Epoch seconds at which the token expires, from ``expires_at`` or ``expires_in``."""
+        try:
+            when = parse_timestamp(data.get("expires_at"), "expires_at")
+        except LinkFormatError:
+            when = None
+        if when is not None:
+            if when.timestamp() <= self._clock():
+                log.warning("plural token expires_at is already past by this host's clock; "
+                            "check clock sync (request_id=%s)", request_id)
+            return when.timestamp()
+        expires_in = data.get("expires_in")
+        if isinstance(expires_in, str) and expires_in.strip().isdigit():
+            expires_in = int(expires_in)
+        if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) and expires_in > 0:
+            # Counted from when we asked, so time spent in transit only shortens our view of it.
+            return started + float(expires_in)
+        log.warning("plural token came without a readable expiry; trusting it for %.0f s "
+                    "(request_id=%s)", FALLBACK_TOKEN_LIFETIME, request_id)
+        return self._clock() + FALLBACK_TOKEN_LIFETIME
+
+    # -- Payment links ----------------------------------------------------------------
+
+    def cancel_payment_link(self, payment_link_id: str, request_id: str) -> PaymentLink:
+        """Cancel a link (``PUT /pay/v1/paymentlink/{id}/cancel``); returns the link Plural sent back.
+
+        ``request_id`` is the idempotency key: the caller sends the same one on every attempt.
+        Raises ValueError (nothing sent) for a malformed id, else a :class:`PluralError`.
+        """
+        validate_payment_link_id(payment_link_id)
+        validate_request_id(request_id)
+        path = f"/pay/v1/paymentlink/{quote(payment_link_id, safe='')}/cancel"
+        # No body: the seed defines none, and "{}" could be read by a strict validator as
+        # an (empty) update. requests still sends "Content-Length: 0", which keeps proxies
+        # that refuse a length-less PUT (411 Length Required) happy.
+        return self._link(self._bearer("PUT", path, request_id), request_id)
+
+    def get_payment_link(self, payment_link_id: str, request_id: str | None = None) -> PaymentLink:
+        """Fetch a link (``GET /pay/v1/paymentlink/{id}``), e.g. to learn why a cancel was refused."""
+        validate_payment_link_id(payment_link_id)
+        request_id = validate_request_id(request_id) if request_id is not None else new_request_id()
+        path = f"/pay/v1/paymentlink/{quote(payment_link_id, safe='')}"
+        return self._link(self._bearer("GET", path, request_id), request_id)
+
+    def create_payment_link(self, amount_paisa: int, merchant_reference: str, *, currency: str = "INR",
+                            request_id: str | None = None, **extra: Any) -> PaymentLink:
+        """Create a link for ``amount_paisa`` (integer paisa); ``extra`` adds Plural's optional fields."""
+        if not isinstance(amount_paisa, int) or isinstance(amount_paisa, bool) or amount_paisa <= 0:
+            raise ValueError("amount_paisa must be a positive integer (paisa)")
+        if not isinstance(merchant_reference, str) or not _REFERENCE.fullmatch(merchant_reference):
+            raise ValueError("merchant_reference must be 1 to 50 characters of A-Z a-z 0-9 _ -")
+        request_id = validate_request_id(request_id) if request_id is not None else new_request_id()
+        body = {**extra, "amount": {"value": amount_paisa, "currency": currency},
+                "merchant_payment_link_reference": merchant_reference}
+        return self._link(self._bearer("POST", "/pay/v1/paymentlink", request_id, json_body=body),
+                          request_id)
+
+    # -- Machinery --------------------------------------------------------------------
+
+    def _bearer(self, method: str, path: str, request_id: str, json_body: Any = None) -> Any:
+        """One bearer call, re-tried once with a fresh token after a 401; returns the parsed JSON."""
+        token = self._token(request_id)
+        response = self._send(method, path, request_id, token=token, json_body=json_body)
+        if response.status_code == 401:
+            # Expired early, revoked, or rotated by another process: drop it and try once more
+            # with the same Request-ID; a second 401 is a real authentication failure.
+            self._tokens.invalidate(token)
+            token = self._token(request_id)
+            response = self._send(method, path, request_id, token=token, json_body=json_body)
+        return self._read(response, request_id, token)
+
+    def _token(self, request_id: str) -> str:
+        try:
+            return self._tokens.get(self.generate_token)
+        except PluralError as exc:
+            # Report the failure under the caller's Request-ID; the token call had its own.
+            if not exc.message.startswith("Generate Token"):
+                exc.message = f"Generate Token failed: {exc.message}"
+                exc.args = (exc.message,)
+            exc.request_id = request_id
+            raise
+
+    def _send(self, method: str, path: str, request_id: str, *, token: str | None = None,
+              json_body: Any = None) -> requests.Response:
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "Request-ID": request_id,
+            "Request-Timestamp": format_timestamp(self._clock()),
+            "User-Agent": USER_AGENT,
+        }
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        data = None if json_body is None else json.dumps(json_body, separators=(",", ":")).encode()
+        started = time.monotonic()
+        try:
+            response = self._session.request(method, self.base_url + path, headers=headers, data=data,
+                                             timeout=self._timeout, verify=True, allow_redirects=False)
+        except requests.RequestException as exc:
+            elapsed = (time.monotonic() - started) * 1000
+            log.debug("plural %s %s failed (%s) in %.0f ms request_id=%s", method, path,
+                      type(exc).__name__, elapsed, request_id)
+            raise _transport_error(exc, method, path, request_id) from exc
+        elapsed = (time.monotonic() - started) * 1000
+        log.debug("plural %s %s -> %s in %.0f ms request_id=%s", method, path,
+                  response.status_code, elapsed, request_id)
+        return response
+
+    def _read(self, response: requests.Response, request_id: str, token: str | None = None) -> Any:
+        """The parsed JSON of a 2xx answer; any other answer raises what :func:`classify_http` says."""
+        status = response.status_code
+        body, note = _parse_json(response)
+        if not 200 <= status < 300:
+            error = classify_http(status, body, request_id=request_id, body_note=note,
+                                  retry_after=response.headers.get("Retry-After"), now=self._clock())
+            error.message = self._scrub(error.message, token)
+            error.args = (error.message,)
+            raise error
+        if note:
+            raise PluralBadResponse(f"Plural answered HTTP {status} but the {note}",
+                                    http_status=status, request_id=request_id)
+        return body
+
+    def _link(self, body: Any, request_id: str) -> PaymentLink:
+        try:
+            return PaymentLink.from_dict(body)
+        except LinkFormatError as exc:
+            raise PluralBadResponse(f"Plural's payment link is malformed: {exc}",
+                                    http_status=200, request_id=request_id) from None
+
+    def _scrub(self, text: str, token: str | None = None) -> str:
+        """``text`` with the client secret and ``token`` masked, in case Plural ever echoes them."""
+        for secret in (self._client_secret, token):
+            if secret and secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+
+def _parse_json(response: requests.Response) -> tuple[Any, str]:
+    """(parsed JSON, "") or (None, a description of why the body is unreadable, without its content)."""
+    raw = response.content or b""
+    if not raw.strip():
+        return None, "body is empty"
+    try:
+        return json.loads(raw), ""
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        media = (response.headers.get("Content-Type") or "no content type").split(";")[0].strip()
+        media = re.sub(r"[^A-Za-z0-9.+/-]", "", media)[:60] or "no content type"
+        return None, f"body is not JSON ({media}, {len(raw)} bytes)"
+
+
+def _transport_error(exc: requests.RequestException, method: str, path: str,
+                     request_id: str) -> PluralError:
+    """The :class:`PluralError` for a failure below HTTP (no answer, or a broken one)."""
+    where = f"{method} {path}"
+    # SSLError is a ConnectionError and ConnectTimeout a Timeout too: test the narrow ones first.
+    if isinstance(exc, requests.exceptions.SSLError):
+        return PluralTLSError(f"TLS failed on {where} ({_tls_reason(exc)}): check the certificate, "
+                              "the host name and any proxy", request_id=request_id)
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return PluralTimeout(f"connecting for {where} timed out", request_id=request_id)
+    if isinstance(exc, requests.exceptions.Timeout):
+        return PluralTimeout(f"no answer to {where} within the read timeout; it may have been "
+                             "processed", request_id=request_id)
+    if exc.args and isinstance(exc.args[0], urllib3.exceptions.ReadTimeoutError):
+        # requests reports a timeout while reading the body as a plain ConnectionError.
+        return PluralTimeout(f"the answer to {where} stalled past the read timeout",
+                             request_id=request_id)
+    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                        requests.exceptions.ContentDecodingError)):
+        return PluralConnectionError(f"connection to Plural failed on {where} ({_root_cause(exc)})",
+                                     request_id=request_id)
+    # InvalidURL, InvalidHeader and the like: a bug or a bad setting, not worth retrying.
+    return PluralError(f"request {where} could not be sent ({type(exc).__name__})", request_id=request_id)
+
+
+def _root_cause(exc: BaseException, *, name: bool = True) -> Any:
+    """The innermost error under requests' wrappers, or its class name (e.g. ConnectionResetError)."""
+    for _ in range(8):
+        if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+            exc = exc.reason
+        elif exc.args and isinstance(exc.args[-1], BaseException):
+            exc = exc.args[-1]
+        elif exc.__cause__ is not None:
+            exc = exc.__cause__
+        else:
+            break
+    return type(exc).__name__ if name else exc
+
+
+def _tls_reason(exc: BaseException) -> str:
+    root = _root_cause(exc, name=False)
+    # OpenSSL's verify message ("self-signed certificate") names the fault, not any secret.
+    if isinstance(root, ssl.SSLCertVerificationError) and root.verify_message:
+        return str(root.verify_message)[:80]
+    return type(root).__name__
