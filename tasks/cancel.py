@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 from config.celery import lease_seconds
 from worker import app
-from worker.errors import PluralAuthError, PluralError, PluralRequestError
+from worker.errors import PluralAuthError, PluralError, PluralRateLimited, PluralRequestError
 from worker.links import PaymentLink
 from worker.plural import PluralClient
+from worker.ratelimit import acquire
 from worker.retry import backoff
 from worker.runtime import Runtime
 from worker.tokens import TokenUnavailable
@@ -26,6 +27,12 @@ log = logging.getLogger(__name__)
 DONE_STATUSES = {"CANCELLED": ("succeeded", "already_cancelled")}
 FINAL_STATUSES = {"PROCESSED", "PARTIAL_PROCESSED", "EXPIRED"}
 IN_FLIGHT_STATUSES = {"PAYMENT_INITIATED"}
+
+PROBE_MAX_WAIT = 10.0
+"""Seconds the breaker's probe may wait for a rate-limit slot."""
+
+SPREAD = 2.0
+"""Seconds over which cancels held back together (limiter, breaker) are spread on return."""
 
 
 @dataclass(frozen=True)
@@ -119,9 +126,41 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
         ledger.finish(request_id, payment_link_id, owner, state="failed", outcome="gave_up", attempted=False)
         return "gave_up"
 
+    gate = rt.breaker.allow()
+    if not gate.allowed:
+        # Plural is down: wait for the reopening time without spending an attempt.
+        ledger.defer(request_id, payment_link_id, owner, due=_spread(rt, gate.retry_at), attempted=False)
+        return "held"
+    # The probe must go through (nobody else calls Plural meanwhile), so it may wait longer.
+    slot = acquire(rt.limiter, PROBE_MAX_WAIT if gate.probe else rt.settings.limiter_max_wait)
+    if not slot.granted:
+        ledger.defer(request_id, payment_link_id, owner, due=_spread(rt, rt.clock() + slot.wait),
+                     attempted=False)
+        return "throttled"
+
     decision = attempt(rt.plural, payment_link_id, request_id)
+    observe(rt, decision, gate.probe)
     return record(rt, decision, payment_link_id, request_id, owner, attempts=claim.attempts + 1,
                   deadline=claim.deadline)
+
+
+def observe(rt: Runtime, decision: Decision, probe: bool) -> None:
+    """Tell the breaker and the limiter what Plural's health looked like on this attempt."""
+    error = decision.error
+    if decision.state == "retry" and isinstance(error, PluralError) and error.retryable:
+        if isinstance(error, PluralRateLimited):
+            rt.limiter.penalize()
+        if rt.breaker.record_failure(probe):
+            log.error("circuit breaker opened: Plural is failing (%s); cancels are held until it reopens",
+                      error.code or type(error).__name__)
+    else:
+        # Any answer that is not a Plural-side failure (including a 4xx) shows Plural is up.
+        rt.breaker.record_success(probe)
+
+
+def _spread(rt: Runtime, due: float) -> float:
+    """``due`` plus up to ``SPREAD`` seconds, so held cancels do not all come back in one instant."""
+    return due + SPREAD * rt.jitter()
 
 
 def record(rt: Runtime, decision: Decision, payment_link_id: str, request_id: str, owner: str, *,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from celery import Celery
 
@@ -13,6 +14,9 @@ log = logging.getLogger(__name__)
 
 PUMP_BATCH = 500
 """Most deferred cancels moved back to the queue per pump tick."""
+
+PUMP_MIN_BATCH = 4
+"""Fewest deferred cancels a pump tick may move, however low the rate."""
 
 HOLD = 60.0
 """Seconds a taken member stays out of reach while its message is published."""
@@ -40,15 +44,16 @@ def move_due(app_: Celery, zset: str, upto: float, limit: int) -> int:
 
 
 def pump_deferred(app_: Celery) -> int:
-    """Move deferred cancels whose time has come back to the queue (run by every worker)."""
-    ledger = app_.runtime.ledger
-    moved = 0
-    # Keep going while whole batches come back, so a large backlog is not held to one batch a tick.
-    while True:
-        n = move_due(app_, ledger.keys.deferred, ledger.clock(), PUMP_BATCH)
-        moved += n
-        if n < PUMP_BATCH:
-            return moved
+    """Move deferred cancels whose time has come back to the queue (run by every worker).
+
+    At most about two ticks' worth of the current rate limit per tick: a backlog that
+    comes due at once (the breaker reopening) then reaches the queue at roughly the
+    pace the limiter will let it through, instead of bouncing off it in a burst.
+    """
+    rt = app_.runtime
+    rate = rt.limiter.effective_rate()
+    limit = max(PUMP_MIN_BATCH, math.ceil(min(PUMP_BATCH, rate * PUMP_INTERVAL * 2)))
+    return move_due(app_, rt.ledger.keys.deferred, rt.ledger.clock(), limit)
 
 
 def reconcile(app_: Celery) -> dict[str, int]:

@@ -71,3 +71,55 @@ def redis_client(redis_url):
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
+
+
+_next_db = iter(range(1, 16))
+
+
+@pytest.fixture(scope="module")
+def module_redis_url(redis_server):
+    """A flushed Redis database of its own for one test module (whose workers outlive single tests)."""
+    db = next(_next_db, None)
+    if db is None:
+        pytest.fail("more than 15 modules asked for a Redis database of their own")
+    url = f"{redis_server}/{db}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
+
+
+@pytest.fixture(scope="module")
+def sandbox_process():
+    """A real Plural sandbox process for one test module, accepting the test credentials."""
+    from tests.support.sandbox import start_sandbox_process
+
+    proc = start_sandbox_process(client_id="test-client", client_secret="test-secret-do-not-leak")
+    yield proc
+    proc.stop()
+
+
+def use_settings(redis_url: str, plural_url: str | None = None, **overrides):
+    """Point this process's Celery app (the producer side) at ``redis_url``."""
+    from config.settings import Settings
+    from worker import app
+
+    env = {"REDIS_URL": redis_url, "PLURAL_CLIENT_ID": "test-client",
+           "PLURAL_CLIENT_SECRET": "test-secret-do-not-leak"}
+    if plural_url:
+        env["PLURAL_BASE_URL"] = plural_url
+    env.update({k: str(v) for k, v in overrides.items()})
+    app.use(Settings.from_env(env))
+    return app
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1, message: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{message} not reached within {timeout}s (last: {value!r})")
+        time.sleep(interval)

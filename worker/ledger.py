@@ -67,13 +67,11 @@ if state == 'succeeded' or state == 'failed' then
   return {'terminal', state}
 end
 local now = tonumber(ARGV[3])
-if state == 'retrying' then
-  local due = tonumber(redis.call('HGET', KEYS[1], 'next_attempt_at') or '0') or 0
-  if due > now + 1 then
-    -- A stray copy arrived before its time; the due-time set brings the real one back.
-    redis.call('ZADD', KEYS[4], 'NX', due, ARGV[1])
-    return {'early', tostring(due)}
-  end
+local due = tonumber(redis.call('HGET', KEYS[1], 'next_attempt_at') or '') or 0
+if due > now + 1 then
+  -- A stray copy arrived before its time; the due-time set brings the real one back.
+  redis.call('ZADD', KEYS[4], 'NX', due, ARGV[1])
+  return {'early', tostring(due)}
 end
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[5] then
@@ -117,7 +115,10 @@ return attempts
 # ARGV: [1] request_id  [2] owner  [3] now  [4] due  [5] attempted (0/1)  [6] last_error JSON or ''
 DEFER = """
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', tonumber(ARGV[5]))
-redis.call('HSET', KEYS[1], 'state', 'retrying', 'updated_at', ARGV[3], 'next_attempt_at', ARGV[4])
+-- Held back before any call (rate limit, open breaker): still queued, with a time.
+local state = 'queued'
+if attempts > 0 then state = 'retrying' end
+redis.call('HSET', KEYS[1], 'state', state, 'updated_at', ARGV[3], 'next_attempt_at', ARGV[4])
 redis.call('HDEL', KEYS[1], 'owner')
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'last_error', ARGV[6]) end
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
@@ -253,7 +254,11 @@ class Ledger:
 
     def defer(self, request_id: str, payment_link_id: str, owner: str, *, due: float, attempted: bool,
               last_error: dict | None = None) -> int:
-        """Park this cancel until ``due`` (epoch seconds) in Redis, not in worker memory."""
+        """Park this cancel until ``due`` (epoch seconds) in Redis, not in worker memory.
+
+        ``attempted``: Plural was called (the attempt counts). A cancel held back before
+        any attempt stays ``queued``; one that has been tried is ``retrying``.
+        """
         keys = [self.keys.record(request_id), self.keys.link_lock(payment_link_id), self.keys.leases,
                 self.keys.deferred]
         error = json.dumps(last_error, separators=(",", ":")) if last_error else ""

@@ -15,8 +15,10 @@ from typing import Callable
 import redis
 
 from config.settings import Settings
+from worker.breaker import RedisCircuitBreaker
 from worker.keys import Keys
 from worker.ledger import Ledger
+from worker.ratelimit import RedisRateLimiter
 from worker.plural import PluralClient
 from worker.tokens import RedisTokenCache
 
@@ -42,6 +44,18 @@ class Runtime:
     def ledger(self) -> Ledger:
         return Ledger(self.redis, result_ttl=self.settings.result_ttl, retry_budget=self.settings.retry_budget,
                       keys=self.keys, clock=self.clock)
+
+    @cached_property
+    def limiter(self) -> RedisRateLimiter:
+        """The one rate limit to Plural shared by every worker process and host."""
+        return RedisRateLimiter(self.redis, self.keys.ratelimit, self.settings.rate_limit,
+                                self.settings.rate_burst)
+
+    @cached_property
+    def breaker(self) -> RedisCircuitBreaker:
+        """The circuit breaker shared by every worker process and host."""
+        return RedisCircuitBreaker(self.redis, self.keys.breaker, self.settings.breaker_threshold,
+                                   self.settings.breaker_cooldown)
 
     @cached_property
     def plural(self) -> PluralClient:

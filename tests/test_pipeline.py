@@ -1,0 +1,267 @@
+"""The cancel pipeline end to end: producer → Redis → a real Celery worker → the sandbox over HTTP."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import redis
+
+from tests.conftest import use_settings, wait_for
+from tests.support.workers import ROOT, service_env, start_worker
+
+TERMINAL = ("succeeded", "failed")
+
+
+@pytest.fixture(scope="module")
+def system(module_redis_url, sandbox_process):
+    """Redis, the sandbox and one worker shared by the tests of this module."""
+    env = service_env(module_redis_url, sandbox_process.url, CANCEL_RETRY_BASE="0.2", CANCEL_RETRY_CAP="1")
+    worker = start_worker(env, concurrency=8)
+    app = use_settings(module_redis_url, sandbox_process.url)
+    yield {"app": app, "sandbox": sandbox_process, "redis_url": module_redis_url, "env": env, "worker": worker}
+    worker.stop()
+
+
+def finished(app, request_id, timeout=30.0):
+    from tasks import get_status
+
+    return wait_for(lambda: (s := get_status(request_id, app=app)) and s["state"] in TERMINAL and s,
+                    timeout, message=f"cancel {request_id} terminal")
+
+
+def puts_for(sandbox, link_id):
+    return [r for r in sandbox.requests() if r["method"] == "PUT" and r.get("link_id") == link_id]
+
+
+def test_enqueue_reaches_plural_and_the_result_comes_back(system):
+    from tasks import enqueue_cancel, get_status
+
+    app, sandbox = system["app"], system["sandbox"]
+    [link_id] = sandbox.create_links(1, status="CREATED", prefix="pl-e2e-")
+    request_id = enqueue_cancel(link_id, app=app)
+    assert get_status(request_id, app=app)["state"] in ("queued", "running", "succeeded")
+
+    status = finished(app, request_id)
+    assert status["state"] == "succeeded" and status["outcome"] == "cancelled"
+    assert status["link_status"] == "CANCELLED"
+    assert status["attempts"] == 1
+    assert status["request_id"] == request_id and status["payment_link_id"] == link_id
+    assert status["created_at"] and status["updated_at"] and status["cancelled_at"]
+    assert status["created_at"] <= status["updated_at"]
+    assert status["amount"]["currency"] == "INR" and isinstance(status["amount"]["value"], int)
+    assert status["last_error"] is None and status["next_attempt_at"] is None
+    assert sandbox.link(link_id)["status"] == "CANCELLED"
+    puts = puts_for(sandbox, link_id)
+    assert [(p["status"], p["request_id"]) for p in puts] == [(200, request_id)]
+
+
+def test_the_outcome_is_appended_to_the_stream(system):
+    from tasks import enqueue_cancel
+
+    app, sandbox = system["app"], system["sandbox"]
+    [link_id] = sandbox.create_links(1, status="CREATED", prefix="pl-stream-")
+    request_id = enqueue_cancel(link_id, request_id=f"stream-{link_id}", app=app)
+    finished(app, request_id)
+    client = redis.Redis.from_url(system["redis_url"], decode_responses=True)
+    events = [fields for _, fields in client.xrange("plural-cancel:events")]
+    mine = [e for e in events if e["request_id"] == request_id]
+    assert len(mine) == 1
+    assert mine[0]["outcome"] == "cancelled" and mine[0]["state"] == "succeeded"
+    assert mine[0]["link_status"] == "CANCELLED" and mine[0]["attempts"] == "1"
+
+
+@pytest.mark.parametrize("link_status, state, outcome", [
+    ("CANCELLED", "succeeded", "already_cancelled"),
+    ("PROCESSED", "failed", "not_cancellable"),
+    ("PARTIAL_PROCESSED", "failed", "not_cancellable"),
+    ("EXPIRED", "failed", "not_cancellable"),
+])
+def test_a_refused_cancel_is_decided_by_the_links_status(system, link_status, state, outcome):
+    from tasks import enqueue_cancel
+
+    app, sandbox = system["app"], system["sandbox"]
+    [link_id] = sandbox.create_links(1, status=link_status, prefix=f"pl-{link_status.lower()[:4]}-")
+    status = finished(app, enqueue_cancel(link_id, app=app))
+    assert (status["state"], status["outcome"], status["link_status"]) == (state, outcome, link_status)
+    assert status["attempts"] == 1
+    if state == "failed":
+        assert status["last_error"]["http_status"] == 400
+        assert status["last_error"]["code"] == "INVALID_REQUEST"
+    gets = [r for r in sandbox.requests() if r["method"] == "GET" and r.get("link_id") == link_id]
+    assert len(gets) == 1
+
+
+def test_an_unknown_link_is_rejected(system):
+    from tasks import enqueue_cancel
+
+    app = system["app"]
+    status = finished(app, enqueue_cancel("pl-v1-000000000000-aa-nosuch", app=app))
+    assert (status["state"], status["outcome"]) == ("failed", "rejected")
+    assert status["last_error"]["http_status"] == 404
+    assert status["link_status"] is None
+
+
+def test_a_payment_in_flight_is_tried_again_later(system):
+    from tasks import enqueue_cancel, get_status
+
+    app, sandbox = system["app"], system["sandbox"]
+    [link_id] = sandbox.create_links(1, status="PAYMENT_INITIATED", prefix="pl-inflight-")
+    request_id = enqueue_cancel(link_id, app=app)
+    wait_for(lambda: (s := get_status(request_id, app=app))["state"] == "retrying" and s, 15,
+             message="retrying")
+    sandbox.set_link_status(link_id, "CREATED")  # the payment failed: the link can be cancelled now
+    status = finished(app, request_id)
+    assert (status["state"], status["outcome"]) == ("succeeded", "cancelled")
+    assert status["attempts"] >= 2
+    assert {p["request_id"] for p in puts_for(sandbox, link_id)} == {request_id}
+
+
+def _enqueue_repeatedly(redis_url: str, link_id: str, request_id: str, times: int, barrier) -> list[str]:
+    app = use_settings(redis_url)
+    from tasks import enqueue_cancel
+
+    barrier.wait()
+    return [enqueue_cancel(link_id, request_id=request_id, app=app) for _ in range(times)]
+
+
+def test_one_request_id_enqueued_50_times_from_5_processes_is_one_cancel(system):
+    app, sandbox = system["app"], system["sandbox"]
+    [link_id] = sandbox.create_links(1, status="CREATED", prefix="pl-dup-")
+    request_id = f"order-{link_id}-expiry"
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Manager().Barrier(5)
+    with ctx.Pool(5) as pool:
+        results = pool.starmap(_enqueue_repeatedly, [(system["redis_url"], link_id, request_id, 10, barrier)] * 5)
+    assert [rid for batch in results for rid in batch] == [request_id] * 50
+    status = finished(app, request_id)
+    assert status["outcome"] == "cancelled" and status["attempts"] == 1
+    time.sleep(1.0)  # any duplicate message would have run by now
+    client = redis.Redis.from_url(system["redis_url"])
+    assert len([k for k in client.scan_iter(f"plural-cancel:req:{request_id}*")]) == 1
+    assert len(puts_for(sandbox, link_id)) == 1
+
+
+def test_a_request_id_reused_for_another_link_is_refused(system):
+    from tasks import enqueue_cancel
+    from worker.ledger import RequestIdConflict
+
+    app = system["app"]
+    enqueue_cancel("pl-reuse-a", request_id="reused-key", app=app)
+    with pytest.raises(RequestIdConflict, match="request_id"):
+        enqueue_cancel("pl-reuse-b", request_id="reused-key", app=app)
+
+
+@pytest.mark.parametrize("link_id, request_id, field", [
+    ("", None, "payment_link_id"), ("../x", None, "payment_link_id"), ("a/b", None, "payment_link_id"),
+    ("pl 1", None, "payment_link_id"), ("x" * 51, None, "payment_link_id"),
+    ("pl-ok", "has space", "request_id"), ("pl-ok", "r" * 51, "request_id"), ("pl-ok", "", "request_id"),
+])
+def test_bad_input_writes_nothing_and_sends_nothing(system, link_id, request_id, field):
+    from tasks import enqueue_cancel, enqueue_many
+
+    client = redis.Redis.from_url(system["redis_url"])
+    before = (client.dbsize(), client.llen("celery"))
+    with pytest.raises(ValueError, match=field):
+        enqueue_cancel(link_id, request_id=request_id, app=system["app"])
+    if request_id is None:
+        with pytest.raises(ValueError, match=field):
+            enqueue_many(["pl-fine-1", link_id], app=system["app"])
+    assert (client.dbsize(), client.llen("celery")) == before
+
+
+def test_enqueue_many_cancels_them_all(system):
+    from tasks import enqueue_many
+
+    app, sandbox = system["app"], system["sandbox"]
+    links = sandbox.create_links(40, status="CREATED", prefix="pl-many-")
+    request_ids = enqueue_many(links, app=app)
+    assert len(set(request_ids)) == 40
+    for request_id in request_ids:
+        assert finished(app, request_id)["outcome"] == "cancelled"
+    assert all(sandbox.link(link)["status"] == "CANCELLED" for link in links)
+
+
+def test_send_task_by_name_from_a_process_that_never_imported_tasks(system):
+    from tasks import get_status
+
+    sandbox = system["sandbox"]
+    [link_id] = sandbox.create_links(1, status="CREATED", prefix="pl-byname-")
+    code = textwrap.dedent(f"""
+        import sys
+        from celery import Celery
+        other = Celery("another-service", broker={system['redis_url']!r})
+        other.send_task("tasks.cancel_payment_link",
+                        kwargs={{"payment_link_id": {link_id!r}, "request_id": "byname-{link_id}"}})
+        assert not any(m == "tasks" or m.startswith(("tasks.", "worker")) for m in sys.modules), "imported our code"
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/", timeout=60)
+    status = finished(system["app"], f"byname-{link_id}")
+    assert (status["state"], status["outcome"]) == ("succeeded", "cancelled")
+    assert get_status(f"byname-{link_id}", app=system["app"])["payment_link_id"] == link_id
+
+
+def test_a_record_whose_message_never_left_is_republished(system):
+    from tasks.periodic import reconcile
+
+    app, sandbox = system["app"], system["sandbox"]
+    [link_id] = sandbox.create_links(1, status="CREATED", prefix="pl-lost-")
+    ledger = app.runtime.ledger
+    # The producer died between the two writes: a record, and no message.
+    assert ledger.create_many([("lost-message-1", link_id)]) == [1]
+    assert reconcile(app) == {"unpublished": 0, "stranded": 0}  # still within its grace period
+    client = redis.Redis.from_url(system["redis_url"])
+    client.zadd("plural-cancel:outbox", {"lost-message-1": time.time() - 120})
+    assert reconcile(app)["unpublished"] == 1
+    status = finished(app, "lost-message-1")
+    assert status["outcome"] == "cancelled"
+    assert client.zscore("plural-cancel:outbox", "lost-message-1") is None
+
+
+def test_nothing_personal_or_secret_is_left_in_redis(system):
+    """Scan every key and value (broker messages included) after the runs above."""
+    from tasks import enqueue_cancel
+
+    sandbox = system["sandbox"]
+    # A demo link carries a full customer (e-mail, phone, names, addresses) in Plural's answer.
+    assert finished(system["app"], enqueue_cancel("pl-demo-created-01", app=system["app"]))["outcome"] in (
+        "cancelled", "already_cancelled")
+    client = redis.Redis.from_url(system["redis_url"])
+    forbidden = {"test-secret-do-not-leak"}
+    for link_id in ("pl-demo-created-01",):
+        link = sandbox.link(link_id)
+        customer = link.get("customer") or {}
+        forbidden |= {customer.get("email_id"), customer.get("mobile_number"), customer.get("first_name"),
+                      customer.get("last_name")}
+        for kind in ("billing_address", "shipping_address"):
+            address = customer.get(kind) or {}
+            forbidden |= {address.get("address1"), address.get("full_name")}
+    forbidden |= set(sandbox.issued_tokens())
+    forbidden.discard(None)
+    forbidden.discard("")
+    assert len(forbidden) >= 8
+    blobs = []
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key).decode()
+        blobs.append(key)
+        if kind == "string":
+            blobs.append(client.get(key))
+        elif kind == "hash":
+            blobs.extend(v for kv in client.hgetall(key).items() for v in kv)
+        elif kind == "list":
+            blobs.extend(client.lrange(key, 0, -1))
+        elif kind == "set":
+            blobs.extend(client.smembers(key))
+        elif kind == "zset":
+            blobs.extend(m for m, _ in client.zrange(key, 0, -1, withscores=True))
+        elif kind == "stream":
+            blobs.extend(v for _, fields in client.xrange(key) for kv in fields.items() for v in kv)
+    text = b"\n".join(b if isinstance(b, bytes) else str(b).encode() for b in blobs)
+    assert b"plural-cancel:req:" in text  # the scan saw the ledger
+    for value in forbidden:
+        assert value.encode() not in text, f"found a forbidden value in Redis: {value[:4]}..."

@@ -1,0 +1,90 @@
+"""The token cache shared through Redis: one token call for many processes, encrypted at rest."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+import redis
+
+from worker.keys import Keys
+from worker.plural import AccessToken, PluralClient
+from worker.tokens import REFRESH_MARGIN, RedisTokenCache
+
+SECRET = "test-secret-do-not-leak"
+
+
+def _get_token(redis_url: str, plural_url: str, barrier) -> str:
+    client_redis = redis.Redis.from_url(redis_url)
+    cache = RedisTokenCache(client_redis, "test-client", SECRET)
+    client = PluralClient(plural_url, "test-client", SECRET, tokens=cache)
+    barrier.wait()
+    return cache.get(client.generate_token)
+
+
+def test_eight_processes_at_once_cause_one_token_request(redis_url, sandbox_process):
+    sandbox_process.clear_requests()
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Manager().Barrier(8)
+    sandbox_process.set_faults(latency_ms=300)  # a slow token call makes the race real
+    try:
+        with ctx.Pool(8) as pool:
+            tokens = pool.starmap(_get_token, [(redis_url, sandbox_process.url, barrier)] * 8)
+    finally:
+        sandbox_process.set_faults(latency_ms=0)
+    assert len(set(tokens)) == 1
+    token_calls = [r for r in sandbox_process.requests() if r["path"].endswith("/auth/v1/token")]
+    assert len(token_calls) == 1
+
+
+class FakeClock:
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_token_is_encrypted_in_redis_and_refreshed_before_expiry(redis_client):
+    clock = FakeClock(1_000_000.0)
+    calls = []
+
+    def fetch():
+        calls.append(1)
+        return AccessToken(value=f"bearer-token-{len(calls)}", expires_at=clock.now + 3600)
+
+    cache = RedisTokenCache(redis_client, "cid", SECRET, clock=clock)
+    assert cache.get(fetch) == "bearer-token-1"
+    stored = redis_client.hgetall(Keys().token("cid"))
+    assert b"bearer-token" not in b"".join(stored.values())
+    assert SECRET.encode() not in b"".join(stored.values())
+    assert 3600 - REFRESH_MARGIN - 2 <= redis_client.ttl(Keys().token("cid")) <= 3600 - REFRESH_MARGIN
+
+    other_process = RedisTokenCache(redis_client, "cid", SECRET, clock=clock)
+    assert other_process.get(fetch) == "bearer-token-1" and len(calls) == 1
+
+    clock.now += 3600 - REFRESH_MARGIN + 1  # inside the refresh margin: a new token
+    redis_client.delete(Keys().token("cid"))  # as Redis's TTL would have done
+    assert other_process.get(fetch) == "bearer-token-2"
+    assert cache.get(fetch) == "bearer-token-2" and len(calls) == 2
+
+
+def test_a_rejected_token_is_dropped_only_if_still_cached(redis_client):
+    clock = FakeClock(time.time())
+    n = iter(range(1, 100))
+    fetch = lambda: AccessToken(value=f"tok-{next(n)}", expires_at=clock.now + 3600)  # noqa: E731
+    a = RedisTokenCache(redis_client, "cid", SECRET, clock=clock)
+    b = RedisTokenCache(redis_client, "cid", SECRET, clock=clock)
+    assert a.get(fetch) == "tok-1" and b.get(fetch) == "tok-1"
+    a.invalidate("tok-1")
+    assert a.get(fetch) == "tok-2"
+    b.invalidate("tok-1")  # b saw a 401 with the old token late: tok-2 must survive in Redis
+    assert b.get(fetch) == "tok-2"
+
+
+def test_a_token_written_under_another_secret_is_refetched(redis_client):
+    clock = FakeClock(time.time())
+    old = RedisTokenCache(redis_client, "cid", "old-secret", clock=clock)
+    old.get(lambda: AccessToken(value="old-token", expires_at=clock.now + 3600))
+    rotated = RedisTokenCache(redis_client, "cid", "new-secret", clock=clock)
+    assert rotated.get(lambda: AccessToken(value="new-token", expires_at=clock.now + 3600)) == "new-token"
