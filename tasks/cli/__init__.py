@@ -1,0 +1,41 @@
+"""``plural-cancel``: the operator's command line. Thin: it parses, calls the API, prints.
+
+Exit status: 0 on success, 2 on bad input (one line on stderr), 1 otherwise.
+Each module of this package holds a few commands; this one gathers them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from tasks.cli import cancels
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """Cancel Pine Labs Plural payment links through the background worker."""
+
+
+for command in cancels.COMMANDS:
+    cli.add_command(command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point."""
+    try:
+        cli.main(args=argv, prog_name="plural-cancel", standalone_mode=False)
+    except click.exceptions.Abort:
+        return 1
+    except click.UsageError as exc:
+        click.echo(f"plural-cancel: {exc.format_message()}", err=True)
+        return 2
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
