@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 
+import kombu.pools
 from celery import Celery, bootsteps, signals
 
 from config.celery import PUMP_INTERVAL, celery_config
@@ -56,9 +57,13 @@ class CancelApp(Celery):
         self._settings = settings
         self._runtime = runtime
         self.conf.update(celery_config(settings))
+        # Drop the broker pools built for the old settings: the app's own, the producer
+        # pool it caches, and kombu's process-wide registries that producer pool came from.
         if self._pool is not None:
             self._pool.force_close_all()
             self._pool = None
+        self.amqp._producer_pool = None
+        kombu.pools.reset()
 
 
 class DeferredPump(bootsteps.StartStopStep):

@@ -1,0 +1,191 @@
+"""Riding out Plural: the global rate limit, durable retries and the shared breaker, with real processes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections import Counter, defaultdict
+
+import pytest
+import redis
+
+from tests.conftest import use_settings, wait_for
+from tests.support.sandbox import start_sandbox_process
+from tests.support.workers import service_env, start_worker
+
+TERMINAL = ("succeeded", "failed")
+
+
+@pytest.fixture
+def sandbox():
+    proc = start_sandbox_process(client_id="test-client", client_secret="test-secret-do-not-leak")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def workers():
+    started = []
+    yield started
+    for worker in started:
+        worker.stop()
+
+
+def statuses(app, request_ids):
+    pipe = app.runtime.redis.pipeline(transaction=False)
+    for rid in request_ids:
+        pipe.hget(f"plural-cancel:req:{rid}", "state")
+    return [s.decode() if s else None for s in pipe.execute()]
+
+
+def wait_all_terminal(app, request_ids, timeout):
+    return wait_for(lambda: all(s in TERMINAL for s in statuses(app, request_ids)), timeout, 0.5,
+                    f"{len(request_ids)} cancels terminal")
+
+
+def largest_window(times: list[float], width: float = 1.0) -> int:
+    """The most events in any ``width``-second window (sliding, starting at each event)."""
+    times = sorted(times)
+    best, j = 0, 0
+    for i, start in enumerate(times):
+        while j < len(times) and times[j] < start + width:
+            j += 1
+        best = max(best, j - i)
+    return best
+
+
+def messages_in_redis(client) -> set[str]:
+    """Request ids of the cancel messages in the queue or unacknowledged (kombu's own keys)."""
+    raw = client.lrange("celery", 0, -1) + list(client.hgetall("unacked").values())
+    found = set()
+    for blob in raw:
+        message = json.loads(blob)
+        if isinstance(message, list):  # unacked holds [message, exchange, routing_key]
+            message = message[0]
+        _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+        found.add(kwargs["request_id"])
+    return found
+
+
+def cancel_puts(sandbox, since=0):
+    return [r for r in sandbox.requests(since) if r["method"] == "PUT"]
+
+
+def test_three_workers_share_one_rate_limit(redis_url, sandbox, workers):
+    from tasks import enqueue_many
+
+    env = service_env(redis_url, sandbox.url, PLURAL_RATE_LIMIT=20, PLURAL_RATE_BURST=0)
+    workers.extend(start_worker(env, concurrency=8) for _ in range(3))
+    app = use_settings(redis_url, sandbox.url, PLURAL_RATE_LIMIT=20)
+    links = sandbox.create_links(600, status="CREATED", prefix="pl-rate-")
+    request_ids = enqueue_many(links, app=app)
+    wait_all_terminal(app, request_ids, 90)
+
+    puts = cancel_puts(sandbox)
+    assert len(puts) == 600 and {p["status"] for p in puts} == {200}
+    times = [p["timestamp"] for p in puts]
+    drain = (len(times) - 1) / (max(times) - min(times))
+    window = largest_window(times)
+    print(f"\n[rate limit] 3 workers, limit 20/s: largest 1-s window {window}, drain {drain:.2f}/s")
+    assert window <= 21  # the limit, give or take one at a window's edge
+    assert drain >= 0.95 * 20
+
+
+def test_a_60_second_outage_during_1000_cancels(redis_url, sandbox, workers):
+    """Every cancel succeeds; during the outage only probes reach Plural; a worker killed
+    mid-outage loses nothing; afterwards the backlog drains at the limit; no link is
+    cancelled twice."""
+    from tasks import enqueue_many
+
+    limit = 50
+    env = service_env(redis_url, sandbox.url, PLURAL_RATE_LIMIT=limit, BREAKER_THRESHOLD=5,
+                      BREAKER_COOLDOWN=2, CANCEL_RETRY_BASE=0.5, CANCEL_RETRY_CAP=5)
+    workers.extend(start_worker(env, concurrency=8) for _ in range(2))
+    app = use_settings(redis_url, sandbox.url, PLURAL_RATE_LIMIT=limit)
+    client = redis.Redis.from_url(redis_url)
+    links = sandbox.create_links(1000, status="CREATED", prefix="pl-outage-")
+    request_ids = enqueue_many(links, app=app)
+    wait_for(lambda: len(cancel_puts(sandbox)) >= 200, 30, 0.2, "200 cancels before the outage")
+
+    sandbox.set_faults(outage=True)
+    outage_started = time.time()
+    time.sleep(20)
+    # A host dies mid-outage: its deferred cancels live in Redis, not in its memory.
+    workers[0].kill_group()
+    waiting = {rid for rid, s in zip(request_ids, statuses(app, request_ids)) if s not in TERMINAL}
+    assert len(waiting) > 100, "the outage should have left cancels waiting"
+    deferred = {m.decode() for m in client.zrange("plural-cancel:deferred", 0, -1)}
+    assert waiting <= deferred | messages_in_redis(client)
+    assert len(deferred & waiting) > 0.9 * len(waiting)  # nearly all parked in the due-time set
+    workers[0] = start_worker(env, concurrency=8)
+    time.sleep(max(0.0, 60 - (time.time() - outage_started)))
+    sandbox.set_faults(outage=False)
+    outage_ended = time.time()
+
+    wait_all_terminal(app, request_ids, 180)
+    outcomes = Counter(app.runtime.ledger.status(rid)["outcome"] for rid in request_ids)
+    assert outcomes["cancelled"] + outcomes["already_cancelled"] == 1000, outcomes
+
+    log = sandbox.requests()
+    during = [r for r in log if outage_started + 3 < r["timestamp"] < outage_ended]
+    print(f"\n[outage] {len(during)} calls reached Plural during the outage (after its first 3 s); "
+          f"outcomes {dict(outcomes)}")
+    # Once the breaker is open (within its first seconds), only its probes go out:
+    # one at a time, so no more than one per cooldown step (2, 4, 8, 16, 32 s) and a few.
+    assert len([r for r in during if r["path"].endswith("/cancel")]) <= 12
+    after = [r["timestamp"] for r in log if r["method"] == "PUT" and r["timestamp"] > outage_ended]
+    assert largest_window(after) <= limit + 1
+    by_link = defaultdict(set)
+    for r in log:
+        if r["method"] == "PUT":
+            by_link[r["link_id"]].add(r["request_id"])
+    assert all(len(ids) == 1 for ids in by_link.values())  # one Request-ID per cancel, always
+    assert all(sandbox.link(link)["cancel_count"] == 1 for link in links)
+
+
+def test_retry_after_is_honoured(redis_url, sandbox, workers):
+    from tasks import enqueue_cancel
+
+    env = service_env(redis_url, sandbox.url, CANCEL_RETRY_BASE=0.1, CANCEL_RETRY_CAP=0.2)
+    workers.append(start_worker(env, concurrency=4))
+    app = use_settings(redis_url, sandbox.url)
+    [link] = sandbox.create_links(1, status="CREATED", prefix="pl-429-")
+    sandbox.set_faults(error_rates={"429": 1.0}, retry_after=3, faults_skip_token=True)
+    request_id = enqueue_cancel(link, app=app)
+    wait_for(lambda: cancel_puts(sandbox), 20, 0.05, "the first PUT")
+    sandbox.set_faults(error_rates={})
+    status = wait_for(lambda: (s := app.runtime.ledger.status(request_id))["state"] in TERMINAL and s, 30)
+    assert status["outcome"] == "cancelled"
+    puts = cancel_puts(sandbox)
+    assert [p["status"] for p in puts][:1] == [429] and puts[-1]["status"] == 200
+    gap = puts[1]["timestamp"] - puts[0]["timestamp"]
+    print(f"\n[429] next attempt {gap:.2f}s after a 429 with Retry-After: 3")
+    assert gap >= 3.0
+
+
+def test_random_500s_and_timeouts_all_end_cancelled_with_one_request_id(redis_url, sandbox, workers):
+    from tasks import enqueue_many
+
+    env = service_env(redis_url, sandbox.url, PLURAL_RATE_LIMIT=100, PLURAL_READ_TIMEOUT=1,
+                      CANCEL_RETRY_BASE=0.2, CANCEL_RETRY_CAP=2, BREAKER_COOLDOWN=1)
+    workers.append(start_worker(env, concurrency=16))
+    app = use_settings(redis_url, sandbox.url)
+    links = sandbox.create_links(200, status="CREATED", prefix="pl-flaky-")
+    sandbox.set_faults(error_rates={"500": 0.2}, timeout_rate=0.05, hang_ms=2000, faults_skip_token=True)
+    request_ids = enqueue_many(links, app=app)
+    wait_all_terminal(app, request_ids, 120)
+    outcomes = Counter(app.runtime.ledger.status(rid)["outcome"] for rid in request_ids)
+    assert set(outcomes) <= {"cancelled", "already_cancelled"} and sum(outcomes.values()) == 200, outcomes
+    log = sandbox.requests()
+    by_link = defaultdict(set)
+    for r in log:
+        if r["method"] == "PUT":
+            by_link[r["link_id"]].add(r["request_id"])
+    assert set(by_link) == set(links)
+    assert {link: ids for link, ids in by_link.items() if len(ids) != 1} == {}
+    assert {rid for ids in by_link.values() for rid in ids} == set(request_ids)
+    failures = Counter(r["status"] for r in log if r["method"] == "PUT")
+    print(f"\n[flaky] PUT statuses {dict(failures)}; outcomes {dict(outcomes)}")
+    assert failures[500] > 0  # the faults really happened
+    assert all(sandbox.link(link)["status"] == "CANCELLED" for link in links[:20])
