@@ -25,7 +25,7 @@ QUEUE = "celery"
 """Celery's default queue: a service that enqueues with ``send_task`` by name and no
 routing configuration of ours lands here, so this is the queue the worker consumes."""
 
-DEFAULT_CONCURRENCY = 32
+DEFAULT_CONCURRENCY = 64
 """Threads per worker process: a cancel spends nearly all its time waiting on Plural."""
 
 RESTORE_INTERVAL = 5
@@ -36,6 +36,14 @@ PUMP_INTERVAL = 0.25
 
 RECONCILE_INTERVAL = 15.0
 """Seconds between reconciler runs (beat): republish lost messages and expired leases."""
+
+FIRE_INTERVAL = 1.0
+"""Seconds between runs of the scheduled-cancel firer (beat): a scheduled cancel fires
+within about this long of its time."""
+
+FIRE_EXPIRES = 10.0
+"""Seconds after which a firer message no worker took is dropped: while workers are
+down, beat's messages must not pile up (the next one fires everything due anyway)."""
 
 OUTBOX_GRACE = 30.0
 """Seconds a new record may wait for its message before the reconciler republishes it."""
@@ -100,5 +108,7 @@ def celery_config(settings: Settings) -> dict:
         "beat_max_loop_interval": 5,
         "beat_schedule": {
             "reconcile": {"task": "tasks.reconcile", "schedule": timedelta(seconds=RECONCILE_INTERVAL)},
+            "fire-schedules": {"task": "tasks.fire_schedules", "schedule": timedelta(seconds=FIRE_INTERVAL),
+                               "options": {"expires": FIRE_EXPIRES}},
         },
     }

@@ -1,0 +1,1 @@
+"""Helpers the tests share (processes to start, clients to talk to them)."""

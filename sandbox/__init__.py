@@ -1,0 +1,73 @@
+"""Sandbox: a local Pine Labs Plural, because the real one cannot be reached from here.
+
+It serves Plural's own paths under ``http://HOST:PORT/api`` with the seed's shapes,
+and switchable faults under ``/_admin``. It imports nothing from ``worker``, ``tasks``
+or ``config``: clients talk to it over HTTP only.
+
+Paths (all need ``Authorization: Bearer <token>`` and ``Request-ID`` except the token call)::
+
+    POST /api/auth/v1/token                    -> {"access_token", "expires_at"} (or "expires_in")
+    POST /api/pay/v1/paymentlink               -> the new link, status CREATED
+    GET  /api/pay/v1/paymentlink/{id}          -> the link
+    PUT  /api/pay/v1/paymentlink/{id}/cancel   -> the link, status CANCELLED, cancelled_at set
+
+Which 4xx comes back when (Plural documents only 200 and 500 for cancel; these are the
+sandbox's choices, checked in this order)::
+
+    400 INVALID_REQUEST             token call: body not JSON, a field missing, grant_type
+                                    not client_credentials
+    422 USER_AUTHENTICATION_FAILED  token call: client_id/client_secret do not match the
+                                    configured pair (any pair is accepted when none is set)
+    401 UNAUTHORIZED                no bearer token, one this sandbox did not issue, expired,
+                                    revoked (POST /_admin/revoke-tokens), or reject_tokens
+    400 INVALID_REQUEST             Request-ID missing or not 1-50 chars; Request-Timestamp
+                                    present but not ISO 8601; link id not 1-50 chars of
+                                    A-Za-z0-9_-; create body invalid (message names the field)
+    404 NOT_FOUND                   unknown link id (get or cancel)
+    400 INVALID_REQUEST             cancel of a link in CANCELLED, PROCESSED,
+                                    PARTIAL_PROCESSED, EXPIRED or PAYMENT_INITIATED:
+                                    "payment link is in status X and cannot be cancelled"
+    405 METHOD_NOT_ALLOWED          a known path with the wrong method (``Allow`` header)
+    429 RATE_LIMITED                only as a fault, with ``Retry-After: <seconds>``
+
+Error bodies are ``{"code", "message"}``; the details object Plural names two ways is
+used as follows, both carrying ``source`` and ``step``:
+
+- ``additional_error_details``: 400 on cancel of a non-cancellable link
+  (``{"source": "PAYMENT_LINK", "step": "CANCEL"}``) and 400 on an invalid create body
+  (step ``CREATE``);
+- ``additionalErrorPayload``: 404 ``NOT_FOUND`` (source ``PAYMENT_LINK``, step ``GET`` or
+  ``CANCEL``) and injected 500/503 ``INTERNAL_ERROR`` (source ``OMS``, as in the seed);
+- neither: 401, 422, 429, 405 and header/id 400s.
+
+Faults (``PUT /_admin/faults``, see :class:`sandbox.faults.Faults`) apply to /api only
+(and spare the token call when ``faults_skip_token``): an outage answers 503
+``INTERNAL_ERROR``; 502/504 come as a proxy's HTML page; an injected status or a reset
+(TCP RST, no answer) means the call was *not* processed. Latency and timeouts hold the
+answer *after* processing: the call is logged and applied on arrival, so a client that
+gives up, or dies, while waiting has still cancelled the link.
+
+Admin (no auth, no faults)::
+
+    GET    /_admin/health                  GET  /_admin/stats
+    GET    /_admin/requests?since=SEQ      DELETE /_admin/requests
+    GET|PUT|DELETE /_admin/faults          (DELETE: back to the start-up faults)
+    POST   /_admin/revoke-tokens           GET  /_admin/tokens (every token issued)
+    POST   /_admin/links {"count", "status", "prefix"} or {"id", "status"} -> {"ids"}
+    GET|PUT /_admin/links/{id}             (the link + cancel_count, cancel_attempts)
+    POST   /_admin/reset                   (demo links only, empty log, no tokens)
+
+A cancelled link's object carries every key of the seed's example, its misspelt
+``adddress_type`` included; other links omit ``cancelled_at``. Demo links, one per
+status and five CREATED, are listed in :data:`sandbox.state.DEMO_LINKS`; their
+customers' personal data is :data:`sandbox.links.DEMO_PERSONAL_DATA`.
+"""
+
+from sandbox.cli import main
+from sandbox.links import DEMO_PERSONAL_DATA, STATUSES
+from sandbox.server import Sandbox, SandboxServer, serve
+from sandbox.state import DEMO_LINKS
+
+
+__all__ = ["DEMO_LINKS", "DEMO_PERSONAL_DATA", "STATUSES", "Sandbox", "SandboxServer", "main",
+           "serve"]

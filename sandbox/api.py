@@ -1,0 +1,225 @@
+"""Plural's own paths under ``/api``: Generate Token, create, get and cancel payment link.
+
+Every request is logged on arrival, then the faults have their say, then the call is
+served. See the package docstring for which 4xx answers come back when.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Callable, Mapping
+
+from sandbox.faults import FaultInjector
+from sandbox.links import DEFAULT_LIFETIME, ID_RE, iso_ms, parse_iso
+from sandbox.replies import (Reply, injected, invalid_request, json_reply, method_not_allowed,
+                             not_found, plural_error, unauthorized)
+from sandbox.reqlog import Entry, RequestLog
+from sandbox.state import LinkError, LinkStore
+from sandbox.tokens import TokenStore
+from sandbox.wire import Request
+
+TOKEN_PATH = "/api/auth/v1/token"
+LINKS_PATH = "/api/pay/v1/paymentlink"
+_LINK_PATH = re.compile(r"/api/pay/v1/paymentlink/([^/]*)(/cancel)?\Z")
+_CURRENCY = re.compile(r"[A-Z]{3}\Z")
+TOKEN_STYLES = ("expires_at", "expires_in")
+
+
+class PluralAPI:
+    """Serves one /api request at a time into a :class:`Reply` (never raises for bad input)."""
+
+    def __init__(self, *, store: LinkStore, tokens: TokenStore, faults: FaultInjector,
+                 log: RequestLog, token_style: str = "expires_at",
+                 clock: Callable[[], float] = time.time):
+        if token_style not in TOKEN_STYLES:
+            raise ValueError(f"token_style must be one of {', '.join(TOKEN_STYLES)}")
+        self.store = store
+        self.tokens = tokens
+        self.faults = faults
+        self.log = log
+        self.token_style = token_style
+        self._clock = clock
+
+    def handle(self, req: Request) -> Reply:
+        match = _LINK_PATH.match(req.path)
+        link_id = match.group(1) if match else None
+        is_cancel = bool(match and match.group(2))
+        entry = self.log.record(req.method, req.path, link_id or None,
+                                req.headers.get("request-id"))
+        if is_cancel and req.method == "PUT" and link_id:
+            self.store.note_cancel_attempt(link_id)
+        decision = self.faults.decide(token_call=req.path == TOKEN_PATH)
+        entry.fault = decision.label
+        if decision.reset:
+            return Reply(0, reset=True, delay=decision.delay)
+        if decision.status is not None:
+            step = ("TOKEN" if req.path == TOKEN_PATH else "CANCEL" if is_cancel
+                    else "GET" if match else "CREATE")
+            reply = injected(decision.status, step, self.faults.current.retry_after)
+        else:
+            reply = self._route(req, match, link_id, is_cancel, entry)
+        entry.status = reply.status
+        reply.delay = decision.delay
+        return reply
+
+    # -- routing -----------------------------------------------------------------------
+
+    def _route(self, req: Request, match: re.Match | None, link_id: str | None,
+               is_cancel: bool, entry: Entry) -> Reply:
+        if req.path == TOKEN_PATH:
+            return self._token(req) if req.method == "POST" else method_not_allowed("POST")
+        if req.path == LINKS_PATH:
+            if req.method != "POST":
+                return method_not_allowed("POST")
+            return self._guarded(req, None, lambda r, _: self._create(r, entry))
+        if match is None:
+            return plural_error(404, "NOT_FOUND", f"no such endpoint: {req.path}")
+        if is_cancel:
+            return self._guarded(req, link_id, self._cancel) if req.method == "PUT" \
+                else method_not_allowed("PUT")
+        return self._guarded(req, link_id, self._get) if req.method == "GET" \
+            else method_not_allowed("GET")
+
+    def _guarded(self, req: Request, link_id: str | None,
+                 action: Callable[[Request, str | None], Reply]) -> Reply:
+        """Checks every payment-link call passes first: token, then headers, then the id."""
+        auth = req.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return unauthorized("missing bearer token in the Authorization header")
+        if self.faults.current.reject_tokens or not self.tokens.valid(token.strip()):
+            return unauthorized("access token is invalid or expired")
+        problem = _header_problem(req, required=True)
+        if problem:
+            return invalid_request(problem)
+        if link_id is not None and not ID_RE.match(link_id):
+            return invalid_request("payment_link_id must be 1-50 characters of A-Za-z0-9_-")
+        return action(req, link_id)
+
+    # -- calls -------------------------------------------------------------------------
+
+    def _token(self, req: Request) -> Reply:
+        problem = _header_problem(req, required=False)
+        if problem:
+            return invalid_request(problem)
+        try:
+            body = req.json()
+        except ValueError:
+            return invalid_request("request body must be a JSON object")
+        if not isinstance(body, dict):
+            return invalid_request("request body must be a JSON object")
+        for name in ("client_id", "client_secret", "grant_type"):
+            value = body.get(name)
+            if not isinstance(value, str) or not value:
+                return invalid_request(f"{name} is required")
+        if body["grant_type"] != "client_credentials":
+            return invalid_request("grant_type must be client_credentials")
+        if not self.tokens.credentials_ok(body["client_id"], body["client_secret"]):
+            return plural_error(422, "USER_AUTHENTICATION_FAILED",
+                                "client_id or client_secret is not valid")
+        ttl = self.faults.current.token_ttl
+        token, expires_at = self.tokens.issue(ttl)
+        if self.token_style == "expires_in":
+            return json_reply(200, {"access_token": token,
+                                    "expires_in": int(ttl) if ttl == int(ttl) else ttl})
+        return json_reply(200, {"access_token": token, "expires_at": iso_ms(expires_at)})
+
+    def _get(self, req: Request, link_id: str | None) -> Reply:
+        try:
+            return json_reply(200, self.store.get(link_id))
+        except LinkError as err:
+            return not_found(err.message, "GET")
+
+    def _cancel(self, req: Request, link_id: str | None) -> Reply:
+        try:
+            return json_reply(200, self.store.cancel(link_id))
+        except LinkError as err:
+            if err.http_status == 404:
+                return not_found(err.message, "CANCEL")
+            return plural_error(err.http_status, err.code, err.message,
+                                details_key="additional_error_details",
+                                source="PAYMENT_LINK", step="CANCEL")
+
+    def _create(self, req: Request, entry: Entry) -> Reply:
+        try:
+            body = req.json()
+        except ValueError:
+            return invalid_request("request body must be a JSON object")
+        problem = create_problem(body)
+        if problem:
+            return invalid_request(problem, details_key="additional_error_details",
+                                   source="PAYMENT_LINK", step="CREATE")
+        now = self._clock()
+        if body.get("expire_by") is not None:
+            expire_at = parse_iso(body["expire_by"])
+            if expire_at <= now:
+                return invalid_request("expire_by must be in the future")
+        else:
+            expire_at = now + DEFAULT_LIFETIME
+        link = self.store.create(body, expire_at=expire_at)
+        entry.link_id = link["payment_link_id"]
+        return json_reply(200, link)
+
+
+def _header_problem(req: Request, *, required: bool) -> str | None:
+    """What is wrong with ``Request-ID`` / ``Request-Timestamp``, or None."""
+    request_id = req.headers.get("request-id")
+    if request_id is None:
+        if required:
+            return "Request-ID header is required"
+    elif not 1 <= len(request_id) <= 50:
+        return "Request-ID must be 1-50 characters"
+    stamp = req.headers.get("request-timestamp")
+    if stamp is not None:
+        try:
+            parse_iso(stamp)
+        except ValueError:
+            return "Request-Timestamp must be an ISO 8601 UTC timestamp"
+    return None
+
+
+def _money_problem(name: str, value: Any, *, positive: bool) -> str | None:
+    if not isinstance(value, Mapping):
+        return f"{name} must be an object with value and currency"
+    amount = value.get("value")
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount < (1 if positive else 0):
+        return f"{name}.value must be {'a positive' if positive else 'a non-negative'} " \
+               "integer (paisa)"
+    if not isinstance(value.get("currency"), str) or not _CURRENCY.match(value["currency"]):
+        return f"{name}.currency must be a 3-letter currency code"
+    return None
+
+
+def create_problem(body: Any) -> str | None:
+    """What is wrong with a create-payment-link body, naming the field, or None."""
+    if not isinstance(body, dict):
+        return "request body must be a JSON object"
+    problem = _money_problem("amount", body.get("amount"), positive=True)
+    if problem:
+        return problem
+    reference = body.get("merchant_payment_link_reference")
+    if not isinstance(reference, str) or not ID_RE.match(reference):
+        return "merchant_payment_link_reference must be 1-50 characters of A-Za-z0-9-_"
+    for name, kind, what in (("customer", dict, "an object"),
+                             ("merchant_metadata", dict, "an object"),
+                             ("product_details", list, "an array"),
+                             ("allowed_payment_methods", list, "an array"),
+                             ("description", str, "a string"),
+                             ("merchant_order_reference", str, "a string")):
+        if body.get(name) is not None and not isinstance(body[name], kind):
+            return f"{name} must be {what}"
+    if body.get("cart_coupon_discount_amount") is not None:
+        problem = _money_problem("cart_coupon_discount_amount",
+                                 body["cart_coupon_discount_amount"], positive=False)
+        if problem:
+            return problem
+    methods = body.get("allowed_payment_methods") or []
+    if not all(isinstance(m, str) and m for m in methods):
+        return "allowed_payment_methods must be an array of strings"
+    if body.get("expire_by") is not None:
+        try:
+            parse_iso(body["expire_by"])
+        except (TypeError, ValueError):
+            return "expire_by must be an ISO 8601 timestamp"
+    return None

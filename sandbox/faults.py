@@ -1,0 +1,194 @@
+"""Switchable faults: what can go wrong between a client and Plural, and the dice for it.
+
+The settings are a frozen :class:`Faults` snapshot replaced as a whole on every update,
+so a request always sees one consistent set. Every random decision goes through
+:class:`FaultInjector`'s ``random.Random``, which a test can seed or replace.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Mapping
+
+FAULT_STATUSES = ("429", "500", "502", "503", "504")
+"""Statuses ``error_rates`` may inject. 502 and 504 come as a proxy's HTML page."""
+
+
+@dataclass(frozen=True)
+class Faults:
+    """The current faults. Rates are probabilities in [0, 1] drawn per request."""
+
+    latency_ms: float = 0
+    """Milliseconds added before every /api answer."""
+    error_rates: Mapping[str, float] = field(default_factory=dict)
+    """HTTP status (as a string) -> probability of answering it instead of the real answer."""
+    retry_after: int = 1
+    """Seconds sent in ``Retry-After`` on an injected 429."""
+    outage: bool = False
+    """Every /api call answers 503 (Plural JSON)."""
+    reset_rate: float = 0.0
+    """Probability of closing the connection with a TCP RST and no answer."""
+    timeout_rate: float = 0.0
+    """Probability of holding the answer ``hang_ms`` (the request *is* processed)."""
+    hang_ms: float = 30000
+    """Milliseconds a timed-out answer is held."""
+    token_ttl: float = 3600
+    """Seconds new access tokens live."""
+    reject_tokens: bool = False
+    """Every bearer token is answered 401."""
+    faults_skip_token: bool = False
+    """Generate Token is spared every fault (latency included)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["error_rates"] = dict(self.error_rates)
+        return data
+
+    def updated(self, changes: Mapping[str, Any]) -> "Faults":
+        """A copy with ``changes`` applied; ``ValueError`` naming the field if one is bad."""
+        if not isinstance(changes, Mapping):
+            raise ValueError("faults must be a JSON object")
+        known = {f for f in Faults.__dataclass_fields__}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown fault {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        clean = {name: _CHECKS[name](name, value) for name, value in changes.items()}
+        return replace(self, **clean)
+
+
+def _number(name: str, value: Any, *, low: float = 0.0, high: float | None = None,
+            low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number")
+    if value < low or (low_open and value == low) or (high is not None and value > high):
+        bound = f"> {low}" if low_open else f">= {low}"
+        upper = f" and <= {high}" if high is not None else ""
+        raise ValueError(f"{name} must be {bound}{upper}")
+    return value
+
+
+def _rate(name: str, value: Any) -> float:
+    return float(_number(name, value, high=1.0))
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false")
+    return value
+
+
+def _non_negative(name: str, value: Any) -> float:
+    return _number(name, value)
+
+
+def _positive(name: str, value: Any) -> float:
+    return _number(name, value, low_open=True)
+
+
+def _retry_after(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a whole number of seconds >= 0")
+    return value
+
+
+def _error_rates(name: str, value: Any) -> dict[str, float]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be an object of status -> probability")
+    rates = {}
+    for status, rate in value.items():
+        if str(status) not in FAULT_STATUSES:
+            raise ValueError(f"{name}: status {status!r} is not one of {', '.join(FAULT_STATUSES)}")
+        rates[str(status)] = _rate(f"{name}[{status}]", rate)
+    if sum(rates.values()) > 1.0 + 1e-9:
+        raise ValueError(f"{name}: probabilities add up to more than 1")
+    return {s: r for s, r in rates.items() if r > 0}
+
+
+_CHECKS = {
+    "latency_ms": _non_negative, "error_rates": _error_rates, "retry_after": _retry_after,
+    "outage": _flag, "reset_rate": _rate, "timeout_rate": _rate, "hang_ms": _non_negative,
+    "token_ttl": _positive, "reject_tokens": _flag, "faults_skip_token": _flag,
+}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the faults make of one request, decided when it arrives."""
+
+    delay: float = 0.0
+    """Seconds to wait before answering (latency plus any hang)."""
+    reset: bool = False
+    """Close with a TCP RST instead of answering."""
+    status: int | None = None
+    """An injected status to answer instead of the real one (outage or error_rates)."""
+    hang: bool = False
+    """The answer is held ``hang_ms`` (a timeout fault)."""
+
+    @property
+    def label(self) -> str | None:
+        """A short name for the request log: ``reset``, ``outage``, ``500``, ``timeout``..."""
+        if self.reset:
+            return "reset"
+        if self.status is not None:
+            return str(self.status)
+        if self.hang:
+            return "timeout"
+        return None
+
+
+NO_FAULT = Decision()
+
+
+class FaultInjector:
+    """Holds the current :class:`Faults` and rolls the dice for each request."""
+
+    def __init__(self, faults: Faults | Mapping[str, Any] | None = None, *,
+                 rng: random.Random | None = None):
+        self._lock = threading.Lock()
+        base = faults if isinstance(faults, Faults) else Faults().updated(faults or {})
+        self._faults = self._initial = base
+        self.rng = rng or random.Random()
+
+    @property
+    def current(self) -> Faults:
+        return self._faults
+
+    def update(self, changes: Mapping[str, Any]) -> Faults:
+        """Apply a partial update and return the result; ``ValueError`` (and no change) if bad."""
+        with self._lock:
+            self._faults = self._faults.updated(changes)
+            return self._faults
+
+    def reset(self) -> Faults:
+        """Back to the faults the sandbox started with."""
+        with self._lock:
+            self._faults = self._initial
+            return self._faults
+
+    def decide(self, *, token_call: bool) -> Decision:
+        """Roll for one /api request. Rolls happen only for rates above zero, in a fixed order
+        (reset, error, timeout), so a seeded run repeats itself."""
+        f = self._faults
+        if token_call and f.faults_skip_token:
+            return NO_FAULT
+        if not (f.latency_ms or f.outage or f.reset_rate or f.error_rates or f.timeout_rate):
+            return NO_FAULT
+        delay = f.latency_ms / 1000.0
+        with self._lock:
+            rng = self.rng
+            if f.outage:
+                return Decision(delay=delay, status=503)
+            if f.reset_rate and rng.random() < f.reset_rate:
+                return Decision(delay=delay, reset=True)
+            if f.error_rates:
+                roll = rng.random()
+                for status, rate in f.error_rates.items():
+                    if roll < rate:
+                        return Decision(delay=delay, status=int(status))
+                    roll -= rate
+            hang = bool(f.timeout_rate) and rng.random() < f.timeout_rate
+        if hang:
+            delay += f.hang_ms / 1000.0
+        return Decision(delay=delay, hang=hang)
