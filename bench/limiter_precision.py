@@ -45,6 +45,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from worker.ratelimit import RedisRateLimiter, acquire  # noqa: E402
+from tests.support.timing import largest_window  # noqa: E402
 
 LIMIT = 20
 """Calls per second; fixed, because the task decorator needs it when the workers import this."""
@@ -81,17 +82,6 @@ def our_limited(log: str, limit: float) -> None:
 
 
 # -- the driver ----------------------------------------------------------------------
-
-
-def largest_window(times: list[float], width: float = 1.0) -> int:
-    """The most timestamps in any half-open window ``[t, t + width)`` starting at one of them."""
-    times = sorted(times)
-    best, j = 0, 0
-    for i, start in enumerate(times):
-        while j < len(times) and times[j] < start + width:
-            j += 1
-        best = max(best, j - i)
-    return best
 
 
 def _free_port() -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 import redis
 
 from tests.conftest import use_settings, wait_for
-from tests.support.workers import ROOT, service_env, start_worker
+from tests.support.workers import service_env, start_worker
 
 TERMINAL = ("succeeded", "failed")
 

@@ -9,6 +9,7 @@ import time
 import pytest
 import redis
 
+from tests.support.timing import largest_window
 from worker.keys import Keys
 from worker.ratelimit import RedisRateLimiter, UnlimitedRateLimiter, acquire
 
@@ -35,16 +36,6 @@ def _hammer_process(redis_url: str, rate: float, duration: float) -> None:
     _hammer(client, rate, 0, time.time() + duration, times)
     if times:
         client.rpush("test:grants", *[repr(t) for t in times])
-
-
-def _largest_window(times: list[float], width: float = 1.0) -> int:
-    times = sorted(times)
-    best, j = 0, 0
-    for i, start in enumerate(times):
-        while j < len(times) and times[j] < start + width:
-            j += 1
-        best = max(best, j - i)
-    return best
 
 
 def test_threads_and_processes_together_never_exceed_the_limit_yet_drain_at_it(redis_url, redis_client):
@@ -78,7 +69,7 @@ def test_threads_and_processes_together_never_exceed_the_limit_yet_drain_at_it(r
     assert len(process_times) > 10, "the processes hardly took a slot: they were not competing"
     times = sorted(process_times + [t for out in thread_times for t in out])
 
-    assert _largest_window(times) <= rate + 1
+    assert largest_window(times) <= rate + 1
     mean_rate = (len(times) - 1) / (times[-1] - times[0])
     assert mean_rate >= 0.95 * rate, f"drained at {mean_rate:.1f}/s, limit {rate}/s"
     assert len(times) >= 0.95 * rate * duration

@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from tests.conftest import use_settings, wait_for
+from tests.support.timing import largest_window
 from tests.support.sandbox import start_sandbox_process
 from tests.support.workers import service_env, start_worker
 
@@ -42,17 +43,6 @@ def statuses(app, request_ids):
 def wait_all_terminal(app, request_ids, timeout):
     return wait_for(lambda: all(s in TERMINAL for s in statuses(app, request_ids)), timeout, 0.5,
                     f"{len(request_ids)} cancels terminal")
-
-
-def largest_window(times: list[float], width: float = 1.0) -> int:
-    """The most events in any ``width``-second window (sliding, starting at each event)."""
-    times = sorted(times)
-    best, j = 0, 0
-    for i, start in enumerate(times):
-        while j < len(times) and times[j] < start + width:
-            j += 1
-        best = max(best, j - i)
-    return best
 
 
 def messages_in_redis(client) -> set[str]:
