@@ -1,0 +1,104 @@
+"""Procfile, docker-compose.yml and Dockerfile: Docker does not run here, so they are checked by reading.
+
+Each process command must name a real entry point: the Celery app loads and is
+configured the way the command expects, console scripts exist, options parse.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def procfile() -> dict[str, list[str]]:
+    entries = {}
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, command = line.split(":", 1)
+            entries[name.strip()] = shlex.split(command)
+    return entries
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def strip_env(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    env = {}
+    while argv and "=" in argv[0] and not argv[0].startswith("-"):
+        key, value = argv[0].split("=", 1)
+        env[key] = value
+        argv = argv[1:]
+    return env, argv
+
+
+def check_command(argv: list[str]) -> None:
+    """Run the command's own ``--help`` (or the app's import) to prove the entry point is real."""
+    program, *args = argv
+    assert (BIN / program).exists(), f"{program} is not installed by pyproject.toml"
+    if program == "celery":
+        assert args[:2] == ["-A", "worker"] and args[2] in ("worker", "beat")
+        # Loads the app exactly as the command would, and lets Celery parse the options.
+        result = subprocess.run([str(BIN / "celery"), *args, "--help"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "PLURAL_CLIENT_ID": "x",
+                                                            "PLURAL_CLIENT_SECRET": "y"})
+        assert result.returncode == 0, result.stderr
+    elif program == "plural-cancel":
+        result = subprocess.run([str(BIN / program), *args, "--help"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+    else:
+        pytest.fail(f"unexpected program {program}")
+
+
+def test_procfile_runs_a_worker_and_beat_from_real_entry_points():
+    entries = procfile()
+    assert set(entries) == {"worker", "beat"}
+    for name, argv in entries.items():
+        env, argv = strip_env(argv)
+        assert argv[:4] == ["celery", "-A", "worker", name]
+        check_command(argv)
+    # SIGTERM from the platform must hand unfinished messages back (soft shutdown).
+    assert strip_env(entries["worker"])[0].get("REMAP_SIGTERM") == "SIGQUIT"
+
+
+def test_compose_has_redis_with_aof_the_sandbox_a_worker_and_beat():
+    services = compose()["services"]
+    assert set(services) == {"redis", "sandbox", "worker", "beat"}
+    redis_cmd = services["redis"]["command"]
+    assert redis_cmd[0] == "redis-server" and "--appendonly" in redis_cmd
+    assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
+    assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
+    for name in ("sandbox", "worker", "beat"):
+        check_command(services[name]["command"])
+    worker_env = services["worker"]["environment"]
+    assert worker_env["REDIS_URL"] == "redis://redis:6379/0"
+    assert worker_env["REMAP_SIGTERM"] == "SIGQUIT"
+    # Without credentials the worker talks to the sandbox service.
+    assert "http://sandbox:8800/api" in worker_env["PLURAL_BASE_URL"]
+    assert services["sandbox"]["command"][-2:] == ["--port", "8800"]
+    assert services["beat"]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_dockerfile_copies_every_package_and_installs_the_project():
+    text = (ROOT / "Dockerfile").read_text()
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    for package in packages["include"]:
+        name = package.rstrip("*")
+        assert f"COPY {name} ./{name}" in text
+    assert "pip install --no-cache-dir ." in text
+    assert 'CMD ["celery", "-A", "worker", "worker"' in text
+
+
+def test_console_script_points_at_the_cli():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"plural-cancel": "tasks.cli:main"}
