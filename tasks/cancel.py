@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 
 from config.celery import lease_seconds
-from worker import app
+from worker import app, metrics, reporting
 from worker.errors import PluralAuthError, PluralError, PluralRateLimited, PluralRequestError
 from worker.links import PaymentLink
 from worker.plural import PluralClient
@@ -50,7 +50,8 @@ class Decision:
 def attempt(client: PluralClient, payment_link_id: str, request_id: str) -> Decision:
     """Call Plural once for this cancel (plus a GET when the answer is unclear) and classify."""
     try:
-        link = client.cancel_payment_link(payment_link_id, request_id)
+        with metrics.plural_call("cancel"):
+            link = client.cancel_payment_link(payment_link_id, request_id)
     except PluralAuthError as exc:  # the client already dropped the token and tried once more
         return Decision("failed", "auth_failed", error=exc)
     except PluralRequestError as exc:
@@ -68,7 +69,8 @@ def decide_from_link(client: PluralClient, payment_link_id: str, refusal: Plural
     """Plural refused the cancel with a 4xx: ``GET`` the link and let its status decide."""
     try:
         # A fresh Request-ID: the cancel's own id belongs to the PUT it identifies.
-        link = client.get_payment_link(payment_link_id, request_id=str(uuid.uuid4()))
+        with metrics.plural_call("get"):
+            link = client.get_payment_link(payment_link_id, request_id=str(uuid.uuid4()))
     except PluralAuthError as exc:
         return Decision("failed", "auth_failed", error=exc)
     except PluralRequestError:
@@ -122,21 +124,34 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
             log.error("message names another link than its record; dropped",
                       extra={"request_id": request_id, "payment_link_id": payment_link_id})
         return claim.verdict
+    ids = {"request_id": request_id, "payment_link_id": payment_link_id, "attempts": claim.attempts}
     if rt.clock() >= claim.deadline:
         ledger.finish(request_id, payment_link_id, owner, state="failed", outcome="gave_up", attempted=False)
+        last = ledger.status(request_id) or {}
+        log.warning("cancel failed: gave_up (retry budget spent)",
+                    extra={**ids, "state": "failed", "outcome": "gave_up", "error": last.get("last_error")})
+        report_failed(request_id, payment_link_id, "gave_up", claim.attempts, last.get("last_error"),
+                      last.get("link_status"))
         return "gave_up"
+    log.info("cancel running", extra={**ids, "state": "running"})
+    waiting = "retrying" if claim.attempts else "queued"  # the state a hold before any call leaves
 
     gate = rt.breaker.allow()
     if not gate.allowed:
         # Plural is down: wait for the reopening time without spending an attempt.
         ledger.defer(request_id, payment_link_id, owner, due=_spread(rt, gate.retry_at), attempted=False)
+        log.info("cancel held: the circuit breaker is open", extra={**ids, "state": waiting, "reason": "breaker"})
+        metrics.DEFERRALS.labels("breaker").inc()
         return "held"
     # The probe must go through (nobody else calls Plural meanwhile), so it may wait longer.
     slot = acquire(rt.limiter, PROBE_MAX_WAIT if gate.probe else rt.settings.limiter_max_wait)
     if not slot.granted:
         ledger.defer(request_id, payment_link_id, owner, due=_spread(rt, rt.clock() + slot.wait),
                      attempted=False)
+        log.info("cancel held: rate limit", extra={**ids, "state": waiting, "reason": "rate_limit"})
+        metrics.DEFERRALS.labels("rate_limit").inc()
         return "throttled"
+    metrics.LIMITER_WAIT.observe(slot.wait)
 
     decision = attempt(rt.plural, payment_link_id, request_id)
     observe(rt, decision, gate.probe)
@@ -151,8 +166,13 @@ def observe(rt: Runtime, decision: Decision, probe: bool) -> None:
         if isinstance(error, PluralRateLimited):
             rt.limiter.penalize()
         if rt.breaker.record_failure(probe):
+            # Reported to Sentry once, with tags, below; the "sentry" extra keeps the
+            # logging integration from reporting this line a second time.
             log.error("circuit breaker opened: Plural is failing (%s); cancels are held until it reopens",
-                      error.code or type(error).__name__)
+                      error.code or type(error).__name__, extra={"sentry": reporting.REPORTED})
+            metrics.BREAKER_OPENINGS.inc()
+            reporting.report_breaker_opened(code=error.code, http_status=error.http_status,
+                                            cooldown=rt.settings.breaker_cooldown)
     else:
         # Any answer that is not a Plural-side failure (including a 4xx) shows Plural is up.
         rt.breaker.record_success(probe)
@@ -177,6 +197,7 @@ def record(rt: Runtime, decision: Decision, payment_link_id: str, request_id: st
         if due <= deadline:
             ledger.defer(request_id, payment_link_id, owner, due=due, attempted=True, last_error=error)
             log.info("cancel retrying in %.1fs", delay, extra={**fields, "state": "retrying", "error": error})
+            metrics.RETRIES.labels(_retry_reason(decision)).inc()
             return "retrying"
         decision = Decision("failed", "gave_up", link=decision.link, error=decision.error)
     link = decision.link
@@ -190,7 +211,30 @@ def record(rt: Runtime, decision: Decision, payment_link_id: str, request_id: st
     level = logging.INFO if decision.state == "succeeded" else logging.WARNING
     log.log(level, "cancel %s: %s", decision.state, decision.outcome,
             extra={**fields, "state": decision.state, "outcome": decision.outcome, "error": error})
+    if decision.state == "failed":
+        report_failed(request_id, payment_link_id, decision.outcome, attempts, error, link.status if link else None)
+    else:
+        metrics.CANCELS.labels(decision.outcome).inc()
     return decision.outcome
+
+
+def report_failed(request_id: str, payment_link_id: str, outcome: str, attempts: int, error: dict | None,
+                  link_status: str | None) -> None:
+    """A cancel has just been recorded ``failed``: count it and report it, once.
+
+    Once, because only the delivery holding the claim finishes a record, and a
+    finished record is never claimed again.
+    """
+    metrics.CANCELS.labels(outcome).inc()
+    reporting.report_failure(request_id=request_id, payment_link_id=payment_link_id, outcome=outcome,
+                             attempts=attempts, error=error, link_status=link_status)
+
+
+def _retry_reason(decision: Decision) -> str:
+    """A bounded label for why an attempt will be retried: the error's class, or the payment in flight."""
+    if decision.link is not None and decision.link.status in IN_FLIGHT_STATUSES:
+        return "payment_in_flight"
+    return type(decision.error).__name__ if decision.error is not None else "unknown"
 
 
 def _iso(value) -> str | None:

@@ -1,20 +1,24 @@
-"""The producer API: enqueue cancels, read their status.
+"""The producer API: enqueue cancels now or schedule them for later, read their status.
 
 Each cancel is first written to the ledger (atomically, keyed by its Request-ID),
 then published as one Celery message. A repeat of a Request-ID publishes nothing.
 If the process dies between the two, the reconciler publishes the message later.
+A scheduled cancel waits in Redis (``worker.schedule``) until beat's
+``tasks.fire_schedules`` sends it down that same path.
 """
 
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Iterable
 
 from celery import Celery
 
 from tasks.periodic import publish
 from worker import app as default_app
-from worker.ledger import RequestIdConflict
+from worker.ledger import RequestIdConflict, format_record
+from worker.schedule import Schedule
 from worker.validation import validate_payment_link_id, validate_request_id
 
 
@@ -53,14 +57,99 @@ def get_status(request_id: str, *, app: Celery | None = None) -> dict | None:
     return (app or default_app).runtime.ledger.status(request_id)
 
 
-def _enqueue(app_: Celery, pairs: list[tuple[str, str]]) -> None:
+def schedule_cancel(payment_link_id: str, at: datetime, request_id: str | None = None, *,
+                    app: Celery | None = None) -> str:
+    """Cancel a link at ``at`` (a timezone-aware datetime); returns the Request-ID it will carry.
+
+    Kept in Redis until it fires (no expiry); beat fires it within about a second of
+    ``at`` (``FIRE_INTERVAL``), at once when ``at`` is past. A link has at most one
+    scheduled cancel: scheduling it again moves its time and keeps its Request-ID,
+    unless ``request_id`` names a new one; once it is firing or has fired, scheduling
+    the link again starts a new one. Fired, it goes the way of :func:`enqueue_cancel`:
+    a Request-ID that already carried a cancel of this link makes it a no-op.
+
+    Raises ValueError naming the field on bad input (a naive ``at`` included), and
+    :class:`RequestIdConflict` (a ValueError) when ``request_id`` belongs to another link.
+    """
+    validate_payment_link_id(payment_link_id)
+    if request_id is not None:
+        validate_request_id(request_id)
+    if not isinstance(at, datetime) or at.utcoffset() is None:
+        raise ValueError(f"at: must be a timezone-aware datetime, e.g. datetime.now(timezone.utc) "
+                         f"(got {at!r:.60})")
+    store = schedule_store(app or default_app)
+    _, kept = store.put(payment_link_id, at.timestamp(), request_id or str(uuid.uuid4()),
+                        replace=request_id is not None)
+    return kept
+
+
+def unschedule_cancel(payment_link_id: str, *, app: Celery | None = None) -> bool:
+    """Take back a link's scheduled cancel (the order was paid); True if it will now never fire.
+
+    False when nothing is scheduled for the link, or when it is too late: the cancel
+    is being fired or has fired. :func:`get_schedule` then tells which (``"fired"``,
+    with the Request-ID to pass to :func:`get_status`, for ``RESULT_TTL`` seconds).
+    Raises ValueError naming ``payment_link_id`` when it is malformed.
+    """
+    validate_payment_link_id(payment_link_id)
+    verdict, _ = schedule_store(app or default_app).remove(payment_link_id)
+    return verdict == "removed"
+
+
+def get_schedule(payment_link_id: str, *, app: Celery | None = None) -> dict | None:
+    """A link's scheduled cancel, or None when nothing is scheduled and none fired lately.
+
+    ``{"payment_link_id", "state": "scheduled" | "firing" | "fired", "request_id",
+    "at", "fired_at", "result"}``; times ISO 8601 (UTC). ``fired_at`` and ``result`` are
+    None until it fires; then ``result`` is ``enqueued``, ``already_enqueued`` (its
+    Request-ID had a record already: one cancel) or ``conflict`` (the Request-ID had
+    been taken by another link meanwhile: not sent, logged as an error).
+    """
+    validate_payment_link_id(payment_link_id)
+    return schedule_store(app or default_app).get(payment_link_id)
+
+
+def get_statuses(request_ids: list[str], *, app: Celery | None = None) -> list[dict | None]:
+    """The status records of many cancels in one round trip per 1,000, in order (None: unknown)."""
+    ledger = (app or default_app).runtime.ledger
+    out: list[dict | None] = []
+    for start in range(0, len(request_ids), 1000):
+        pipe = ledger.redis.pipeline(transaction=False)
+        for request_id in request_ids[start:start + 1000]:
+            pipe.hgetall(ledger.keys.record(request_id))
+        for raw in pipe.execute():
+            out.append(format_record({_text(k): _text(v) for k, v in raw.items()}) if raw else None)
+    return out
+
+
+def schedule_store(app_: Celery) -> Schedule:
+    """The scheduled-cancel store on this process's Redis connection, keys and clock."""
+    rt = app_.runtime
+    return Schedule(rt.redis, fired_ttl=rt.settings.result_ttl, keys=rt.keys, clock=rt.clock)
+
+
+def submit(app_: Celery, pairs: list[tuple[str, str]]) -> list[int]:
+    """Create ledger records for (request_id, payment_link_id) pairs and publish the new ones.
+
+    Returns one code per pair: 1 created and published, 0 already there (nothing sent),
+    -1 the Request-ID belongs to another link (nothing written or sent for it).
+    """
     ledger = app_.runtime.ledger
     codes = ledger.create_many(pairs)
-    for (request_id, link_id), code in zip(pairs, codes):
-        if code < 0:
-            raise RequestIdConflict(
-                f"request_id: {request_id!r} is already used for a cancel of another payment link")
     fresh = [pair for pair, code in zip(pairs, codes) if code == 1]
     if fresh:
         publish(app_, fresh)
         ledger.mark_published([request_id for request_id, _ in fresh])
+    return codes
+
+
+def _enqueue(app_: Celery, pairs: list[tuple[str, str]]) -> None:
+    codes = submit(app_, pairs)
+    for (request_id, _), code in zip(pairs, codes):
+        if code < 0:
+            raise RequestIdConflict(
+                f"request_id: {request_id!r} is already used for a cancel of another payment link")
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -56,10 +56,10 @@ def redis_server():
 
 @pytest.fixture
 def redis_url(redis_server):
-    """A flushed Redis database for one test."""
+    """A flushed Redis database (0) for one test; modules of their own use 1-15 (``module_redis_url``)."""
     url = f"{redis_server}/0"
     client = redis.Redis.from_url(url)
-    client.flushall()
+    client.flushdb()
     client.close()
     return url
 

@@ -124,3 +124,52 @@ _check_settings_under_celery(app)
 def _close_runtime(**kwargs):
     if app._runtime is not None:
         app._runtime.close()
+
+
+# -- operations: logs, Sentry and metrics in the worker and beat processes --------------
+# Their modules are imported inside the handlers: producers import this app too, and
+# need neither sentry-sdk nor prometheus-client loaded.
+
+
+@signals.setup_logging.connect
+def _setup_logging(loglevel=None, logfile=None, **kwargs):
+    """Worker and beat log through :mod:`worker.logs` (structured, redacted), not Celery's format."""
+    from worker import logs, reporting
+
+    logs.configure(reporting.redactor_for(app.settings), loglevel or logging.INFO, logfile)
+
+
+@signals.celeryd_init.connect
+@signals.beat_init.connect
+def _start_reporting(**kwargs):
+    """Sentry in the worker's main process (before its pool starts) and in beat; off without SENTRY_DSN."""
+    from worker import reporting
+
+    reporting.init(app.settings, app.conf.beat_schedule)
+
+
+@signals.worker_ready.connect
+def _start_metrics(sender=None, **kwargs):
+    """Serve Prometheus metrics from the worker's main process when ``METRICS_PORT`` is set.
+
+    On ``worker_ready`` (sent just before "ready." is logged): logging is set up by then,
+    so a port already in use is one structured line and one Sentry event. The threads
+    pool runs every task in this one process, so its counters are the worker's. A
+    prefork pool would count in children this server cannot see: then no server rather
+    than wrong numbers.
+    """
+    from celery.concurrency.prefork import TaskPool as PreforkPool
+
+    from worker import metrics
+
+    port = app.settings.metrics_port
+    if not port:
+        return
+    if issubclass(sender.controller.pool_cls, PreforkPool):  # sender: the worker's consumer
+        log.warning("METRICS_PORT is ignored under the prefork pool (its children count where the "
+                    "metrics server cannot see); run the threads pool (the default) for metrics")
+        return
+    try:
+        metrics.MetricsServer(port, lambda: metrics.snapshot(app.runtime)).start()
+    except OSError as exc:  # cancels matter more than metrics: say so and carry on
+        log.error("metrics: cannot listen on port %d (%s)", port, exc.strerror or exc)

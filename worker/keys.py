@@ -59,6 +59,46 @@ class Keys:
         """String: the single-flight lock for refreshing one client id's token."""
         return f"{self.prefix}:token-lock:{client_id}"
 
+    @property
+    def ratelimit(self) -> str:
+        """String: the limiter's theoretical arrival time (GCRA); ``:penalty`` beside it is a hash of the 429 slow-down."""
+        return f"{self.prefix}:ratelimit"
+
+    @property
+    def breaker(self) -> str:
+        """Hash: the circuit breaker's state; ``:probe`` beside it is the one-probe-at-a-time lock (with a TTL)."""
+        return f"{self.prefix}:breaker"
+
+    @property
+    def schedule(self) -> str:
+        """Sorted set: payment link ids with a cancel scheduled for later, scored by its due time (epoch seconds)."""
+        return f"{self.prefix}:schedule"
+
+    def scheduled(self, payment_link_id: str) -> str:
+        """Hash: one link's scheduled cancel (``request_id``, ``at``; ``firing`` while it is being fired)."""
+        return f"{self.prefix}:schedule:link:{payment_link_id}"
+
+    @property
+    def schedule_ids(self) -> str:
+        """Hash: Request-ID -> payment link id of every scheduled cancel (one Request-ID, one link)."""
+        return f"{self.prefix}:schedule:ids"
+
+    def schedule_fired(self, payment_link_id: str) -> str:
+        """Hash: the last scheduled cancel of this link that fired (``request_id``, ``at``, ``fired_at``,
+        ``result``), kept RESULT_TTL seconds."""
+        return f"{self.prefix}:schedule:fired:{payment_link_id}"
+
+    @property
+    def stats(self) -> str:
+        """Hash: how many records are ``queued``, ``running`` and ``retrying`` right now,
+        kept by the ledger's scripts on every state change (``plural-cancel stats``)."""
+        return f"{self.prefix}:stats"
+
+    def finished(self, bucket: int | str) -> str:
+        """Hash: outcome -> records that reached it in the hour starting at ``bucket``
+        (epoch seconds); it expires with the records it counts. ``finished("")`` is the prefix."""
+        return f"{self.prefix}:finished:{bucket}"
+
     def pattern(self) -> str:
         """A SCAN pattern matching every key above."""
         return f"{self.prefix}:*"

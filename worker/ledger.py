@@ -7,6 +7,10 @@ Redis writes can never leave a cancel half-recorded:
 - ``claim``: a delivery takes the per-link lock and the record's lease together.
 - ``finish``: outcome, dead-letter set, outcome stream and lock release together.
 - ``defer``: the record turns ``retrying`` and enters the due-time set together.
+- ``requeue``: a dead letter turns ``queued`` with a fresh budget and enters the outbox together.
+
+Each script that changes a state also keeps the counts ``plural-cancel stats`` reads
+(see :meth:`Ledger.stats`), so counting never scans the records.
 
 Timestamps are epoch seconds (floats) in Redis and ISO 8601 in :meth:`Ledger.status`.
 No customer personal data is ever written here: only ids, statuses, amounts and
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
@@ -26,14 +31,26 @@ import redis
 from worker.keys import Keys
 
 TERMINAL = ("succeeded", "failed")
+ACTIVE = ("queued", "running", "retrying")
+STATS_BUCKET = 3600
+"""Seconds of finishes counted in one ``finished`` hash (outcome -> records)."""
 STREAM_MAXLEN = 100_000
 """Outcome events kept in the stream (approximately: trimmed with ``~``)."""
 
-# KEYS: [1] record  [2] outbox
+# Prepended to each script that changes a state: keeps the stats hash (records per active state).
+_COUNT = """
+local ACTIVE = {queued = true, running = true, retrying = true}
+local function count_move(stats, from, to)
+  if from ~= to and ACTIVE[from] then redis.call('HINCRBY', stats, from, -1) end
+  if from ~= to and ACTIVE[to] then redis.call('HINCRBY', stats, to, 1) end
+end
+"""
+
+# KEYS: [1] record  [2] outbox  [3] stats
 # ARGV: [1] request_id  [2] payment_link_id  [3] now  [4] ttl seconds  [5] deadline
 # Returns 1 when created, 0 when the same cancel exists, -1 when the Request-ID is
 # already used for another link.
-CREATE = """
+CREATE = _COUNT + """
 local existing = redis.call('HGET', KEYS[1], 'payment_link_id')
 if existing then
   if existing ~= ARGV[2] then return -1 end
@@ -43,15 +60,16 @@ redis.call('HSET', KEYS[1], 'request_id', ARGV[1], 'payment_link_id', ARGV[2], '
            'attempts', 0, 'created_at', ARGV[3], 'updated_at', ARGV[3], 'deadline', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+count_move(KEYS[3], nil, 'queued')
 return 1
 """
 
-# KEYS: [1] record  [2] link lock  [3] leases  [4] deferred  [5] outbox
+# KEYS: [1] record  [2] link lock  [3] leases  [4] deferred  [5] outbox  [6] stats
 # ARGV: [1] request_id  [2] payment_link_id  [3] now  [4] lease seconds  [5] owner
 #       [6] ttl seconds  [7] deadline for a record created here
 # Returns {verdict, detail}: claimed/attempts, terminal/state, mismatch/link,
 # early/next_attempt_at, busy/seconds the lock still holds.
-CLAIM = """
+CLAIM = _COUNT + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then
   -- A message sent by name from another service: the record starts here.
@@ -59,6 +77,7 @@ if not state then
              'attempts', 0, 'created_at', ARGV[3], 'updated_at', ARGV[3], 'deadline', ARGV[7])
   redis.call('EXPIRE', KEYS[1], ARGV[6])
   state = 'queued'
+  count_move(KEYS[6], nil, 'queued')
 elseif redis.call('HGET', KEYS[1], 'payment_link_id') ~= ARGV[2] then
   return {'mismatch', redis.call('HGET', KEYS[1], 'payment_link_id')}
 end
@@ -79,17 +98,20 @@ if holder and holder ~= ARGV[5] then
 end
 redis.call('SET', KEYS[2], ARGV[5], 'PX', math.floor(tonumber(ARGV[4]) * 1000))
 redis.call('HSET', KEYS[1], 'state', 'running', 'updated_at', ARGV[3], 'owner', ARGV[5], 'next_attempt_at', '')
+count_move(KEYS[6], state, 'running')
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('ZREM', KEYS[5], ARGV[1])
 return {'claimed', redis.call('HGET', KEYS[1], 'attempts'), redis.call('HGET', KEYS[1], 'deadline')}
 """
 
-# KEYS: [1] record  [2] link lock  [3] leases  [4] failed  [5] events
+# KEYS: [1] record  [2] link lock  [3] leases  [4] failed  [5] events  [6] stats
+#       [7] finished-hash prefix (the hour's start is appended)
 # ARGV: [1] request_id  [2] owner  [3] now  [4] ttl  [5] attempted (0/1)  [6] stream maxlen
-#       [7] JSON object of fields to set (state, outcome, link_status, ...)
-FINISH = """
+#       [7] JSON object of fields to set (state, outcome, link_status, ...)  [8] bucket seconds
+FINISH = _COUNT + """
 local fields = cjson.decode(ARGV[7])
+local before = redis.call('HGET', KEYS[1], 'state')
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', tonumber(ARGV[5]))
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[3], 'next_attempt_at', '')
 redis.call('HDEL', KEYS[1], 'owner')
@@ -106,20 +128,31 @@ if fields['state'] == 'failed' then
 else
   redis.call('ZREM', KEYS[4], ARGV[1])
 end
+-- Dead letters whose records have expired: nothing left to list or retry.
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. (tonumber(ARGV[3]) - tonumber(ARGV[4])))
+count_move(KEYS[6], before, fields['state'])
+if before ~= 'succeeded' and before ~= 'failed' then
+  -- Counted in the hour it finished; the hash expires with the last record it counts.
+  local bucket = math.floor(tonumber(ARGV[3]) / tonumber(ARGV[8])) * tonumber(ARGV[8])
+  redis.call('HINCRBY', KEYS[7] .. bucket, fields['outcome'], 1)
+  redis.call('EXPIREAT', KEYS[7] .. bucket, bucket + tonumber(ARGV[8]) + tonumber(ARGV[4]))
+end
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', unpack(event))
 if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
 return attempts
 """
 
-# KEYS: [1] record  [2] link lock  [3] leases  [4] deferred
+# KEYS: [1] record  [2] link lock  [3] leases  [4] deferred  [5] stats
 # ARGV: [1] request_id  [2] owner  [3] now  [4] due  [5] attempted (0/1)  [6] last_error JSON or ''
-DEFER = """
+DEFER = _COUNT + """
+local before = redis.call('HGET', KEYS[1], 'state')
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', tonumber(ARGV[5]))
 -- Held back before any call (rate limit, open breaker): still queued, with a time.
 local state = 'queued'
 if attempts > 0 then state = 'retrying' end
 redis.call('HSET', KEYS[1], 'state', state, 'updated_at', ARGV[3], 'next_attempt_at', ARGV[4])
 redis.call('HDEL', KEYS[1], 'owner')
+count_move(KEYS[5], before, state)
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'last_error', ARGV[6]) end
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -162,6 +195,26 @@ return n
 """
 
 
+# KEYS: [1] record  [2] failed  [3] outbox  [4] stats  [5] finished-hash prefix
+# ARGV: [1] request_id  [2] now  [3] new deadline  [4] ttl seconds  [5] bucket seconds
+# A dead letter back to queued with a fresh budget, attempts kept, and into the outbox
+# (the reconciler publishes it if the caller dies first). Returns {verdict, link}.
+REQUEUE = _COUNT + """
+local r = redis.call('HMGET', KEYS[1], 'state', 'payment_link_id', 'outcome', 'updated_at')
+redis.call('ZREM', KEYS[2], ARGV[1])
+if r[1] ~= 'failed' then return {r[1] and 'not_failed' or 'missing', r[2] or ''} end
+-- Uncount it from the hour it failed in, while that hash lives.
+local finished = KEYS[5] .. (math.floor((tonumber(r[4]) or 0) / tonumber(ARGV[5])) * tonumber(ARGV[5]))
+if r[3] and redis.call('HGET', finished, r[3]) then redis.call('HINCRBY', finished, r[3], -1) end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'updated_at', ARGV[2], 'deadline', ARGV[3], 'next_attempt_at', '')
+redis.call('HDEL', KEYS[1], 'outcome', 'owner')
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+count_move(KEYS[4], 'failed', 'queued')
+return {'requeued', r[2]}
+"""
+
+
 class RequestIdConflict(ValueError):
     """The Request-ID is already used for a cancel of another payment link."""
 
@@ -195,6 +248,7 @@ class Ledger:
         self._defer = client.register_script(DEFER)
         self._take_due = client.register_script(TAKE_DUE)
         self._release_held = client.register_script(RELEASE_HELD)
+        self._requeue = client.register_script(REQUEUE)
 
     # -- producers -------------------------------------------------------------------
 
@@ -207,7 +261,7 @@ class Ledger:
         now = self.clock()
         pipe = self.redis.pipeline(transaction=False)
         for request_id, link_id in items:
-            self._create(keys=[self.keys.record(request_id), self.keys.outbox],
+            self._create(keys=[self.keys.record(request_id), self.keys.outbox, self.keys.stats],
                          args=[request_id, link_id, repr(now), self.result_ttl, repr(now + self.retry_budget)],
                          client=pipe)
         return [int(code) for code in pipe.execute()]
@@ -224,7 +278,7 @@ class Ledger:
         """Take this cancel for one attempt: the per-link lock and a lease of ``lease`` seconds."""
         now = self.clock()
         keys = [self.keys.record(request_id), self.keys.link_lock(payment_link_id), self.keys.leases,
-                self.keys.deferred, self.keys.outbox]
+                self.keys.deferred, self.keys.outbox, self.keys.stats]
         reply = self._claim(keys=keys, args=[request_id, payment_link_id, repr(now), lease, owner,
                                              self.result_ttl, repr(now + self.retry_budget)])
         verdict = _text(reply[0])
@@ -248,9 +302,10 @@ class Ledger:
         if last_error:
             fields["last_error"] = json.dumps(last_error, separators=(",", ":"))
         keys = [self.keys.record(request_id), self.keys.link_lock(payment_link_id), self.keys.leases,
-                self.keys.failed, self.keys.events]
+                self.keys.failed, self.keys.events, self.keys.stats, self.keys.finished("")]
         return int(self._finish(keys=keys, args=[request_id, owner, repr(self.clock()), self.result_ttl,
-                                                 int(attempted), STREAM_MAXLEN, json.dumps(fields)]))
+                                                 int(attempted), STREAM_MAXLEN, json.dumps(fields),
+                                                 STATS_BUCKET]))
 
     def defer(self, request_id: str, payment_link_id: str, owner: str, *, due: float, attempted: bool,
               last_error: dict | None = None) -> int:
@@ -260,7 +315,7 @@ class Ledger:
         any attempt stays ``queued``; one that has been tried is ``retrying``.
         """
         keys = [self.keys.record(request_id), self.keys.link_lock(payment_link_id), self.keys.leases,
-                self.keys.deferred]
+                self.keys.deferred, self.keys.stats]
         error = json.dumps(last_error, separators=(",", ":")) if last_error else ""
         return int(self._defer(keys=keys, args=[request_id, owner, repr(self.clock()), repr(due),
                                                 int(attempted), error]))
@@ -286,6 +341,48 @@ class Ledger:
         """Forget members taken with :meth:`take_due` once their messages are published."""
         if request_ids:
             self._release_held(keys=[zset], args=[repr(held_score), *request_ids])
+
+    # -- dead letters and counts ------------------------------------------------------
+
+    def failed(self, limit: int = 0) -> list[dict[str, Any]]:
+        """Status records of dead letters (state ``failed``), latest first; ``limit`` 0: all."""
+        ids = self.redis.zrevrange(self.keys.failed, 0, limit - 1 if limit > 0 else -1)
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in ids:
+            pipe.hgetall(self.keys.record(_text(rid)))
+        # A record may have expired since it failed (FINISH prunes those from the set later).
+        return [format_record({_text(k): _text(v) for k, v in raw.items()}) for raw in pipe.execute() if raw]
+
+    def requeue(self, request_ids: Iterable[str]) -> list[tuple[str, str, str]]:
+        """Dead letters back to ``queued`` (deadline now + ``retry_budget`` s, attempts kept) and
+        into the outbox: publish, then :meth:`mark_published`. Returns (request_id, verdict, link),
+        verdict ``requeued``, ``missing`` or ``not_failed``."""
+        ids, now = list(request_ids), self.clock()
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in ids:
+            self._requeue(keys=[self.keys.record(rid), self.keys.failed, self.keys.outbox, self.keys.stats,
+                                self.keys.finished("")],
+                          args=[rid, repr(now), repr(now + self.retry_budget), self.result_ttl, STATS_BUCKET],
+                          client=pipe)
+        return [(rid, _text(verdict), _text(link)) for rid, (verdict, link) in zip(ids, pipe.execute())]
+
+    def stats(self) -> dict[str, Any]:
+        """``{"active": {queued|running|retrying: n}, "outcomes": {outcome: n}, "deferred": n,
+        "dead_letters": n}`` from counters, never a scan. ``outcomes`` counts the records that
+        finished within the last ``result_ttl`` seconds (those still readable) in hourly
+        hashes: the oldest may count up to ``STATS_BUCKET`` seconds of just-expired ones."""
+        now, pipe = self.clock(), self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys.stats).zcard(self.keys.deferred).zcard(self.keys.failed)
+        for bucket in range(int((now - self.result_ttl) // STATS_BUCKET) * STATS_BUCKET, int(now) + 1, STATS_BUCKET):
+            pipe.hgetall(self.keys.finished(bucket))
+        active, deferred, dead, *hours = pipe.execute()
+        outcomes: Counter[str] = Counter()
+        for hour in hours:
+            outcomes.update({_text(k): int(v) for k, v in hour.items()})
+        # Counters dip below zero for records that predate them; never show that.
+        return {"active": {state: max(0, int(active.get(state.encode(), 0))) for state in ACTIVE},
+                "outcomes": {k: n for k, n in sorted(outcomes.items()) if n > 0},
+                "deferred": deferred, "dead_letters": dead}
 
     # -- reading ---------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ import sys
 
 import click
 
-from tasks.cli import cancels
+from tasks.cli import cancels, ops
+from tasks.cli import schedule as scheduling
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,7 +19,9 @@ def cli():
     """Cancel Pine Labs Plural payment links through the background worker."""
 
 
-for command in cancels.COMMANDS:
+for command in cancels.COMMANDS + ops.COMMANDS:
+    cli.add_command(command)
+for command in scheduling.COMMANDS:
     cli.add_command(command)
 
 

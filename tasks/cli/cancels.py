@@ -1,4 +1,4 @@
-"""Commands about single cancels: ``enqueue``, ``status``, ``check``, and the local ``sandbox``."""
+"""Commands about single cancels: ``enqueue``, ``status``, and the local ``sandbox``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import json
 
 import click
 
-from config.settings import ConfigError
 from tasks.cli.base import Failure, UsageFailure, configured_app, load_settings
 
 
@@ -74,32 +73,4 @@ def sandbox(host, port, latency_ms, error_rate, outage, reset_rate, timeout_rate
     serve(host, port, client_id=client_id, client_secret=client_secret, faults=faults, token_style=token_style)
 
 
-@click.command()
-def check():
-    """Check the settings, that Redis answers and that a Plural token can be had."""
-    import redis
-
-    from worker.runtime import Runtime
-
-    settings = load_settings()
-    try:
-        settings.require_credentials()
-    except ConfigError as exc:
-        raise UsageFailure(f"configuration error: {exc}") from None
-    click.echo("settings   ok")
-    runtime = Runtime(settings)
-    try:
-        runtime.redis.ping()
-    except redis.RedisError as exc:
-        raise Failure(f"redis      unreachable: {type(exc).__name__}") from None
-    click.echo("redis      ok")
-    try:
-        runtime.plural.generate_token()
-    except Exception as exc:  # every Plural error is reported the same way here: one line
-        raise Failure(f"plural     no token: {exc}") from None
-    finally:
-        runtime.close()
-    click.echo("plural     ok (token obtained)")
-
-
-COMMANDS = [enqueue, status, sandbox, check]
+COMMANDS = [enqueue, status, sandbox]

@@ -1,0 +1,145 @@
+"""Producer throughput: ``enqueue_many`` against a plain ``apply_async`` loop, same run.
+
+Run from the repository root::
+
+    .venv/bin/python bench/enqueue_many.py [--count 10000] [--rounds 3]
+
+It starts its own ``redis-server`` on a free port (no persistence) and, for each of
+``--rounds`` rounds, on a flushed database:
+
+- ``apply_async loop``: ``cancel_payment_link.apply_async(kwargs=...)`` once per link
+  on one producer, as a producer would write it by hand: one message, nothing else;
+- ``enqueue_many``: ``tasks.enqueue_many(links)``, which does more: it also creates a
+  ledger record per link (a Lua script each, pipelined), publishes the messages in
+  pipelined batches (``tasks.periodic.publish``), and clears their outbox entries.
+
+After each run it checks that the ``celery`` list holds exactly ``--count`` messages
+and that one of them, decoded, names the task and carries both keyword arguments.
+It prints each run's time and rate and, per round, the ratio; the summary uses the
+median round. No worker runs: this measures the producer's side only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from config.settings import Settings  # noqa: E402
+from worker import app  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis() -> tuple[subprocess.Popen, str, str]:
+    """A throwaway redis-server; returns (process, URL, its directory)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("redis-server is not installed (make setup installs it)")
+    port, workdir = _free_port(), tempfile.mkdtemp(prefix="bench-redis-")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", workdir],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    client.close()
+    return proc, url, workdir
+
+
+def check_queue(client: redis.Redis, count: int) -> None:
+    """Exactly ``count`` messages queued, and one of them is a well-formed cancel message."""
+    queued = client.llen("celery")
+    if queued != count:
+        sys.exit(f"expected {count} queued messages, found {queued}")
+    message = json.loads(client.lindex("celery", 0))
+    args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+    if message["headers"]["task"] != "tasks.cancel_payment_link" or set(kwargs) != {"payment_link_id",
+                                                                                    "request_id"}:
+        sys.exit(f"unexpected message: {message['headers']['task']} {kwargs}")
+
+
+def run_apply_async(links: list[str]) -> float:
+    """Seconds to send one message per link with ``apply_async`` on one producer."""
+    import uuid
+
+    from tasks.cancel import cancel_payment_link
+
+    pairs = [(link, str(uuid.uuid4())) for link in links]
+    start = time.perf_counter()
+    with app.producer_or_acquire() as producer:
+        for link, request_id in pairs:
+            cancel_payment_link.apply_async(kwargs={"payment_link_id": link, "request_id": request_id},
+                                            producer=producer)
+    return time.perf_counter() - start
+
+
+def run_enqueue_many(links: list[str]) -> float:
+    """Seconds for ``enqueue_many(links)``: ledger records, messages, outbox cleared."""
+    from tasks import enqueue_many
+
+    start = time.perf_counter()
+    enqueue_many(links, app=app)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=10_000, help="links per run")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of both runs")
+    opts = parser.parse_args()
+
+    proc, url, workdir = start_redis()
+    try:
+        app.use(Settings.from_env({"REDIS_URL": url}))
+        client = redis.Redis.from_url(url)
+        links = [f"pl-bench-{i:07d}" for i in range(opts.count)]
+        # Warm both paths (connections, scripts, imports) before timing.
+        run_apply_async(links[:10])
+        run_enqueue_many(links[:10])
+        ratios = []
+        for round_ in range(1, opts.rounds + 1):
+            timings = {}
+            for label, run in (("apply_async loop", run_apply_async), ("enqueue_many", run_enqueue_many)):
+                client.flushdb()
+                seconds = run(links)
+                check_queue(client, opts.count)
+                timings[label] = seconds
+                print(f"round {round_}  {label:17} {opts.count:6d} in {seconds:6.2f} s  "
+                      f"= {opts.count / seconds:8.0f} /s")
+            ratios.append(timings["apply_async loop"] / timings["enqueue_many"])
+            print(f"round {round_}  enqueue_many is {ratios[-1]:.1f}x the apply_async loop")
+        print(f"median: enqueue_many is {statistics.median(ratios):.1f}x as fast as an apply_async loop "
+              f"({opts.count} links, {opts.rounds} rounds)")
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Commands for whoever runs the system: ``failed list|retry``, ``stats`` and ``check``.
+
+``failed retry`` sends a dead letter back the way ``enqueue`` sends a new cancel: the
+record turns ``queued`` in the ledger (one Lua script, with its outbox entry), then
+its message is published, then the outbox entry goes. Its Request-ID stays the same,
+so Plural sees one idempotent cancel however many times it is retried.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import click
+import redis
+
+from config.settings import ConfigError
+from tasks.cli.base import Failure, UsageFailure, configured_app, load_settings
+
+RETRY_BATCH = 500
+"""Dead letters requeued and published per round trip by ``failed retry --all``."""
+
+
+@click.group()
+def failed():
+    """Dead letters: cancels that ended ``failed`` (gave_up, rejected, auth_failed, not_cancellable)."""
+
+
+@failed.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the status records as a JSON array.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=0),
+              help="Show the latest N failures (0: all).")
+def failed_list(as_json: bool, limit: int):
+    """List failed cancels, latest first."""
+    app = configured_app()
+    try:
+        records = app.runtime.ledger.failed(limit)
+    except redis.RedisError as exc:
+        raise Failure(f"redis unreachable: {type(exc).__name__}") from None
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    if not records:
+        click.echo("no failed cancels")
+        return
+    rows = [("FAILED_AT", "REQUEST_ID", "PAYMENT_LINK_ID", "OUTCOME", "ATTEMPTS", "LAST_ERROR")]
+    for r in records:
+        error = r["last_error"] or {}
+        detail = " ".join(str(x) for x in (error.get("http_status"), error.get("code")) if x)
+        rows.append((r["updated_at"] or "", r["request_id"], r["payment_link_id"], r["outcome"] or "",
+                     str(r["attempts"]), detail or (r["link_status"] or "")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+
+
+@failed.command("retry")
+@click.argument("request_id", required=False)
+@click.option("--all", "retry_all", is_flag=True, help="Retry every failed cancel.")
+def failed_retry(request_id: str | None, retry_all: bool):
+    """Send failed cancel REQUEST_ID (or --all) back to the queue with a fresh retry budget.
+
+    Same Request-ID, attempts kept, a new deadline of now + CANCEL_RETRY_BUDGET seconds.
+    """
+    from tasks.periodic import publish
+    from worker.validation import validate_request_id
+
+    if bool(request_id) == retry_all:
+        raise UsageFailure("give either a REQUEST_ID or --all")
+    if request_id:
+        try:
+            validate_request_id(request_id)
+        except ValueError as exc:
+            raise UsageFailure(str(exc)) from None
+    app = configured_app()
+    ledger = app.runtime.ledger
+    requeued, skipped = 0, []
+    try:
+        # --all takes a snapshot first: a cancel that fails again meanwhile waits for the next run.
+        ids = [request_id] if request_id else [r["request_id"] for r in ledger.failed()]
+        for start in range(0, len(ids), RETRY_BATCH):
+            results = ledger.requeue(ids[start:start + RETRY_BATCH])
+            pairs = [(rid, link) for rid, verdict, link in results if verdict == "requeued"]
+            skipped += [(rid, verdict) for rid, verdict, _ in results if verdict != "requeued"]
+            if pairs:
+                publish(app, pairs)
+                ledger.mark_published([rid for rid, _ in pairs])
+            requeued += len(pairs)
+    except redis.RedisError as exc:
+        raise Failure(f"redis unreachable: {type(exc).__name__} ({requeued} requeued before it)") from None
+    if request_id:
+        if skipped:
+            why = "unknown or expired" if skipped[0][1] == "missing" else "not failed"
+            raise Failure(f"no failed cancel with request_id {request_id!r} ({why})")
+        click.echo(f"requeued {request_id}")
+        return
+    click.echo(f"requeued {requeued} failed cancel{'s' if requeued != 1 else ''}"
+               + (f"; {len(skipped)} no longer failed or expired" if skipped else ""))
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+def stats(as_json: bool):
+    """Cancels by state and outcome, the queue, deferred cancels, the breaker and the rate.
+
+    Read from counters the ledger keeps (no scan of the records): succeeded, failed and
+    the outcomes count the cancels finished within the last RESULT_TTL seconds.
+    """
+    from worker.metrics import snapshot
+
+    app = configured_app()
+    try:
+        snap = snapshot(app.runtime)
+    except redis.RedisError as exc:
+        raise Failure(f"redis unreachable: {type(exc).__name__}") from None
+    states, outcomes, breaker = snap["states"], snap["outcomes"], snap["breaker"]
+    figures = {
+        "states": states, "outcomes": outcomes, "queue_depth": snap["queue_depth"], "deferred": snap["deferred"],
+        "dead_letters": snap["dead_letters"],
+        "breaker": {"state": breaker["state"], "failures": breaker["failures"],
+                    "reopens_at": _iso(breaker["reopens_at"])},
+        "rate": {"limit_per_second": app.settings.rate_limit, "current_per_second": round(snap["rate"], 3)},
+    }
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+        return
+    click.echo("states        " + "  ".join(f"{k} {n}" for k, n in states.items()))
+    click.echo("outcomes      " + ("  ".join(f"{k} {n}" for k, n in outcomes.items()) or "none yet"))
+    click.echo(f"queue         {snap['queue_depth']} messages waiting")
+    click.echo(f"deferred      {snap['deferred']} cancels waiting for their time")
+    click.echo(f"dead letters  {snap['dead_letters']} (plural-cancel failed list)")
+    reopens = f", reopens at {figures['breaker']['reopens_at']}" if breaker["state"] != "closed" else ""
+    click.echo(f"breaker       {breaker['state']} ({breaker['failures']} consecutive failures{reopens})")
+    click.echo(f"rate          {snap['rate']:g}/s now, limit {app.settings.rate_limit:g}/s")
+
+
+@click.command()
+def check():
+    """Check the settings, that Redis answers and that a Plural token can be had."""
+    from worker.runtime import Runtime
+
+    settings = load_settings()
+    try:
+        settings.require_credentials()
+    except ConfigError as exc:
+        raise UsageFailure(f"configuration error: {exc}") from None
+    click.echo("settings   ok")
+    runtime = Runtime(settings)
+    try:
+        runtime.redis.ping()
+    except redis.RedisError as exc:
+        raise Failure(f"redis      unreachable: {type(exc).__name__}") from None
+    click.echo("redis      ok")
+    try:
+        runtime.plural.generate_token()
+    except Exception as exc:  # every Plural error is reported the same way here: one line
+        raise Failure(f"plural     no token: {exc}") from None
+    finally:
+        runtime.close()
+    click.echo("plural     ok (token obtained)")
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+COMMANDS = [failed, stats, check]

@@ -1,0 +1,226 @@
+"""Commands for many cancels and later ones: ``bulk``, ``schedule``, ``unschedule``.
+
+``bulk FILE`` reads one payment link id per line (blank lines and ``#`` comments
+skipped), or a CSV with a ``payment_link_id`` column. Every line is checked before
+anything is sent; each bad one is named on stderr with its line number and reason.
+The valid ones are enqueued (each distinct id once) unless ``--strict``; the exit
+status is then 2 when any line was bad, so a script notices, and 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Iterable, TextIO
+
+import click
+
+from tasks.cli.base import Failure, UsageFailure, configured_app
+from worker.validation import validate_payment_link_id
+
+CHUNK = 1000
+"""Links per ``enqueue_many`` call (one progress-bar step, a few Redis round trips)."""
+
+SHOWN_INVALID = 100
+"""Bad lines named one by one on stderr; the rest are only counted."""
+
+POLL_INTERVAL = 1.0
+"""Seconds between status reads while ``--wait`` follows the outcomes."""
+
+COLUMN = "payment_link_id"
+
+
+@dataclass
+class LinkFile:
+    """What a bulk file holds: valid link ids in order, bad lines, repeated ids."""
+
+    links: list[str] = field(default_factory=list)
+    invalid: list[tuple[int, str]] = field(default_factory=list)
+    """(line number, reason) of each bad line."""
+    duplicates: int = 0
+    """Lines naming an id seen on an earlier line (enqueued once)."""
+
+
+def read_link_file(lines: Iterable[str]) -> LinkFile:
+    """Parse a bulk file: plain (one id a line) or CSV with a ``payment_link_id`` header."""
+    result, seen = LinkFile(), set()
+    numbered = _significant(enumerate(lines, start=1))
+    first = next(numbered, None)
+    if first is None:
+        return result
+    number, line = first
+    header = [cell.strip() for cell in next(csv.reader([line]))]
+    if COLUMN in header:
+        rows = _csv_rows(numbered, header.index(COLUMN))
+    else:
+        rows = ((n, text.strip()) for n, text in _chain(first, numbered))
+    for number, value in rows:
+        try:
+            validate_payment_link_id(value)
+        except ValueError as exc:
+            result.invalid.append((number, str(exc)))
+            continue
+        if value in seen:
+            result.duplicates += 1
+            continue
+        seen.add(value)
+        result.links.append(value)
+    return result
+
+
+def _significant(numbered):
+    for number, line in numbered:
+        text = line.strip()
+        if text and not text.startswith("#"):
+            yield number, line.rstrip("\r\n")
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _csv_rows(numbered, column: int):
+    for number, line in numbered:
+        # Row by row, so each value keeps its own line number (an id never spans lines).
+        row = next(csv.reader([line]), [])
+        yield number, (row[column].strip() if column < len(row) else "")
+
+
+@click.command()
+@click.argument("file", type=click.File("r", encoding="utf-8-sig"))
+@click.option("--wait", is_flag=True, help="Follow the cancels until all have finished; print counts by outcome.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None,
+              help="With --wait: stop waiting after this many seconds (exit 1).")
+@click.option("--output", type=click.File("w"), default=None,
+              help="Write 'payment_link_id,request_id' for every link enqueued.")
+@click.option("--strict", is_flag=True, help="Enqueue nothing when any line is bad.")
+def bulk(file: TextIO, wait: bool, timeout: float | None, output: TextIO | None, strict: bool):
+    """Cancel every payment link listed in FILE ('-' for stdin).
+
+    One id per line (blank lines and # comments skipped), or a CSV with a
+    payment_link_id column. Bad lines are named with their line numbers; the rest are
+    enqueued. Exit status 2 when any line was bad, 1 on other errors, 0 otherwise.
+    """
+    import redis
+
+    from tasks.producer import enqueue_many
+
+    parsed = read_link_file(file)
+    name = getattr(file, "name", "FILE")
+    for number, reason in parsed.invalid[:SHOWN_INVALID]:
+        click.echo(f"plural-cancel: {name} line {number}: {reason}", err=True)
+    if len(parsed.invalid) > SHOWN_INVALID:
+        click.echo(f"plural-cancel: ... and {len(parsed.invalid) - SHOWN_INVALID} more bad lines", err=True)
+    if not parsed.links:
+        raise UsageFailure(f"{name}: no valid payment link ids ({_lines(len(parsed.invalid))} bad)")
+    if strict and parsed.invalid:
+        raise UsageFailure(f"{name}: {_lines(len(parsed.invalid))} bad; nothing enqueued (--strict)")
+
+    app = configured_app()
+    request_ids: list[str] = []
+    try:
+        with click.progressbar(length=len(parsed.links), label="enqueueing", file=sys.stderr) as bar:
+            for start in range(0, len(parsed.links), CHUNK):
+                chunk = parsed.links[start:start + CHUNK]
+                ids = enqueue_many(chunk, app=app)
+                request_ids += ids
+                if output is not None:
+                    output.writelines(f"{link},{rid}\n" for link, rid in zip(chunk, ids))
+                bar.update(len(chunk))
+    except redis.RedisError as exc:
+        raise Failure(f"redis error after {len(request_ids)} of {len(parsed.links)} were enqueued: "
+                      f"{type(exc).__name__}: {exc}") from None
+
+    click.echo(f"accepted    {len(request_ids)}")
+    click.echo(f"duplicates  {parsed.duplicates}")
+    click.echo(f"invalid     {len(parsed.invalid)}")
+    if wait:
+        outcomes, pending = _follow(app, request_ids, timeout)
+        for outcome, count in sorted(outcomes.items()):
+            click.echo(f"{outcome:20}{count}")
+        if pending:
+            raise Failure(f"{pending} cancels still unfinished after {timeout:g} s")
+    if parsed.invalid:
+        raise UsageFailure(f"{name}: {_lines(len(parsed.invalid))} bad, skipped; "
+                           f"the other {len(request_ids)} links were enqueued")
+
+
+def _lines(n: int) -> str:
+    return f"{n} line" if n == 1 else f"{n} lines"
+
+
+def _follow(app, request_ids: list[str], timeout: float | None) -> tuple[Counter, int]:
+    """Poll until every cancel is terminal (or ``timeout`` seconds); returns (outcomes, still pending)."""
+    from tasks.producer import get_statuses
+
+    outcomes: Counter = Counter()
+    pending = list(request_ids)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with click.progressbar(length=len(pending), label="cancelling", file=sys.stderr) as bar:
+        while pending:
+            still = []
+            for request_id, status in zip(pending, get_statuses(pending, app=app)):
+                if status and status["state"] in ("succeeded", "failed"):
+                    outcomes[status["outcome"]] += 1
+                else:
+                    still.append(request_id)
+            bar.update(len(pending) - len(still))
+            pending = still
+            if pending and deadline is not None and time.monotonic() >= deadline:
+                break
+            if pending:
+                time.sleep(POLL_INTERVAL)
+    return outcomes, len(pending)
+
+
+@click.command()
+@click.argument("payment_link_id")
+@click.option("--at", "at_text", required=True, metavar="ISO-8601",
+              help="When, with a timezone: 2025-03-06T08:27:55Z or 2025-03-06T13:57:55+05:30.")
+@click.option("--request-id", help="Idempotency key (1-50 of A-Za-z0-9._:-); kept from an earlier schedule "
+                                   "of the link, else a new UUID4.")
+def schedule(payment_link_id: str, at_text: str, request_id: str | None):
+    """Cancel PAYMENT_LINK_ID at a given time; prints its Request-ID. Again: moves it."""
+    from tasks.producer import schedule_cancel
+
+    try:
+        at = datetime.fromisoformat(at_text)
+    except ValueError:
+        raise UsageFailure(f"--at: must be an ISO 8601 date-time with a timezone, e.g. "
+                           f"2025-03-06T08:27:55Z (got {at_text[:40]!r})") from None
+    if at.utcoffset() is None:
+        raise UsageFailure(f"--at: needs a timezone, Z or an offset such as +05:30 (got {at_text[:40]!r})")
+    app = configured_app()
+    try:
+        click.echo(schedule_cancel(payment_link_id, at, request_id, app=app))
+    except ValueError as exc:
+        raise UsageFailure(str(exc)) from None
+
+
+@click.command()
+@click.argument("payment_link_id")
+def unschedule(payment_link_id: str):
+    """Take back the scheduled cancel of PAYMENT_LINK_ID. Exit 1 when too late or none."""
+    from tasks.producer import get_schedule, unschedule_cancel
+
+    app = configured_app()
+    try:
+        removed = unschedule_cancel(payment_link_id, app=app)
+    except ValueError as exc:
+        raise UsageFailure(str(exc)) from None
+    if removed:
+        click.echo(f"unscheduled: {payment_link_id} will not be cancelled")
+        return
+    info = get_schedule(payment_link_id, app=app)
+    if info and info["state"] in ("fired", "firing"):
+        raise Failure(f"too late: the cancel of {payment_link_id} has fired as request_id "
+                      f"{info['request_id']} (plural-cancel status {info['request_id']})")
+    raise Failure(f"nothing scheduled for {payment_link_id}")
+
+
+COMMANDS = [bulk, schedule, unschedule]

@@ -1,0 +1,97 @@
+"""Log lines of the worker and beat: one line per event, structured, never a secret.
+
+Code logs with ``extra={...}`` (``request_id``, ``payment_link_id``, ``state``,
+``outcome``...); the formatters here render those fields. On a terminal they read as
+text (``... cancel succeeded: cancelled request_id=... payment_link_id=...``); anywhere
+else (a file, journald, a container's log driver) each line is one JSON object, so a
+log pipeline can filter by ``request_id`` without parsing prose.
+
+Every line passes through :class:`worker.reporting.Redactor` last: a token, the client
+secret, a password in a URL, an e-mail address or a phone number never reaches a log,
+whichever code wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+from typing import Any, TextIO
+
+from worker.reporting import Redactor
+
+# Attributes every LogRecord has; anything else on a record came from ``extra``.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def extras(record: logging.LogRecord) -> dict[str, Any]:
+    """The fields a log call passed with ``extra={...}``, in the order given."""
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+
+
+def _iso(created: float) -> str:
+    """Epoch seconds as ISO 8601 UTC with milliseconds."""
+    return datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``ts``, ``level``, ``logger``, ``message``, the extras, ``exc``."""
+
+    def __init__(self, redactor: Redactor):
+        super().__init__()
+        self.redactor = redactor
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {"ts": _iso(record.created), "level": record.levelname.lower(),
+                                "logger": record.name, "message": record.getMessage()}
+        for key, value in extras(record).items():
+            line.setdefault(key, value)
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        # Round-trip through JSON first so that every value is a plain string or number
+        # (an exception, a datetime...) before the redactor looks at it.
+        plain = json.loads(json.dumps(line, default=str))
+        return json.dumps(self.redactor.walk(plain), separators=(",", ":"), ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """The usual text line, then the extras as ``key=value``; for people at a terminal."""
+
+    def __init__(self, redactor: Redactor):
+        super().__init__(TEXT_FORMAT)
+        self.redactor = redactor
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = " ".join(f"{k}={json.dumps(v, default=str) if not isinstance(v, str) else v}"
+                          for k, v in extras(record).items() if v is not None)
+        if fields:
+            head, sep, tail = text.partition("\n")  # keep a traceback below the fields
+            text = f"{head} {fields}{sep}{tail}"
+        return self.redactor.text(text)
+
+
+def configure(redactor: Redactor, level: int | str = logging.INFO, logfile: str | None = None,
+              stream: TextIO | None = None) -> logging.Handler:
+    """Send every log record of this process to ``logfile`` (or stderr) through one handler.
+
+    JSON unless the stream is a terminal. Replaces the root logger's handlers; returns
+    the new handler.
+    """
+    if logfile:
+        handler: logging.Handler = logging.FileHandler(logfile, encoding="utf-8")
+        tty = False
+    else:
+        stream = stream or sys.stderr
+        handler = logging.StreamHandler(stream)
+        tty = hasattr(stream, "isatty") and stream.isatty()
+    handler.setFormatter(TextFormatter(redactor) if tty else JsonFormatter(redactor))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level or logging.INFO)
+    return handler

@@ -1,0 +1,144 @@
+"""Prometheus metrics of the worker, served on ``METRICS_PORT`` (0 = off).
+
+Counted in this process, as things happen (names as Prometheus shows them):
+
+- ``plural_cancel_cancels_total{outcome}``: cancels that reached a final outcome;
+- ``plural_cancel_plural_request_seconds{call}``: latency of each call to Plural
+  (``cancel``: the PUT, ``get``: the GET after an unclear refusal), in seconds;
+- ``plural_cancel_retries_total{reason}``: attempts that ended in a retry, by error;
+- ``plural_cancel_deferrals_total{reason}``: cancels held back before calling Plural
+  (``breaker``: it is open; ``rate_limit``: no slot soon enough);
+- ``plural_cancel_limiter_wait_seconds``: seconds slept for a granted rate-limit slot;
+- ``plural_cancel_breaker_openings_total``: openings of the breaker caused here.
+
+Read from Redis at each scrape (shared by every worker, so each one shows the same):
+``plural_cancel_breaker_state{state}`` (1 for the current one of closed, open,
+half_open), ``plural_cancel_records{state}`` (see ``Ledger.stats``),
+``plural_cancel_queue_depth``, ``plural_cancel_deferred``,
+``plural_cancel_dead_letters``, ``plural_cancel_rate_limit_per_second``.
+
+One process, one set of numbers: the worker runs Celery's threads pool
+(``config/celery.py``), so every task updates the counters of the process that serves
+them. A prefork pool would count in child processes that this server cannot see, so
+under prefork the server is not started at all (a warning says so) rather than serve
+numbers that are silently wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from config.celery import QUEUE
+
+log = logging.getLogger(__name__)
+
+CANCELS = Counter("plural_cancel_cancels", "Cancels that reached a final outcome, by outcome.", ["outcome"])
+PLURAL_SECONDS = Histogram(
+    "plural_cancel_plural_request_seconds", "Seconds each call to Plural took, by call (cancel, get).",
+    ["call"], buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0))
+RETRIES = Counter("plural_cancel_retries", "Attempts that ended in a retry, by the error behind it.", ["reason"])
+DEFERRALS = Counter("plural_cancel_deferrals", "Cancels held back before calling Plural (breaker, rate_limit).",
+                    ["reason"])
+LIMITER_WAIT = Histogram("plural_cancel_limiter_wait_seconds", "Seconds slept for a granted rate-limit slot.",
+                         buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+BREAKER_OPENINGS = Counter("plural_cancel_breaker_openings",
+                           "Openings of the circuit breaker caused by this process.")
+
+BREAKER_STATES = ("closed", "open", "half_open")
+SUCCEEDED = ("cancelled", "already_cancelled")
+"""Outcomes of the state ``succeeded``; every other outcome is ``failed``."""
+
+
+@contextmanager
+def plural_call(call: str) -> Iterator[None]:
+    """Time one call to Plural (``cancel`` or ``get``), whether it answers or raises."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        PLURAL_SECONDS.labels(call).observe(time.perf_counter() - start)
+
+
+def snapshot(rt) -> dict[str, Any]:
+    """The state every worker shares, read from Redis now (``rt`` is a ``worker.runtime.Runtime``):
+    ``{"states": {state: n}, "outcomes": {outcome: n}, "deferred": n, "dead_letters": n,
+    "queue_depth": n, "breaker": {...}, "rate": calls per second}``. ``queued``, ``running``
+    and ``retrying`` are counted now; ``succeeded``, ``failed`` and the outcomes over the
+    last ``RESULT_TTL`` seconds (see ``Ledger.stats``)."""
+    shared = rt.ledger.stats()
+    finished = shared["outcomes"]
+    shared["states"] = {**shared.pop("active"),
+                        "succeeded": sum(n for k, n in finished.items() if k in SUCCEEDED),
+                        "failed": sum(n for k, n in finished.items() if k not in SUCCEEDED)}
+    # The Celery queue is kombu's list in the same database; its length is the backlog.
+    shared["queue_depth"] = rt.redis.llen(QUEUE)
+    shared["breaker"] = rt.breaker.state()
+    shared["rate"] = rt.limiter.effective_rate()
+    return shared
+
+
+class SharedStateCollector(Collector):
+    """Gauges read from Redis when Prometheus scrapes: the state every worker shares.
+
+    ``read`` returns what :func:`snapshot` does; when it fails (Redis away) the gauges
+    are left out of that scrape rather than reported as zero.
+    """
+
+    def __init__(self, read: Callable[[], dict[str, Any]]):
+        self.read = read
+
+    def collect(self):
+        try:
+            shared = self.read()
+        except Exception as exc:  # a scrape must not fail because Redis blinked
+            log.warning("metrics: shared state unreadable (%s)", type(exc).__name__)
+            return
+        breaker = GaugeMetricFamily("plural_cancel_breaker_state", "1 for the breaker's current state.",
+                                    labels=["state"])
+        for state in BREAKER_STATES:
+            breaker.add_metric([state], 1.0 if shared["breaker"]["state"] == state else 0.0)
+        yield breaker
+        records = GaugeMetricFamily("plural_cancel_records", "Cancels in the ledger by state (queued, running, "
+                                    "retrying: now; succeeded, failed: within RESULT_TTL).", labels=["state"])
+        for state, n in shared["states"].items():
+            records.add_metric([state], n)
+        yield records
+        yield GaugeMetricFamily("plural_cancel_queue_depth", "Messages waiting in the Celery queue.",
+                                value=shared["queue_depth"])
+        yield GaugeMetricFamily("plural_cancel_deferred", "Cancels waiting in Redis for their due time.",
+                                value=shared["deferred"])
+        yield GaugeMetricFamily("plural_cancel_dead_letters",
+                                "Cancels that ended failed (plural-cancel failed list).",
+                                value=shared["dead_letters"])
+        yield GaugeMetricFamily("plural_cancel_rate_limit_per_second",
+                                "Calls per second the limiter grants now (lower after a 429).", value=shared["rate"])
+
+
+class MetricsServer:
+    """The HTTP endpoint (``/metrics``) of one worker process, on all interfaces."""
+
+    def __init__(self, port: int, read_shared: Callable[[], dict[str, Any]],
+                 registry: CollectorRegistry = REGISTRY):
+        self.port = port
+        self.registry = registry
+        self.collector = SharedStateCollector(read_shared)
+        self._server = None
+
+    def start(self) -> None:
+        self.registry.register(self.collector)
+        self._server, _thread = start_http_server(self.port, addr="0.0.0.0", registry=self.registry)
+        log.info("metrics served on port %d", self.port, extra={"metrics_port": self.port})
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+            self.registry.unregister(self.collector)

@@ -1,0 +1,240 @@
+"""Cancels scheduled for later: "cancel this link at T unless the order gets paid".
+
+Kept in Redis, never in a process's memory, so a restart loses nothing:
+
+- a sorted set of payment link ids scored by their due time (epoch seconds), one
+  member per link, so scheduling a link again moves it instead of adding a second;
+- a hash per link with the ``request_id`` the cancel will carry and its ``at``;
+- a hash Request-ID -> link, so one Request-ID never names two links;
+- after it fires, a short-lived marker per link (``request_id``, ``at``, ``fired_at``),
+  kept ``fired_ttl`` seconds, so that an unschedule that comes too late can say so.
+
+Firing (``tasks.periodic.fire_schedules``) has three steps: :meth:`Schedule.take_due`
+marks due entries ``firing`` (held until a hold time, as the ledger does for its own
+sets), the producer path creates their ledger records and publishes them, and
+:meth:`Schedule.mark_fired` removes them. A firer that dies between the steps leaves
+the entries to come due again at the hold time; their Request-IDs keep it one cancel.
+
+Each change is one Lua script. An entry that is ``firing``, or whose Request-ID already
+has a ledger record, is past stopping: unscheduling it reports ``fired``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import redis
+
+from worker.keys import Keys
+from worker.ledger import RequestIdConflict
+
+# KEYS: [1] schedule  [2] this link's hash  [3] schedule ids  [4] ledger record key prefix
+# ARGV: [1] payment_link_id  [2] request_id to use unless one is kept  [3] at
+#       [4] 1 when the caller named the Request-ID (it replaces the kept one)  [5] now
+# Returns {verdict, request_id}: scheduled (new), moved (the pending one, new time)
+# or conflict (the Request-ID belongs to another link; the link is returned instead).
+SCHEDULE = """
+local link = ARGV[1]
+local current = redis.call('HGET', KEYS[2], 'request_id')
+local verdict = 'scheduled'
+local rid = ARGV[2]
+if current then
+  local firing = tonumber(redis.call('HGET', KEYS[2], 'firing') or '') or 0
+  local too_late = firing > tonumber(ARGV[5]) or redis.call('EXISTS', KEYS[4] .. current) == 1
+  if not too_late then
+    verdict = 'moved'
+    if ARGV[4] == '0' then rid = current end
+  end
+end
+if rid ~= current then
+  local other = redis.call('HGET', KEYS[3], rid)
+  if other and other ~= link then return {'conflict', other} end
+  local recorded = redis.call('HGET', KEYS[4] .. rid, 'payment_link_id')
+  if recorded and recorded ~= link then return {'conflict', recorded} end
+  if current and redis.call('HGET', KEYS[3], current) == link then redis.call('HDEL', KEYS[3], current) end
+end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'request_id', rid, 'at', ARGV[3])
+redis.call('HSET', KEYS[3], rid, link)
+redis.call('ZADD', KEYS[1], ARGV[3], link)
+return {verdict, rid}
+"""
+
+# KEYS: [1] schedule  [2] this link's hash  [3] schedule ids  [4] this link's fired marker
+#       [5] ledger record key prefix
+# ARGV: [1] payment_link_id  [2] now
+# Returns {verdict, request_id}: removed (it will never fire), fired (being fired or
+# already fired: too late) or none (nothing scheduled, nothing fired recently).
+UNSCHEDULE = """
+local rid = redis.call('HGET', KEYS[2], 'request_id')
+if rid then
+  local firing = tonumber(redis.call('HGET', KEYS[2], 'firing') or '') or 0
+  if firing > tonumber(ARGV[2]) or redis.call('EXISTS', KEYS[5] .. rid) == 1 then
+    return {'fired', rid}
+  end
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('DEL', KEYS[2])
+  if redis.call('HGET', KEYS[3], rid) == ARGV[1] then redis.call('HDEL', KEYS[3], rid) end
+  return {'removed', rid}
+end
+local fired = redis.call('HGET', KEYS[4], 'request_id')
+if fired then return {'fired', fired} end
+return {'none', ''}
+"""
+
+# KEYS: [1] schedule  [2] link hash key prefix
+# ARGV: [1] due up to (epoch seconds)  [2] how many at most  [3] hold until (epoch seconds)
+# Marks due entries firing until ARGV[3] (also their new score) and returns
+# {link, request_id, at, ...}. A member without its hash has nothing to fire: dropped.
+TAKE_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, link in ipairs(due) do
+  local hash = KEYS[2] .. link
+  local fields = redis.call('HMGET', hash, 'request_id', 'at')
+  if fields[1] then
+    redis.call('ZADD', KEYS[1], ARGV[3], link)
+    redis.call('HSET', hash, 'firing', ARGV[3])
+    table.insert(out, link)
+    table.insert(out, fields[1])
+    table.insert(out, fields[2] or '')
+  else
+    redis.call('ZREM', KEYS[1], link)
+  end
+end
+return out
+"""
+
+# KEYS: [1] schedule  [2] link hash key prefix  [3] schedule ids  [4] fired marker key prefix
+# ARGV: [1] fired_at  [2] marker ttl seconds  [3..] quadruples: link, request_id, at, result
+# An entry rescheduled meanwhile under another Request-ID is a new schedule: it stays.
+MARK_FIRED = """
+for i = 3, #ARGV, 4 do
+  local link, rid, at, result = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local hash = KEYS[2] .. link
+  if redis.call('HGET', hash, 'request_id') == rid then
+    redis.call('ZREM', KEYS[1], link)
+    redis.call('DEL', hash)
+  end
+  if redis.call('HGET', KEYS[3], rid) == link then redis.call('HDEL', KEYS[3], rid) end
+  local marker = KEYS[4] .. link
+  redis.call('DEL', marker)
+  redis.call('HSET', marker, 'request_id', rid, 'at', at, 'fired_at', ARGV[1], 'result', result)
+  redis.call('EXPIRE', marker, ARGV[2])
+end
+return (#ARGV - 2) / 4
+"""
+
+
+@dataclass(frozen=True)
+class Due:
+    """One scheduled cancel taken for firing."""
+
+    payment_link_id: str
+    request_id: str
+    at: float
+    """Epoch seconds it was due."""
+
+
+class Schedule:
+    """Scheduled cancels in Redis: schedule, unschedule, look up, and take the due ones."""
+
+    def __init__(self, client: redis.Redis, *, fired_ttl: int, keys: Keys = Keys(),
+                 clock: Callable[[], float] = time.time):
+        """``fired_ttl``: seconds the "it fired" marker of a link is kept (RESULT_TTL)."""
+        self.redis = client
+        self.keys = keys
+        self.fired_ttl = fired_ttl
+        self.clock = clock
+        self._schedule = client.register_script(SCHEDULE)
+        self._unschedule = client.register_script(UNSCHEDULE)
+        self._take_due = client.register_script(TAKE_DUE)
+        self._mark_fired = client.register_script(MARK_FIRED)
+
+    def put(self, payment_link_id: str, at: float, request_id: str, *, replace: bool) -> tuple[str, str]:
+        """Schedule (or move) the cancel of a link to ``at`` (epoch seconds).
+
+        ``request_id`` is used for a new entry; a pending one keeps its own unless
+        ``replace``. Returns (``scheduled`` or ``moved``, the Request-ID it will carry).
+        Raises :class:`RequestIdConflict` when that Request-ID belongs to another link.
+        """
+        keys = [self.keys.schedule, self.keys.scheduled(payment_link_id), self.keys.schedule_ids,
+                self.keys.record("")]
+        verdict, value = (_text(x) for x in self._schedule(
+            keys=keys, args=[payment_link_id, request_id, repr(at), int(replace), repr(self.clock())]))
+        if verdict == "conflict":
+            raise RequestIdConflict(
+                f"request_id: {request_id!r} is already used for a cancel of another payment link")
+        return verdict, value
+
+    def remove(self, payment_link_id: str) -> tuple[str, str | None]:
+        """Unschedule a link's cancel. Returns (verdict, Request-ID or None).
+
+        ``removed``: it will never fire. ``fired``: too late, it is being fired or has
+        fired (within ``fired_ttl``). ``none``: nothing scheduled and nothing fired lately.
+        """
+        keys = [self.keys.schedule, self.keys.scheduled(payment_link_id), self.keys.schedule_ids,
+                self.keys.schedule_fired(payment_link_id), self.keys.record("")]
+        verdict, rid = (_text(x) for x in self._unschedule(keys=keys, args=[payment_link_id, repr(self.clock())]))
+        return verdict, rid or None
+
+    def get(self, payment_link_id: str) -> dict[str, Any] | None:
+        """What is known of a link's scheduled cancel, or None.
+
+        ``{"payment_link_id", "state": "scheduled" | "firing" | "fired", "request_id",
+        "at", "fired_at", "result"}``, times as ISO 8601 (UTC); ``result`` (see
+        :meth:`mark_fired`) is None until it fires.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys.scheduled(payment_link_id))
+        pipe.hgetall(self.keys.schedule_fired(payment_link_id))
+        pending, fired = ({_text(k): _text(v) for k, v in raw.items()} for raw in pipe.execute())
+        if pending.get("request_id"):
+            firing = float(pending.get("firing") or 0) > self.clock()
+            return {"payment_link_id": payment_link_id, "state": "firing" if firing else "scheduled",
+                    "request_id": pending["request_id"], "at": _iso(pending.get("at")), "fired_at": None,
+                    "result": None}
+        if fired.get("request_id"):
+            return {"payment_link_id": payment_link_id, "state": "fired", "request_id": fired["request_id"],
+                    "at": _iso(fired.get("at")), "fired_at": _iso(fired.get("fired_at")),
+                    "result": fired.get("result")}
+        return None
+
+    def pending(self) -> int:
+        """How many cancels are scheduled and not yet fired."""
+        return int(self.redis.zcard(self.keys.schedule))
+
+    def take_due(self, *, upto: float, limit: int, hold_until: float) -> list[Due]:
+        """Mark up to ``limit`` entries due by ``upto`` as firing until ``hold_until`` (epoch seconds)."""
+        flat = [_text(x) for x in self._take_due(keys=[self.keys.schedule, self.keys.scheduled("")],
+                                                 args=[repr(upto), limit, repr(hold_until)])]
+        return [Due(link, rid, float(at or 0)) for link, rid, at in zip(flat[0::3], flat[1::3], flat[2::3])]
+
+    def mark_fired(self, fired: list[tuple[Due, str]]) -> None:
+        """Remove fired entries and leave their markers; each with its result.
+
+        Results: ``enqueued``, ``already_enqueued`` (its Request-ID already had a ledger
+        record, from an earlier firing or enqueue: still one cancel), ``conflict`` (the
+        Request-ID had meanwhile been used for another link: not fired).
+        """
+        if not fired:
+            return
+        args: list[Any] = [repr(self.clock()), self.fired_ttl]
+        for due, result in fired:
+            args += [due.payment_link_id, due.request_id, repr(due.at), result]
+        self._mark_fired(keys=[self.keys.schedule, self.keys.scheduled(""), self.keys.schedule_ids,
+                               self.keys.schedule_fired("")], args=args)
+
+
+def _iso(value: str | None) -> str | None:
+    if not value:
+        return None
+    moment = datetime.fromtimestamp(float(value), timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
