@@ -144,9 +144,13 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
         metrics.DEFERRALS.labels("breaker").inc()
         return "held"
     # The probe must go through (nobody else calls Plural meanwhile), so it may wait longer.
-    slot = acquire(rt.limiter, PROBE_MAX_WAIT if gate.probe else rt.settings.limiter_max_wait)
+    max_wait = PROBE_MAX_WAIT if gate.probe else rt.settings.limiter_max_wait
+    slot = acquire(rt.limiter, max_wait)
     if not slot.granted:
-        ledger.defer(request_id, payment_link_id, owner, due=_spread(rt, rt.clock() + slot.wait),
+        # Come back while the free slot is still up to ``max_wait`` ahead, so that a slot
+        # is reserved ahead of its time and none goes unused: the drain stays at the limit.
+        due = rt.clock() + max(0.0, slot.wait - max_wait) + max_wait * rt.jitter()
+        ledger.defer(request_id, payment_link_id, owner, due=due,
                      attempted=False)
         log.info("cancel held: rate limit", extra={**ids, "state": waiting, "reason": "rate_limit"})
         metrics.DEFERRALS.labels("rate_limit").inc()
