@@ -7,7 +7,15 @@ cd "$(dirname "$0")/.."
 VENV=.venv
 mkdir -p var/redis
 pids=()
-cleanup() { trap - INT TERM EXIT; for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait; }
+# Stop in reverse order of start: worker and beat hand their messages back to Redis
+# before Redis and the sandbox go away.
+cleanup() {
+  trap - INT TERM EXIT
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill -TERM "${pids[i]}" 2>/dev/null || true
+    wait "${pids[i]}" 2>/dev/null || true
+  done
+}
 trap cleanup INT TERM EXIT
 
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

@@ -74,6 +74,10 @@ class TextFormatter(logging.Formatter):
         return self.redactor.text(text)
 
 
+QUIET_CELERY_LOGGERS = ("celery.app.trace", "celery.worker.strategy")
+"""Celery loggers that log every task at INFO."""
+
+
 def configure(redactor: Redactor, level: int | str = logging.INFO, logfile: str | None = None,
               stream: TextIO | None = None) -> logging.Handler:
     """Send every log record of this process to ``logfile`` (or stderr) through one handler.
@@ -94,4 +98,9 @@ def configure(redactor: Redactor, level: int | str = logging.INFO, logfile: str 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level or logging.INFO)
+    # Celery's own "Task ... received" and "... succeeded" lines repeat, without the ids,
+    # what our state-change lines say; at INFO they cost as much CPU as the cancel's
+    # Redis work (bench/README.md). Their warnings and errors still come through.
+    for name in QUIET_CELERY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     return handler
