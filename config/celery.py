@@ -10,9 +10,10 @@ The product relies on at-least-once delivery over the Redis transport:
   It must exceed the longest a cancel can legitimately run (:func:`lease_seconds`),
   and no ETA/countdown may ever be longer than it (we never use one: deferred cancels
   wait in Redis, see ``worker.ledger``), or a message is delivered twice.
-- soft shutdown: with ``REMAP_SIGTERM=SIGQUIT`` (set by the Procfile and
-  docker-compose), SIGTERM lets in-flight cancels finish for up to
-  ``worker_soft_shutdown_timeout`` seconds, then hands unfinished messages back.
+- shutdown: SIGTERM is Celery's warm shutdown (prefetched messages go back at once,
+  cancels in flight finish). ``worker_soft_shutdown_timeout`` applies to SIGQUIT; it
+  is not made SIGTERM's (``REMAP_SIGTERM``) because the cold shutdown it leads to
+  kills pool processes, which the threads pool cannot do (README, Operations).
 """
 
 from __future__ import annotations

@@ -269,3 +269,20 @@ def test_nothing_personal_or_secret_is_left_in_redis(system):
     assert b"plural-cancel:req:" in text  # the scan saw the ledger
     for value in forbidden:
         assert value.encode() not in text, f"found a forbidden value in Redis: {value[:4]}..."
+
+
+def test_a_cancel_whose_lease_ran_out_is_republished(system):
+    """A worker claimed a cancel and vanished with its message: the reconciler sends it again."""
+    from tasks.periodic import reconcile
+
+    app, sandbox = system["app"], system["sandbox"]
+    [link_id] = sandbox.create_links(1, status="CREATED", prefix="pl-stranded-")
+    ledger = app.runtime.ledger
+    assert ledger.create_many([("stranded-1", link_id)]) == [1]
+    ledger.mark_published(["stranded-1"])
+    assert ledger.claim("stranded-1", link_id, "a-worker-that-died", lease=0.5).verdict == "claimed"
+    assert reconcile(app)["stranded"] == 0  # its lease still runs
+    time.sleep(0.7)
+    assert reconcile(app)["stranded"] == 1
+    status = finished(app, "stranded-1")
+    assert (status["state"], status["outcome"], status["attempts"]) == ("succeeded", "cancelled", 1)

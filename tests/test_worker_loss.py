@@ -45,3 +45,39 @@ def test_a_cancel_in_flight_on_a_killed_worker_completes_on_another(module_redis
     assert {p["request_id"] for p in puts} == {request_id}
     with capsys.disabled():
         print(f"\n[worker loss] cancel completed {recovery:.1f}s after SIGKILL of its worker's process group")
+
+
+def test_sigterm_lets_the_cancel_in_flight_finish_and_strands_nothing(module_redis_url, sandbox_process):
+    """SIGTERM is Celery's warm shutdown: no new message is taken, the cancel in flight
+    finishes (its HTTP call is bounded by the timeouts) and is recorded, and nothing is
+    left unacknowledged in Redis. (The threads pool cannot kill a running cancel, so
+    Celery's cold shutdown has nothing better to offer: see README, Operations.)"""
+    import os
+    import signal
+
+    import redis
+
+    from tasks import enqueue_cancel, enqueue_many, get_status
+
+    sandbox = sandbox_process
+    env = service_env(module_redis_url, sandbox.url)
+    app = use_settings(module_redis_url, sandbox.url)
+    client = redis.Redis.from_url(module_redis_url)
+    [link_id] = sandbox.create_links(1, status="CREATED", prefix="pl-term-")
+    worker = start_worker(env, concurrency=1)
+    try:
+        sandbox.set_faults(latency_ms=5_000, faults_skip_token=True)
+        request_id = enqueue_cancel(link_id, app=app)
+        wait_for(lambda: any(r["method"] == "PUT" and r.get("link_id") == link_id
+                             for r in sandbox.requests()), 30, 0.05, "the PUT reaching the sandbox")
+        later = enqueue_many(sandbox.create_links(3, status="CREATED", prefix="pl-later-"), app=app)
+        os.killpg(worker.proc.pid, signal.SIGTERM)
+        assert worker.proc.wait(60) == 0
+    finally:
+        sandbox.set_faults(latency_ms=0, faults_skip_token=False)
+        worker.stop()
+    assert get_status(request_id, app=app)["outcome"] == "cancelled"
+    assert client.hlen("unacked") == 0
+    # The cancels it never started are waiting in the queue for the next worker.
+    assert client.llen("celery") == 3
+    assert all(get_status(rid, app=app)["state"] == "queued" for rid in later)
