@@ -29,6 +29,8 @@ from typing import Any, NamedTuple, Protocol
 
 import redis
 
+from worker.redis_clock import REDIS_NOW
+
 MAX_COOLDOWN = 600.0
 """Seconds: a failed probe doubles the cooldown, but never beyond this."""
 PROBE_TTL = 60.0
@@ -36,15 +38,7 @@ PROBE_TTL = 60.0
 PROBE_RETRY = 1.0
 """Seconds after which a caller turned away during a probe should ask again."""
 
-# Redis 7 replicates scripts by their effects, so TIME (non-deterministic) may be
-# called before writes. Times travel as strings: Redis truncates Lua numbers.
-_PRELUDE = """
-local function redis_now()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local function fmt(x) return string.format('%.6f', x) end
-"""
+_PRELUDE = REDIS_NOW
 
 # KEYS: [1] breaker (hash)  [2] probe lock
 # ARGV: [1] probe lock TTL (seconds)  [2] seconds others wait while a probe runs

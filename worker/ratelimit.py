@@ -24,6 +24,8 @@ from typing import Callable, NamedTuple, Protocol
 
 import redis
 
+from worker.redis_clock import REDIS_NOW
+
 MIN_FACTOR = 0.1
 """Repeated 429s compound the slow-down, but never below this fraction of the rate."""
 
@@ -31,17 +33,7 @@ PENALTY_HOLDOFF = 1.0
 """Seconds after a penalty during which further 429s do not compound it: calls already
 in flight when Plural first said 429 are the same signal, not new ones."""
 
-# Redis 7 replicates scripts by their effects (verbatim replication is gone), so a
-# script may call TIME, which is non-deterministic, and still write afterwards.
-# Times are epoch seconds as doubles; they travel as strings because Redis would
-# truncate a Lua number to an integer.
-_PRELUDE = """
-local function redis_now()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local function fmt(x) return string.format('%.6f', x) end
--- The fraction of the full rate allowed now: the penalty's factor, climbing back
+_PRELUDE = REDIS_NOW + """-- The fraction of the full rate allowed now: the penalty's factor, climbing back
 -- linearly to 1 over its recovery seconds.
 local function rate_factor(penalty_key, now)
   local p = redis.call('HMGET', penalty_key, 'factor', 'at', 'seconds')
