@@ -42,12 +42,14 @@ from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
+
 def _release() -> str | None:
     """``plural-cancel@<version>`` as installed, so Sentry can tell which release failed."""
     try:
         return f"plural-cancel@{importlib.metadata.version('plural-cancel')}"
     except importlib.metadata.PackageNotFoundError:
         return None
+
 
 DENYLIST = DEFAULT_DENYLIST + [
     "client_secret", "clientsecret", "access_token", "refresh_token", "bearer", "blob",
