@@ -1,13 +1,12 @@
-"""``python -m sandbox``: parse the options, read the credentials, call :func:`serve`.
+"""``python -m sandbox``: parse the options, call :func:`serve`.
 
-This is the sandbox's only reader of the environment (``PLURAL_CLIENT_ID`` and
-``PLURAL_CLIENT_SECRET``, as defaults for ``--client-id`` / ``--client-secret``).
+The sandbox reads no environment: credentials come as ``--client-id`` /
+``--client-secret`` (``plural-cancel sandbox`` fills them from the settings).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any, Sequence
 
@@ -31,8 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hang-ms", type=float, default=30000)
     p.add_argument("--token-ttl", type=float, default=3600, help="seconds new tokens live")
     p.add_argument("--token-style", choices=TOKEN_STYLES, default="expires_at")
-    p.add_argument("--client-id", default=os.environ.get("PLURAL_CLIENT_ID") or None)
-    p.add_argument("--client-secret", default=os.environ.get("PLURAL_CLIENT_SECRET") or None)
+    # No environment defaults: `plural-cancel sandbox` passes the settings' credentials;
+    # `python -m sandbox` without them accepts any.
+    p.add_argument("--client-id", default=None, help="the accepted client id (default: any)")
+    p.add_argument("--client-secret", default=None, help="the accepted client secret (default: any)")
     p.add_argument("--seed", type=int, default=None, help="repeatable fault dice and ids")
     p.add_argument("--no-demo-links", action="store_true", help="start with no links")
     return p

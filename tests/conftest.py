@@ -97,6 +97,14 @@ def sandbox_process():
     proc.stop()
 
 
+@pytest.fixture
+def healthy_sandbox(sandbox_process):
+    """The module's sandbox back to its start-up faults before and after a test."""
+    sandbox_process.reset_faults()
+    yield sandbox_process
+    sandbox_process.reset_faults()
+
+
 def use_settings(redis_url: str, plural_url: str | None = None, **overrides):
     """Point this process's Celery app (the producer side) at ``redis_url``."""
     from config.settings import Settings

@@ -42,10 +42,8 @@ def system(module_redis_url, sandbox_process, sentry):
 
 
 @pytest.fixture(autouse=True)
-def healthy_sandbox(sandbox_process):
-    sandbox_process.reset_faults()
-    yield
-    sandbox_process.reset_faults()
+def _healthy(healthy_sandbox):
+    """Every test here starts and ends with the sandbox's start-up faults (none)."""
 
 
 def finished(app, request_id, timeout=30.0):
