@@ -24,12 +24,8 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,34 +36,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from config.settings import Settings  # noqa: E402
+from tests.support.redis_server import RedisServer  # noqa: E402
 from worker import app  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_redis() -> tuple[subprocess.Popen, str, str]:
-    """A throwaway redis-server; returns (process, URL, its directory)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("redis-server is not installed (make setup installs it)")
-    port, workdir = _free_port(), tempfile.mkdtemp(prefix="bench-redis-")
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", workdir],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    client.close()
-    return proc, url, workdir
 
 
 def check_queue(client: redis.Redis, count: int) -> None:
@@ -112,7 +82,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of both runs")
     opts = parser.parse_args()
 
-    proc, url, workdir = start_redis()
+    server = RedisServer(prefix="bench-redis-")
+    url = server.url
     try:
         app.use(Settings.from_env({"REDIS_URL": url}))
         client = redis.Redis.from_url(url)
@@ -136,9 +107,7 @@ def main() -> None:
               f"({opts.count} links, {opts.rounds} rounds)")
         client.close()
     finally:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.stop()
 
 
 if __name__ == "__main__":

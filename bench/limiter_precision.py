@@ -29,11 +29,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +42,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from worker.ratelimit import RedisRateLimiter, acquire  # noqa: E402
+from tests.support.redis_server import RedisServer  # noqa: E402
 from tests.support.timing import largest_window  # noqa: E402
 
 LIMIT = 20
@@ -82,12 +80,6 @@ def our_limited(log: str, limit: float) -> None:
 
 
 # -- the driver ----------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _drain(client: redis.Redis, task, args: tuple, name: str, n: int, timeout: float) -> list[float]:
@@ -153,21 +145,11 @@ def main() -> int:
     args = parser.parse_args()
     limit = LIMIT
 
-    workdir = tempfile.mkdtemp(prefix="bench-redis-")
-    port = _free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", workdir],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    redis_server = RedisServer(prefix="bench-redis-")
+    url = redis_server.url
     workers: list[subprocess.Popen] = []
     try:
         client = redis.Redis.from_url(url)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
         app.conf.broker_url = url
         print(f"limit {limit}/s, {args.tasks} tasks, {args.workers} Celery worker processes")
 
@@ -194,9 +176,7 @@ def main() -> int:
         return 0 if len(ours) == args.tasks else 1
     finally:
         _stop(workers)
-        server.terminate()
-        server.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
+        redis_server.stop()
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from config.settings import Settings  # noqa: E402
+from tests.support.redis_server import RedisServer  # noqa: E402
 from tests.support.sandbox import SandboxProcess, start_sandbox_process  # noqa: E402
 from tests.support.workers import CELERY, service_env  # noqa: E402
 from worker.keys import Keys  # noqa: E402
@@ -119,12 +120,6 @@ class Run:
 
 
 # -- processes ---------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -455,26 +450,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="record each worker with py-spy (collapsed stacks) into DIR")
     args = parser.parse_args(argv)
 
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed")
-    workdir = tempfile.mkdtemp(prefix="bench-redis-")
-    port = _free_port()
-    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", workdir],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = RedisServer(prefix="bench-redis-")
+    url = server.url
     sandbox = bench = None
     failures = 0
     try:
-        url = f"redis://127.0.0.1:{port}/0"
-        client = redis.Redis.from_url(url)
-        for _ in range(200):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        client.close()
         sandbox = start_sandbox_process(extra_args=["--no-demo-links"])
         if args.py_spy is not None:
             args.py_spy.mkdir(parents=True, exist_ok=True)
@@ -539,9 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.close()
         if sandbox is not None:
             sandbox.stop()
-        server.terminate()
-        server.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.stop()
 
 
 if __name__ == "__main__":

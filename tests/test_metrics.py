@@ -6,7 +6,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port, use_settings, wait_for
+from tests.conftest import use_settings, wait_for
+from tests.support.redis_server import free_port
 from tests.support.workers import service_env, start_worker
 
 

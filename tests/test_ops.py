@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, use_settings, wait_for
+from tests.conftest import use_settings, wait_for
+from tests.support.redis_server import free_port
 from tests.support.workers import ROOT, service_env, start_worker
 
 CLI = str(Path(sys.executable).with_name("plural-cancel"))
