@@ -21,6 +21,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -43,91 +44,11 @@ SECRET = "s3cr3t-DO-NOT-LEAK-91c2"
 LINK_ID = "pl-v1-250306082755-aa-uT0noy"
 UTC = dt.timezone.utc
 
-# The seed's 200 example, verbatim (its tabs and misspelt "adddress_type" included).
-SEED_200 = '''{
-  "payment_link": "https://shortener.v2.pinepg.in/PLUTUS/3rh4jtd",
-  "payment_link_id": "pl-v1-250306082755-aa-uT0noy",
-  "status": "CANCELLED",
-  "amount": {
-    "value": 100,
-    "currency": "INR"
-  },
-  "amount_due": {
-    "value": 100,
-    "currency": "INR"
-  },
-  "order_id": "v1-250131113650-aa-TUzeRY",
-  "merchant_payment_link_reference": "link_ref",
-  "description": "Payment for order #12345",
-  "expire_by": "2025-03-21T08:29Z",
-  "merchant_order_reference": "link_ref",
-  "allowed_payment_methods": [
-    "NETBANKING"
-  ],
-  "customer": {
-    "email_id": "kevin.bob@example.com",
-    "first_name": "Kevin",
-    "last_name": "Bob",
-    "customer_id": "123456",
-    "mobile_number": "9876543210",
-    "country_code": "91",
-    "billing_address": {
-        \t"address1": "10 Downing Street Westminster London",
-        \t"address2": "Oxford Street Westminster London",
-        \t"address3": "Baker Street Westminster London",
-        \t"pincode": "51524036",
-        \t"city": "Westminster",
-        \t"state": "Westminster",
-        \t"country": "London",
-\t\t\t\t\t"full_name": "Kevin Bob",
-\t\t\t\t\t"adddress_type": "Home",
-\t\t\t\t\t"address_category": "billing"
-      \t},
-     "shipping_address": {
-        \t"address1": "10 Downing Street Westminster London",
-        \t"address2": "Oxford Street Westminster London",
-        \t"address3": "Baker Street Westminster London",
-        \t"pincode": "51524036",
-        \t"city": "Westminster",
-        \t"state": "Westminster",
-        \t"country": "London",
-\t\t\t\t\t"full_name": "Kevin Bob",
-\t\t\t\t\t"adddress_type": "Home",
-\t\t\t\t\t"address_category": "shipping"
-      \t}
-  },
-  "product_details": [
-    {
-      "product_code": "xyz",
-      "product_amount": {
-        "currency": "INR",
-        "value": 1200000
-      },
-      "product_coupon_discount_amount": {
-        "currency": "INR",
-        "value": 0
-      }
-    }
-  ],
-  "cart_coupon_discount_amount": {
-    "currency": "INR",
-    "value": 0
-  },
-  "merchant_metadata": {
-    "clientId": "DD",
-    "transactionReferenceNo": "pine-1223",
-    "merchantId": "1234",
-    "tid": "9000990",
-    "acquirerName": "HDFC_FSS",
-    "isOfferDisplayRequired": "true",
-    "OfferData": "UHJvZHVjdF9Db2RlPSIgIiZQcm9kdWN0X05hbWU9IiImUGF5bWVudF9Nb2RlPUJhbmsgRU1JJkNhcmRfVHlwZT1EZWJpdCBDYXJkJkJhbmtfTmFtZT1IREZDIERlYml0JkVNSV9UZW51cmU9NiZJbnRlcmVzdF9SYXRlPTkuMCZJbnRlcmVzdF9BbW91bnQ9MTM4MTQwJk1vbnRobHlfSW5zdGFsbWVudD04OTQ2OTAmQXV0aG9yaXphdGlvbl9BbW91bnQ9MTAwJkxvYW5fYm9va2luZ19BbW91bnQ9NTIzMDAwMCZJbnRlcmVzdF9DYXNoYmFja19BbW91bnQ9MCZJbnRlcmVzdF9DYXNoYmFja19UeXBlPURlZmVycmVkJkFkZGl0aW9uYWxfQ2FzaGJhY2s9IiImQWRkaXRpb25hbF9DYXNoYmFja19UeXBlPSIiJkRlc2NyaXB0aW9uPUJhbmsgRU1JJlByb2R1Y3RfVmFsdWU9NTIzMDAwMA",
-    "tenant_id": "PGATPOS",
-    "is_offer_validation_required": "true"
-  },
-  "created_at": "2025-03-06T08:27:55.881Z",
-  "updated_at": "2025-03-06T08:27:55.881Z",
-  "cancelled_at": "2025-03-06T08:27:55.881Z"
-}'''
+# The seed's 200 example, verbatim from the OpenAPI definition beside the repo (its tabs
+# and misspelt "adddress_type" included).
+OPENAPI = Path(__file__).resolve().parents[2] / "shared" / "plural" / "cancel-payment-link.openapi.json"
+SEED_200 = (json.loads(OPENAPI.read_text())["paths"]["/pay/v1/paymentlink/{payment_link_id}/cancel"]["put"]
+            ["responses"]["200"]["content"]["application/json"]["examples"]["Result"]["value"])
 
 
 @dataclass
