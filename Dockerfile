@@ -5,6 +5,8 @@ COPY config ./config
 COPY worker ./worker
 COPY tasks ./tasks
 COPY sandbox ./sandbox
+# SIGTERM becomes Celery's soft shutdown (README, Operations).
+ENV REMAP_SIGTERM=SIGQUIT
 RUN pip install --no-cache-dir . && useradd --system app
 USER app
 CMD ["celery", "-A", "worker", "worker", "--loglevel=INFO"]

@@ -10,10 +10,11 @@ The product relies on at-least-once delivery over the Redis transport:
   It must exceed the longest a cancel can legitimately run (:func:`lease_seconds`),
   and no ETA/countdown may ever be longer than it (we never use one: deferred cancels
   wait in Redis, see ``worker.ledger``), or a message is delivered twice.
-- shutdown: SIGTERM is Celery's warm shutdown (prefetched messages go back at once,
-  cancels in flight finish). ``worker_soft_shutdown_timeout`` applies to SIGQUIT; it
-  is not made SIGTERM's (``REMAP_SIGTERM``) because the cold shutdown it leads to
-  kills pool processes, which the threads pool cannot do (README, Operations).
+- shutdown: the deployment sets ``REMAP_SIGTERM=SIGQUIT`` (Celery's own switch, read
+  from the environment by billiard), so SIGTERM is Celery's soft shutdown: no new
+  message is taken, cancels in flight get ``worker_soft_shutdown_timeout`` to finish,
+  then every message still unacknowledged goes back to Redis at once
+  (``worker.pool.TaskPool`` makes the threads pool able to do this).
 """
 
 from __future__ import annotations
@@ -89,9 +90,9 @@ def celery_config(settings: Settings) -> dict:
         "task_acks_on_failure_or_timeout": True,
         "task_track_started": False,
         "worker_prefetch_multiplier": 1,
-        "worker_pool": "threads",
+        "worker_pool": "worker.pool:TaskPool",
         "worker_concurrency": DEFAULT_CONCURRENCY,
-        "worker_soft_shutdown_timeout": 15.0,
+        "worker_soft_shutdown_timeout": settings.shutdown_grace,
         "worker_enable_soft_shutdown_on_idle": False,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,

@@ -89,6 +89,9 @@ class Settings:
     sentry_environment: str | None = None
     metrics_port: int = 0
     """Port of the worker's Prometheus endpoint; 0 means off."""
+    shutdown_grace: float = 15.0
+    """Seconds a worker told to stop (SIGTERM) lets its cancels in flight finish before it
+    hands their messages back to Redis (Celery's ``worker_soft_shutdown_timeout``)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -145,6 +148,7 @@ class Settings:
             sentry_dsn=_sentry_dsn(get("SENTRY_DSN")),
             sentry_environment=get("SENTRY_ENVIRONMENT"),
             metrics_port=int(_number(get, "METRICS_PORT", cls.metrics_port, integer=True, maximum=65535)),
+            shutdown_grace=_number(get, "WORKER_SHUTDOWN_GRACE", cls.shutdown_grace),
         )
 
     def require_credentials(self) -> "Settings":

@@ -42,7 +42,7 @@ if [ -z "${PLURAL_CLIENT_ID:-}" ] && [ -z "${PLURAL_BASE_URL:-}" ]; then
   echo "plural: no credentials set, using the local sandbox at $PLURAL_BASE_URL"
 fi
 
-"$VENV/bin/celery" -A worker worker --loglevel=INFO &
+REMAP_SIGTERM=SIGQUIT "$VENV/bin/celery" -A worker worker --loglevel=INFO &
 pids+=($!)
 "$VENV/bin/celery" -A worker beat --loglevel=INFO &
 pids+=($!)

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from config.settings import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -67,9 +69,8 @@ def test_procfile_runs_a_worker_and_beat_from_real_entry_points():
         env, argv = strip_env(argv)
         assert argv[:4] == ["celery", "-A", "worker", name]
         check_command(argv)
-    # SIGTERM must stay Celery's warm shutdown: the threads pool cannot kill a running
-    # cancel, and Celery's cold shutdown fails on it (kill_job is not implemented).
-    assert "REMAP_SIGTERM" not in strip_env(entries["worker"])[0]
+    # SIGTERM must be Celery's soft shutdown, which hands cancels in flight back.
+    assert strip_env(entries["worker"])[0] == {"REMAP_SIGTERM": "SIGQUIT"}
 
 
 def test_compose_has_redis_with_aof_the_sandbox_a_worker_and_beat():
@@ -83,8 +84,11 @@ def test_compose_has_redis_with_aof_the_sandbox_a_worker_and_beat():
         check_command(services[name]["command"])
     worker_env = services["worker"]["environment"]
     assert worker_env["REDIS_URL"] == "redis://redis:6379/0"
-    assert "REMAP_SIGTERM" not in worker_env
-    assert int(services["worker"]["stop_grace_period"].rstrip("s")) >= 62  # a whole cancel's lease
+    assert worker_env["REMAP_SIGTERM"] == "SIGQUIT"
+    # The soft shutdown's grace, then one HTTP call's timeouts to record what it got.
+    settings = Settings()
+    assert int(services["worker"]["stop_grace_period"].rstrip("s")) >= (
+        settings.shutdown_grace + settings.connect_timeout + settings.read_timeout)
     # Without credentials the worker talks to the sandbox service.
     assert "http://sandbox:8800/api" in worker_env["PLURAL_BASE_URL"]
     assert services["sandbox"]["command"][-2:] == ["--port", "8800"]
@@ -98,6 +102,7 @@ def test_dockerfile_copies_every_package_and_installs_the_project():
         name = package.rstrip("*")
         assert f"COPY {name} ./{name}" in text
     assert "pip install --no-cache-dir ." in text
+    assert "ENV REMAP_SIGTERM=SIGQUIT" in text
     assert 'CMD ["celery", "-A", "worker", "worker"' in text
 
 

@@ -18,6 +18,15 @@ def test_defaults_follow_the_contract():
     assert s.client_id is None and s.client_secret is None and s.sentry_dsn is None
 
 
+def test_the_shutdown_grace_is_celerys_soft_shutdown_timeout():
+    from config.celery import celery_config
+
+    assert celery_config(Settings.from_env({}))["worker_soft_shutdown_timeout"] == 15.0
+    settings = Settings.from_env({"WORKER_SHUTDOWN_GRACE": "2.5"})
+    assert celery_config(settings)["worker_soft_shutdown_timeout"] == 2.5
+    assert celery_config(settings)["worker_pool"] == "worker.pool:TaskPool"
+
+
 def test_prod_picks_the_production_base():
     assert Settings.from_env({"PLURAL_ENV": "PROD"}).plural_base_url == "https://api.pluralpay.in/api"
 
@@ -37,6 +46,7 @@ def test_prod_picks_the_production_base():
     ({"RESULT_TTL": "forever"}, "RESULT_TTL"),
     ({"REDIS_URL": "http://localhost:6379"}, "REDIS_URL"),
     ({"SENTRY_DSN": "not-a-dsn"}, "SENTRY_DSN"),
+    ({"WORKER_SHUTDOWN_GRACE": "-1"}, "WORKER_SHUTDOWN_GRACE"),
 ])
 def test_a_bad_value_names_the_variable(env, variable):
     with pytest.raises(ConfigError) as info:

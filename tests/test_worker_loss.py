@@ -47,11 +47,11 @@ def test_a_cancel_in_flight_on_a_killed_worker_completes_on_another(module_redis
         print(f"\n[worker loss] cancel completed {recovery:.1f}s after SIGKILL of its worker's process group")
 
 
-def test_sigterm_lets_the_cancel_in_flight_finish_and_strands_nothing(module_redis_url, sandbox_process):
-    """SIGTERM is Celery's warm shutdown: no new message is taken, the cancel in flight
-    finishes (its HTTP call is bounded by the timeouts) and is recorded, and nothing is
-    left unacknowledged in Redis. (The threads pool cannot kill a running cancel, so
-    Celery's cold shutdown has nothing better to offer: see README, Operations.)"""
+def test_sigterm_hands_the_cancel_in_flight_back_after_the_grace(module_redis_url, sandbox_process, capsys):
+    """SIGTERM (``REMAP_SIGTERM=SIGQUIT``, as deployed) is Celery's soft shutdown: no new
+    message is taken; after ``WORKER_SHUTDOWN_GRACE`` the message of the cancel still in
+    flight goes back to Redis at once, while its HTTP call is still waiting on Plural.
+    That call then ends and is recorded, so the next worker skips the copy: one PUT."""
     import os
     import signal
 
@@ -60,24 +60,58 @@ def test_sigterm_lets_the_cancel_in_flight_finish_and_strands_nothing(module_red
     from tasks import enqueue_cancel, enqueue_many, get_status
 
     sandbox = sandbox_process
-    env = service_env(module_redis_url, sandbox.url)
+    # A read timeout longer than the latency, so that the PUT outlasts the grace.
+    env = service_env(module_redis_url, sandbox.url, WORKER_SHUTDOWN_GRACE="2", PLURAL_READ_TIMEOUT="30")
     app = use_settings(module_redis_url, sandbox.url)
     client = redis.Redis.from_url(module_redis_url)
     [link_id] = sandbox.create_links(1, status="CREATED", prefix="pl-term-")
+    later_links = sandbox.create_links(3, status="CREATED", prefix="pl-later-")
     worker = start_worker(env, concurrency=1)
     try:
-        sandbox.set_faults(latency_ms=5_000, faults_skip_token=True)
+        sandbox.set_faults(latency_ms=8_000, faults_skip_token=True)
         request_id = enqueue_cancel(link_id, app=app)
         wait_for(lambda: any(r["method"] == "PUT" and r.get("link_id") == link_id
                              for r in sandbox.requests()), 30, 0.05, "the PUT reaching the sandbox")
-        later = enqueue_many(sandbox.create_links(3, status="CREATED", prefix="pl-later-"), app=app)
+        later = enqueue_many(later_links, app=app)
         os.killpg(worker.proc.pid, signal.SIGTERM)
-        assert worker.proc.wait(60) == 0
+        sent = time.monotonic()
+        # Back in the queue (4 = it and the 3 never started), nothing unacknowledged,
+        # while its PUT is still waiting on the sandbox.
+        wait_for(lambda: client.llen("celery") == 4 and client.hlen("unacked") == 0, 20, 0.05,
+                 "the message of the cancel in flight going back to Redis")
+        handed_back = time.monotonic() - sent
+        assert get_status(request_id, app=app)["state"] == "running"
+        assert worker.proc.wait(40) is not None
     finally:
         sandbox.set_faults(latency_ms=0, faults_skip_token=False)
         worker.stop()
-    assert get_status(request_id, app=app)["outcome"] == "cancelled"
-    assert client.hlen("unacked") == 0
-    # The cancels it never started are waiting in the queue for the next worker.
-    assert client.llen("celery") == 3
+    log = worker.log()
+    assert "Traceback" not in log and "NotImplementedError" not in log
+    assert get_status(request_id, app=app)["outcome"] == "cancelled"  # the thread's answer, recorded
     assert all(get_status(rid, app=app)["state"] == "queued" for rid in later)
+
+    second = start_worker(env, concurrency=4)
+    try:
+        wait_for(lambda: client.llen("celery") == 0 and client.hlen("unacked") == 0
+                 and all(get_status(rid, app=app)["state"] == "succeeded" for rid in later),
+                 30, 0.1, "the next worker taking the 4 messages")
+    finally:
+        second.stop()
+    link = sandbox.link(link_id)
+    assert link["status"] == "CANCELLED" and link["cancel_count"] == 1
+    puts = [r for r in sandbox.requests() if r["method"] == "PUT" and r.get("link_id") == link_id]
+    assert len(puts) == 1
+    with capsys.disabled():
+        print(f"\n[sigterm] the cancel in flight went back to Redis {handed_back:.1f}s after SIGTERM "
+              "(grace 2 s), its PUT still waiting on Plural")
+
+
+def test_a_worker_without_remap_sigterm_says_so(module_redis_url, sandbox_process):
+    env = service_env(module_redis_url, sandbox_process.url)
+    del env["REMAP_SIGTERM"]
+    worker = start_worker(env, concurrency=1)
+    worker.stop()
+    assert "REMAP_SIGTERM is not SIGQUIT" in worker.log()
+    remapped = start_worker(service_env(module_redis_url, sandbox_process.url), concurrency=1)
+    remapped.stop()
+    assert "REMAP_SIGTERM" not in remapped.log()

@@ -173,3 +173,23 @@ def _start_metrics(sender=None, **kwargs):
         metrics.MetricsServer(port, lambda: metrics.snapshot(app.runtime)).start()
     except OSError as exc:  # cancels matter more than metrics: say so and carry on
         log.error("metrics: cannot listen on port %d (%s)", port, exc.strerror or exc)
+
+
+@signals.worker_ready.connect
+def _check_shutdown_mode(sender=None, **kwargs):
+    """Say so when SIGTERM will not hand cancels back after ``WORKER_SHUTDOWN_GRACE``.
+
+    Both conditions are outside the app's reach: billiard reads ``REMAP_SIGTERM`` from the
+    environment when it is imported, and ``--pool`` on the command line overrides ours.
+    """
+    from billiard.common import REMAP_SIGTERM
+
+    from worker.pool import TaskPool
+
+    if REMAP_SIGTERM != "SIGQUIT":
+        log.warning("REMAP_SIGTERM is not SIGQUIT: SIGTERM is Celery's warm shutdown, which waits for "
+                    "every cancel in flight instead of handing it back after WORKER_SHUTDOWN_GRACE "
+                    "(set REMAP_SIGTERM=SIGQUIT in the worker's environment, as the Procfile does)")
+    elif not issubclass(sender.controller.pool_cls, TaskPool):
+        log.warning("the worker runs Celery's %s pool, not worker.pool:TaskPool: a soft shutdown cannot "
+                    "hand back the cancels still in flight", sender.controller.pool_cls.__module__)

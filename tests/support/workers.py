@@ -23,6 +23,7 @@ def service_env(redis_url: str, plural_url: str, **extra: str) -> dict[str, str]
         "PLURAL_CLIENT_ID": "test-client",
         "PLURAL_CLIENT_SECRET": "test-secret-do-not-leak",
         "PYTHONUNBUFFERED": "1",
+        "REMAP_SIGTERM": "SIGQUIT",  # as the Procfile and the image run it
     })
     env.update({k: str(v) for k, v in extra.items()})
     return env
