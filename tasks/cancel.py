@@ -7,6 +7,7 @@ same Request-ID on every attempt), classify the answer, then finish or defer.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -15,7 +16,6 @@ from worker import app, metrics, reporting
 from worker.errors import PluralAuthError, PluralError, PluralRateLimited, PluralRequestError
 from worker.links import PaymentLink
 from worker.plural import PluralClient
-from worker.ratelimit import acquire
 from worker.retry import backoff
 from worker.runtime import Runtime
 from worker.tokens import TokenUnavailable
@@ -114,7 +114,9 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
     """Run one delivery of one cancel; returns what became of it (for logs and tests)."""
     ledger = rt.ledger
     owner = uuid.uuid4().hex
-    claim = ledger.claim(request_id, payment_link_id, owner, lease_seconds(rt.settings))
+    admitted = rt.attempts.admit(request_id, payment_link_id, owner, lease_seconds(rt.settings),
+                                 max_wait=rt.settings.limiter_max_wait, probe_max_wait=PROBE_MAX_WAIT)
+    claim = admitted.claim
     if claim.verdict == "busy":
         # Another delivery holds the link: come back when its lock runs out, in case it died.
         ledger.park(request_id, rt.clock() + claim.wait + 1.0)
@@ -125,7 +127,7 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
                       extra={"request_id": request_id, "payment_link_id": payment_link_id})
         return claim.verdict
     ids = {"request_id": request_id, "payment_link_id": payment_link_id, "attempts": claim.attempts}
-    if rt.clock() >= claim.deadline:
+    if admitted.gate is None:  # claimed, but past its deadline: the breaker was not even asked
         ledger.finish(request_id, payment_link_id, owner, state="failed", outcome="gave_up", attempted=False)
         last = ledger.status(request_id) or {}
         log.warning("cancel failed: gave_up (retry budget spent)",
@@ -133,19 +135,18 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
         report_failed(request_id, payment_link_id, "gave_up", claim.attempts, last.get("last_error"),
                       last.get("link_status"))
         return "gave_up"
-    log.info("cancel running", extra={**ids, "state": "running"})
+    log.debug("cancel running", extra={**ids, "state": "running"})
     waiting = "retrying" if claim.attempts else "queued"  # the state a hold before any call leaves
 
-    gate = rt.breaker.allow()
+    gate = admitted.gate
     if not gate.allowed:
         # Plural is down: wait for the reopening time without spending an attempt.
         ledger.defer(request_id, payment_link_id, owner, due=_spread(rt, gate.retry_at), attempted=False)
         log.info("cancel held: the circuit breaker is open", extra={**ids, "state": waiting, "reason": "breaker"})
         metrics.DEFERRALS.labels("breaker").inc()
         return "held"
-    # The probe must go through (nobody else calls Plural meanwhile), so it may wait longer.
     max_wait = PROBE_MAX_WAIT if gate.probe else rt.settings.limiter_max_wait
-    slot = acquire(rt.limiter, max_wait)
+    slot = admitted.slot
     if not slot.granted:
         # Come back while the free slot is still up to ``max_wait`` ahead, so that a slot
         # is reserved ahead of its time and none goes unused: the drain stays at the limit.
@@ -155,16 +156,23 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
         log.info("cancel held: rate limit", extra={**ids, "state": waiting, "reason": "rate_limit"})
         metrics.DEFERRALS.labels("rate_limit").inc()
         return "throttled"
+    if slot.wait > 0:
+        time.sleep(slot.wait)  # the slot is ours from then on
     metrics.LIMITER_WAIT.observe(slot.wait)
 
     decision = attempt(rt.plural, payment_link_id, request_id)
-    observe(rt, decision, gate.probe)
+    success_probe = observe(rt, decision, gate.probe)
     return record(rt, decision, payment_link_id, request_id, owner, attempts=claim.attempts + 1,
-                  deadline=claim.deadline)
+                  deadline=claim.deadline, success_probe=success_probe)
 
 
-def observe(rt: Runtime, decision: Decision, probe: bool) -> None:
-    """Tell the breaker and the limiter what Plural's health looked like on this attempt."""
+def observe(rt: Runtime, decision: Decision, probe: bool) -> bool | None:
+    """Tell the breaker and the limiter what Plural's health looked like on this attempt.
+
+    A failure is written at once: whether it opened the breaker decides what is
+    reported. A success is left to :func:`record`, which writes it with the outcome in
+    one round trip: returns ``probe`` for a success, None for a failure.
+    """
     error = decision.error
     if decision.state == "retry" and isinstance(error, PluralError) and error.retryable:
         if isinstance(error, PluralRateLimited):
@@ -177,9 +185,9 @@ def observe(rt: Runtime, decision: Decision, probe: bool) -> None:
             metrics.BREAKER_OPENINGS.inc()
             reporting.report_breaker_opened(code=error.code, http_status=error.http_status,
                                             cooldown=rt.settings.breaker_cooldown)
-    else:
-        # Any answer that is not a Plural-side failure (including a 4xx) shows Plural is up.
-        rt.breaker.record_success(probe)
+        return None
+    # Any answer that is not a Plural-side failure (including a 4xx) shows Plural is up.
+    return probe
 
 
 def _spread(rt: Runtime, due: float) -> float:
@@ -188,9 +196,12 @@ def _spread(rt: Runtime, due: float) -> float:
 
 
 def record(rt: Runtime, decision: Decision, payment_link_id: str, request_id: str, owner: str, *,
-           attempts: int, deadline: float) -> str:
-    """Write the decision to the ledger: finish it, or defer it with backoff inside the budget."""
-    ledger = rt.ledger
+           attempts: int, deadline: float, success_probe: bool | None = None) -> str:
+    """Write the decision to the ledger: finish it, or defer it with backoff inside the budget.
+
+    ``success_probe`` not None: Plural answered, and the breaker hears so in the same write.
+    """
+    writer = rt.attempts
     error = error_summary(decision.error)
     fields = {"request_id": request_id, "payment_link_id": payment_link_id, "attempts": attempts}
     if decision.state == "retry":
@@ -199,14 +210,16 @@ def record(rt: Runtime, decision: Decision, payment_link_id: str, request_id: st
                         retry_after=decision.retry_after)
         due = rt.clock() + delay
         if due <= deadline:
-            ledger.defer(request_id, payment_link_id, owner, due=due, attempted=True, last_error=error)
+            writer.defer(request_id, payment_link_id, owner, success_probe=success_probe, due=due,
+                         attempted=True, last_error=error)
             log.info("cancel retrying in %.1fs", delay, extra={**fields, "state": "retrying", "error": error})
             metrics.RETRIES.labels(_retry_reason(decision)).inc()
             return "retrying"
         decision = Decision("failed", "gave_up", link=decision.link, error=decision.error)
     link = decision.link
-    ledger.finish(
-        request_id, payment_link_id, owner, state=decision.state, outcome=decision.outcome, attempted=True,
+    writer.finish(
+        request_id, payment_link_id, owner, success_probe=success_probe, state=decision.state,
+        outcome=decision.outcome, attempted=True,
         link_status=link.status if link else None,
         cancelled_at=_iso(link.cancelled_at) if link else None,
         amount={"value": link.amount.value, "currency": link.amount.currency} if link and link.amount else None,

@@ -44,36 +44,44 @@ _PRELUDE = REDIS_NOW
 # ARGV: [1] probe lock TTL (seconds)  [2] seconds others wait while a probe runs
 # Returns {verdict, retry_at}: closed (go), probe (go, and report with probe=True),
 # open (wait until retry_at, the reopening time), probing (another caller probes).
-ALLOW = _PRELUDE + """
-local b = redis.call('HMGET', KEYS[1], 'state', 'reopens_at')
-if b[1] ~= 'open' then return {'closed', '0'} end
-local now = redis_now()
-local reopens_at = tonumber(b[2])
-if now < reopens_at then return {'open', fmt(reopens_at)} end
-if redis.call('SET', KEYS[2], fmt(now), 'NX', 'PX', math.ceil(tonumber(ARGV[1]) * 1000)) then
-  return {'probe', '0'}
+# A function of (KEYS, ARGV) so that ``worker.attempts`` can run it in a larger script.
+ALLOW_FN = _PRELUDE + """
+local function allow(KEYS, ARGV)
+  local b = redis.call('HMGET', KEYS[1], 'state', 'reopens_at')
+  if b[1] ~= 'open' then return {'closed', '0'} end
+  local now = redis_now()
+  local reopens_at = tonumber(b[2])
+  if now < reopens_at then return {'open', fmt(reopens_at)} end
+  if redis.call('SET', KEYS[2], fmt(now), 'NX', 'PX', math.ceil(tonumber(ARGV[1]) * 1000)) then
+    return {'probe', '0'}
+  end
+  return {'probing', fmt(now + tonumber(ARGV[2]))}
 end
-return {'probing', fmt(now + tonumber(ARGV[2]))}
 """
+ALLOW = ALLOW_FN + "return allow(KEYS, ARGV)\n"
 
 # KEYS: [1] breaker (hash)  [2] probe lock
 # ARGV: [1] probe (0/1)
 # Returns 1 when this call closed the breaker.
-RECORD_SUCCESS = """
-if redis.call('HGET', KEYS[1], 'state') == 'open' then
-  if ARGV[1] ~= '1' then
-    -- A call that began before the breaker opened: only a probe decides recovery.
-    return 0
+# A function of (KEYS, ARGV) so that ``worker.attempts`` can run it in a larger script.
+RECORD_SUCCESS_FN = """
+local function record_success(KEYS, ARGV)
+  if redis.call('HGET', KEYS[1], 'state') == 'open' then
+    if ARGV[1] ~= '1' then
+      -- A call that began before the breaker opened: only a probe decides recovery.
+      return 0
+    end
+    -- Closed again, and the next opening starts from the base cooldown.
+    redis.call('DEL', KEYS[1], KEYS[2])
+    return 1
   end
-  -- Closed again, and the next opening starts from the base cooldown.
-  redis.call('DEL', KEYS[1], KEYS[2])
-  return 1
+  if tonumber(redis.call('HGET', KEYS[1], 'failures') or '0') > 0 then
+    redis.call('HSET', KEYS[1], 'failures', 0)
+  end
+  return 0
 end
-if tonumber(redis.call('HGET', KEYS[1], 'failures') or '0') > 0 then
-  redis.call('HSET', KEYS[1], 'failures', 0)
-end
-return 0
 """
+RECORD_SUCCESS = RECORD_SUCCESS_FN + "return record_success(KEYS, ARGV)\n"
 
 # KEYS: [1] breaker (hash)  [2] probe lock
 # ARGV: [1] probe (0/1)  [2] threshold  [3] base cooldown (seconds)  [4] max cooldown (seconds)
@@ -171,20 +179,24 @@ class RedisCircuitBreaker:
     def allow(self) -> Gate:
         """Closed: allowed. Open: not allowed until the reopening time. Half open: one
         probe at a time is allowed; the others are told to ask again shortly."""
-        verdict, retry_at = self._allow(keys=[self.key, self.probe_key],
-                                        args=[repr(self.probe_ttl), repr(self.probe_retry)])
-        verdict = _text(verdict)
-        if verdict == "closed":
-            return Gate(True, False, 0.0)
-        if verdict == "probe":
-            return Gate(True, True, 0.0)
-        return Gate(False, False, float(retry_at))
+        keys, args = self.allow_call()
+        return parse_gate(self._allow(keys=keys, args=args))
+
+    def allow_call(self) -> tuple[list[str], list[str]]:
+        """KEYS and ARGV of the allow script (``ALLOW_FN``), for :meth:`allow` and ``worker.attempts``."""
+        return [self.key, self.probe_key], [repr(self.probe_ttl), repr(self.probe_retry)]
 
     def record_success(self, probe: bool) -> None:
         """A call succeeded. A probe's success closes the breaker and resets the cooldown;
         a success while closed resets the consecutive-failure count; any other success
         (a call begun before the breaker opened) changes nothing."""
-        self._record_success(keys=[self.key, self.probe_key], args=[int(bool(probe))])
+        keys, args = self.success_call(probe)
+        self._record_success(keys=keys, args=args)
+
+    def success_call(self, probe: bool) -> tuple[list[str], list[int]]:
+        """KEYS and ARGV of the success script (``RECORD_SUCCESS_FN``), for :meth:`record_success`
+        and ``worker.attempts``."""
+        return [self.key, self.probe_key], [int(bool(probe))]
 
     def record_failure(self, probe: bool) -> bool:
         """A retryable failure. Returns True only for the one call that opened a closed
@@ -202,6 +214,16 @@ class RedisCircuitBreaker:
         number = lambda raw: float(raw) if _text(raw) else None  # noqa: E731
         return {"state": _text(state), "failures": int(failures), "opened_at": number(opened_at),
                 "reopens_at": number(reopens_at), "cooldown": number(cooldown), "probing": bool(int(probing))}
+
+
+def parse_gate(reply: list) -> Gate:
+    """The :class:`Gate` an allow script (``ALLOW_FN``) answered."""
+    verdict, retry_at = _text(reply[0]), reply[1]
+    if verdict == "closed":
+        return Gate(True, False, 0.0)
+    if verdict == "probe":
+        return Gate(True, True, 0.0)
+    return Gate(False, False, float(retry_at))
 
 
 class NoBreaker:

@@ -100,22 +100,31 @@ class Ledger:
 
     def claim(self, request_id: str, payment_link_id: str, owner: str, lease: float) -> Claim:
         """Take this cancel for one attempt: the per-link lock and a lease of ``lease`` seconds."""
+        keys, args = self.claim_call(request_id, payment_link_id, owner, lease)
+        return parse_claim(self._claim(keys=keys, args=args))
+
+    def claim_call(self, request_id: str, payment_link_id: str, owner: str,
+                   lease: float) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the claim script (``CLAIM_FN``), for :meth:`claim` and ``worker.admission``."""
         now = self.clock()
         keys = [self.keys.record(request_id), self.keys.link_lock(payment_link_id), self.keys.leases,
                 self.keys.deferred, self.keys.outbox, self.keys.stats]
-        reply = self._claim(keys=keys, args=[request_id, payment_link_id, repr(now), lease, owner,
-                                             self.result_ttl, repr(now + self.retry_budget)])
-        verdict = _text(reply[0])
-        if verdict == "claimed":
-            return Claim("claimed", attempts=int(reply[1]), deadline=float(reply[2]))
-        if verdict == "busy":
-            return Claim("busy", wait=max(0.1, float(reply[1])))
-        return Claim(verdict)
+        return keys, [request_id, payment_link_id, repr(now), lease, owner, self.result_ttl,
+                      repr(now + self.retry_budget)]
 
     def finish(self, request_id: str, payment_link_id: str, owner: str, *, state: str, outcome: str,
                attempted: bool, link_status: str | None = None, cancelled_at: str | None = None,
                amount: dict | None = None, last_error: dict | None = None) -> int:
         """Record a terminal outcome, append it to the outcome stream; returns the attempts made."""
+        keys, args = self.finish_call(request_id, payment_link_id, owner, state=state, outcome=outcome,
+                                      attempted=attempted, link_status=link_status, cancelled_at=cancelled_at,
+                                      amount=amount, last_error=last_error)
+        return int(self._finish(keys=keys, args=args))
+
+    def finish_call(self, request_id: str, payment_link_id: str, owner: str, *, state: str, outcome: str,
+                    attempted: bool, link_status: str | None = None, cancelled_at: str | None = None,
+                    amount: dict | None = None, last_error: dict | None = None) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the finish script (``FINISH_FN``), for :meth:`finish` and ``worker.attempts``."""
         fields = {"state": state, "outcome": outcome}
         if link_status:
             fields["link_status"] = link_status
@@ -127,22 +136,28 @@ class Ledger:
             fields["last_error"] = json.dumps(last_error, separators=(",", ":"))
         keys = [self.keys.record(request_id), self.keys.link_lock(payment_link_id), self.keys.leases,
                 self.keys.failed, self.keys.events, self.keys.stats, self.keys.finished("")]
-        return int(self._finish(keys=keys, args=[request_id, owner, repr(self.clock()), self.result_ttl,
-                                                 int(attempted), STREAM_MAXLEN, json.dumps(fields),
-                                                 STATS_BUCKET]))
+        return keys, [request_id, owner, repr(self.clock()), self.result_ttl, int(attempted), STREAM_MAXLEN,
+                      json.dumps(fields), STATS_BUCKET]
 
     def defer(self, request_id: str, payment_link_id: str, owner: str, *, due: float, attempted: bool,
               last_error: dict | None = None) -> int:
         """Park this cancel until ``due`` (epoch seconds) in Redis, not in worker memory.
 
         ``attempted``: Plural was called (the attempt counts). A cancel held back before
-        any attempt stays ``queued``; one that has been tried is ``retrying``.
+        any attempt stays ``queued``; one that has been tried is ``retrying``. Returns the
+        attempts made.
         """
+        keys, args = self.defer_call(request_id, payment_link_id, owner, due=due, attempted=attempted,
+                                     last_error=last_error)
+        return int(self._defer(keys=keys, args=args))
+
+    def defer_call(self, request_id: str, payment_link_id: str, owner: str, *, due: float, attempted: bool,
+                   last_error: dict | None = None) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the defer script (``DEFER_FN``), for :meth:`defer` and ``worker.attempts``."""
         keys = [self.keys.record(request_id), self.keys.link_lock(payment_link_id), self.keys.leases,
                 self.keys.deferred, self.keys.stats]
         error = json.dumps(last_error, separators=(",", ":")) if last_error else ""
-        return int(self._defer(keys=keys, args=[request_id, owner, repr(self.clock()), repr(due),
-                                                int(attempted), error]))
+        return keys, [request_id, owner, repr(self.clock()), repr(due), int(attempted), error]
 
     def park(self, request_id: str, due: float) -> None:
         """Bring a copy that could not run (its link is busy) back at ``due``, state untouched."""
@@ -216,6 +231,16 @@ class Ledger:
         if not raw:
             return None
         return format_record({_text(k): _text(v) for k, v in raw.items()})
+
+
+def parse_claim(reply: list) -> Claim:
+    """The :class:`Claim` a claim script (``CLAIM_FN``) answered."""
+    verdict = _text(reply[0])
+    if verdict == "claimed":
+        return Claim("claimed", attempts=int(reply[1]), deadline=float(reply[2]))
+    if verdict == "busy":
+        return Claim("busy", wait=max(0.1, float(reply[1])))
+    return Claim(verdict)
 
 
 def format_record(raw: dict[str, str]) -> dict[str, Any]:

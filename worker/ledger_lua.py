@@ -34,9 +34,11 @@ return 1
 # KEYS: [1] record  [2] link lock  [3] leases  [4] deferred  [5] outbox  [6] stats
 # ARGV: [1] request_id  [2] payment_link_id  [3] now  [4] lease seconds  [5] owner
 #       [6] ttl seconds  [7] deadline for a record created here
-# Returns {verdict, detail}: claimed/attempts, terminal/state, mismatch/link,
+# Returns {verdict, detail}: claimed/attempts/deadline, terminal/state, mismatch/link,
 # early/next_attempt_at, busy/seconds the lock still holds.
-CLAIM = _COUNT + """
+# A function of (KEYS, ARGV) so that ``worker.attempts`` can run it in a larger script.
+CLAIM_FN = _COUNT + """
+local function claim(KEYS, ARGV)
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then
   -- A message sent by name from another service: the record starts here.
@@ -70,62 +72,72 @@ redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('ZREM', KEYS[5], ARGV[1])
 return {'claimed', redis.call('HGET', KEYS[1], 'attempts'), redis.call('HGET', KEYS[1], 'deadline')}
+end
 """
+CLAIM = CLAIM_FN + "return claim(KEYS, ARGV)\n"
 
 # KEYS: [1] record  [2] link lock  [3] leases  [4] failed  [5] events  [6] stats
 #       [7] finished-hash prefix (the hour's start is appended)
 # ARGV: [1] request_id  [2] owner  [3] now  [4] ttl  [5] attempted (0/1)  [6] stream maxlen
 #       [7] JSON object of fields to set (state, outcome, link_status, ...)  [8] bucket seconds
-FINISH = _COUNT + """
-local fields = cjson.decode(ARGV[7])
-local before = redis.call('HGET', KEYS[1], 'state')
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', tonumber(ARGV[5]))
-redis.call('HSET', KEYS[1], 'updated_at', ARGV[3], 'next_attempt_at', '')
-redis.call('HDEL', KEYS[1], 'owner')
-local event = {'request_id', ARGV[1], 'attempts', tostring(attempts), 'at', ARGV[3]}
-for k, v in pairs(fields) do
-  redis.call('HSET', KEYS[1], k, v)
-  table.insert(event, k)
-  table.insert(event, v)
+# Returns the attempts made. A function of (KEYS, ARGV), like CLAIM_FN.
+FINISH_FN = _COUNT + """
+local function finish(KEYS, ARGV)
+  local fields = cjson.decode(ARGV[7])
+  local before = redis.call('HGET', KEYS[1], 'state')
+  local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', tonumber(ARGV[5]))
+  redis.call('HSET', KEYS[1], 'updated_at', ARGV[3], 'next_attempt_at', '')
+  redis.call('HDEL', KEYS[1], 'owner')
+  local event = {'request_id', ARGV[1], 'attempts', tostring(attempts), 'at', ARGV[3]}
+  for k, v in pairs(fields) do
+    redis.call('HSET', KEYS[1], k, v)
+    table.insert(event, k)
+    table.insert(event, v)
+  end
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  if fields['state'] == 'failed' then
+    redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+  else
+    redis.call('ZREM', KEYS[4], ARGV[1])
+  end
+  -- Dead letters whose records have expired: nothing left to list or retry.
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. (tonumber(ARGV[3]) - tonumber(ARGV[4])))
+  count_move(KEYS[6], before, fields['state'])
+  if before ~= 'succeeded' and before ~= 'failed' then
+    -- Counted in the hour it finished; the hash expires with the last record it counts.
+    local bucket = math.floor(tonumber(ARGV[3]) / tonumber(ARGV[8])) * tonumber(ARGV[8])
+    redis.call('HINCRBY', KEYS[7] .. bucket, fields['outcome'], 1)
+    redis.call('EXPIREAT', KEYS[7] .. bucket, bucket + tonumber(ARGV[8]) + tonumber(ARGV[4]))
+  end
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', unpack(event))
+  if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+  return attempts
 end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('ZREM', KEYS[3], ARGV[1])
-if fields['state'] == 'failed' then
-  redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
-else
-  redis.call('ZREM', KEYS[4], ARGV[1])
-end
--- Dead letters whose records have expired: nothing left to list or retry.
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. (tonumber(ARGV[3]) - tonumber(ARGV[4])))
-count_move(KEYS[6], before, fields['state'])
-if before ~= 'succeeded' and before ~= 'failed' then
-  -- Counted in the hour it finished; the hash expires with the last record it counts.
-  local bucket = math.floor(tonumber(ARGV[3]) / tonumber(ARGV[8])) * tonumber(ARGV[8])
-  redis.call('HINCRBY', KEYS[7] .. bucket, fields['outcome'], 1)
-  redis.call('EXPIREAT', KEYS[7] .. bucket, bucket + tonumber(ARGV[8]) + tonumber(ARGV[4]))
-end
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', unpack(event))
-if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
-return attempts
 """
+FINISH = FINISH_FN + "return finish(KEYS, ARGV)\n"
 
 # KEYS: [1] record  [2] link lock  [3] leases  [4] deferred  [5] stats
 # ARGV: [1] request_id  [2] owner  [3] now  [4] due  [5] attempted (0/1)  [6] last_error JSON or ''
-DEFER = _COUNT + """
-local before = redis.call('HGET', KEYS[1], 'state')
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', tonumber(ARGV[5]))
--- Held back before any call (rate limit, open breaker): still queued, with a time.
-local state = 'queued'
-if attempts > 0 then state = 'retrying' end
-redis.call('HSET', KEYS[1], 'state', state, 'updated_at', ARGV[3], 'next_attempt_at', ARGV[4])
-redis.call('HDEL', KEYS[1], 'owner')
-count_move(KEYS[5], before, state)
-if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'last_error', ARGV[6]) end
-redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
-return attempts
+# Returns the attempts made. A function of (KEYS, ARGV), like CLAIM_FN.
+DEFER_FN = _COUNT + """
+local function defer(KEYS, ARGV)
+  local before = redis.call('HGET', KEYS[1], 'state')
+  local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', tonumber(ARGV[5]))
+  -- Held back before any call (rate limit, open breaker): still queued, with a time.
+  local state = 'queued'
+  if attempts > 0 then state = 'retrying' end
+  redis.call('HSET', KEYS[1], 'state', state, 'updated_at', ARGV[3], 'next_attempt_at', ARGV[4])
+  redis.call('HDEL', KEYS[1], 'owner')
+  count_move(KEYS[5], before, state)
+  if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'last_error', ARGV[6]) end
+  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+  return attempts
+end
 """
+DEFER = DEFER_FN + "return defer(KEYS, ARGV)\n"
 
 # KEYS: [1] a sorted set (deferred, outbox or leases)  [2] record key prefix
 # ARGV: [1] scores up to this are due  [2] how many at most  [3] hold until (new score)

@@ -20,7 +20,7 @@ so every worker slows down together.
 from __future__ import annotations
 
 import time
-from typing import Callable, NamedTuple, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import redis
 
@@ -49,20 +49,24 @@ end
 # ARGV: [1] rate (per second)  [2] burst (slots)  [3] max_wait (seconds)
 # Returns {granted 0/1, wait seconds}: granted → the slot is the caller's, `wait` from
 # now; refused → nothing was taken, `wait` is how far away the next free slot is.
-RESERVE = _PRELUDE + """
-local now = redis_now()
-local interval = 1 / (tonumber(ARGV[1]) * rate_factor(KEYS[2], now))
-local tolerance = tonumber(ARGV[2]) * interval
-local tat = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0') or 0)
-local wait = math.max(0, tat - tolerance - now)
-if wait > tonumber(ARGV[3]) then
-  return {0, fmt(wait)}
+# A function of (KEYS, ARGV) so that ``worker.attempts`` can run it in a larger script.
+RESERVE_FN = _PRELUDE + """
+local function reserve(KEYS, ARGV)
+  local now = redis_now()
+  local interval = 1 / (tonumber(ARGV[1]) * rate_factor(KEYS[2], now))
+  local tolerance = tonumber(ARGV[2]) * interval
+  local tat = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0') or 0)
+  local wait = math.max(0, tat - tolerance - now)
+  if wait > tonumber(ARGV[3]) then
+    return {0, fmt(wait)}
+  end
+  local new_tat = tat + interval
+  -- Once Redis's clock passes the TAT the key means nothing more: let it expire.
+  redis.call('SET', KEYS[1], fmt(new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1000)
+  return {1, fmt(wait)}
 end
-local new_tat = tat + interval
--- Once Redis's clock passes the TAT the key means nothing more: let it expire.
-redis.call('SET', KEYS[1], fmt(new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1000)
-return {1, fmt(wait)}
 """
+RESERVE = RESERVE_FN + "return reserve(KEYS, ARGV)\n"
 
 # KEYS: [1] penalty (hash)
 # ARGV: [1] factor (0-1]  [2] recovery seconds  [3] floor factor  [4] holdoff seconds
@@ -144,9 +148,13 @@ class RedisRateLimiter:
 
     def reserve(self, max_wait: float) -> Reservation:
         """Take the next free slot if it is at most ``max_wait`` seconds away (see :class:`Reservation`)."""
-        granted, wait = self._reserve(keys=[self.key, self.penalty_key],
-                                      args=[repr(self.rate), self.burst, repr(max(0.0, max_wait))])
-        return Reservation(bool(int(granted)), float(wait))
+        keys, args = self.reserve_call(max_wait)
+        return parse_reservation(self._reserve(keys=keys, args=args))
+
+    def reserve_call(self, max_wait: float) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the reserve script (``RESERVE_FN``), for :meth:`reserve` and
+        ``worker.attempts``; ``max_wait`` in seconds."""
+        return [self.key, self.penalty_key], [repr(self.rate), self.burst, repr(max(0.0, max_wait))]
 
     def penalize(self, factor: float = 0.5, seconds: float = 60.0) -> None:
         """After a 429: the rate drops to ``rate * factor`` and climbs back over ``seconds``.
@@ -165,6 +173,12 @@ class RedisRateLimiter:
     def effective_rate(self) -> float:
         """Calls per second allowed right now, after any 429 slow-down."""
         return float(self._effective_rate(keys=[self.penalty_key], args=[repr(self.rate)]))
+
+
+def parse_reservation(reply: list) -> Reservation:
+    """The :class:`Reservation` a reserve script (``RESERVE_FN``) answered."""
+    granted, wait = reply
+    return Reservation(bool(int(granted)), float(wait))
 
 
 class UnlimitedRateLimiter:

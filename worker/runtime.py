@@ -15,6 +15,7 @@ from typing import Callable
 import redis
 
 from config.settings import Settings
+from worker.attempts import Attempts
 from worker.breaker import RedisCircuitBreaker
 from worker.keys import Keys
 from worker.ledger import Ledger
@@ -63,6 +64,11 @@ class Runtime:
         """The circuit breaker shared by every worker process and host."""
         return RedisCircuitBreaker(self.redis, self.keys.breaker, self.settings.breaker_threshold,
                                    self.settings.breaker_cooldown)
+
+    @cached_property
+    def attempts(self) -> Attempts:
+        """Ledger, breaker and limiter asked together: one round trip before a call to Plural, one after."""
+        return Attempts(self.ledger, self.breaker, self.limiter)
 
     @cached_property
     def plural(self) -> PluralClient:
