@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Mapping
 from urllib.parse import urlsplit
+from urllib.request import proxy_bypass_environment
 
 PLURAL_BASES = {
     "uat": "https://pluraluat.v2.pinepg.in/api",
@@ -85,6 +86,12 @@ class Settings:
     """Seconds to wait for a TCP/TLS connection to Plural."""
     read_timeout: float = 10.0
     """Seconds to wait for Plural's answer once connected."""
+    plural_proxy: str | None = None
+    """Proxy for calls to Plural: ``HTTPS_PROXY`` (``HTTP_PROXY`` for an http base URL)
+    unless ``NO_PROXY`` names Plural's host, as curl and requests read them."""
+    ca_bundle: str | None = None
+    """CA bundle that verifies Plural's certificate (``REQUESTS_CA_BUNDLE`` or
+    ``SSL_CERT_FILE``); unset means certifi's bundle."""
     sentry_dsn: str | None = None
     sentry_environment: str | None = None
     metrics_port: int = 0
@@ -145,6 +152,8 @@ class Settings:
             result_ttl=int(_number(get, "RESULT_TTL", cls.result_ttl, positive=True, integer=True)),
             connect_timeout=_number(get, "PLURAL_CONNECT_TIMEOUT", cls.connect_timeout, positive=True),
             read_timeout=_number(get, "PLURAL_READ_TIMEOUT", cls.read_timeout, positive=True),
+            plural_proxy=_proxy_for(base_url, get),
+            ca_bundle=get("REQUESTS_CA_BUNDLE") or get("SSL_CERT_FILE"),
             sentry_dsn=_sentry_dsn(get("SENTRY_DSN")),
             sentry_environment=get("SENTRY_ENVIRONMENT"),
             metrics_port=int(_number(get, "METRICS_PORT", cls.metrics_port, integer=True, maximum=65535)),
@@ -168,7 +177,7 @@ class Settings:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "redis_url":
+            if f.name in ("redis_url", "plural_proxy") and value:
                 value = _mask_url_password(value)
             elif f.name == "sentry_dsn" and value:
                 value = _mask_url_password(value, mask_user=True)
@@ -194,6 +203,20 @@ def _number(get, name: str, default: float, *, positive: bool = False, integer: 
     if maximum is not None and value > maximum:
         raise ConfigError(name, f"{accepts} no larger than {maximum:g}", raw)
     return value
+
+
+def _proxy_for(base_url: str, get) -> str | None:
+    """The proxy the environment names for ``base_url``, or None (none set, or NO_PROXY matches)."""
+    scheme = "https" if base_url.startswith("https://") else "http"
+    proxy = get(f"{scheme.upper()}_PROXY") or get(f"{scheme}_proxy")
+    if proxy is None:
+        return None
+    if urlsplit(proxy).scheme not in ("http", "https") or not urlsplit(proxy).hostname:
+        raise ConfigError(f"{scheme.upper()}_PROXY", "an http(s) URL such as http://proxy.internal:3128")
+    no_proxy = get("NO_PROXY") or get("no_proxy")
+    if no_proxy and proxy_bypass_environment(urlsplit(base_url).hostname or "", {"no": no_proxy}):
+        return None
+    return proxy
 
 
 def _sentry_dsn(raw: str | None) -> str | None:

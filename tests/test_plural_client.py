@@ -1,7 +1,7 @@
 """The Plural client against a real HTTP server on 127.0.0.1 whose answers each test scripts.
 
 No mocking: every request crosses a real socket, so headers, paths, timeouts, resets
-and TLS failures are what requests and urllib3 really do with them.
+and TLS failures are what urllib3 really does with them.
 """
 
 from __future__ import annotations
@@ -528,8 +528,18 @@ def test_from_settings_uses_the_secret_and_timeouts(plural):
                         read_timeout=0.3)
     with PluralClient.from_settings(settings, clock=lambda: NOW) as client:
         assert client.generate_token().value == plural.issued[0]
-        assert client._timeout == (settings.connect_timeout, 0.3)
+        assert (client._timeout.connect_timeout, client._timeout.read_timeout) == (settings.connect_timeout, 0.3)
     assert json.loads(plural.token_calls()[0].body)["client_secret"] == SECRET
+
+
+def test_calls_go_through_the_proxy_when_one_is_set(plural):
+    """``plural`` plays the proxy: a host nobody can resolve is reached through it."""
+    plural.answers.append(Answer(200, SEED_200))
+    proxy = plural.base_url.removesuffix("/api")
+    with PluralClient("http://plural.invalid/api", CLIENT_ID, SECRET, proxy_url=proxy) as client:
+        assert client.cancel_payment_link(LINK_ID, "req-proxy").status == "CANCELLED"
+    assert [seen.path.split("?")[0] for seen in plural.seen] == [
+        "http://plural.invalid/api/auth/v1/token", f"http://plural.invalid/api/pay/v1/paymentlink/{LINK_ID}/cancel"]
 
 
 # -- the in-process token store ----------------------------------------------------------

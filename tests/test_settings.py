@@ -27,6 +27,18 @@ def test_the_shutdown_grace_is_celerys_soft_shutdown_timeout():
     assert celery_config(settings)["worker_pool"] == "worker.pool:TaskPool"
 
 
+def test_the_proxy_and_ca_bundle_come_from_the_usual_variables():
+    assert Settings.from_env({}).plural_proxy is None
+    s = Settings.from_env({"HTTPS_PROXY": "http://user:pw@proxy.internal:3128", "REQUESTS_CA_BUNDLE": "/etc/ca.pem"})
+    assert (s.plural_proxy, s.ca_bundle) == ("http://user:pw@proxy.internal:3128", "/etc/ca.pem")
+    assert "pw" not in s.describe()["plural_proxy"]
+    assert Settings.from_env({"https_proxy": "http://p:1", "NO_PROXY": ".pinepg.in"}).plural_proxy is None
+    # An http base URL takes HTTP_PROXY, not HTTPS_PROXY.
+    s = Settings.from_env({"PLURAL_BASE_URL": "http://sandbox:8800/api", "HTTPS_PROXY": "http://p:1",
+                           "HTTP_PROXY": "http://q:2"})
+    assert s.plural_proxy == "http://q:2"
+
+
 def test_prod_picks_the_production_base():
     assert Settings.from_env({"PLURAL_ENV": "PROD"}).plural_base_url == "https://api.pluralpay.in/api"
 
@@ -47,6 +59,7 @@ def test_prod_picks_the_production_base():
     ({"REDIS_URL": "http://localhost:6379"}, "REDIS_URL"),
     ({"SENTRY_DSN": "not-a-dsn"}, "SENTRY_DSN"),
     ({"WORKER_SHUTDOWN_GRACE": "-1"}, "WORKER_SHUTDOWN_GRACE"),
+    ({"HTTPS_PROXY": "proxy.internal:3128"}, "HTTPS_PROXY"),
 ])
 def test_a_bad_value_names_the_variable(env, variable):
     with pytest.raises(ConfigError) as info:
