@@ -27,8 +27,11 @@ QUEUE = "celery"
 """Celery's default queue: a service that enqueues with ``send_task`` by name and no
 routing configuration of ours lands here, so this is the queue the worker consumes."""
 
-DEFAULT_CONCURRENCY = 64
-"""Threads per worker process: a cancel spends nearly all its time waiting on Plural."""
+DEFAULT_CONCURRENCY = 128
+"""Threads per worker process: a cancel spends nearly all its time waiting on Plural. At
+200 ms a call and 200 cancels/s a thread is taken for 0.3-0.4 s a cancel (the call, the
+wait for the GIL, the consumer's turn to hand it the next message): 60-80 busy threads;
+64 capped one process at about 180/s, 96-128 reached 190-235/s (``bench/README.md``)."""
 
 RESTORE_INTERVAL = 5
 """Seconds between kombu's sweeps for unacknowledged messages past the visibility timeout."""
@@ -78,6 +81,7 @@ def celery_config(settings: Settings) -> dict:
     }
     return {
         "broker_url": settings.redis_url,
+        "broker_transport": "worker.broker:Transport",  # kombu's Redis transport, cheaper per message
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         "result_backend": None,

@@ -51,10 +51,21 @@ class JsonFormatter(logging.Formatter):
             line.setdefault(key, value)
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        # Round-trip through JSON first so that every value is a plain string or number
-        # (an exception, a datetime...) before the redactor looks at it.
-        plain = json.loads(json.dumps(line, default=str))
-        return json.dumps(self.redactor.walk(plain), separators=(",", ":"), ensure_ascii=False)
+        # Every value made a plain string or number (an exception, a datetime...) before
+        # the redactor looks at it, so nothing reaches the line unredacted.
+        return json.dumps(self.redactor.walk(_plain(line)), separators=(",", ":"), ensure_ascii=False)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON would hold it: dicts, lists, strings, numbers, booleans, None; anything
+    else becomes its ``str`` (as ``json.dumps(default=str)`` would make it)."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
 
 
 class TextFormatter(logging.Formatter):
