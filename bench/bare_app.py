@@ -2,16 +2,16 @@
 
 Started by the bench as::
 
-    celery -A bench.bare_app -b redis://... worker --pool threads -c 64 -Q bench-bare
+    celery -A bench.bare_app -b redis://... worker --pool threads -c 128 -Q bench-bare
 
 with ``BENCH_PLURAL_URL`` (the API base, ``http://127.0.0.1:N/api``) and
 ``BENCH_PLURAL_TOKEN`` (a bearer token the driver fetched once from the sandbox's
 ``/api/auth/v1/token``) in the environment.
 
 The task does what the product's task must do at the least, and nothing else: one
-``PUT /pay/v1/paymentlink/{id}/cancel`` with the product's headers on one pooled
-``requests.Session`` shared by the process's threads (64 connections, no retries, the same
-timeouts), a check that the answer is a 200 whose JSON says ``CANCELLED``, and one
+``PUT /pay/v1/paymentlink/{id}/cancel`` with the product's headers on one urllib3
+connection pool shared by the process's threads (as the product's client: 128 connections,
+no retries, the same timeouts), a check that the answer is a 200 whose JSON says ``CANCELLED``, and one
 pipelined ``INCR`` in Redis (``done`` or ``bad``) so that the driver sees it finish. No
 ledger, no lease, no limiter, no breaker, no token cache. The Celery settings that shape
 delivery are the product's: late acks, prefetch 1, no results, JSON. Logging is Celery's
@@ -30,16 +30,15 @@ import time
 from datetime import datetime, timezone
 
 import redis
-import requests
+import urllib3
 from celery import Celery
-from requests.adapters import HTTPAdapter
 
 QUEUE = "bench-bare"
 DONE_KEY = "bench:bare:done"
 BAD_KEY = "bench:bare:bad"
-POOL_SIZE = 64
-TIMEOUT = (3.05, 10.0)  # the product's default connect and read timeouts
-USER_AGENT = f"plural-cancel/0.1.0 python-requests/{requests.__version__}"
+POOL_SIZE = 128  # the product's DEFAULT_CONCURRENCY and its client's POOL_SIZE
+TIMEOUT = urllib3.Timeout(connect=3.05, read=10.0)  # the product's default timeouts
+USER_AGENT = f"plural-cancel/0.1.0 urllib3/{urllib3.__version__}"
 
 # The broker URL comes from the command line (`celery -b URL`), which Celery puts in
 # CELERY_BROKER_URL before importing this module.
@@ -63,18 +62,16 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def _session() -> requests.Session:
-    session = _state.get("session")
-    if session is None:
+def _pool() -> urllib3.HTTPConnectionPool:
+    pool = _state.get("pool")
+    if pool is None:
         with _lock:
-            session = _state.get("session")
-            if session is None:
-                session = requests.Session()
-                adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=0)
-                session.mount("http://", adapter)
-                session.mount("https://", adapter)
-                _state["session"] = session
-    return session  # type: ignore[return-value]
+            pool = _state.get("pool")
+            if pool is None:
+                pool = urllib3.connection_from_url(os.environ["BENCH_PLURAL_URL"], maxsize=POOL_SIZE,
+                                                   block=False, retries=False)
+                _state["pool"] = pool
+    return pool  # type: ignore[return-value]
 
 
 def _redis() -> redis.Redis:
@@ -99,12 +96,14 @@ def bare_cancel(payment_link_id: str, request_id: str) -> None:
         "User-Agent": USER_AGENT,
         "Authorization": f"Bearer {os.environ['BENCH_PLURAL_TOKEN']}",
     }
-    url = f"{os.environ['BENCH_PLURAL_URL']}/pay/v1/paymentlink/{payment_link_id}/cancel"
+    path = urllib3.util.parse_url(os.environ["BENCH_PLURAL_URL"]).path
     ok = False
     try:
-        response = _session().put(url, headers=headers, timeout=TIMEOUT, verify=True, allow_redirects=False)
-        ok = response.status_code == 200 and json.loads(response.content).get("status") == "CANCELLED"
-    except (requests.RequestException, ValueError):
+        response = _pool().urlopen("PUT", f"{path}/pay/v1/paymentlink/{payment_link_id}/cancel",
+                                   headers={**headers, "Content-Length": "0"}, timeout=TIMEOUT,
+                                   retries=False, redirect=False)
+        ok = response.status == 200 and json.loads(response.data).get("status") == "CANCELLED"
+    except (urllib3.exceptions.HTTPError, ValueError):
         pass
     pipe = _redis().pipeline(transaction=False)
     pipe.incr(DONE_KEY if ok else BAD_KEY)

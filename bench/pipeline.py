@@ -1,17 +1,18 @@
 """End-to-end cancels per second: the product's worker against a bare Celery task, same run.
 
-Run from the repository root (about 7 minutes as the README runs it)::
+Run from the repository root (about 12 minutes as the README runs it)::
 
     .venv/bin/python bench/pipeline.py [--count0 3000] [--count200 3000] [--rounds 1]
         [--modes product,bare[,sleep]] [--latencies 0,200] [--pool-count 2000]
         [--prefork-count 200] [--two-processes] [--no-pools] [--commandstats]
-        [--py-spy DIR] [--loglevel INFO] [--switch-interval S]
+        [--py-spy DIR] [--loglevel INFO] [--switch-interval S] [--concurrency 128] [--warmup 500]
 
 It starts its own ``redis-server`` on a free port and the Plural sandbox
 (``python -m sandbox --port 0 --no-demo-links``), then, at 0 ms and at 200 ms of added
 sandbox latency (``PUT /_admin/faults``):
 
-(a) **product**: one ``celery -A worker worker --pool threads -c 64`` process with the
+(a) **product**: one ``celery -A worker worker -c 128`` process (its default pool, Celery's
+    threads pool as ``worker.pool`` extends it) with the
     product's settings (``PLURAL_RATE_LIMIT=100000`` so that the limiter is never the
     bottleneck; breaker and everything else at their defaults; ``--loglevel=INFO`` as in
     the Procfile). ``N`` fresh CREATED links; ``tasks.enqueue_many`` enqueues ``N``
@@ -20,8 +21,8 @@ sandbox latency (``PUT /_admin/faults``):
     is the latest record's ``updated_at``). ``ok`` counts ``succeeded/cancelled`` records.
 (b) **bare** (``bench/bare_app.py``): one ``celery -A bench.bare_app worker`` with the same
     pool, concurrency, log level, late acks and prefetch 1, whose task makes only the same
-    ``PUT`` (the same headers, a bearer token fetched once by this driver) on a pooled
-    ``requests.Session`` and counts itself done in Redis. ``N`` fresh links, enqueued with
+    ``PUT`` (the same headers, a bearer token fetched once by this driver) on a urllib3
+    connection pool, as the product's client does, and counts itself done in Redis. ``N`` fresh links, enqueued with
     ``apply_async`` in a loop inside kombu's ``Producer.batch`` (pipelined like
     ``enqueue_many``, so the driver's enqueue pace does not hold the bare worker back);
     the clock runs from the first enqueue to the last task's finish.
@@ -39,7 +40,7 @@ the product keeps once CPU is what limits both, and it is steadier than the rate
 shared machine.
 
 Unless ``--no-pools``, it then runs the product's worker at 200 ms under
-``--pool threads -c 64``, ``--pool gevent -c 64`` (if gevent is installed:
+its default pool, ``--pool gevent`` at the same concurrency (if gevent is installed:
 ``pip install -e '.[bench]'``) and ``--pool prefork -c 2`` (one process per core), and with
 ``--two-processes`` two threads workers side by side, and prints cancels/s for each.
 
@@ -75,6 +76,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from config.celery import DEFAULT_CONCURRENCY  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 from tests.support.sandbox import SandboxProcess, start_sandbox_process  # noqa: E402
@@ -148,13 +150,13 @@ def _load() -> float:
 class Worker:
     """A Celery worker process in its own process group, logging to a temporary file."""
 
-    def __init__(self, app: str, env: dict[str, str], pool: str, concurrency: int, extra: list[str],
+    def __init__(self, app: str, env: dict[str, str], pool: str | None, concurrency: int, extra: list[str],
                  loglevel: str, celery_app) -> None:
         """Start ``celery -A app worker`` and return once it answers a ping sent through ``celery_app``."""
-        self.log_path = Path(tempfile.mkstemp(prefix=f"bench-{pool}-", suffix=".log")[1])
+        self.log_path = Path(tempfile.mkstemp(prefix=f"bench-{pool or 'default'}-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")
         name = f"bench-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
-        args = [CELERY, "-A", app, *extra, "worker", f"--loglevel={loglevel}", "--pool", pool,
+        args = [CELERY, "-A", app, *extra, "worker", f"--loglevel={loglevel}", *(["--pool", pool] if pool else []),
                 f"--concurrency={concurrency}", "-n", name, "--without-mingle", "--without-gossip"]
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -285,14 +287,16 @@ class Bench:
 
     # -- (a) the product ---------------------------------------------------------------
 
-    def product(self, n: int, latency_ms: float, pool: str = "threads", concurrency: int = 64,
+    def product(self, n: int, latency_ms: float, pool: str = "threads", concurrency: int = DEFAULT_CONCURRENCY,
                 processes: int = 1) -> Run:
         from tasks import enqueue_many
         from worker import app
 
         ids = self._fresh(n, latency_ms)
         env = self._site(service_env(self.redis_url, self.sandbox.url, PLURAL_RATE_LIMIT=100000))
-        workers = [Worker("worker", env, pool, concurrency, [], self.loglevel, app)
+        # "threads" is the product's default pool (no --pool): Celery's threads pool that can
+        # hand its cancels back on shutdown (worker.pool), the same at work.
+        workers = [Worker("worker", env, None if pool == "threads" else pool, concurrency, [], self.loglevel, app)
                    for _ in range(processes)]
 
         def run():
@@ -343,11 +347,11 @@ class Bench:
 
     # -- (b) the bare task --------------------------------------------------------------
 
-    def sleep(self, n: int, latency_ms: float, pool: str = "threads", concurrency: int = 64) -> Run:
+    def sleep(self, n: int, latency_ms: float, pool: str = "threads", concurrency: int = DEFAULT_CONCURRENCY) -> Run:
         """The bare worker with a task that sleeps ``latency_ms`` instead of calling the sandbox."""
         return self.bare(n, latency_ms, pool, concurrency, sleep=True)
 
-    def bare(self, n: int, latency_ms: float, pool: str = "threads", concurrency: int = 64, *,
+    def bare(self, n: int, latency_ms: float, pool: str = "threads", concurrency: int = DEFAULT_CONCURRENCY, *,
              sleep: bool = False) -> Run:
         from bench import bare_app
 
@@ -430,14 +434,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count0", type=int, default=3000, help="cancels per run at 0 ms")
     parser.add_argument("--count200", type=int, default=3000, help="cancels per run at 200 ms")
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
+    parser.add_argument("--warmup", type=int, default=500,
+                        help="cancels per mode run once, unmeasured, before the first measured run (0: none)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="product/bare pairs per latency (order alternates); the best of each counts")
     parser.add_argument("--pool-count", type=int, default=2000, help="cancels per threads/gevent run")
     parser.add_argument("--prefork-count", type=int, default=200, help="cancels in the prefork -c 2 run")
     parser.add_argument("--no-pools", action="store_true", help="skip the pool comparison")
     parser.add_argument("--two-processes", action="store_true",
-                        help="also run two threads workers (-c 64 each) at 200 ms: one per core")
+                        help="also run two threads workers at 200 ms: one per core")
     parser.add_argument("--latencies", default="0,200", help="comma-separated sandbox latencies, ms")
     parser.add_argument("--modes", default="product,bare",
                         help="comma-separated: product, bare, sleep (the bare worker, no HTTP: Celery's ceiling)")
@@ -463,6 +469,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{os.cpu_count()} CPUs; redis-server pid {server.pid}; sandbox {sandbox.url}; "
               f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print(HEADER, flush=True)
+        # The first run of a fresh machine state was 20-30 % slower than the rest in every
+        # invocation, whichever mode it was: each mode runs once unmeasured first.
+        for mode in (m.strip() for m in args.modes.split(",") if m.strip() and args.warmup > 0):
+            getattr(bench, mode)(args.warmup, 0.0, concurrency=args.concurrency)
         results: dict[float, dict[str, Run]] = {}
         cheapest: dict[float, dict[str, float]] = {}
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -498,14 +508,14 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print("pools, product worker, 200 ms latency")
             print(HEADER, flush=True)
-            pools: list[tuple] = [("threads", 64, args.pool_count)]
+            pools: list[tuple] = [("threads", DEFAULT_CONCURRENCY, args.pool_count)]
             if importlib.util.find_spec("gevent") is not None:
-                pools.append(("gevent", 64, args.pool_count))
+                pools.append(("gevent", DEFAULT_CONCURRENCY, args.pool_count))
             else:
                 print("(gevent is not installed: pip install -e '.[bench]' to include it)")
             pools.append(("prefork", 2, args.prefork_count))
             if args.two_processes:
-                pools.append(("threads", 64, args.pool_count, 2))
+                pools.append(("threads", DEFAULT_CONCURRENCY, args.pool_count, 2))
             for pool, concurrency, n, *processes in pools:
                 r = bench.product(n, 200, pool=pool, concurrency=concurrency,
                                   processes=(processes or [1])[0])
