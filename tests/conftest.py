@@ -101,3 +101,33 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, message: str = "c
         if time.monotonic() >= deadline:
             raise AssertionError(f"{message} not reached within {timeout}s (last: {value!r})")
         time.sleep(interval)
+
+
+# -- the Plural client's tests: a scripted HTTP server playing Plural --------------------
+
+@pytest.fixture
+def plural():
+    """A real HTTP server on 127.0.0.1 playing Plural; each test scripts its answers."""
+    from tests.support.scripted_plural import ScriptedPlural
+
+    server = ScriptedPlural()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def store():
+    from tests.support.scripted_plural import RecordingStore
+
+    return RecordingStore()
+
+
+@pytest.fixture
+def client(plural, store):
+    """A Plural client of ``plural`` holding its token in ``store``."""
+    from tests.support.scripted_plural import CLIENT_ID, NOW, SECRET
+    from worker.plural import PluralClient
+
+    with PluralClient(plural.base_url, CLIENT_ID, SECRET, tokens=store, clock=lambda: NOW,
+                      read_timeout=5) as c:
+        yield c

@@ -1,7 +1,7 @@
 """The Plural client against a real HTTP server on 127.0.0.1 whose answers each test scripts.
 
-No mocking: every request crosses a real socket, so headers, paths, timeouts, resets
-and TLS failures are what urllib3 really does with them.
+No mocking: every request crosses a real socket (``tests/support/scripted_plural.py``).
+Failures below HTTP (timeouts, resets, TLS, proxies) are in ``test_plural_transport.py``.
 """
 
 from __future__ import annotations
@@ -9,177 +9,19 @@ from __future__ import annotations
 import calendar
 import datetime as dt
 import email.utils
-import ipaddress
 import json
 import logging
 import re
-import socket
-import ssl
-import struct
 import threading
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from config.settings import Secret, Settings
-from worker.errors import (PluralAuthError, PluralBadResponse, PluralConnectionError, PluralError,
-                           PluralRateLimited, PluralRequestError, PluralServerError, PluralTimeout,
-                           PluralTLSError)
+from tests.support.scripted_plural import (CLIENT_ID, LINK_ID, NOW, NOW_STAMP, SECRET, SEED_200, UTC, Answer)
+from worker.errors import (PluralAuthError, PluralBadResponse, PluralError, PluralRateLimited,
+                           PluralRequestError, PluralServerError)
 from worker.links import LINK_STATUSES, PaymentLink
 from worker.plural import AccessToken, MemoryTokenStore, PluralClient
-
-NOW = calendar.timegm((2024, 7, 9, 7, 57, 8)) + 0.022
-NOW_STAMP = "2024-07-09T07:57:08.022Z"
-CLIENT_ID = "client-7f3a"
-SECRET = "s3cr3t-DO-NOT-LEAK-91c2"
-LINK_ID = "pl-v1-250306082755-aa-uT0noy"
-UTC = dt.timezone.utc
-
-# The seed's 200 example, verbatim from the OpenAPI definition beside the repo (its tabs
-# and misspelt "adddress_type" included).
-OPENAPI = Path(__file__).resolve().parents[2] / "shared" / "plural" / "cancel-payment-link.openapi.json"
-SEED_200 = (json.loads(OPENAPI.read_text())["paths"]["/pay/v1/paymentlink/{payment_link_id}/cancel"]["put"]
-            ["responses"]["200"]["content"]["application/json"]["examples"]["Result"]["value"])
-
-
-@dataclass
-class Answer:
-    """One scripted answer: a status and body, or a stall (``delay`` seconds), or a reset."""
-
-    status: int = 200
-    body: Any = None
-    headers: dict = field(default_factory=dict)
-    delay: float = 0.0
-    reset: bool = False
-
-
-@dataclass
-class Seen:
-    method: str
-    path: str
-    headers: Any  # http.client.HTTPMessage: case-insensitive .get()
-    body: bytes
-
-
-class ScriptedPlural:
-    """A threaded HTTP/1.1 server: token calls get fresh tokens unless scripted; other calls pop ``answers``."""
-
-    def __init__(self, tls: ssl.SSLContext | None = None):
-        self.answers: deque[Answer] = deque()
-        self.token_answers: deque[Answer] = deque()
-        self.seen: list[Seen] = []
-        self.issued: list[str] = []
-        self.stop = threading.Event()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def handle_request(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                outer.seen.append(Seen(self.command, self.path, self.headers,
-                                       self.rfile.read(length) if length else b""))
-                outer.reply(self, outer.next_answer(self.path))
-
-            do_GET = do_PUT = do_POST = handle_request
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.handle_error = lambda request, address: None  # clients that gave up are expected
-        if tls is not None:
-            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
-        self.port = self.httpd.server_address[1]
-        self.base_url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}/api"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def next_answer(self, path: str) -> Answer:
-        if path.endswith("/auth/v1/token"):
-            if self.token_answers:
-                return self.token_answers.popleft()
-            self.issued.append(f"tkn{len(self.issued) + 1}-{uuid.uuid4().hex}")
-            return Answer(200, {"access_token": self.issued[-1], "expires_at": "2024-07-09T08:57:08.022Z"})
-        return self.answers.popleft() if self.answers else Answer(599, {"code": "NOTHING_SCRIPTED"})
-
-    def reply(self, handler: BaseHTTPRequestHandler, answer: Answer) -> None:
-        if answer.delay:
-            self.stop.wait(answer.delay)
-        if answer.reset:
-            # SO_LINGER with a zero timeout turns close() into a TCP RST.
-            handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            handler.rfile.close()
-            handler.wfile.close()
-            handler.connection.close()
-            handler.close_connection = True
-            return
-        body, headers = answer.body, dict(answer.headers)
-        if isinstance(body, (dict, list)):
-            body = json.dumps(body)
-            headers.setdefault("Content-Type", "application/json")
-        payload = (body or "").encode() if not isinstance(body, bytes) else body
-        try:
-            handler.send_response(answer.status)
-            for name, value in headers.items():
-                handler.send_header(name, value)
-            handler.send_header("Content-Length", str(len(payload)))
-            handler.end_headers()
-            handler.wfile.write(payload)
-        except OSError:
-            pass  # the client timed out and left
-
-    def calls(self, suffix: str = "") -> list[Seen]:
-        return [s for s in self.seen if not s.path.endswith("/auth/v1/token") and s.path.endswith(suffix)]
-
-    def token_calls(self) -> list[Seen]:
-        return [s for s in self.seen if s.path.endswith("/auth/v1/token")]
-
-    def close(self) -> None:
-        self.stop.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-class RecordingStore(MemoryTokenStore):
-    """The real in-memory store, noting which tokens the client asked it to drop."""
-
-    def __init__(self):
-        super().__init__(clock=lambda: NOW)
-        self.invalidated: list[str] = []
-
-    def invalidate(self, token: str) -> None:
-        self.invalidated.append(token)
-        super().invalidate(token)
-
-
-@pytest.fixture
-def plural():
-    server = ScriptedPlural()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def store():
-    return RecordingStore()
-
-
-@pytest.fixture
-def client(plural, store):
-    with PluralClient(plural.base_url, CLIENT_ID, SECRET, tokens=store, clock=lambda: NOW,
-                      read_timeout=5) as c:
-        yield c
 
 
 def leak_free(*texts: str, tokens: list[str] = ()) -> None:
@@ -385,71 +227,6 @@ def test_401_twice_is_an_auth_error(plural, client, store, caplog):
     assert "PUT /pay/v1/paymentlink/" in caplog.text and "req-401x2" in caplog.text
 
 
-# -- failures below HTTP ----------------------------------------------------------------
-
-def test_read_timeout(plural):
-    plural.answers.append(Answer(200, SEED_200, delay=2.0))
-    with PluralClient(plural.base_url, CLIENT_ID, SECRET, read_timeout=0.3) as client:
-        with pytest.raises(PluralTimeout) as caught:
-            client.cancel_payment_link(LINK_ID, "req-slow")
-    assert caught.value.retryable and caught.value.request_id == "req-slow"
-    assert caught.value.http_status is None
-
-
-def test_connection_reset(plural, client):
-    plural.answers.append(Answer(reset=True))
-    with pytest.raises(PluralConnectionError) as caught:
-        client.cancel_payment_link(LINK_ID, "req-rst")
-    assert not isinstance(caught.value, PluralTimeout)
-    assert caught.value.retryable and caught.value.request_id == "req-rst"
-
-
-def test_connection_refused():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed when the block ends: nothing listens there
-    with PluralClient(f"http://127.0.0.1:{port}/api", CLIENT_ID, SECRET) as client:
-        with pytest.raises(PluralConnectionError) as caught:
-            client.cancel_payment_link(LINK_ID, "req-refused")
-    err = caught.value
-    assert err.retryable and err.request_id == "req-refused" and "Generate Token failed" in err.message
-
-
-def _self_signed_tls(tmp_path) -> ssl.SSLContext:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
-    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                         serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
-    return context
-
-
-@pytest.mark.parametrize("kind", ["untrusted certificate", "plain http behind https"])
-def test_tls_failure_is_final(tmp_path, kind):
-    server = ScriptedPlural(tls=_self_signed_tls(tmp_path) if kind == "untrusted certificate" else None)
-    try:
-        base = server.base_url.replace("http://", "https://")
-        with PluralClient(base, CLIENT_ID, SECRET) as client:
-            with pytest.raises(PluralTLSError) as caught:
-                client.cancel_payment_link(LINK_ID, "req-tls")
-        assert not caught.value.retryable and caught.value.request_id == "req-tls"
-        if kind == "untrusted certificate":
-            assert "self-signed certificate" in caught.value.message
-        assert server.seen == []
-    finally:
-        server.close()
-
-
 # -- input validation -----------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", "pl 1", "x" * 51, "", "pl\n", None, 42])
@@ -521,25 +298,6 @@ def test_missing_credentials_send_nothing(plural):
         with pytest.raises(PluralAuthError, match="PLURAL_CLIENT_ID"):
             client.cancel_payment_link(LINK_ID, "req-1")
     assert plural.seen == []
-
-
-def test_from_settings_uses_the_secret_and_timeouts(plural):
-    settings = Settings(plural_base_url=plural.base_url, client_id=CLIENT_ID, client_secret=Secret(SECRET),
-                        read_timeout=0.3)
-    with PluralClient.from_settings(settings, clock=lambda: NOW) as client:
-        assert client.generate_token().value == plural.issued[0]
-        assert (client._timeout.connect_timeout, client._timeout.read_timeout) == (settings.connect_timeout, 0.3)
-    assert json.loads(plural.token_calls()[0].body)["client_secret"] == SECRET
-
-
-def test_calls_go_through_the_proxy_when_one_is_set(plural):
-    """``plural`` plays the proxy: a host nobody can resolve is reached through it."""
-    plural.answers.append(Answer(200, SEED_200))
-    proxy = plural.base_url.removesuffix("/api")
-    with PluralClient("http://plural.invalid/api", CLIENT_ID, SECRET, proxy_url=proxy) as client:
-        assert client.cancel_payment_link(LINK_ID, "req-proxy").status == "CANCELLED"
-    assert [seen.path.split("?")[0] for seen in plural.seen] == [
-        "http://plural.invalid/api/auth/v1/token", f"http://plural.invalid/api/pay/v1/paymentlink/{LINK_ID}/cancel"]
 
 
 # -- the in-process token store ----------------------------------------------------------

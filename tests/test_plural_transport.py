@@ -1,0 +1,84 @@
+"""The Plural client below HTTP: timeouts, resets, refused connections, TLS, a proxy, settings.
+
+Against a real HTTP server on 127.0.0.1 (``tests/support/scripted_plural.py``): the
+failures are what urllib3 really does with them.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from config.settings import Secret, Settings
+from tests.support.scripted_plural import (CLIENT_ID, LINK_ID, NOW, SECRET, SEED_200, Answer, ScriptedPlural,
+                                           self_signed_tls)
+from worker.errors import PluralConnectionError, PluralTimeout, PluralTLSError
+from worker.plural import PluralClient
+
+
+def test_read_timeout(plural):
+    plural.answers.append(Answer(200, SEED_200, delay=2.0))
+    with PluralClient(plural.base_url, CLIENT_ID, SECRET, read_timeout=0.3) as client:
+        with pytest.raises(PluralTimeout) as caught:
+            client.cancel_payment_link(LINK_ID, "req-slow")
+    assert caught.value.retryable and caught.value.request_id == "req-slow"
+    assert caught.value.http_status is None
+
+
+def test_connection_reset(plural, client):
+    plural.answers.append(Answer(reset=True))
+    with pytest.raises(PluralConnectionError) as caught:
+        client.cancel_payment_link(LINK_ID, "req-rst")
+    assert not isinstance(caught.value, PluralTimeout)
+    assert caught.value.retryable and caught.value.request_id == "req-rst"
+
+
+def test_connection_refused():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed when the block ends: nothing listens there
+    with PluralClient(f"http://127.0.0.1:{port}/api", CLIENT_ID, SECRET) as client:
+        with pytest.raises(PluralConnectionError) as caught:
+            client.cancel_payment_link(LINK_ID, "req-refused")
+    err = caught.value
+    assert err.retryable and err.request_id == "req-refused" and "Generate Token failed" in err.message
+
+
+@pytest.mark.parametrize("kind", ["untrusted certificate", "plain http behind https"])
+def test_tls_failure_is_final(tmp_path, kind):
+    server = ScriptedPlural(tls=self_signed_tls(tmp_path) if kind == "untrusted certificate" else None)
+    try:
+        base = server.base_url.replace("http://", "https://")
+        with PluralClient(base, CLIENT_ID, SECRET) as client:
+            with pytest.raises(PluralTLSError) as caught:
+                client.cancel_payment_link(LINK_ID, "req-tls")
+        assert not caught.value.retryable and caught.value.request_id == "req-tls"
+        if kind == "untrusted certificate":
+            assert "self-signed certificate" in caught.value.message
+        assert server.seen == []
+    finally:
+        server.close()
+
+
+
+# -- settings and proxies ----------------------------------------------------------------
+
+def test_from_settings_uses_the_secret_and_timeouts(plural):
+    settings = Settings(plural_base_url=plural.base_url, client_id=CLIENT_ID, client_secret=Secret(SECRET),
+                        read_timeout=0.3)
+    with PluralClient.from_settings(settings, clock=lambda: NOW) as client:
+        assert client.generate_token().value == plural.issued[0]
+        assert (client._timeout.connect_timeout, client._timeout.read_timeout) == (settings.connect_timeout, 0.3)
+    assert json.loads(plural.token_calls()[0].body)["client_secret"] == SECRET
+
+
+def test_calls_go_through_the_proxy_when_one_is_set(plural):
+    """``plural`` plays the proxy: a host nobody can resolve is reached through it."""
+    plural.answers.append(Answer(200, SEED_200))
+    proxy = plural.base_url.removesuffix("/api")
+    with PluralClient("http://plural.invalid/api", CLIENT_ID, SECRET, proxy_url=proxy) as client:
+        assert client.cancel_payment_link(LINK_ID, "req-proxy").status == "CANCELLED"
+    assert [seen.path.split("?")[0] for seen in plural.seen] == [
+        "http://plural.invalid/api/auth/v1/token", f"http://plural.invalid/api/pay/v1/paymentlink/{LINK_ID}/cancel"]
