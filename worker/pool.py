@@ -18,7 +18,11 @@ the first delivery still owns the link's lease (``worker.ledger``).
 
 from __future__ import annotations
 
+import logging
+
 from celery.concurrency.thread import TaskPool as ThreadTaskPool
+
+log = logging.getLogger(__name__)
 
 
 class TaskPool(ThreadTaskPool):
@@ -29,7 +33,10 @@ class TaskPool(ThreadTaskPool):
 
     def terminate_job(self, pid, signal=None) -> None:
         # ``pid`` is this process for every thread: there is no one job to single out,
-        # and a thread cannot be stopped from outside anyway.
+        # and a thread cannot be stopped from outside anyway. (A ``revoke --terminate``
+        # lands here too: the cancel runs on, and the pool stops without waiting later.)
+        if not self.given_up:
+            log.info("pool: running cancels cannot be killed (threads); each finishes its call on its own")
         self.given_up = True
 
     def on_stop(self) -> None:
