@@ -23,9 +23,9 @@ the sandbox's latency and counts itself done, which measures Celery's own ceilin
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import threading
 import time
 from datetime import datetime, timezone
 
@@ -58,31 +58,17 @@ app.conf.update(
     broker_pool_limit=POOL_SIZE + 4,
 )
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}
-
-
+# Built on first use by the worker's threads (after the broker URL is known); two threads
+# racing there build one spare, which is dropped.
+@functools.cache
 def _pool() -> urllib3.HTTPConnectionPool:
-    pool = _state.get("pool")
-    if pool is None:
-        with _lock:
-            pool = _state.get("pool")
-            if pool is None:
-                pool = urllib3.connection_from_url(os.environ["BENCH_PLURAL_URL"], maxsize=POOL_SIZE,
-                                                   block=False, retries=False)
-                _state["pool"] = pool
-    return pool  # type: ignore[return-value]
+    return urllib3.connection_from_url(os.environ["BENCH_PLURAL_URL"], maxsize=POOL_SIZE, block=False,
+                                       retries=False)
 
 
+@functools.cache
 def _redis() -> redis.Redis:
-    client = _state.get("redis")
-    if client is None:
-        with _lock:
-            client = _state.get("redis")
-            if client is None:
-                client = redis.Redis.from_url(app.conf.broker_url, max_connections=256)
-                _state["redis"] = client
-    return client  # type: ignore[return-value]
+    return redis.Redis.from_url(app.conf.broker_url, max_connections=256)
 
 
 @app.task(name="bench.bare_cancel")

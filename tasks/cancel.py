@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from config.celery import lease_seconds
 from worker import app, metrics, reporting
 from worker.errors import PluralAuthError, PluralError, PluralRateLimited, PluralRequestError
-from worker.links import PaymentLink
+from worker.links import PaymentLink, format_timestamp
 from worker.plural import PluralClient
 from worker.retry import backoff
 from worker.runtime import Runtime
@@ -221,7 +221,7 @@ def record(rt: Runtime, decision: Decision, payment_link_id: str, request_id: st
         request_id, payment_link_id, owner, success_probe=success_probe, state=decision.state,
         outcome=decision.outcome, attempted=True,
         link_status=link.status if link else None,
-        cancelled_at=_iso(link.cancelled_at) if link else None,
+        cancelled_at=format_timestamp(link.cancelled_at) if link and link.cancelled_at else None,
         amount={"value": link.amount.value, "currency": link.amount.currency} if link and link.amount else None,
         last_error=error,
     )
@@ -252,12 +252,6 @@ def _retry_reason(decision: Decision) -> str:
     if decision.link is not None and decision.link.status in IN_FLIGHT_STATUSES:
         return "payment_in_flight"
     return type(decision.error).__name__ if decision.error is not None else "unknown"
-
-
-def _iso(value) -> str | None:
-    if value is None:
-        return None
-    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @app.task(name="tasks.cancel_payment_link", bind=True)

@@ -17,7 +17,7 @@ from celery import Celery
 
 from tasks.periodic import publish
 from worker import app as default_app
-from worker.ledger import RequestIdConflict, format_record
+from worker.ledger import RequestIdConflict
 from worker.schedule import Schedule
 from worker.validation import validate_payment_link_id, validate_request_id
 
@@ -110,16 +110,8 @@ def get_schedule(payment_link_id: str, *, app: Celery | None = None) -> dict | N
 
 
 def get_statuses(request_ids: list[str], *, app: Celery | None = None) -> list[dict | None]:
-    """The status records of many cancels in one round trip per 1,000, in order (None: unknown)."""
-    ledger = (app or default_app).runtime.ledger
-    out: list[dict | None] = []
-    for start in range(0, len(request_ids), 1000):
-        pipe = ledger.redis.pipeline(transaction=False)
-        for request_id in request_ids[start:start + 1000]:
-            pipe.hgetall(ledger.keys.record(request_id))
-        for raw in pipe.execute():
-            out.append(format_record({_text(k): _text(v) for k, v in raw.items()}) if raw else None)
-    return out
+    """The status records of many cancels, in order (None: unknown), one round trip per 1,000."""
+    return (app or default_app).runtime.ledger.statuses(request_ids)
 
 
 def schedule_store(app_: Celery) -> Schedule:
@@ -149,7 +141,3 @@ def _enqueue(app_: Celery, pairs: list[tuple[str, str]]) -> None:
         if code < 0:
             raise RequestIdConflict(
                 f"request_id: {request_id!r} is already used for a cancel of another payment link")
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

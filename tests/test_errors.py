@@ -79,10 +79,9 @@ def test_odd_bodies_still_give_a_clear_error(body):
 
 
 def test_non_json_body_is_described_never_quoted():
-    err = classify_http(502, None, body_note="body is not JSON (text/html, 1234 bytes)",
-                        text_snippet="<html>kevin.bob@example.com</html>")
+    # The body itself never reaches classify_http (see test_html_502_... in test_plural_client.py).
+    err = classify_http(502, None, body_note="body is not JSON (text/html, 1234 bytes)")
     assert err.message == "Plural answered HTTP 502; body is not JSON (text/html, 1234 bytes)"
-    assert "kevin" not in str(err) and "kevin" not in repr(err)
 
 
 def test_a_long_message_is_cut():

@@ -21,7 +21,8 @@ from tests.support.scripted_plural import (CLIENT_ID, LINK_ID, NOW, NOW_STAMP, S
 from worker.errors import (PluralAuthError, PluralBadResponse, PluralError, PluralRateLimited,
                            PluralRequestError, PluralServerError)
 from worker.links import LINK_STATUSES, PaymentLink
-from worker.plural import AccessToken, MemoryTokenStore, PluralClient
+from worker.plural import PluralClient
+from worker.tokens import AccessToken, MemoryTokenStore
 
 
 def leak_free(*texts: str, tokens: list[str] = ()) -> None:

@@ -8,8 +8,8 @@ import time
 import redis
 
 from worker.keys import Keys
-from worker.plural import AccessToken, PluralClient
-from worker.tokens import REFRESH_MARGIN, RedisTokenCache
+from worker.plural import PluralClient
+from worker.tokens import REFRESH_MARGIN, AccessToken, RedisTokenCache
 
 SECRET = "test-secret-do-not-leak"
 

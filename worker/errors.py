@@ -140,15 +140,15 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 def classify_http(status: int, body: Any, *, request_id: str | None = None,
-                  retry_after: str | None = None, text_snippet: str = "",
-                  body_note: str = "", now: float | None = None) -> PluralError:
+                  retry_after: str | None = None, body_note: str = "",
+                  now: float | None = None) -> PluralError:
     """The one decision: which error an HTTP answer other than 2xx is, and whether it is retryable.
 
     ``status`` is the HTTP status; ``body`` the parsed JSON (None when the answer was not
     JSON); ``retry_after`` the raw ``Retry-After`` header; ``now`` the clock (epoch seconds)
     against which an HTTP-date hint is measured. ``body_note`` describes an unreadable body
-    (e.g. ``"body is not JSON (text/html, 1234 bytes)"``) and is appended to the message;
-    ``text_snippet`` is accepted for old callers but never copied into the message.
+    (e.g. ``"body is not JSON (text/html, 1234 bytes)"``) and is appended to the message:
+    the body itself never is.
 
     5xx, 429 and 408 (a :class:`PluralTimeout`) are retryable, keeping any ``Retry-After``
     hint; 401, and a 4xx whose code says the credentials were refused, are
@@ -171,8 +171,6 @@ def classify_http(status: int, body: Any, *, request_id: str | None = None,
         message = f"Plural answered HTTP {status}"
         if body_note:
             message += f"; {body_note}"
-        elif body is None and text_snippet:
-            message += "; body is not JSON"
     kwargs = dict(http_status=status, code=code, details=details, request_id=request_id)
     if 300 <= status < 400:
         return PluralBadResponse(

@@ -23,13 +23,13 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
 import redis
 
 from worker.keys import Keys
 from worker.ledger_lua import CLAIM, CREATE, DEFER, FINISH, RELEASE_HELD, REQUEUE, TAKE_DUE
+from worker.links import format_timestamp
 
 TERMINAL = ("succeeded", "failed")
 ACTIVE = ("queued", "running", "retrying")
@@ -37,6 +37,8 @@ STATS_BUCKET = 3600
 """Seconds of finishes counted in one ``finished`` hash (outcome -> records)."""
 STREAM_MAXLEN = 100_000
 """Outcome events kept in the stream (approximately: trimmed with ``~``)."""
+READ_CHUNK = 1000
+"""Records read per round trip by :meth:`Ledger.statuses`."""
 
 
 class RequestIdConflict(ValueError):
@@ -105,20 +107,17 @@ class Ledger:
 
     def claim_call(self, request_id: str, payment_link_id: str, owner: str,
                    lease: float) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of the claim script (``CLAIM_FN``), for :meth:`claim` and ``worker.admission``."""
+        """KEYS and ARGV of the claim script (``CLAIM_FN``), for :meth:`claim` and ``worker.attempts``."""
         now = self.clock()
         keys = [self.keys.record(request_id), self.keys.link_lock(payment_link_id), self.keys.leases,
                 self.keys.deferred, self.keys.outbox, self.keys.stats]
         return keys, [request_id, payment_link_id, repr(now), lease, owner, self.result_ttl,
                       repr(now + self.retry_budget)]
 
-    def finish(self, request_id: str, payment_link_id: str, owner: str, *, state: str, outcome: str,
-               attempted: bool, link_status: str | None = None, cancelled_at: str | None = None,
-               amount: dict | None = None, last_error: dict | None = None) -> int:
-        """Record a terminal outcome, append it to the outcome stream; returns the attempts made."""
-        keys, args = self.finish_call(request_id, payment_link_id, owner, state=state, outcome=outcome,
-                                      attempted=attempted, link_status=link_status, cancelled_at=cancelled_at,
-                                      amount=amount, last_error=last_error)
+    def finish(self, request_id: str, payment_link_id: str, owner: str, **fields: Any) -> int:
+        """Record a terminal outcome (``fields`` as :meth:`finish_call` takes them), append it to
+        the outcome stream; returns the attempts made."""
+        keys, args = self.finish_call(request_id, payment_link_id, owner, **fields)
         return int(self._finish(keys=keys, args=args))
 
     def finish_call(self, request_id: str, payment_link_id: str, owner: str, *, state: str, outcome: str,
@@ -139,21 +138,20 @@ class Ledger:
         return keys, [request_id, owner, repr(self.clock()), self.result_ttl, int(attempted), STREAM_MAXLEN,
                       json.dumps(fields), STATS_BUCKET]
 
-    def defer(self, request_id: str, payment_link_id: str, owner: str, *, due: float, attempted: bool,
-              last_error: dict | None = None) -> int:
-        """Park this cancel until ``due`` (epoch seconds) in Redis, not in worker memory.
-
-        ``attempted``: Plural was called (the attempt counts). A cancel held back before
-        any attempt stays ``queued``; one that has been tried is ``retrying``. Returns the
-        attempts made.
-        """
-        keys, args = self.defer_call(request_id, payment_link_id, owner, due=due, attempted=attempted,
-                                     last_error=last_error)
+    def defer(self, request_id: str, payment_link_id: str, owner: str, **fields: Any) -> int:
+        """Park this cancel in Redis, not in worker memory, until its due time (``fields`` as
+        :meth:`defer_call` takes them); returns the attempts made."""
+        keys, args = self.defer_call(request_id, payment_link_id, owner, **fields)
         return int(self._defer(keys=keys, args=args))
 
     def defer_call(self, request_id: str, payment_link_id: str, owner: str, *, due: float, attempted: bool,
                    last_error: dict | None = None) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of the defer script (``DEFER_FN``), for :meth:`defer` and ``worker.attempts``."""
+        """KEYS and ARGV of the defer script (``DEFER_FN``), for :meth:`defer` and ``worker.attempts``.
+
+        ``due``: epoch seconds. ``attempted``: Plural was called (the attempt counts). A
+        cancel held back before any attempt stays ``queued``; one that has been tried is
+        ``retrying``.
+        """
         keys = [self.keys.record(request_id), self.keys.link_lock(payment_link_id), self.keys.leases,
                 self.keys.deferred, self.keys.stats]
         error = json.dumps(last_error, separators=(",", ":")) if last_error else ""
@@ -173,7 +171,7 @@ class Ledger:
         """
         flat = self._take_due(keys=[zset, self.keys.record("")],
                               args=[repr(upto), limit, repr(hold_until)])
-        pairs = [_text(x) for x in flat]
+        pairs = [as_text(x) for x in flat]
         return list(zip(pairs[0::2], pairs[1::2]))
 
     def release_held(self, zset: str, request_ids: list[str], held_score: float) -> None:
@@ -186,11 +184,8 @@ class Ledger:
     def failed(self, limit: int = 0) -> list[dict[str, Any]]:
         """Status records of dead letters (state ``failed``), latest first; ``limit`` 0: all."""
         ids = self.redis.zrevrange(self.keys.failed, 0, limit - 1 if limit > 0 else -1)
-        pipe = self.redis.pipeline(transaction=False)
-        for rid in ids:
-            pipe.hgetall(self.keys.record(_text(rid)))
         # A record may have expired since it failed (FINISH prunes those from the set later).
-        return [format_record({_text(k): _text(v) for k, v in raw.items()}) for raw in pipe.execute() if raw]
+        return [record for record in self.statuses([as_text(rid) for rid in ids]) if record]
 
     def requeue(self, request_ids: Iterable[str]) -> list[tuple[str, str, str]]:
         """Dead letters back to ``queued`` (deadline now + ``retry_budget`` s, attempts kept) and
@@ -203,7 +198,7 @@ class Ledger:
                                 self.keys.finished("")],
                           args=[rid, repr(now), repr(now + self.retry_budget), self.result_ttl, STATS_BUCKET],
                           client=pipe)
-        return [(rid, _text(verdict), _text(link)) for rid, (verdict, link) in zip(ids, pipe.execute())]
+        return [(rid, as_text(verdict), as_text(link)) for rid, (verdict, link) in zip(ids, pipe.execute())]
 
     def stats(self) -> dict[str, Any]:
         """``{"active": {queued|running|retrying: n}, "outcomes": {outcome: n}, "deferred": n,
@@ -217,7 +212,7 @@ class Ledger:
         active, deferred, dead, *hours = pipe.execute()
         outcomes: Counter[str] = Counter()
         for hour in hours:
-            outcomes.update({_text(k): int(v) for k, v in hour.items()})
+            outcomes.update({as_text(k): int(v) for k, v in hour.items()})
         # Counters dip below zero for records that predate them; never show that.
         return {"active": {state: max(0, int(active.get(state.encode(), 0))) for state in ACTIVE},
                 "outcomes": {k: n for k, n in sorted(outcomes.items()) if n > 0},
@@ -227,15 +222,23 @@ class Ledger:
 
     def status(self, request_id: str) -> dict[str, Any] | None:
         """The status record as CONTRACT.md shows it, or None when unknown or expired."""
-        raw = self.redis.hgetall(self.keys.record(request_id))
-        if not raw:
-            return None
-        return format_record({_text(k): _text(v) for k, v in raw.items()})
+        return self.statuses([request_id])[0]
+
+    def statuses(self, request_ids: list[str]) -> list[dict[str, Any] | None]:
+        """:meth:`status` of many cancels, in order, one round trip per ``READ_CHUNK``."""
+        out: list[dict[str, Any] | None] = []
+        for start in range(0, len(request_ids), READ_CHUNK):
+            pipe = self.redis.pipeline(transaction=False)
+            for request_id in request_ids[start:start + READ_CHUNK]:
+                pipe.hgetall(self.keys.record(request_id))
+            out += [format_record({as_text(k): as_text(v) for k, v in raw.items()}) if raw else None
+                    for raw in pipe.execute()]
+        return out
 
 
 def parse_claim(reply: list) -> Claim:
     """The :class:`Claim` a claim script (``CLAIM_FN``) answered."""
-    verdict = _text(reply[0])
+    verdict = as_text(reply[0])
     if verdict == "claimed":
         return Claim("claimed", attempts=int(reply[1]), deadline=float(reply[2]))
     if verdict == "busy":
@@ -245,12 +248,6 @@ def parse_claim(reply: list) -> Claim:
 
 def format_record(raw: dict[str, str]) -> dict[str, Any]:
     """A record's hash fields as the public status dictionary."""
-    def iso(field: str) -> str | None:
-        value = raw.get(field)
-        if not value:
-            return None
-        return datetime.fromtimestamp(float(value), timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
     return {
         "request_id": raw.get("request_id"),
         "payment_link_id": raw.get("payment_link_id"),
@@ -258,14 +255,20 @@ def format_record(raw: dict[str, str]) -> dict[str, Any]:
         "outcome": raw.get("outcome") or None,
         "link_status": raw.get("link_status") or None,
         "attempts": int(raw.get("attempts") or 0),
-        "next_attempt_at": iso("next_attempt_at"),
+        "next_attempt_at": stored_time(raw.get("next_attempt_at")),
         "last_error": json.loads(raw["last_error"]) if raw.get("last_error") else None,
         "amount": json.loads(raw["amount"]) if raw.get("amount") else None,
-        "created_at": iso("created_at"),
-        "updated_at": iso("updated_at"),
+        "created_at": stored_time(raw.get("created_at")),
+        "updated_at": stored_time(raw.get("updated_at")),
         "cancelled_at": raw.get("cancelled_at") or None,
     }
 
 
-def _text(value: Any) -> str:
+def stored_time(value: str | None) -> str | None:
+    """A time stored as epoch seconds (text) as ISO 8601 UTC; None when absent or empty."""
+    return format_timestamp(float(value)) if value else None
+
+
+def as_text(value: Any) -> str:
+    """A Redis reply (bytes) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)

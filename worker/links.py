@@ -43,6 +43,17 @@ def parse_timestamp(value: Any, name: str = "timestamp") -> datetime | None:
     return parsed.astimezone(timezone.utc)
 
 
+def format_timestamp(moment: float | datetime, timespec: str = "milliseconds") -> str:
+    """Epoch seconds (or an aware datetime) as ISO 8601 UTC with a ``Z``: ``2024-07-09T07:57:08.022Z``.
+
+    The one way this product writes a time: Plural's ``Request-Timestamp``, status
+    records, schedules, log lines. ``timespec`` as for :meth:`datetime.isoformat`.
+    """
+    if not isinstance(moment, datetime):
+        moment = datetime.fromtimestamp(moment, timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
 def _object(data: Any, name: str) -> Mapping[str, Any] | None:
     if data is None:
         return None

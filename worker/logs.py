@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from datetime import datetime, timezone
 from typing import Any, TextIO
 
+from worker.links import format_timestamp
 from worker.reporting import Redactor
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
@@ -32,11 +32,6 @@ def extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
 
 
-def _iso(created: float) -> str:
-    """Epoch seconds as ISO 8601 UTC with milliseconds."""
-    return datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``ts``, ``level``, ``logger``, ``message``, the extras, ``exc``."""
 
@@ -45,7 +40,7 @@ class JsonFormatter(logging.Formatter):
         self.redactor = redactor
 
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {"ts": _iso(record.created), "level": record.levelname.lower(),
+        line: dict[str, Any] = {"ts": format_timestamp(record.created), "level": record.levelname.lower(),
                                 "logger": record.name, "message": record.getMessage()}
         for key, value in extras(record).items():
             line.setdefault(key, value)

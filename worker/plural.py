@@ -15,12 +15,9 @@ import json
 import logging
 import re
 import ssl
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 from urllib.parse import quote, urlsplit
 
 import certifi
@@ -30,7 +27,8 @@ from urllib3.exceptions import (ConnectTimeoutError, DecodeError, NewConnectionE
 
 from worker.errors import (PluralAuthError, PluralBadResponse, PluralConnectionError, PluralError,
                            PluralTimeout, PluralTLSError, classify_http)
-from worker.links import LinkFormatError, PaymentLink, parse_timestamp
+from worker.links import LinkFormatError, PaymentLink, format_timestamp, parse_timestamp
+from worker.tokens import AccessToken, MemoryTokenStore, TokenStore
 # The one definition of a valid id, shared with the producer API; re-exported from here.
 from worker.validation import validate_payment_link_id, validate_request_id
 
@@ -39,8 +37,6 @@ log = logging.getLogger(__name__)
 USER_AGENT = f"plural-cancel/0.1.0 urllib3/{urllib3.__version__}"
 POOL_SIZE = 128
 """Connections kept open per host: one per thread of a worker process (``config.celery``)."""
-REFRESH_MARGIN = 60.0
-"""Seconds before expiry at which a cached token is replaced."""
 FALLBACK_TOKEN_LIFETIME = 300.0
 """Seconds a token is trusted when Generate Token gave no readable expiry (a 401 ends it sooner)."""
 
@@ -51,59 +47,6 @@ _REFERENCE = re.compile(r"[A-Za-z0-9_-]{1,50}")
 def new_request_id() -> str:
     """A fresh GUID for the Request-ID header."""
     return str(uuid.uuid4())
-
-
-def format_timestamp(epoch: float) -> str:
-    """Epoch seconds as Plural's ``Request-Timestamp``: ISO 8601 UTC, milliseconds, ``Z``."""
-    moment = datetime.fromtimestamp(epoch, tz=timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-@dataclass(frozen=True)
-class AccessToken:
-    """A bearer token from Generate Token; ``expires_at`` in epoch seconds. Its value never shows in ``repr``."""
-
-    value: str = field(repr=False)
-    expires_at: float
-
-
-class TokenStore(Protocol):
-    """Where the client gets its bearer token from; the Redis cache in ``worker.tokens`` is one."""
-
-    def get(self, fetch: Callable[[], AccessToken]) -> str:
-        """A valid token, calling ``fetch()`` when none is cached or the cached one is about to expire."""
-
-    def invalidate(self, token: str) -> None:
-        """Drop ``token`` (Plural rejected it), only if it is still the cached one."""
-
-
-class MemoryTokenStore:
-    """An in-process :class:`TokenStore`: thread-safe, one fetch at a time, refreshed before expiry."""
-
-    def __init__(self, clock: Callable[[], float] = time.time, refresh_margin: float = REFRESH_MARGIN):
-        self._clock = clock
-        self._margin = refresh_margin
-        self._lock = threading.Lock()
-        self._token: AccessToken | None = None
-        self._refresh_at = 0.0
-
-    def get(self, fetch: Callable[[], AccessToken]) -> str:
-        # The lock is held across fetch() on purpose: threads that need a token at the
-        # same moment wait for the one Generate Token call instead of each making one.
-        with self._lock:
-            if self._token is not None and self._clock() < self._refresh_at:
-                return self._token.value
-            token = fetch()
-            lifetime = token.expires_at - self._clock()
-            # A token shorter-lived than the margin is still used, for half its life.
-            self._refresh_at = token.expires_at - min(self._margin, max(lifetime, 0.0) / 2)
-            self._token = token
-            return token.value
-
-    def invalidate(self, token: str) -> None:
-        with self._lock:
-            if self._token is not None and self._token.value == token:
-                self._token = None
 
 
 def new_pool(base_url: str, *, pool_maxsize: int = POOL_SIZE, proxy_url: str | None = None,

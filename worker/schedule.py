@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 import redis
 
 from worker.keys import Keys
-from worker.ledger import RequestIdConflict
+from worker.ledger import RequestIdConflict, as_text, stored_time
 
 # KEYS: [1] schedule  [2] this link's hash  [3] schedule ids  [4] ledger record key prefix
 # ARGV: [1] payment_link_id  [2] request_id to use unless one is kept  [3] at
@@ -163,7 +162,7 @@ class Schedule:
         """
         keys = [self.keys.schedule, self.keys.scheduled(payment_link_id), self.keys.schedule_ids,
                 self.keys.record("")]
-        verdict, value = (_text(x) for x in self._schedule(
+        verdict, value = (as_text(x) for x in self._schedule(
             keys=keys, args=[payment_link_id, request_id, repr(at), int(replace), repr(self.clock())]))
         if verdict == "conflict":
             raise RequestIdConflict(
@@ -178,7 +177,7 @@ class Schedule:
         """
         keys = [self.keys.schedule, self.keys.scheduled(payment_link_id), self.keys.schedule_ids,
                 self.keys.schedule_fired(payment_link_id), self.keys.record("")]
-        verdict, rid = (_text(x) for x in self._unschedule(keys=keys, args=[payment_link_id, repr(self.clock())]))
+        verdict, rid = (as_text(x) for x in self._unschedule(keys=keys, args=[payment_link_id, repr(self.clock())]))
         return verdict, rid or None
 
     def get(self, payment_link_id: str) -> dict[str, Any] | None:
@@ -191,15 +190,15 @@ class Schedule:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(self.keys.scheduled(payment_link_id))
         pipe.hgetall(self.keys.schedule_fired(payment_link_id))
-        pending, fired = ({_text(k): _text(v) for k, v in raw.items()} for raw in pipe.execute())
+        pending, fired = ({as_text(k): as_text(v) for k, v in raw.items()} for raw in pipe.execute())
         if pending.get("request_id"):
             firing = float(pending.get("firing") or 0) > self.clock()
             return {"payment_link_id": payment_link_id, "state": "firing" if firing else "scheduled",
-                    "request_id": pending["request_id"], "at": _iso(pending.get("at")), "fired_at": None,
+                    "request_id": pending["request_id"], "at": stored_time(pending.get("at")), "fired_at": None,
                     "result": None}
         if fired.get("request_id"):
             return {"payment_link_id": payment_link_id, "state": "fired", "request_id": fired["request_id"],
-                    "at": _iso(fired.get("at")), "fired_at": _iso(fired.get("fired_at")),
+                    "at": stored_time(fired.get("at")), "fired_at": stored_time(fired.get("fired_at")),
                     "result": fired.get("result")}
         return None
 
@@ -209,7 +208,7 @@ class Schedule:
 
     def take_due(self, *, upto: float, limit: int, hold_until: float) -> list[Due]:
         """Mark up to ``limit`` entries due by ``upto`` as firing until ``hold_until`` (epoch seconds)."""
-        flat = [_text(x) for x in self._take_due(keys=[self.keys.schedule, self.keys.scheduled("")],
+        flat = [as_text(x) for x in self._take_due(keys=[self.keys.schedule, self.keys.scheduled("")],
                                                  args=[repr(upto), limit, repr(hold_until)])]
         return [Due(link, rid, float(at or 0)) for link, rid, at in zip(flat[0::3], flat[1::3], flat[2::3])]
 
@@ -227,14 +226,3 @@ class Schedule:
             args += [due.payment_link_id, due.request_id, repr(due.at), result]
         self._mark_fired(keys=[self.keys.schedule, self.keys.scheduled(""), self.keys.schedule_ids,
                                self.keys.schedule_fired("")], args=args)
-
-
-def _iso(value: str | None) -> str | None:
-    if not value:
-        return None
-    moment = datetime.fromtimestamp(float(value), timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

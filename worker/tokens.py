@@ -1,6 +1,6 @@
-"""The Plural access token, shared by every worker process and host through Redis.
+"""The Plural access token and the stores the client takes it from: in memory, or shared through Redis.
 
-One token per client id. It is refreshed about 60 s before it expires, by one
+In Redis: one token per client id. It is refreshed about 60 s before it expires, by one
 process at a time (a single-flight lock: N processes needing a token cause one
 Generate Token call, the others wait briefly and reuse it), and dropped on a 401.
 
@@ -20,7 +20,8 @@ import logging
 import secrets
 import threading
 import time
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import redis
 from cryptography.fernet import Fernet, InvalidToken
@@ -28,18 +29,64 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from worker.keys import Keys
-from worker.plural import AccessToken
 
 log = logging.getLogger(__name__)
 
 REFRESH_MARGIN = 60.0
-"""Seconds before expiry at which a token counts as stale and is refreshed."""
+"""Seconds before expiry at which a cached token is replaced."""
 
 LOCK_TTL_MS = 15_000
 """How long a refresh may hold the single-flight lock, in milliseconds (covers a slow token call)."""
 
 WAIT_STEP = 0.05
 """Seconds between looks at Redis while another process fetches the token."""
+
+@dataclass(frozen=True)
+class AccessToken:
+    """A bearer token from Generate Token; ``expires_at`` in epoch seconds. Its value never shows in ``repr``."""
+
+    value: str = field(repr=False)
+    expires_at: float
+
+
+class TokenStore(Protocol):
+    """Where the client gets its bearer token from: :class:`MemoryTokenStore` or :class:`RedisTokenCache`."""
+
+    def get(self, fetch: Callable[[], AccessToken]) -> str:
+        """A valid token, calling ``fetch()`` when none is cached or the cached one is about to expire."""
+
+    def invalidate(self, token: str) -> None:
+        """Drop ``token`` (Plural rejected it), only if it is still the cached one."""
+
+
+class MemoryTokenStore:
+    """An in-process :class:`TokenStore`: thread-safe, one fetch at a time, refreshed before expiry."""
+
+    def __init__(self, clock: Callable[[], float] = time.time, refresh_margin: float = REFRESH_MARGIN):
+        self._clock = clock
+        self._margin = refresh_margin
+        self._lock = threading.Lock()
+        self._token: AccessToken | None = None
+        self._refresh_at = 0.0
+
+    def get(self, fetch: Callable[[], AccessToken]) -> str:
+        # The lock is held across fetch() on purpose: threads that need a token at the
+        # same moment wait for the one Generate Token call instead of each making one.
+        with self._lock:
+            if self._token is not None and self._clock() < self._refresh_at:
+                return self._token.value
+            token = fetch()
+            lifetime = token.expires_at - self._clock()
+            # A token shorter-lived than the margin is still used, for half its life.
+            self._refresh_at = token.expires_at - min(self._margin, max(lifetime, 0.0) / 2)
+            self._token = token
+            return token.value
+
+    def invalidate(self, token: str) -> None:
+        with self._lock:
+            if self._token is not None and self._token.value == token:
+                self._token = None
+
 
 # KEYS: [1] token hash   ARGV: [1] fingerprint of the token to drop
 # Deletes the cached token only when it is still the one that was rejected, so a
@@ -65,7 +112,7 @@ class TokenUnavailable(Exception):
 
 
 class RedisTokenCache:
-    """A :class:`worker.plural.TokenStore` backed by Redis, shared across processes and hosts."""
+    """A :class:`TokenStore` backed by Redis, shared across processes and hosts."""
 
     def __init__(self, client: redis.Redis, client_id: str, client_secret: str, *,
                  keys: Keys = Keys(), clock: Callable[[], float] = time.time,

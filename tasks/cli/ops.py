@@ -9,13 +9,13 @@ so Plural sees one idempotent cancel however many times it is retried.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 
 import click
 import redis
 
 from config.settings import ConfigError
 from tasks.cli.base import Failure, UsageFailure, configured_app, load_settings
+from worker.links import format_timestamp
 
 RETRY_BATCH = 500
 """Dead letters requeued and published per round trip by ``failed retry --all``."""
@@ -114,11 +114,12 @@ def stats(as_json: bool):
     except redis.RedisError as exc:
         raise Failure(f"redis unreachable: {type(exc).__name__}") from None
     states, outcomes, breaker = snap["states"], snap["outcomes"], snap["breaker"]
+    reopens_at = breaker["reopens_at"]
     figures = {
         "states": states, "outcomes": outcomes, "queue_depth": snap["queue_depth"], "deferred": snap["deferred"],
         "dead_letters": snap["dead_letters"],
         "breaker": {"state": breaker["state"], "failures": breaker["failures"],
-                    "reopens_at": _iso(breaker["reopens_at"])},
+                    "reopens_at": None if reopens_at is None else format_timestamp(reopens_at, "seconds")},
         "rate": {"limit_per_second": app.settings.rate_limit, "current_per_second": round(snap["rate"], 3)},
     }
     if as_json:
@@ -158,12 +159,6 @@ def check():
     finally:
         runtime.close()
     click.echo("plural     ok (token obtained)")
-
-
-def _iso(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 COMMANDS = [failed, stats, check]
