@@ -37,10 +37,8 @@ RESTORE_INTERVAL = 5
 """Seconds between kombu's sweeps for unacknowledged messages past the visibility timeout."""
 
 PUMP_INTERVAL = 0.25
-"""Seconds between moves of due deferred cancels back to the queue (each worker)."""
-
-RECONCILE_INTERVAL = 15.0
-"""Seconds between reconciler runs (beat): republish lost messages and expired leases."""
+"""Seconds between moves of due cancels back to the queue (each worker): deferred ones
+whose time has come, and those whose message was lost or whose lease ran out."""
 
 FIRE_INTERVAL = 1.0
 """Seconds between runs of the scheduled-cancel firer (beat): a scheduled cancel fires
@@ -50,17 +48,16 @@ FIRE_EXPIRES = 10.0
 """Seconds after which a firer message no worker took is dropped: while workers are
 down, beat's messages must not pile up (the next one fires everything due anyway)."""
 
-OUTBOX_GRACE = 30.0
-"""Seconds a new record may wait for its message before the reconciler republishes it."""
+LEASE_MARGIN = 5.0
+"""Seconds a lease lasts past its attempt's own bound: the two Redis round trips around
+the call, and a thread waiting for the GIL."""
 
 
 def lease_seconds(settings: Settings) -> float:
-    """The longest one cancel may hold its link, in seconds.
-
-    One run makes at most four HTTP calls (PUT, token after a 401, PUT again, GET),
-    each bounded by the connect and read timeouts, plus a short rate-limit wait.
-    """
-    return max(30.0, 4 * (settings.connect_timeout + settings.read_timeout) + 10.0)
+    """How long one delivery holds a cancel, in seconds: the attempt's whole bound
+    (``CANCEL_ATTEMPT_TIMEOUT``: rate-limit wait, token, PUT and GET, each call cut short
+    at the attempt's deadline) plus :data:`LEASE_MARGIN`."""
+    return settings.attempt_timeout + LEASE_MARGIN
 
 
 def visibility_timeout(settings: Settings) -> int:
@@ -113,7 +110,6 @@ def celery_config(settings: Settings) -> dict:
         "redbeat_lock_timeout": 30,
         "beat_max_loop_interval": 5,
         "beat_schedule": {
-            "reconcile": {"task": "tasks.reconcile", "schedule": timedelta(seconds=RECONCILE_INTERVAL)},
             "fire-schedules": {"task": "tasks.fire_schedules", "schedule": timedelta(seconds=FIRE_INTERVAL),
                                "options": {"expires": FIRE_EXPIRES}},
         },

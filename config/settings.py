@@ -18,6 +18,12 @@ PLURAL_BASES = {
 }
 
 
+MAX_ATTEMPT_TIMEOUT = 300.0
+"""Seconds: the longest an attempt (and so each of its timeouts) may be set to take."""
+MAX_LIMITER_WAIT = 30.0
+"""Seconds: the longest a cancel may be set to wait in-line for a rate-limit slot."""
+
+
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the variable and what it accepts."""
 
@@ -76,6 +82,14 @@ class Settings:
     """Seconds the breaker stays open before one probe may test Plural again."""
     limiter_max_wait: float = 1.0
     """Seconds a cancel may wait in-line for a rate-limit slot before it is deferred instead."""
+    attempt_timeout: float = 27.1
+    """Seconds one attempt may take in all: the rate-limit wait, the token, the PUT and the
+    GET. Unset, it is ``LIMITER_MAX_WAIT + 2 * (PLURAL_CONNECT_TIMEOUT + PLURAL_READ_TIMEOUT)``
+    (a wait and two calls in full). Its lease (``config.celery.lease_seconds``) is derived from it."""
+    stall_timeout: float = 60.0
+    """Seconds a live cancel may go untaken (its message lost, or never sent) before its
+    message is sent again; more while the queue holds a backlog (the time it needs at
+    the rate limit)."""
     retry_base: float = 2.0
     """Seconds: the first retry waits up to this long; each later one up to twice as long."""
     retry_cap: float = 600.0
@@ -134,7 +148,7 @@ class Settings:
             raise ConfigError("REDIS_URL", "a redis://, rediss:// or unix:// URL")
 
         secret = get("PLURAL_CLIENT_SECRET")
-        return cls(
+        settings = cls(
             plural_env=plural_env,
             plural_base_url=base_url,
             client_id=get("PLURAL_CLIENT_ID"),
@@ -146,12 +160,16 @@ class Settings:
             breaker_threshold=int(_number(get, "BREAKER_THRESHOLD", cls.breaker_threshold, positive=True,
                                           integer=True)),
             breaker_cooldown=_number(get, "BREAKER_COOLDOWN", cls.breaker_cooldown, positive=True),
-            limiter_max_wait=_number(get, "LIMITER_MAX_WAIT", cls.limiter_max_wait),
+            limiter_max_wait=_number(get, "LIMITER_MAX_WAIT", cls.limiter_max_wait, maximum=MAX_LIMITER_WAIT),
+            attempt_timeout=_number(get, "CANCEL_ATTEMPT_TIMEOUT", 0.0, positive=True, maximum=MAX_ATTEMPT_TIMEOUT),
+            stall_timeout=_number(get, "CANCEL_STALL_TIMEOUT", cls.stall_timeout, positive=True),
             retry_base=_number(get, "CANCEL_RETRY_BASE", cls.retry_base, positive=True),
             retry_cap=_number(get, "CANCEL_RETRY_CAP", cls.retry_cap, positive=True),
             result_ttl=int(_number(get, "RESULT_TTL", cls.result_ttl, positive=True, integer=True)),
-            connect_timeout=_number(get, "PLURAL_CONNECT_TIMEOUT", cls.connect_timeout, positive=True),
-            read_timeout=_number(get, "PLURAL_READ_TIMEOUT", cls.read_timeout, positive=True),
+            connect_timeout=_number(get, "PLURAL_CONNECT_TIMEOUT", cls.connect_timeout, positive=True,
+                                    maximum=MAX_ATTEMPT_TIMEOUT),
+            read_timeout=_number(get, "PLURAL_READ_TIMEOUT", cls.read_timeout, positive=True,
+                                 maximum=MAX_ATTEMPT_TIMEOUT),
             plural_proxy=_proxy_for(base_url, get),
             ca_bundle=get("REQUESTS_CA_BUNDLE") or get("SSL_CERT_FILE"),
             sentry_dsn=_sentry_dsn(get("SENTRY_DSN")),
@@ -159,6 +177,15 @@ class Settings:
             metrics_port=int(_number(get, "METRICS_PORT", cls.metrics_port, integer=True, maximum=65535)),
             shutdown_grace=_number(get, "WORKER_SHUTDOWN_GRACE", cls.shutdown_grace),
         )
+        # An attempt that cannot fit one wait and one call in its time would outlive its
+        # lease on every call: refuse it rather than let two deliveries run at once.
+        least = settings.limiter_max_wait + settings.connect_timeout + settings.read_timeout
+        if not settings.attempt_timeout:
+            settings = replace(settings, attempt_timeout=round(least + settings.connect_timeout + settings.read_timeout, 3))
+        elif settings.attempt_timeout < least:
+            raise ConfigError("CANCEL_ATTEMPT_TIMEOUT", f"at least LIMITER_MAX_WAIT + PLURAL_CONNECT_TIMEOUT + "
+                              f"PLURAL_READ_TIMEOUT ({least:g} s)", str(settings.attempt_timeout))
+        return settings
 
     def require_credentials(self) -> "Settings":
         """Return self when Plural credentials are set; the worker cannot run without them."""

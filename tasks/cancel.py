@@ -12,7 +12,8 @@ import uuid
 from dataclasses import dataclass
 
 from config.celery import lease_seconds
-from worker import app, metrics, reporting
+from worker import app, malformed, metrics, reporting
+from worker.attempts import Health, Settled
 from worker.errors import PluralAuthError, PluralError, PluralRateLimited, PluralRequestError
 from worker.links import PaymentLink, format_timestamp
 from worker.plural import PluralClient
@@ -111,48 +112,50 @@ def error_summary(error: PluralError | Exception | None) -> dict | None:
 
 
 def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
-    """Run one delivery of one cancel; returns what became of it (for logs and tests)."""
-    ledger = rt.ledger
+    """Run one delivery of one cancel; returns what became of it (for logs and tests).
+
+    Every write goes through ``rt.attempts``: one round trip when this copy has nothing
+    to do (or the budget is spent), two otherwise (``worker.attempts``).
+    """
+    settings = rt.settings
     owner = uuid.uuid4().hex
-    admitted = rt.attempts.admit(request_id, payment_link_id, owner, lease_seconds(rt.settings),
-                                 max_wait=rt.settings.limiter_max_wait, probe_max_wait=PROBE_MAX_WAIT)
+    began = time.monotonic()
+    probe_max_wait = min(PROBE_MAX_WAIT, settings.attempt_timeout - settings.connect_timeout - settings.read_timeout)
+    admitted = rt.attempts.admit(request_id, payment_link_id, owner, lease_seconds(settings),
+                                 max_wait=settings.limiter_max_wait, probe_max_wait=probe_max_wait)
     claim = admitted.claim
-    if claim.verdict == "busy":
-        # Another delivery holds the link: come back when its lock runs out, in case it died.
-        ledger.park(request_id, rt.clock() + claim.wait + 1.0)
-        return "busy"
-    if claim.verdict != "claimed":
-        if claim.verdict == "mismatch":
-            log.error("message names another link than its record; dropped",
-                      extra={"request_id": request_id, "payment_link_id": payment_link_id})
-        return claim.verdict
     ids = {"request_id": request_id, "payment_link_id": payment_link_id, "attempts": claim.attempts}
-    if admitted.gate is None:  # claimed, but past its deadline: the breaker was not even asked
-        ledger.finish(request_id, payment_link_id, owner, state="failed", outcome="gave_up", attempted=False)
-        last = ledger.status(request_id) or {}
+    if claim.verdict == "gave_up":
+        error = claim.last_error
         log.warning("cancel failed: gave_up (retry budget spent)",
-                    extra={**ids, "state": "failed", "outcome": "gave_up", "error": last.get("last_error")})
-        report_failed(request_id, payment_link_id, "gave_up", claim.attempts, last.get("last_error"),
-                      last.get("link_status"))
+                    extra={**ids, "state": "failed", "outcome": "gave_up", "error": error})
+        report_failed(request_id, payment_link_id, "gave_up", claim.attempts, error, claim.link_status)
         return "gave_up"
+    if claim.verdict != "claimed":
+        # A copy with nothing to do (ended, following, held by another delivery, early):
+        # the due index carries the cancel, so this message is simply dropped.
+        if claim.verdict == "mismatch":
+            log.error("message names another link than its record; dropped", extra=ids)
+        return claim.verdict
     log.debug("cancel running", extra={**ids, "state": "running"})
     waiting = "retrying" if claim.attempts else "queued"  # the state a hold before any call leaves
 
     gate = admitted.gate
     if not gate.allowed:
         # Plural is down: wait for the reopening time without spending an attempt.
-        ledger.defer(request_id, payment_link_id, owner, due=_spread(rt, gate.retry_at), attempted=False)
+        if not _settled(rt.attempts.defer(request_id, owner, delay=_spread(rt, gate.retry_in), attempted=False), ids):
+            return "stale"
         log.info("cancel held: the circuit breaker is open", extra={**ids, "state": waiting, "reason": "breaker"})
         metrics.DEFERRALS.labels("breaker").inc()
         return "held"
-    max_wait = PROBE_MAX_WAIT if gate.probe else rt.settings.limiter_max_wait
+    max_wait = probe_max_wait if gate.probe else settings.limiter_max_wait
     slot = admitted.slot
     if not slot.granted:
         # Come back while the free slot is still up to ``max_wait`` ahead, so that a slot
         # is reserved ahead of its time and none goes unused: the drain stays at the limit.
-        due = rt.clock() + max(0.0, slot.wait - max_wait) + max_wait * rt.jitter()
-        ledger.defer(request_id, payment_link_id, owner, due=due,
-                     attempted=False)
+        delay = max(0.0, slot.wait - max_wait) + max_wait * rt.jitter()
+        if not _settled(rt.attempts.defer(request_id, owner, delay=delay, attempted=False), ids):
+            return "stale"
         log.info("cancel held: rate limit", extra={**ids, "state": waiting, "reason": "rate_limit"})
         metrics.DEFERRALS.labels("rate_limit").inc()
         return "throttled"
@@ -160,71 +163,71 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
         time.sleep(slot.wait)  # the slot is ours from then on
     metrics.LIMITER_WAIT.observe(slot.wait)
 
-    decision = attempt(rt.plural, payment_link_id, request_id)
-    success_probe = observe(rt, decision, gate.probe)
+    # The attempt's calls share what is left of its bound, so it ends inside its lease.
+    with rt.plural.within(settings.attempt_timeout - (time.monotonic() - began)):
+        decision = attempt(rt.plural, payment_link_id, request_id)
     return record(rt, decision, payment_link_id, request_id, owner, attempts=claim.attempts + 1,
-                  deadline=claim.deadline, success_probe=success_probe)
+                  budget_left=claim.budget_left - (time.monotonic() - began), probe=gate.probe)
 
 
-def observe(rt: Runtime, decision: Decision, probe: bool) -> bool | None:
-    """Tell the breaker and the limiter what Plural's health looked like on this attempt.
-
-    A failure is written at once: whether it opened the breaker decides what is
-    reported. A success is left to :func:`record`, which writes it with the outcome in
-    one round trip: returns ``probe`` for a success, None for a failure.
-    """
+def health(decision: Decision, probe: bool) -> Health:
+    """What this attempt showed of Plural's health, for the breaker and the limiter."""
     error = decision.error
     if decision.state == "retry" and isinstance(error, PluralError) and error.retryable:
-        if isinstance(error, PluralRateLimited):
-            rt.limiter.penalize()
-        if rt.breaker.record_failure(probe):
-            # Reported to Sentry once, with tags, below; the "sentry" extra keeps the
-            # logging integration from reporting this line a second time.
-            log.error("circuit breaker opened: Plural is failing (%s); cancels are held until it reopens",
-                      error.code or type(error).__name__, extra={"sentry": reporting.REPORTED})
-            metrics.BREAKER_OPENINGS.inc()
-            reporting.report_breaker_opened(code=error.code, http_status=error.http_status,
-                                            cooldown=rt.settings.breaker_cooldown)
-        return None
+        return Health("failure", probe, throttled=isinstance(error, PluralRateLimited))
+    if isinstance(error, TokenUnavailable):
+        return Health("", probe)  # Plural's token endpoint was never reached: no news of Plural
     # Any answer that is not a Plural-side failure (including a 4xx) shows Plural is up.
-    return probe
+    return Health("success", probe)
 
 
-def _spread(rt: Runtime, due: float) -> float:
-    """``due`` plus up to ``SPREAD`` seconds, so held cancels do not all come back in one instant."""
-    return due + SPREAD * rt.jitter()
+def _spread(rt: Runtime, delay: float) -> float:
+    """``delay`` plus up to ``SPREAD`` seconds, so held cancels do not all come back in one instant."""
+    return delay + SPREAD * rt.jitter()
+
+
+def _settled(settled: Settled, ids: dict) -> bool:
+    """False (and a log line) when this delivery's lease ran out and another took the cancel over."""
+    if settled.stale:
+        log.warning("cancel result dropped: this delivery's lease ran out and another delivery holds the cancel",
+                    extra=ids)
+        return False
+    return True
 
 
 def record(rt: Runtime, decision: Decision, payment_link_id: str, request_id: str, owner: str, *,
-           attempts: int, deadline: float, success_probe: bool | None = None) -> str:
-    """Write the decision to the ledger: finish it, or defer it with backoff inside the budget.
-
-    ``success_probe`` not None: Plural answered, and the breaker hears so in the same write.
-    """
+           attempts: int, budget_left: float, probe: bool = False) -> str:
+    """Write the decision: finish it, or defer it with backoff inside the budget left (seconds),
+    with what it showed of Plural's health, in one round trip."""
     writer = rt.attempts
     error = error_summary(decision.error)
+    seen = health(decision, probe)
     fields = {"request_id": request_id, "payment_link_id": payment_link_id, "attempts": attempts}
     if decision.state == "retry":
         settings = rt.settings
         delay = backoff(attempts, base=settings.retry_base, cap=settings.retry_cap, jitter=rt.jitter,
                         retry_after=decision.retry_after)
-        due = rt.clock() + delay
-        if due <= deadline:
-            writer.defer(request_id, payment_link_id, owner, success_probe=success_probe, due=due,
-                         attempted=True, last_error=error)
+        if delay <= budget_left:
+            settled = writer.defer(request_id, owner, health=seen, delay=delay, attempted=True, last_error=error)
+            if not _settled(settled, fields):
+                return "stale"
+            _breaker_opened(settled, decision.error, rt)
             log.info("cancel retrying in %.1fs", delay, extra={**fields, "state": "retrying", "error": error})
             metrics.RETRIES.labels(_retry_reason(decision)).inc()
             return "retrying"
         decision = Decision("failed", "gave_up", link=decision.link, error=decision.error)
     link = decision.link
-    writer.finish(
-        request_id, payment_link_id, owner, success_probe=success_probe, state=decision.state,
+    settled = writer.finish(
+        request_id, payment_link_id, owner, health=seen, state=decision.state,
         outcome=decision.outcome, attempted=True,
         link_status=link.status if link else None,
         cancelled_at=format_timestamp(link.cancelled_at) if link and link.cancelled_at else None,
         amount={"value": link.amount.value, "currency": link.amount.currency} if link and link.amount else None,
         last_error=error,
     )
+    if not _settled(settled, fields):
+        return "stale"
+    _breaker_opened(settled, decision.error, rt)
     level = logging.INFO if decision.state == "succeeded" else logging.WARNING
     log.log(level, "cancel %s: %s", decision.state, decision.outcome,
             extra={**fields, "state": decision.state, "outcome": decision.outcome, "error": error})
@@ -233,6 +236,20 @@ def record(rt: Runtime, decision: Decision, payment_link_id: str, request_id: st
     else:
         metrics.CANCELS.labels(decision.outcome).inc()
     return decision.outcome
+
+
+def _breaker_opened(settled: Settled, error: Exception | None, rt: Runtime) -> None:
+    """Report the breaker's opening once: only the attempt whose failure opened it does."""
+    if not settled.opened:
+        return
+    code = getattr(error, "code", None)
+    # Reported to Sentry once, with tags, below; the "sentry" extra keeps the logging
+    # integration from reporting this line a second time.
+    log.error("circuit breaker opened: Plural is failing (%s); cancels are held until it reopens",
+              code or type(error).__name__, extra={"sentry": reporting.REPORTED})
+    metrics.BREAKER_OPENINGS.inc()
+    reporting.report_breaker_opened(code=code, http_status=getattr(error, "http_status", None),
+                                    cooldown=rt.settings.breaker_cooldown)
 
 
 def report_failed(request_id: str, payment_link_id: str, outcome: str, attempts: int, error: dict | None,
@@ -254,18 +271,76 @@ def _retry_reason(decision: Decision) -> str:
     return type(decision.error).__name__ if decision.error is not None else "unknown"
 
 
-@app.task(name="tasks.cancel_payment_link", bind=True)
-def cancel_payment_link(self, payment_link_id: str, request_id: str) -> str:
-    """Cancel one Plural payment link; ``request_id`` is the idempotency key of this cancel.
+ARGUMENTS = ("payment_link_id", "request_id")
+"""The cancel task's arguments, by keyword (or in this order by position)."""
+
+
+class MalformedMessage(ValueError):
+    """A cancel message whose arguments cannot run; the message names what is wrong, never a value."""
+
+
+def parse_arguments(args: tuple, kwargs: dict) -> tuple[str, str]:
+    """(payment_link_id, request_id) from a message's arguments, or :class:`MalformedMessage`."""
+    if len(args) > len(ARGUMENTS):
+        raise MalformedMessage(f"{len(args)} positional arguments; the task takes {', '.join(ARGUMENTS)}")
+    given = dict(zip(ARGUMENTS, args))
+    twice = sorted(set(given) & set(kwargs))
+    unknown = sorted(set(kwargs) - set(ARGUMENTS))
+    if twice or unknown:
+        names = ", ".join(str(name)[:40] for name in twice or unknown)
+        raise MalformedMessage(f"{'arguments given twice' if twice else 'unknown arguments'}: {names}")
+    given.update(kwargs)
+    for name, check in (("payment_link_id", validate_payment_link_id), ("request_id", validate_request_id)):
+        if name not in given:
+            raise MalformedMessage(f"{name}: missing")
+        try:
+            check(given[name])
+        except ValueError:
+            # Not echoed: a value in the wrong field may be anything, personal data included.
+            kind = type(given[name]).__name__
+            raise MalformedMessage(f"{name}: must be a string of 1-50 allowed characters (got a {kind})") from None
+    return given["payment_link_id"], given["request_id"]
+
+
+def refuse(rt: Runtime, args: tuple, kwargs: dict, problem: MalformedMessage) -> str:
+    """A message that cannot run never vanishes: a ``failed`` / ``rejected`` record under its
+    Request-ID when it has a usable one that is not taken, else a count (``malformed``)."""
+    given = {**dict(zip(ARGUMENTS, args)), **kwargs}
+    request_id, link_id = given.get("request_id"), given.get("payment_link_id")
+    request_id = request_id if _valid(validate_request_id, request_id) else None
+    link_id = link_id if _valid(validate_payment_link_id, link_id) else None
+    error = {"http_status": None, "code": "MALFORMED_MESSAGE", "message": str(problem)}
+    if request_id and rt.ledger.reject(request_id, link_id, error):
+        log.error("cancel message refused: %s", problem, extra={"request_id": request_id, "payment_link_id": link_id,
+                                                                 "state": "failed", "outcome": "rejected"})
+        report_failed(request_id, link_id or "", "rejected", 0, error, None)
+        return "rejected"
+    malformed.count(rt.redis, rt.keys, malformed.BAD_ARGUMENTS)
+    log.error("cancel message dropped: %s (no usable request_id that is not already taken; counted as "
+              "malformed)", problem)
+    return "malformed"
+
+
+def _valid(check, value) -> bool:
+    try:
+        check(value)
+    except ValueError:
+        return False
+    return True
+
+
+@app.task(name="tasks.cancel_payment_link", bind=True, typing=False)
+def cancel_payment_link(self, *args, **kwargs) -> str:
+    """Cancel one Plural payment link: ``payment_link_id``, and ``request_id``, the idempotency
+    key of this cancel (by keyword, or in that order).
 
     Sent by name (``send_task("tasks.cancel_payment_link", kwargs=...)``) from any
-    service; creates the status record when the sender did not.
+    service; creates the status record when the sender did not. Celery's own argument
+    check is off (``typing=False``) so that a malformed message reaches :func:`refuse`
+    instead of failing in Celery and vanishing.
     """
     try:
-        validate_payment_link_id(payment_link_id)
-        validate_request_id(request_id)
-    except ValueError as exc:
-        # Retrying cannot fix a malformed message; the sender must.
-        log.error("cancel message refused: %s", exc)
-        return "invalid"
+        payment_link_id, request_id = parse_arguments(args, kwargs)
+    except MalformedMessage as problem:
+        return refuse(self.app.runtime, args, kwargs, problem)
     return execute(self.app.runtime, payment_link_id, request_id)

@@ -1,5 +1,5 @@
-"""Periodic work: bring deferred cancels back when due, republish lost or stranded ones,
-and fire scheduled cancels whose time has come."""
+"""Periodic work: send live cancels whose time has come back to the queue (a retry due,
+a message lost, a lease run out), and fire scheduled cancels whose time has come."""
 
 from __future__ import annotations
 
@@ -14,19 +14,19 @@ from kombu import serialization
 from kombu.entity import maybe_delivery_mode
 from kombu.transport.redis import Channel as RedisChannel
 
-from config.celery import OUTBOX_GRACE, PUMP_INTERVAL, lease_seconds
+from config.celery import PUMP_INTERVAL
 from worker import app
 
 log = logging.getLogger(__name__)
 
 PUMP_BATCH = 500
-"""Most deferred cancels moved back to the queue per pump tick."""
+"""Most due cancels moved back to the queue per pump tick."""
 
 PUMP_MIN_BATCH = 4
-"""Fewest deferred cancels a pump tick may move, however low the rate."""
+"""Fewest due cancels a pump tick may move, however low the rate."""
 
 HOLD = 60.0
-"""Seconds a taken member stays out of reach while its message is published."""
+"""Seconds a scheduled cancel taken for firing stays out of reach while it is fired."""
 
 
 PUBLISH_CHUNK = 1000
@@ -52,8 +52,8 @@ def publish(app_: Celery, pairs: list[tuple[str, str]]) -> None:
     the gain, see ``bench/README.md``.) Messages so built bypass Celery's publish
     signals, which nothing here listens to.
 
-    A failed pipeline raises: the records stay in the outbox (or held in their sorted
-    set) and the reconciler publishes them, so nothing is lost, at worst sent twice.
+    A failed pipeline raises: the records stay in the due index, which sends them again
+    after the stall timeout, so nothing is lost, at worst sent twice.
     """
     if not pairs:
         return
@@ -112,45 +112,22 @@ def _publish_each(app_: Celery, producer, pairs: list[tuple[str, str]]) -> None:
                                         producer=producer)
 
 
-def move_due(app_: Celery, zset: str, upto: float, limit: int) -> int:
-    """Publish the members of ``zset`` due by ``upto``; returns how many were moved."""
-    ledger = app_.runtime.ledger
-    hold_until = ledger.clock() + HOLD
-    pairs = ledger.take_due(zset, upto=upto, limit=limit, hold_until=hold_until)
-    if pairs:
-        publish(app_, pairs)
-        ledger.release_held(zset, [rid for rid, _ in pairs], hold_until)
-    return len(pairs)
-
-
-def pump_deferred(app_: Celery) -> int:
-    """Move deferred cancels whose time has come back to the queue (run by every worker).
+def pump(app_: Celery) -> int:
+    """Send live cancels whose time has come back to the queue (run by every worker); returns
+    how many: deferred ones now due, and any whose message was lost or whose lease ran out.
 
     At most about two ticks' worth of the current rate limit per tick: a backlog that
     comes due at once (the breaker reopening) then reaches the queue at roughly the
     pace the limiter will let it through, instead of bouncing off it in a burst.
+    Taking and publishing are two steps with nothing to undo between them: a pump that
+    dies after taking leaves each cancel in the index, due again after the stall timeout.
     """
     rt = app_.runtime
     rate = rt.limiter.effective_rate()
     limit = max(PUMP_MIN_BATCH, math.ceil(min(PUMP_BATCH, rate * PUMP_INTERVAL * 2)))
-    return move_due(app_, rt.ledger.keys.deferred, rt.ledger.clock(), limit)
-
-
-def reconcile(app_: Celery) -> dict[str, int]:
-    """Republish records whose message never left, and those whose lease ran out mid-cancel."""
-    ledger = app_.runtime.ledger
-    now = ledger.clock()
-    unpublished = move_due(app_, ledger.keys.outbox, now - OUTBOX_GRACE, 10_000)
-    stranded = move_due(app_, ledger.keys.leases, now, 10_000)
-    if unpublished or stranded:
-        log.warning("reconciler republished %d unpublished and %d stranded cancels", unpublished, stranded)
-    return {"unpublished": unpublished, "stranded": stranded}
-
-
-@app.task(name="tasks.reconcile", ignore_result=True)
-def reconcile_task() -> dict[str, int]:
-    """Beat runs this every ``config.celery.RECONCILE_INTERVAL`` seconds."""
-    return reconcile(app)
+    pairs = rt.ledger.take_due(limit)
+    publish(app_, pairs)
+    return len(pairs)
 
 
 def fire_schedules(app_: Celery) -> int:
@@ -165,12 +142,11 @@ def fire_schedules(app_: Celery) -> int:
     store = schedule_store(app_)
     fired = 0
     for _ in range(FIRE_ROUNDS):
-        now = store.clock()
-        due = store.take_due(upto=now, limit=FIRE_BATCH, hold_until=now + HOLD)
+        due = store.take_due(limit=FIRE_BATCH, hold=HOLD)
         if not due:
             break
         codes = submit(app_, [(d.request_id, d.payment_link_id) for d in due])
-        verdicts = {1: "enqueued", 0: "already_enqueued", -1: "conflict"}
+        verdicts = {1: "enqueued", 2: "following", 0: "already_enqueued", -1: "conflict"}
         results = [(d, verdicts[code]) for d, code in zip(due, codes)]
         for d, result in results:
             if result == "conflict":
@@ -191,4 +167,4 @@ def fire_schedules_task() -> int:
     return fire_schedules(app)
 
 
-__all__ = ["pump_deferred", "reconcile", "fire_schedules", "publish", "PUMP_INTERVAL", "lease_seconds"]
+__all__ = ["pump", "fire_schedules", "publish", "PUMP_INTERVAL"]

@@ -1,8 +1,11 @@
 """The producer API: enqueue cancels now or schedule them for later, read their status.
 
 Each cancel is first written to the ledger (atomically, keyed by its Request-ID),
-then published as one Celery message. A repeat of a Request-ID publishes nothing.
-If the process dies between the two, the reconciler publishes the message later.
+then published as one Celery message. A repeat of a Request-ID publishes nothing, and
+neither does a second cancel of a link whose cancel is live: it follows that one and
+ends with it (one Request-ID per link at Plural). If the process dies between the two
+writes, or the message is lost later, the ledger's due index sends it again after the
+stall timeout (``CANCEL_STALL_TIMEOUT``).
 A scheduled cancel waits in Redis (``worker.schedule``) until beat's
 ``tasks.fire_schedules`` sends it down that same path.
 """
@@ -38,8 +41,13 @@ def enqueue_many(payment_link_ids: Iterable[str], *, app: Celery | None = None) 
     """Enqueue one cancel per link id, pipelined; returns their new Request-IDs in order.
 
     Every id is validated first: one bad id raises ValueError (naming it and its
-    position) and nothing is written or sent.
+    position) and nothing is written or sent. A link named twice gets two Request-IDs,
+    the second following the first (one call to Plural). A single string raises
+    TypeError: it is not a list of ids.
     """
+    if isinstance(payment_link_ids, (str, bytes)):
+        raise TypeError("payment_link_ids: must be an iterable of link ids, not a single string "
+                        "(use enqueue_cancel for one link)")
     links = list(payment_link_ids)
     for position, link_id in enumerate(links):
         try:
@@ -101,7 +109,8 @@ def get_schedule(payment_link_id: str, *, app: Celery | None = None) -> dict | N
 
     ``{"payment_link_id", "state": "scheduled" | "firing" | "fired", "request_id",
     "at", "fired_at", "result"}``; times ISO 8601 (UTC). ``fired_at`` and ``result`` are
-    None until it fires; then ``result`` is ``enqueued``, ``already_enqueued`` (its
+    None until it fires; then ``result`` is ``enqueued``, ``following`` (its link had a
+    live cancel: it ends with that one), ``already_enqueued`` (its
     Request-ID had a record already: one cancel) or ``conflict`` (the Request-ID had
     been taken by another link meanwhile: not sent, logged as an error).
     """
@@ -115,23 +124,20 @@ def get_statuses(request_ids: list[str], *, app: Celery | None = None) -> list[d
 
 
 def schedule_store(app_: Celery) -> Schedule:
-    """The scheduled-cancel store on this process's Redis connection, keys and clock."""
+    """The scheduled-cancel store on this process's Redis connection and keys."""
     rt = app_.runtime
-    return Schedule(rt.redis, fired_ttl=rt.settings.result_ttl, keys=rt.keys, clock=rt.clock)
+    return Schedule(rt.redis, fired_ttl=rt.settings.result_ttl, keys=rt.keys)
 
 
 def submit(app_: Celery, pairs: list[tuple[str, str]]) -> list[int]:
     """Create ledger records for (request_id, payment_link_id) pairs and publish the new ones.
 
-    Returns one code per pair: 1 created and published, 0 already there (nothing sent),
-    -1 the Request-ID belongs to another link (nothing written or sent for it).
+    Returns one code per pair: 1 created and published, 2 created following its link's
+    live cancel (nothing sent), 0 already there (nothing sent), -1 the Request-ID belongs
+    to another link (nothing written or sent for it).
     """
-    ledger = app_.runtime.ledger
-    codes = ledger.create_many(pairs)
-    fresh = [pair for pair, code in zip(pairs, codes) if code == 1]
-    if fresh:
-        publish(app_, fresh)
-        ledger.mark_published([request_id for request_id, _ in fresh])
+    codes = app_.runtime.ledger.create_many(pairs)
+    publish(app_, [pair for pair, code in zip(pairs, codes) if code == 1])
     return codes
 
 

@@ -1,4 +1,4 @@
-"""The two round trips around an attempt (``worker.attempts``) decide as the separate calls did."""
+"""The two round trips around an attempt (``worker.attempts``): the one writer of its result."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from worker.attempts import Attempts
+from worker.attempts import Attempts, Health
 from worker.breaker import RedisCircuitBreaker
 from worker.keys import Keys
 from worker.ledger import Ledger
@@ -19,7 +19,8 @@ LEASE = 30.0
 @pytest.fixture
 def parts(redis_client):
     keys = Keys()
-    ledger = Ledger(redis_client, result_ttl=3600, retry_budget=600.0, keys=keys)
+    ledger = Ledger(redis_client, result_ttl=3600, retry_budget=600.0, stall_timeout=60.0, rate=10.0,
+                    queue="celery", keys=keys)
     breaker = RedisCircuitBreaker(redis_client, keys.breaker, threshold=2, cooldown=0.2)
     limiter = RedisRateLimiter(redis_client, keys.ratelimit, rate=1.0)
     return ledger, breaker, limiter, Attempts(ledger, breaker, limiter)
@@ -34,6 +35,7 @@ def test_a_fresh_cancel_is_claimed_let_through_and_given_a_slot(parts, redis_cli
     assert ledger.create_many([("req-a", LINK)]) == [1]
     admission = admit(attempts)
     assert admission.claim.verdict == "claimed" and admission.claim.attempts == 0
+    assert admission.claim.budget_left == pytest.approx(600.0, abs=1)  # counted from the first claim
     assert admission.gate == (True, False, 0.0)
     assert admission.slot.granted and admission.slot.wait == 0.0
     assert ledger.status("req-a")["state"] == "running"
@@ -45,9 +47,9 @@ def test_a_refused_claim_asks_neither_the_breaker_nor_the_limiter(parts, redis_c
     ledger.create_many([("req-a", LINK)])
     first = admit(attempts)
     redis_client.delete(limiter.key)
-    second = admit(attempts, owner="owner-2")  # the link is still held by the first delivery
+    second = admit(attempts, owner="owner-2")  # a duplicate message while the first holds its lease
     assert first.claim.verdict == "claimed"
-    assert second.claim.verdict == "busy" and second.gate is None and second.slot is None
+    assert second.claim.verdict == "held" and second.gate is None and second.slot is None
     assert not redis_client.exists(limiter.key)  # no slot was spent on it
 
 
@@ -58,7 +60,7 @@ def test_an_open_breaker_holds_the_cancel_without_taking_a_slot(parts, redis_cli
     assert breaker.record_failure(False)  # opened
     admission = admit(attempts)
     assert admission.claim.verdict == "claimed"
-    assert not admission.gate.allowed and admission.gate.retry_at > time.time()
+    assert not admission.gate.allowed and 0 < admission.gate.retry_in <= 0.2
     assert admission.slot is None and not redis_client.exists(limiter.key)
 
 
@@ -76,13 +78,20 @@ def test_the_probe_may_wait_longer_for_its_slot(parts):
     assert admission.slot.granted and 2.0 < admission.slot.wait <= 10.0
 
 
-def test_a_cancel_past_its_deadline_is_claimed_and_goes_no_further(parts, redis_client):
+def test_a_cancel_past_its_budget_ends_gave_up_in_the_admission(parts, redis_client):
     ledger, _, limiter, attempts = parts
     ledger.create_many([("req-a", LINK)])
-    redis_client.hset(ledger.keys.record("req-a"), "deadline", repr(time.time() - 1))
+    redis_client.hset(ledger.keys.record("req-a"), mapping={
+        "deadline": repr(time.time() - 1), "attempts": 3, "link_status": "CREATED",
+        "last_error": '{"http_status":503,"code":"INTERNAL_ERROR","message":"down"}'})
     admission = admit(attempts)
-    assert admission.claim.verdict == "claimed" and admission.gate is None and admission.slot is None
+    assert admission.claim.verdict == "gave_up" and admission.gate is None and admission.slot is None
+    assert admission.claim.attempts == 3 and admission.claim.last_error["http_status"] == 503
+    assert admission.claim.link_status == "CREATED"
+    status = ledger.status("req-a")
+    assert (status["state"], status["outcome"]) == ("failed", "gave_up")
     assert not redis_client.exists(limiter.key)
+    assert redis_client.zscore(ledger.keys.due, "req-a") is None
 
 
 def test_settling_writes_the_outcome_and_the_breakers_success_together(parts, redis_client):
@@ -91,27 +100,43 @@ def test_settling_writes_the_outcome_and_the_breakers_success_together(parts, re
     admit(attempts)
     breaker.record_failure(False)
     assert breaker.state()["failures"] == 1
-    assert attempts.finish("req-a", LINK, "owner-1", success_probe=False, state="succeeded", outcome="cancelled",
-                           attempted=True, link_status="CANCELLED") == 1
+    settled = attempts.finish("req-a", LINK, "owner-1", health=Health("success"), state="succeeded",
+                              outcome="cancelled", attempted=True, link_status="CANCELLED")
+    assert settled.attempts == 1 and not settled.stale
     status = ledger.status("req-a")
     assert (status["state"], status["outcome"], status["link_status"], status["attempts"]) == (
         "succeeded", "cancelled", "CANCELLED", 1)
     assert breaker.state()["failures"] == 0
-    assert not redis_client.exists(ledger.keys.link_lock(LINK))
-    assert redis_client.xlen(ledger.keys.events) == 1
+    assert not redis_client.exists(ledger.keys.link(LINK))
+    [(_, event)] = redis_client.xrange(ledger.keys.events)
+    assert event[b"payment_link_id"] == LINK.encode() and event[b"outcome"] == b"cancelled"
 
 
-def test_deferring_without_a_success_leaves_the_breaker_alone(parts, redis_client):
+def test_a_failure_and_a_429_reach_the_breaker_and_the_limiter_in_the_same_write(parts, redis_client):
+    ledger, breaker, limiter, attempts = parts
+    ledger.create_many([("req-a", LINK)])
+    admit(attempts)
+    settled = attempts.defer("req-a", "owner-1", health=Health("failure", throttled=True), delay=60,
+                             attempted=True, last_error={"http_status": 429, "code": "X", "message": "slow"})
+    assert settled.attempts == 1 and not settled.opened
+    assert breaker.state()["failures"] == 1
+    assert limiter.effective_rate() < 1.0  # penalized
+    ledger.create_many([("req-b", "pl-attempts-2")])
+    admit(attempts, "req-b", "owner-2", "pl-attempts-2")
+    assert attempts.defer("req-b", "owner-2", health=Health("failure"), delay=60, attempted=True).opened
+
+
+def test_deferring_writes_the_due_time_by_redis_clock(parts, redis_client):
     ledger, breaker, _, attempts = parts
     ledger.create_many([("req-a", LINK)])
     admit(attempts)
-    breaker.record_failure(False)
-    due = time.time() + 60
-    assert attempts.defer("req-a", LINK, "owner-1", success_probe=None, due=due, attempted=True,
-                          last_error={"http_status": 503, "code": "X", "message": "down"}) == 1
+    before = float(redis_client.time()[0])
+    assert attempts.defer("req-a", "owner-1", delay=60, attempted=True,
+                          last_error={"http_status": 503, "code": "X", "message": "down"}).attempts == 1
     assert ledger.status("req-a")["state"] == "retrying"
-    assert redis_client.zscore(ledger.keys.deferred, "req-a") == pytest.approx(due)
-    assert breaker.state()["failures"] == 1
+    assert before + 59 <= redis_client.zscore(ledger.keys.due, "req-a") <= before + 62
+    assert ledger.stats()["deferred"] == 1
+    assert breaker.state()["failures"] == 0  # no news of Plural: the breaker was not told anything
 
 
 def test_a_successful_probe_closes_the_breaker_when_settled(parts):
@@ -122,6 +147,26 @@ def test_a_successful_probe_closes_the_breaker_when_settled(parts):
     time.sleep(0.3)
     admission = admit(attempts)
     assert admission.gate.probe
-    attempts.finish("req-a", LINK, "owner-1", success_probe=True, state="succeeded", outcome="cancelled",
-                    attempted=True)
+    attempts.finish("req-a", LINK, "owner-1", health=Health("success", probe=True), state="succeeded",
+                    outcome="cancelled", attempted=True)
     assert breaker.state()["state"] == "closed"
+
+
+def test_a_delivery_whose_lease_ran_out_writes_nothing(parts, redis_client):
+    """Fenced on the owner: after B took over, A's late finish and defer change nothing."""
+    ledger, breaker, _, attempts = parts
+    ledger.create_many([("req-a", LINK)])
+    assert attempts.admit("req-a", LINK, "owner-a", 0.2, max_wait=1.0, probe_max_wait=1.0).claim.verdict == "claimed"
+    time.sleep(0.3)  # A's lease ran out
+    assert admit(attempts, owner="owner-b").claim.verdict == "claimed"
+    attempts.finish("req-a", LINK, "owner-b", health=Health("success"), state="succeeded", outcome="cancelled",
+                    attempted=True)
+    late_finish = attempts.finish("req-a", LINK, "owner-a", health=Health("failure"), state="failed",
+                                  outcome="rejected", attempted=True)
+    late_defer = attempts.defer("req-a", "owner-a", health=Health("failure"), delay=1, attempted=True)
+    assert late_finish.stale and late_defer.stale
+    status = ledger.status("req-a")
+    assert (status["state"], status["outcome"], status["attempts"]) == ("succeeded", "cancelled", 1)
+    assert redis_client.zcard(ledger.keys.failed) == 0 and redis_client.xlen(ledger.keys.events) == 1
+    assert redis_client.zscore(ledger.keys.due, "req-a") is None
+    assert breaker.state()["failures"] == 0  # the stale failures were not counted either

@@ -20,9 +20,10 @@ TERMINAL = ("succeeded", "failed")
 @pytest.fixture(scope="module")
 def system(module_redis_url, sandbox_process):
     """Redis, the sandbox and one worker shared by the tests of this module."""
-    env = service_env(module_redis_url, sandbox_process.url, CANCEL_RETRY_BASE="0.2", CANCEL_RETRY_CAP="1")
+    env = service_env(module_redis_url, sandbox_process.url, CANCEL_RETRY_BASE="0.2", CANCEL_RETRY_CAP="1",
+                      CANCEL_STALL_TIMEOUT="3")
     worker = start_worker(env, concurrency=8)
-    app = use_settings(module_redis_url, sandbox_process.url)
+    app = use_settings(module_redis_url, sandbox_process.url, CANCEL_STALL_TIMEOUT="3")
     yield {"app": app, "sandbox": sandbox_process, "redis_url": module_redis_url, "env": env, "worker": worker}
     worker.stop()
 
@@ -166,9 +167,8 @@ def test_bad_input_writes_nothing_and_sends_nothing(system, link_id, request_id,
 
     client = redis.Redis.from_url(system["redis_url"])
 
-    def written():  # records and unpublished messages; the worker may be finishing other cancels
-        return set(client.scan_iter("plural-cancel:req:*")), client.zcard("plural-cancel:outbox"), \
-            client.llen("celery")
+    def written():  # records and messages; the worker may be finishing other cancels
+        return set(client.scan_iter("plural-cancel:req:*")), client.llen("celery")
 
     before = written()
     with pytest.raises(ValueError, match=field):
@@ -210,21 +210,16 @@ def test_send_task_by_name_from_a_process_that_never_imported_tasks(system):
     assert get_status(f"byname-{link_id}", app=system["app"])["payment_link_id"] == link_id
 
 
-def test_a_record_whose_message_never_left_is_republished(system):
-    from tasks.periodic import reconcile
-
+def test_a_record_whose_message_never_left_is_sent_by_the_due_index(system):
+    """The producer died between its two writes: a record, and no message. The workers'
+    pump sends it once its stall timeout (3 s here) has passed."""
     app, sandbox = system["app"], system["sandbox"]
     [link_id] = sandbox.create_links(1, status="CREATED", prefix="pl-lost-")
-    ledger = app.runtime.ledger
-    # The producer died between the two writes: a record, and no message.
-    assert ledger.create_many([("lost-message-1", link_id)]) == [1]
-    assert reconcile(app) == {"unpublished": 0, "stranded": 0}  # still within its grace period
-    client = redis.Redis.from_url(system["redis_url"])
-    client.zadd("plural-cancel:outbox", {"lost-message-1": time.time() - 120})
-    assert reconcile(app)["unpublished"] == 1
-    status = finished(app, "lost-message-1")
+    assert app.runtime.ledger.create_many([("lost-message-1", link_id)]) == [1]
+    status = finished(app, "lost-message-1", timeout=15)
     assert status["outcome"] == "cancelled"
-    assert client.zscore("plural-cancel:outbox", "lost-message-1") is None
+    client = redis.Redis.from_url(system["redis_url"])
+    assert client.zscore("plural-cancel:due", "lost-message-1") is None  # ended: out of the index
 
 
 def test_nothing_personal_or_secret_is_left_in_redis(system):
@@ -271,18 +266,52 @@ def test_nothing_personal_or_secret_is_left_in_redis(system):
         assert value.encode() not in text, f"found a forbidden value in Redis: {value[:4]}..."
 
 
-def test_a_cancel_whose_lease_ran_out_is_republished(system):
-    """A worker claimed a cancel and vanished with its message: the reconciler sends it again."""
-    from tasks.periodic import reconcile
-
+def test_a_cancel_whose_lease_ran_out_is_sent_again(system):
+    """A worker claimed a cancel and vanished with its message: the pump sends it again once the lease ends."""
     app, sandbox = system["app"], system["sandbox"]
     [link_id] = sandbox.create_links(1, status="CREATED", prefix="pl-stranded-")
     ledger = app.runtime.ledger
-    assert ledger.create_many([("stranded-1", link_id)]) == [1]
-    ledger.mark_published(["stranded-1"])
-    assert ledger.claim("stranded-1", link_id, "a-worker-that-died", lease=0.5).verdict == "claimed"
-    assert reconcile(app)["stranded"] == 0  # its lease still runs
-    time.sleep(0.7)
-    assert reconcile(app)["stranded"] == 1
-    status = finished(app, "stranded-1")
+    assert ledger.create_many([("stranded-1", link_id)]) == [1]  # no message: as if taken by the dead worker
+    assert ledger.claim("stranded-1", link_id, "a-worker-that-died", lease=1.0).verdict == "claimed"
+    status = finished(app, "stranded-1", timeout=15)
     assert (status["state"], status["outcome"], status["attempts"]) == ("succeeded", "cancelled", 1)
+
+
+def test_a_second_cancel_of_a_link_follows_the_live_one_and_ends_with_it(system):
+    """Two producers, two Request-IDs, one link: Plural sees one Request-ID, and the second
+    ends as soon as the first does (not after a lock's TTL)."""
+    from tasks import enqueue_cancel, enqueue_many, get_status
+
+    app, sandbox = system["app"], system["sandbox"]
+    [link_id] = sandbox.create_links(1, status="CREATED", prefix="pl-twice-")
+    sandbox.set_faults(latency_ms=1500)
+    try:
+        first = enqueue_cancel(link_id, app=app)
+        wait_for(lambda: get_status(first, app=app)["state"] == "running", 10, 0.02, message="first running")
+        second = enqueue_cancel(link_id, app=app)
+        [third, fourth] = enqueue_many([link_id, link_id], app=app)
+        assert get_status(second, app=app)["follows"] == first
+        leader = finished(app, first)
+        others = [finished(app, rid, timeout=5) for rid in (second, third, fourth)]
+    finally:
+        sandbox.reset_faults()
+    assert (leader["state"], leader["outcome"]) == ("succeeded", "cancelled")
+    for other in others:
+        assert (other["state"], other["outcome"], other["follows"]) == ("succeeded", "cancelled", first)
+        assert other["link_status"] == "CANCELLED" and other["attempts"] == 0
+        assert other["updated_at"] == leader["updated_at"]  # ended in the same script as the leader
+    assert {p["request_id"] for p in puts_for(sandbox, link_id)} == {first}
+    client = redis.Redis.from_url(system["redis_url"])
+    events = [fields for _, fields in client.xrange("plural-cancel:events")]
+    assert {e[b"request_id"].decode() for e in events} >= {first, second, third, fourth}
+    # The link is free again: a later cancel leads (and finds it cancelled already).
+    later = enqueue_cancel(link_id, app=app)
+    assert finished(app, later)["outcome"] == "already_cancelled"
+    assert get_status(later, app=app)["follows"] is None
+
+
+def test_enqueue_many_refuses_a_single_string(system):
+    from tasks import enqueue_many
+
+    with pytest.raises(TypeError, match="payment_link_ids"):
+        enqueue_many("pl-ab", app=system["app"])

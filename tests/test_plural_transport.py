@@ -70,7 +70,7 @@ def test_from_settings_uses_the_secret_and_timeouts(plural):
                         read_timeout=0.3)
     with PluralClient.from_settings(settings, clock=lambda: NOW) as client:
         assert client.generate_token().value == plural.issued[0]
-        assert (client._timeout.connect_timeout, client._timeout.read_timeout) == (settings.connect_timeout, 0.3)
+        assert (client._connect_timeout, client._read_timeout) == (settings.connect_timeout, 0.3)
     assert json.loads(plural.token_calls()[0].body)["client_secret"] == SECRET
 
 

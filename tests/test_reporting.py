@@ -193,11 +193,11 @@ def test_the_scrubbers_mask_secrets_in_events_and_breadcrumbs(sentry):
 
 
 def test_beat_jobs_check_in_as_sentry_crons(system, sentry):
-    """The reconciler runs every 15 s (finer than Sentry Crons' minute): the worker checks it in."""
+    """The schedule firer runs every second (finer than Sentry Crons' minute): the worker checks it in."""
     beat = start_beat(system["env"])
     try:
-        check_ins = wait_for(lambda: [c for c in sentry.check_ins() if c.get("monitor_slug") == "reconcile"],
-                             45, message="a check-in of the reconciler")
+        check_ins = wait_for(lambda: [c for c in sentry.check_ins() if c.get("monitor_slug") == "fire-schedules"],
+                             45, message="a check-in of the schedule firer")
         assert check_ins[0]["status"] == "ok"
         assert check_ins[0]["monitor_config"]["schedule"] == {"type": "interval", "value": 1, "unit": "minute"}
     finally:

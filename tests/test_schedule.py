@@ -121,7 +121,7 @@ def test_firing_goes_through_the_ledger_and_unschedule_then_reports_it(app, redi
     status = get_status(request_id, app=app)
     assert (status["payment_link_id"], status["state"]) == ("pl-due", "queued")
     assert redis_client.llen("celery") == 1
-    assert redis_client.zscore("plural-cancel:outbox", request_id) is None  # published
+    assert redis_client.zscore("plural-cancel:due", request_id)  # carried by the due index until it ends
     info = get_schedule("pl-due", app=app)
     assert info["state"] == "fired" and info["request_id"] == request_id and info["fired_at"]
     assert info["result"] == "enqueued"
@@ -152,7 +152,7 @@ def test_an_entry_being_fired_cannot_be_unscheduled_and_a_dead_firer_is_replaced
     request_id = schedule_cancel("pl-race", soon(-1), app=app)
     store = schedule_store(app)
     # A firer took it and died before enqueueing it: held for a moment only.
-    [due] = store.take_due(upto=time.time(), limit=10, hold_until=time.time() + 0.5)
+    [due] = store.take_due(limit=10, hold=0.5)
     assert due.request_id == request_id
     assert get_schedule("pl-race", app=app)["state"] == "firing"
     assert unschedule_cancel("pl-race", app=app) is False  # too late: it is on its way
@@ -170,7 +170,7 @@ def test_rescheduled_under_a_new_request_id_while_firing_is_a_new_schedule(app, 
 
     old = schedule_cancel("pl-twice", soon(-1), app=app)
     store = schedule_store(app)
-    [due] = store.take_due(upto=time.time(), limit=10, hold_until=time.time() + 60)
+    [due] = store.take_due(limit=10, hold=60)
     new = schedule_cancel("pl-twice", soon(600), app=app)  # while it fires: a new one
     assert new != old
     submit(app, [(due.request_id, due.payment_link_id)])
@@ -243,13 +243,42 @@ def test_publish_pushes_a_large_batch_in_order(app, redis_client):
     assert len(ids) == len(pairs) - 1
 
 
-def test_a_request_id_taken_by_another_link_before_firing_is_not_sent(app, redis_client):
+def test_a_request_id_scheduled_for_one_link_is_refused_for_another_at_once(app, redis_client):
+    """One Request-ID, one link, across enqueue and schedule: the second call is refused."""
     from tasks import enqueue_cancel, get_schedule, schedule_cancel
     from tasks.periodic import fire_schedules
 
     schedule_cancel("pl-mine", soon(-1), request_id="taken-later", app=app)
-    enqueue_cancel("pl-theirs", request_id="taken-later", app=app)
+    with pytest.raises(ValueError, match="request_id"):
+        enqueue_cancel("pl-theirs", request_id="taken-later", app=app)
+    assert redis_client.exists("plural-cancel:req:taken-later") == 0  # nothing written for pl-theirs
     assert fire_schedules(app) == 1
-    assert get_schedule("pl-mine", app=app)["result"] == "conflict"
-    assert redis_client.llen("celery") == 1  # only pl-theirs
-    assert redis_client.hget("plural-cancel:req:taken-later", "payment_link_id") == b"pl-theirs"
+    assert get_schedule("pl-mine", app=app)["result"] == "enqueued"
+    assert redis_client.llen("celery") == 1  # only pl-mine
+    assert redis_client.hget("plural-cancel:req:taken-later", "payment_link_id") == b"pl-mine"
+    # And the other way round: a Request-ID enqueued for one link cannot be scheduled for another.
+    enqueue_cancel("pl-first", request_id="enqueued-first", app=app)
+    with pytest.raises(ValueError, match="request_id"):
+        schedule_cancel("pl-second", soon(60), request_id="enqueued-first", app=app)
+
+
+def test_a_skewed_host_clock_cannot_unschedule_a_cancel_being_fired(redis_url, redis_client):
+    """A firer took the entry (held 60 s by Redis's clock); a producer whose clock runs 120 s
+    ahead must still hear "too late": holds are compared on Redis's clock only."""
+    from config.settings import Settings
+    from tasks import get_schedule, schedule_cancel, unschedule_cancel
+    from tasks.producer import schedule_store
+    from worker import app as the_app
+    from worker.runtime import Runtime
+
+    settings = Settings.from_env({"REDIS_URL": redis_url})
+    the_app.use(settings, Runtime(settings, clock=lambda: time.time() + 120))
+    try:
+        request_id = schedule_cancel("pl-skewed", soon(-1), app=the_app)
+        [due] = schedule_store(the_app).take_due(limit=10, hold=60)  # a firer stalled mid-way
+        assert due.request_id == request_id
+        assert get_schedule("pl-skewed", app=the_app)["state"] == "firing"
+        assert unschedule_cancel("pl-skewed", app=the_app) is False
+        assert redis_client.zscore("plural-cancel:schedule", "pl-skewed") is not None  # still there to fire
+    finally:
+        the_app.use(settings)

@@ -66,12 +66,13 @@ class CancelApp(Celery):
         kombu.pools.reset()
 
 
-class DeferredPump(bootsteps.StartStopStep):
-    """Moves due deferred cancels back to the queue, from every worker, a few times a second.
+class DuePump(bootsteps.StartStopStep):
+    """Sends due cancels back to the queue, from every worker, a few times a second: deferred
+    ones whose time has come, and live ones whose message was lost or whose lease ran out.
 
-    A bootstep on the worker's own timer rather than a beat job: deferred cancels
-    then come back within ``PUMP_INTERVAL`` of their due time even when beat is down.
-    Several workers pumping at once is safe: each due cancel is taken atomically.
+    A bootstep on the worker's own timer rather than a beat job: cancels then come back
+    within ``PUMP_INTERVAL`` of their due time even when beat is down. Several workers
+    pumping at once is safe: each due cancel is taken atomically.
     """
 
     requires = {"celery.worker.components:Timer"}
@@ -81,13 +82,13 @@ class DeferredPump(bootsteps.StartStopStep):
         self.tref = None
 
     def start(self, worker):
-        from tasks.periodic import pump_deferred  # registered by the app's include list
+        from tasks.periodic import pump  # registered by the app's include list
 
         def tick():
             try:
-                pump_deferred(worker.app)
+                pump(worker.app)
             except Exception:  # a Redis blip must not kill the timer; the next tick retries
-                log.exception("deferred pump failed")
+                log.exception("due pump failed")
 
         self.tref = worker.timer.call_repeatedly(PUMP_INTERVAL, tick, priority=10)
 
@@ -115,7 +116,7 @@ def _check_settings_under_celery(app: CancelApp) -> None:
 
 
 app = CancelApp()
-app.steps["worker"].add(DeferredPump)
+app.steps["worker"].add(DuePump)
 _check_settings_under_celery(app)
 
 

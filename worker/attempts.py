@@ -1,19 +1,23 @@
 """The Redis work around one attempt at Plural, in two round trips: admit, then settle.
 
-Before each call the task asks three things in order: may this delivery take the
-cancel (the ledger's claim), may anyone call Plural now (the breaker), and which
-rate-limit slot is ours (the limiter). After it, it writes the outcome (the ledger's
-finish or defer) and, when Plural answered, tells the breaker it is up. Asked one by
-one these were five Lua scripts, five round trips and five waits for the GIL on the
-way back; a worker process is CPU-bound long before Plural or Redis are
-(``bench/README.md``), so here they are two scripts.
+This is the one writer of an attempt's result: every path of the cancel task goes
+through it, and nothing else writes a cancel's state from a worker.
+
+- ``admit``, before the call: may this delivery take the cancel (the ledger's claim),
+  is its retry budget left (if not, the cancel ends ``gave_up`` right here), may
+  anyone call Plural now (the breaker), and which rate-limit slot is ours (the limiter).
+- ``settle``, after it (or after a hold): the ledger's finish or defer, fenced on the
+  owner token of the claim, and what the call showed of Plural's health (the breaker's
+  success or failure, the limiter's 429 slow-down), written only when the fence holds.
+
+Round trips per delivery: one when the claim is refused (a duplicate, an early or
+stale copy) or the budget is spent; two on every other path (held by the breaker,
+throttled by the limiter, or Plural called).
 
 The rules stay in their modules: each script is the ledger's, the breaker's and the
-limiter's own Lua functions (``CLAIM_FN``, ``ALLOW_FN``, ``RESERVE_FN``, ``FINISH_FN``,
-``DEFER_FN``, ``RECORD_SUCCESS_FN``) called in order, each asked only when the one
-before said yes, as the separate calls were; each module's own methods run the same
-functions alone. A pipeline would not do: redis-py sends ``SCRIPT EXISTS`` ahead of
-every pipeline that holds a script, and the admission's questions depend on each other.
+limiter's own Lua functions called in order, each asked only when the one before said
+yes. A pipeline would not do: redis-py sends ``SCRIPT EXISTS`` ahead of every pipeline
+that holds a script, and the admission's questions depend on each other.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from worker.breaker import ALLOW_FN, RECORD_SUCCESS_FN, Gate, RedisCircuitBreaker, parse_gate
-from worker.ledger import Claim, Ledger, parse_claim
+from worker.breaker import ALLOW_FN, RECORD_FAILURE_FN, RECORD_SUCCESS_FN, Gate, RedisCircuitBreaker, parse_gate
+from worker.ledger import STALE, Claim, Ledger, parse_claim
 from worker.ledger_lua import CLAIM_FN, DEFER_FN, FINISH_FN
-from worker.ratelimit import RESERVE_FN, RedisRateLimiter, Reservation, parse_reservation
+from worker.ratelimit import PENALIZE_FN, RESERVE_FN, RedisRateLimiter, Reservation, parse_reservation
 
 _SLICE = """
 local function slice(t, i, j)
@@ -34,34 +38,54 @@ local function slice(t, i, j)
 end
 """
 
-# KEYS: [1-6] the claim's  [7-8] the breaker's  [9-10] the limiter's
-# ARGV: [1-7] the claim's (ARGV[3] is now)  [8-9] allow's  [10-12] reserve's (rate, burst,
-#       max_wait)  [13] max_wait for the breaker's probe
-# Returns {claim} when the claim is refused or the cancel's retry budget is spent,
-# {claim, gate} when the breaker says wait, else {claim, gate, reservation}.
-ADMIT = CLAIM_FN + ALLOW_FN + RESERVE_FN + _SLICE + """
-local c = claim(slice(KEYS, 1, 6), slice(ARGV, 1, 7))
-if c[1] ~= 'claimed' or tonumber(c[3]) <= tonumber(ARGV[3]) then return {c} end
-local g = allow(slice(KEYS, 7, 8), slice(ARGV, 8, 9))
+# KEYS: [1-8] the claim's  [9-17] the finish's (for gave_up)  [18-19] the breaker's
+#       [20-21] the limiter's
+# ARGV: [1-7] the claim's  [8-14] the finish's  [15-16] allow's  [17-19] reserve's (rate,
+#       burst, max_wait)  [20] max_wait for the breaker's probe
+# Returns {claim} when the claim is refused; {{'gave_up', attempts, last_error, link_status}}
+# when the budget is spent (the record is then ended); {claim, gate} when the breaker
+# says wait; else {claim, gate, reservation}.
+ADMIT = CLAIM_FN + FINISH_FN + ALLOW_FN + RESERVE_FN + _SLICE + """
+local c = claim(slice(KEYS, 1, 8), slice(ARGV, 1, 7))
+if c[1] ~= 'claimed' then return {c} end
+if tonumber(c[3]) <= 0 then
+  local r = redis.call('HMGET', KEYS[1], 'last_error', 'link_status')
+  local attempts = finish(slice(KEYS, 9, 17), slice(ARGV, 8, 14))
+  return {{'gave_up', attempts, r[1] or '', r[2] or ''}}
+end
+local g = allow(slice(KEYS, 18, 19), slice(ARGV, 15, 16))
 if g[1] ~= 'closed' and g[1] ~= 'probe' then return {c, g} end
-local a = slice(ARGV, 10, 12)
+local a = slice(ARGV, 17, 19)
 -- The probe must go through (nobody else calls Plural meanwhile), so it may wait longer.
-if g[1] == 'probe' then a[3] = ARGV[13] end
-return {c, g, reserve(slice(KEYS, 9, 10), a)}
+if g[1] == 'probe' then a[3] = ARGV[20] end
+return {c, g, reserve(slice(KEYS, 20, 21), a)}
 """
 
-# KEYS: the ledger's finish or defer keys (ARGV[2] of them), then the breaker's 2 when ARGV[4] is not ''
+# KEYS: the ledger's finish or defer keys (ARGV[2] of them), then the breaker's 2 when
+#       ARGV[4] is not '', then the limiter's penalty key when ARGV[5] is '1'
 # ARGV: [1] 'finish' or 'defer'  [2] number of ledger keys  [3] number of ledger args
-#       [4] probe (0/1) for the breaker's success, or '' for none  [5..] the ledger's args
-# Returns the attempts made.
-SETTLE = FINISH_FN + DEFER_FN + RECORD_SUCCESS_FN + _SLICE + """
-local nkeys, nargs = tonumber(ARGV[2]), tonumber(ARGV[3])
-if ARGV[4] ~= '' then
-  record_success(slice(KEYS, nkeys + 1, nkeys + 2), {ARGV[4]})
-end
+#       [4] '' (no news of Plural), 'success' or 'failure'  [5] penalize (0/1)
+#       [6] number of breaker args  [7] number of limiter args
+#       then the ledger's args, the breaker's args, the limiter's args
+# Returns {attempts, opened}: attempts made (-1: stale, nothing written), opened 1 when
+# this failure opened the breaker.
+SETTLE = FINISH_FN + DEFER_FN + RECORD_SUCCESS_FN + RECORD_FAILURE_FN + PENALIZE_FN + _SLICE + """
+local nkeys, nargs, nbreaker, nlimiter = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local write = finish
 if ARGV[1] == 'defer' then write = defer end
-return write(slice(KEYS, 1, nkeys), slice(ARGV, 5, 4 + nargs))
+local attempts = write(slice(KEYS, 1, nkeys), slice(ARGV, 8, 7 + nargs))
+if attempts == -1 then return {-1, 0} end
+local opened = 0
+local bkeys = slice(KEYS, nkeys + 1, nkeys + 2)
+local bargs = slice(ARGV, 8 + nargs, 7 + nargs + nbreaker)
+if ARGV[4] == 'success' then record_success(bkeys, bargs) end
+if ARGV[4] == 'failure' then opened = record_failure(bkeys, bargs) end
+if ARGV[5] == '1' then
+  local first = nkeys + 1
+  if ARGV[4] ~= '' then first = nkeys + 3 end
+  penalize({KEYS[first]}, slice(ARGV, 8 + nargs + nbreaker, 7 + nargs + nbreaker + nlimiter))
+end
+return {attempts, opened}
 """
 
 
@@ -76,6 +100,33 @@ class Admission:
     """None when not asked: no gate, or the gate said wait."""
 
 
+@dataclass(frozen=True)
+class Health:
+    """What one attempt showed of Plural, for the breaker and the limiter."""
+
+    breaker: str = ""
+    """``success`` (Plural answered), ``failure`` (an outage-like failure) or '' (no news)."""
+    probe: bool = False
+    """The call was the breaker's probe."""
+    throttled: bool = False
+    """Plural answered 429: slow the shared rate down."""
+
+
+NO_NEWS = Health()
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What :meth:`Attempts.settle` wrote."""
+
+    attempts: int
+    """Attempts made, this one included."""
+    stale: bool = False
+    """The delivery no longer held the cancel (its lease ran out and it was taken over): nothing was written."""
+    opened: bool = False
+    """This attempt's failure opened the breaker (report it, once)."""
+
+
 class Attempts:
     """The ledger, breaker and limiter of one process, asked together around each call."""
 
@@ -88,34 +139,52 @@ class Attempts:
 
     def admit(self, request_id: str, payment_link_id: str, owner: str, lease: float, *,
               max_wait: float, probe_max_wait: float) -> Admission:
-        """Claim the cancel for ``lease`` seconds, then ask the breaker, then reserve a slot at
-        most ``max_wait`` seconds away (``probe_max_wait`` for the breaker's probe)."""
+        """Claim the cancel for ``lease`` seconds (ending it ``gave_up`` when its budget is
+        spent), then ask the breaker, then reserve a slot at most ``max_wait`` seconds away
+        (``probe_max_wait`` for the breaker's probe)."""
         claim_keys, claim_args = self.ledger.claim_call(request_id, payment_link_id, owner, lease)
+        gave_up_keys, gave_up_args = self.ledger.finish_call(request_id, payment_link_id, owner, state="failed",
+                                                             outcome="gave_up", attempted=False)
         allow_keys, allow_args = self.breaker.allow_call()
         reserve_keys, reserve_args = self.limiter.reserve_call(max_wait)
-        reply = self._admit(keys=[*claim_keys, *allow_keys, *reserve_keys],
-                            args=[*claim_args, *allow_args, *reserve_args, repr(max(0.0, probe_max_wait))])
+        reply = self._admit(keys=[*claim_keys, *gave_up_keys, *allow_keys, *reserve_keys],
+                            args=[*claim_args, *gave_up_args, *allow_args, *reserve_args,
+                                  repr(max(0.0, probe_max_wait))])
         claim = parse_claim(reply[0])
         gate = parse_gate(reply[1]) if len(reply) > 1 else None
         slot = parse_reservation(reply[2]) if len(reply) > 2 else None
         return Admission(claim, gate, slot)
 
-    def finish(self, request_id: str, payment_link_id: str, owner: str, *, success_probe: bool | None,
-               **fields: Any) -> int:
-        """:meth:`Ledger.finish` with ``fields``, and the breaker's success when ``success_probe``
-        is not None (its value says whether the call was the probe); returns the attempts made."""
+    def finish(self, request_id: str, payment_link_id: str, owner: str, *, health: Health = NO_NEWS,
+               **fields: Any) -> Settled:
+        """End the cancel (``fields`` as :meth:`Ledger.finish_call` takes them) and tell the
+        breaker and limiter what ``health`` says, in one round trip, if ``owner`` still holds it."""
         keys, args = self.ledger.finish_call(request_id, payment_link_id, owner, **fields)
-        return self._run("finish", keys, args, success_probe)
+        return self._settle_call("finish", keys, args, health)
 
-    def defer(self, request_id: str, payment_link_id: str, owner: str, *, success_probe: bool | None,
-              **fields: Any) -> int:
-        """:meth:`Ledger.defer` with ``fields``, and the breaker's success as in :meth:`finish`."""
-        keys, args = self.ledger.defer_call(request_id, payment_link_id, owner, **fields)
-        return self._run("defer", keys, args, success_probe)
+    def defer(self, request_id: str, owner: str, *, health: Health = NO_NEWS, **fields: Any) -> Settled:
+        """Defer the cancel (``fields`` as :meth:`Ledger.defer_call` takes them: ``delay`` in
+        seconds) and tell the breaker and limiter, as :meth:`finish`."""
+        keys, args = self.ledger.defer_call(request_id, owner, **fields)
+        return self._settle_call("defer", keys, args, health)
 
-    def _run(self, write: str, keys: list[str], args: list[Any], success_probe: bool | None) -> int:
-        ledger_keys, probe = len(keys), ""
-        if success_probe is not None:
-            breaker_keys, (probe,) = self.breaker.success_call(success_probe)
-            keys = [*keys, *breaker_keys]
-        return int(self._settle(keys=keys, args=[write, ledger_keys, len(args), probe, *args]))
+    def _settle_call(self, write: str, keys: list[str], args: list[Any], health: Health) -> Settled:
+        breaker_keys: list[str] = []
+        breaker_args: list[Any] = []
+        if health.breaker == "success":
+            breaker_keys, breaker_args = self.breaker.success_call(health.probe)
+        elif health.breaker == "failure":
+            breaker_keys, breaker_args = self.breaker.failure_call(health.probe)
+        limiter_keys: list[str] = []
+        limiter_args: list[Any] = []
+        if health.throttled:
+            limiter_keys, limiter_args = self.limiter.penalize_call()
+        attempts, opened = self._settle(
+            keys=[*keys, *breaker_keys, *limiter_keys],
+            args=[write, len(keys), len(args), health.breaker, int(health.throttled), len(breaker_args),
+                  len(limiter_args), *args, *breaker_args, *limiter_args])
+        attempts = int(attempts)
+        if attempts == STALE:
+            return Settled(0, stale=True)
+        return Settled(attempts, opened=bool(int(opened)))
+

@@ -42,8 +42,9 @@ _PRELUDE = REDIS_NOW
 
 # KEYS: [1] breaker (hash)  [2] probe lock
 # ARGV: [1] probe lock TTL (seconds)  [2] seconds others wait while a probe runs
-# Returns {verdict, retry_at}: closed (go), probe (go, and report with probe=True),
-# open (wait until retry_at, the reopening time), probing (another caller probes).
+# Returns {verdict, retry_in}: closed (go), probe (go, and report with probe=True),
+# open (ask again in retry_in seconds, at the reopening time), probing (another caller
+# probes). Seconds from now, not an instant: no host clock ever compares with Redis's.
 # A function of (KEYS, ARGV) so that ``worker.attempts`` can run it in a larger script.
 ALLOW_FN = _PRELUDE + """
 local function allow(KEYS, ARGV)
@@ -51,11 +52,11 @@ local function allow(KEYS, ARGV)
   if b[1] ~= 'open' then return {'closed', '0'} end
   local now = redis_now()
   local reopens_at = tonumber(b[2])
-  if now < reopens_at then return {'open', fmt(reopens_at)} end
+  if now < reopens_at then return {'open', fmt(reopens_at - now)} end
   if redis.call('SET', KEYS[2], fmt(now), 'NX', 'PX', math.ceil(tonumber(ARGV[1]) * 1000)) then
     return {'probe', '0'}
   end
-  return {'probing', fmt(now + tonumber(ARGV[2]))}
+  return {'probing', ARGV[2]}
 end
 """
 ALLOW = ALLOW_FN + "return allow(KEYS, ARGV)\n"
@@ -86,7 +87,9 @@ RECORD_SUCCESS = RECORD_SUCCESS_FN + "return record_success(KEYS, ARGV)\n"
 # KEYS: [1] breaker (hash)  [2] probe lock
 # ARGV: [1] probe (0/1)  [2] threshold  [3] base cooldown (seconds)  [4] max cooldown (seconds)
 # Returns 1 exactly when this call opened a closed breaker.
-RECORD_FAILURE = _PRELUDE + """
+# A function of (KEYS, ARGV) so that ``worker.attempts`` can run it in a larger script.
+RECORD_FAILURE_FN = _PRELUDE + """
+local function record_failure(KEYS, ARGV)
 local now = redis_now()
 local b = redis.call('HMGET', KEYS[1], 'state', 'reopens_at', 'cooldown')
 if b[1] == 'open' then
@@ -107,7 +110,9 @@ redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', fmt(now), 'reopens_at'
            'cooldown', fmt(cooldown))
 redis.call('DEL', KEYS[2])
 return 1
+end
 """
+RECORD_FAILURE = RECORD_FAILURE_FN + "return record_failure(KEYS, ARGV)\n"
 
 # KEYS: [1] breaker (hash)  [2] probe lock
 # Returns {state, failures, opened_at, reopens_at, cooldown, probing 0/1}.
@@ -126,8 +131,8 @@ class Gate(NamedTuple):
     """True: call Plural now."""
     probe: bool
     """True: this call is the one probe of a half-open breaker; report it with ``probe=True``."""
-    retry_at: float
-    """Epoch seconds (Redis's clock) at which to ask again when not allowed; 0 when allowed."""
+    retry_in: float
+    """Seconds from now (by Redis's clock) after which to ask again when not allowed; 0 when allowed."""
 
 
 class CircuitBreaker(Protocol):
@@ -203,10 +208,14 @@ class RedisCircuitBreaker:
         breaker (a failed probe re-opens it with a doubled cooldown, returning False:
         the opening was reported already). Failures of calls begun before the breaker
         opened change nothing."""
-        opened = self._record_failure(keys=[self.key, self.probe_key],
-                                      args=[int(bool(probe)), self.threshold, repr(self.cooldown),
-                                            repr(self.max_cooldown)])
-        return bool(int(opened))
+        keys, args = self.failure_call(probe)
+        return bool(int(self._record_failure(keys=keys, args=args)))
+
+    def failure_call(self, probe: bool) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the failure script (``RECORD_FAILURE_FN``), for :meth:`record_failure`
+        and ``worker.attempts``."""
+        return [self.key, self.probe_key], [int(bool(probe)), self.threshold, repr(self.cooldown),
+                                            repr(self.max_cooldown)]
 
     def state(self) -> dict[str, Any]:
         """The breaker for stats; times are epoch seconds from Redis's clock."""
@@ -218,12 +227,12 @@ class RedisCircuitBreaker:
 
 def parse_gate(reply: list) -> Gate:
     """The :class:`Gate` an allow script (``ALLOW_FN``) answered."""
-    verdict, retry_at = _text(reply[0]), reply[1]
+    verdict, retry_in = _text(reply[0]), reply[1]
     if verdict == "closed":
         return Gate(True, False, 0.0)
     if verdict == "probe":
         return Gate(True, True, 0.0)
-    return Gate(False, False, float(retry_at))
+    return Gate(False, False, float(retry_in))
 
 
 class NoBreaker:

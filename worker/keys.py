@@ -22,24 +22,21 @@ class Keys:
         """Hash: the status record of one cancel (the ledger)."""
         return f"{self.prefix}:req:{request_id}"
 
-    def link_lock(self, payment_link_id: str) -> str:
-        """String: who is cancelling this link right now (owner token, with a TTL)."""
-        return f"{self.prefix}:link-lock:{payment_link_id}"
+    def link(self, payment_link_id: str) -> str:
+        """String: the Request-ID of this link's live cancel, the one Plural sees (no TTL:
+        removed when that cancel ends)."""
+        return f"{self.prefix}:link:{payment_link_id}"
+
+    def followers(self, request_id: str) -> str:
+        """Set: Request-IDs of later cancels of the same link that end with this one."""
+        return f"{self.prefix}:followers:{request_id}"
 
     @property
-    def outbox(self) -> str:
-        """Sorted set: request ids whose Celery message may not have left yet, scored by creation time."""
-        return f"{self.prefix}:outbox"
-
-    @property
-    def leases(self) -> str:
-        """Sorted set: request ids being worked on, scored by the time their lease runs out."""
-        return f"{self.prefix}:leases"
-
-    @property
-    def deferred(self) -> str:
-        """Sorted set: request ids waiting for a later attempt, scored by their due time."""
-        return f"{self.prefix}:deferred"
+    def due(self) -> str:
+        """Sorted set: every live cancel that leads its link, scored by when it next needs
+        attention (epoch seconds, Redis's clock): its retry time when deferred, its lease's
+        end when running, the time its message should have been taken by when queued."""
+        return f"{self.prefix}:due"
 
     @property
     def failed(self) -> str:
@@ -90,8 +87,9 @@ class Keys:
 
     @property
     def stats(self) -> str:
-        """Hash: how many records are ``queued``, ``running`` and ``retrying`` right now,
-        kept by the ledger's scripts on every state change (``plural-cancel stats``)."""
+        """Hash: how many records are ``queued``, ``running`` and ``retrying`` right now, and
+        how many wait for a due time (``deferred``), kept by the ledger's scripts on every
+        state change (``plural-cancel stats``)."""
         return f"{self.prefix}:stats"
 
     def finished(self, bucket: int | str) -> str:

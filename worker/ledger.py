@@ -1,20 +1,24 @@
-"""The ledger: one status record per Request-ID, and the sets that keep every cancel moving.
+"""The ledger: one status record per Request-ID, and the index that keeps every live cancel moving.
 
-Each change that touches more than one key is one Lua script, so a crash between two
-Redis writes can never leave a cancel half-recorded:
+Each change that touches more than one key is one Lua script (``worker.ledger_lua``),
+so a crash between two Redis writes can never leave a cancel half-recorded:
 
-- ``create``: the record and its outbox entry appear together, or not at all.
-- ``claim``: a delivery takes the per-link lock and the record's lease together.
-- ``finish``: outcome, dead-letter set, outcome stream and lock release together.
-- ``defer``: the record turns ``retrying`` and enters the due-time set together.
-- ``requeue``: a dead letter turns ``queued`` with a fresh budget and enters the outbox together.
+- ``create``: the record appears and enters the due index, or follows its link's live cancel.
+- ``claim``: a delivery takes the cancel for one attempt, under a lease (its owner token).
+- ``finish``: outcome, dead-letter set, outcome stream, the link freed and its followers ended.
+- ``defer``: the record waits for its due time in the index.
+- ``pump``: cancels whose time has come (or whose message vanished) go back to the queue.
+- ``requeue``: a dead letter turns ``queued`` with a fresh budget.
+
+Only the delivery that holds a cancel (its owner token, set by the claim) can finish
+or defer it: a delivery whose lease ran out and was taken over writes nothing.
 
 Each script that changes a state also keeps the counts ``plural-cancel stats`` reads
 (see :meth:`Ledger.stats`), so counting never scans the records.
 
-Timestamps are epoch seconds (floats) in Redis and ISO 8601 in :meth:`Ledger.status`.
-No customer personal data is ever written here: only ids, statuses, amounts and
-Plural's error code and message.
+Timestamps are epoch seconds (floats) of Redis's clock in Redis, ISO 8601 in
+:meth:`Ledger.status`. No customer personal data is ever written here: only ids,
+statuses, amounts and Plural's error code and message.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any, Callable, Iterable
 import redis
 
 from worker.keys import Keys
-from worker.ledger_lua import CLAIM, CREATE, DEFER, FINISH, RELEASE_HELD, REQUEUE, TAKE_DUE
+from worker.ledger_lua import CLAIM, CREATE, DEFER, FINISH, PUMP, REJECT, REQUEUE
 from worker.links import format_timestamp
 
 TERMINAL = ("succeeded", "failed")
@@ -39,6 +43,8 @@ STREAM_MAXLEN = 100_000
 """Outcome events kept in the stream (approximately: trimmed with ``~``)."""
 READ_CHUNK = 1000
 """Records read per round trip by :meth:`Ledger.statuses`."""
+STALE = -1
+"""What finish and defer answer when the delivery no longer holds the cancel."""
 
 
 class RequestIdConflict(ValueError):
@@ -47,83 +53,88 @@ class RequestIdConflict(ValueError):
 
 @dataclass(frozen=True)
 class Claim:
-    """What :meth:`Ledger.claim` decided for one delivery."""
+    """What the claim decided for one delivery."""
 
     verdict: str
-    """``claimed``, ``terminal``, ``early``, ``busy`` or ``mismatch``."""
+    """``claimed``; or, dropping this copy: ``terminal``, ``following``, ``held``, ``early``,
+    ``mismatch``; or ``gave_up`` (claimed, its budget spent, and ended by the admission)."""
     attempts: int = 0
-    deadline: float = 0.0
-    """Epoch seconds after which no new attempt may start (the retry budget)."""
-    wait: float = 0.0
-    """For ``busy``: seconds until the other holder's lock runs out."""
+    budget_left: float = 0.0
+    """Seconds of the retry budget left when claimed."""
+    last_error: dict | None = None
+    """For ``gave_up``: the record's last error."""
+    link_status: str | None = None
+    """For ``gave_up``: the link's last known status."""
 
 
 class Ledger:
-    """Status records, leases, the deferred set, dead letters and the outcome stream."""
+    """Status records, the due index, dead letters and the outcome stream.
 
-    def __init__(self, client: redis.Redis, *, result_ttl: int, retry_budget: float,
-                 keys: Keys = Keys(), clock: Callable[[], float] = time.time):
+    ``stall_timeout``: seconds a live cancel may go without being taken before its
+    message is sent again (more when the queue has a backlog); ``rate``: the rate
+    limit (per second) that backlog drains at; ``queue``: the broker's list.
+    """
+
+    def __init__(self, client: redis.Redis, *, result_ttl: int, retry_budget: float, stall_timeout: float,
+                 rate: float, queue: str, keys: Keys = Keys(), clock: Callable[[], float] = time.time):
         self.redis = client
         self.keys = keys
         self.result_ttl = result_ttl
         self.retry_budget = retry_budget
+        self.stall_timeout = stall_timeout
+        self.rate = rate
+        self.queue = queue
         self.clock = clock
+        """Host clock, for choosing which hourly counters to read only: every due time,
+        lease and hold is decided by Redis's clock inside the scripts."""
         self._create = client.register_script(CREATE)
         self._claim = client.register_script(CLAIM)
         self._finish = client.register_script(FINISH)
         self._defer = client.register_script(DEFER)
-        self._take_due = client.register_script(TAKE_DUE)
-        self._release_held = client.register_script(RELEASE_HELD)
+        self._pump = client.register_script(PUMP)
         self._requeue = client.register_script(REQUEUE)
+        self._reject = client.register_script(REJECT)
 
     # -- producers -------------------------------------------------------------------
+
+    def create_call(self, request_id: str, payment_link_id: str) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the create script (``CREATE_FN``)."""
+        k = self.keys
+        return ([k.record(request_id), k.link(payment_link_id), k.due, k.stats, k.schedule_ids, self.queue,
+                 k.record(""), k.followers("")],
+                [request_id, payment_link_id, repr(self.stall_timeout), repr(self.rate)])
 
     def create_many(self, items: Iterable[tuple[str, str]]) -> list[int]:
         """Create records for (request_id, payment_link_id) pairs in one pipeline.
 
-        Returns one code per pair: 1 created (publish it), 0 already there (publish
-        nothing), -1 the Request-ID belongs to another link.
+        Returns one code per pair: 1 created (publish it), 2 created, following the
+        link's live cancel (publish nothing), 0 already there (publish nothing), -1 the
+        Request-ID belongs to another link (nothing written).
         """
-        now = self.clock()
         pipe = self.redis.pipeline(transaction=False)
         for request_id, link_id in items:
-            self._create(keys=[self.keys.record(request_id), self.keys.outbox, self.keys.stats],
-                         args=[request_id, link_id, repr(now), self.result_ttl, repr(now + self.retry_budget)],
-                         client=pipe)
+            keys, args = self.create_call(request_id, link_id)
+            self._create(keys=keys, args=args, client=pipe)
         return [int(code) for code in pipe.execute()]
 
-    def mark_published(self, request_ids: Iterable[str]) -> None:
-        """The messages of these records have left: take them out of the outbox."""
-        ids = list(request_ids)
-        if ids:
-            self.redis.zrem(self.keys.outbox, *ids)
-
-    # -- the worker ------------------------------------------------------------------
-
-    def claim(self, request_id: str, payment_link_id: str, owner: str, lease: float) -> Claim:
-        """Take this cancel for one attempt: the per-link lock and a lease of ``lease`` seconds."""
-        keys, args = self.claim_call(request_id, payment_link_id, owner, lease)
-        return parse_claim(self._claim(keys=keys, args=args))
+    # -- the worker (through ``worker.attempts``, which runs these in two round trips) --
 
     def claim_call(self, request_id: str, payment_link_id: str, owner: str,
                    lease: float) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of the claim script (``CLAIM_FN``), for :meth:`claim` and ``worker.attempts``."""
-        now = self.clock()
-        keys = [self.keys.record(request_id), self.keys.link_lock(payment_link_id), self.keys.leases,
-                self.keys.deferred, self.keys.outbox, self.keys.stats]
-        return keys, [request_id, payment_link_id, repr(now), lease, owner, self.result_ttl,
-                      repr(now + self.retry_budget)]
+        """KEYS and ARGV of the claim script (``CLAIM_FN``): ``lease`` in seconds."""
+        keys, args = self.create_call(request_id, payment_link_id)
+        return keys, [*args, owner, repr(lease), repr(self.retry_budget)]
 
-    def finish(self, request_id: str, payment_link_id: str, owner: str, **fields: Any) -> int:
-        """Record a terminal outcome (``fields`` as :meth:`finish_call` takes them), append it to
-        the outcome stream; returns the attempts made."""
-        keys, args = self.finish_call(request_id, payment_link_id, owner, **fields)
-        return int(self._finish(keys=keys, args=args))
+    def claim(self, request_id: str, payment_link_id: str, owner: str, lease: float) -> Claim:
+        """Take this cancel for one attempt under a lease of ``lease`` seconds (tests and tools;
+        the worker claims through ``worker.attempts``)."""
+        keys, args = self.claim_call(request_id, payment_link_id, owner, lease)
+        return parse_claim(self._claim(keys=keys, args=args))
 
     def finish_call(self, request_id: str, payment_link_id: str, owner: str, *, state: str, outcome: str,
                     attempted: bool, link_status: str | None = None, cancelled_at: str | None = None,
                     amount: dict | None = None, last_error: dict | None = None) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of the finish script (``FINISH_FN``), for :meth:`finish` and ``worker.attempts``."""
+        """KEYS and ARGV of the finish script (``FINISH_FN``)."""
         fields = {"state": state, "outcome": outcome}
         if link_status:
             fields["link_status"] = link_status
@@ -133,51 +144,43 @@ class Ledger:
             fields["amount"] = json.dumps(amount, separators=(",", ":"))
         if last_error:
             fields["last_error"] = json.dumps(last_error, separators=(",", ":"))
-        keys = [self.keys.record(request_id), self.keys.link_lock(payment_link_id), self.keys.leases,
-                self.keys.failed, self.keys.events, self.keys.stats, self.keys.finished("")]
-        return keys, [request_id, owner, repr(self.clock()), self.result_ttl, int(attempted), STREAM_MAXLEN,
+        k = self.keys
+        keys = [k.record(request_id), k.link(payment_link_id), k.due, k.failed, k.events, k.stats,
+                k.finished(""), k.followers(request_id), k.record("")]
+        return keys, [request_id, owner, self.result_ttl, int(attempted), STREAM_MAXLEN,
                       json.dumps(fields), STATS_BUCKET]
 
-    def defer(self, request_id: str, payment_link_id: str, owner: str, **fields: Any) -> int:
-        """Park this cancel in Redis, not in worker memory, until its due time (``fields`` as
-        :meth:`defer_call` takes them); returns the attempts made."""
-        keys, args = self.defer_call(request_id, payment_link_id, owner, **fields)
-        return int(self._defer(keys=keys, args=args))
-
-    def defer_call(self, request_id: str, payment_link_id: str, owner: str, *, due: float, attempted: bool,
+    def defer_call(self, request_id: str, owner: str, *, delay: float, attempted: bool,
                    last_error: dict | None = None) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of the defer script (``DEFER_FN``), for :meth:`defer` and ``worker.attempts``.
+        """KEYS and ARGV of the defer script (``DEFER_FN``).
 
-        ``due``: epoch seconds. ``attempted``: Plural was called (the attempt counts). A
-        cancel held back before any attempt stays ``queued``; one that has been tried is
-        ``retrying``.
+        ``delay``: seconds from now (Redis's clock). ``attempted``: Plural was called
+        (the attempt counts). A cancel held back before any attempt stays ``queued``; one
+        that has been tried is ``retrying``.
         """
-        keys = [self.keys.record(request_id), self.keys.link_lock(payment_link_id), self.keys.leases,
-                self.keys.deferred, self.keys.stats]
         error = json.dumps(last_error, separators=(",", ":")) if last_error else ""
-        return keys, [request_id, owner, repr(self.clock()), repr(due), int(attempted), error]
+        return ([self.keys.record(request_id), self.keys.due, self.keys.stats],
+                [request_id, owner, repr(max(0.0, delay)), int(attempted), error])
 
-    def park(self, request_id: str, due: float) -> None:
-        """Bring a copy that could not run (its link is busy) back at ``due``, state untouched."""
-        self.redis.zadd(self.keys.deferred, {request_id: due})
+    def reject(self, request_id: str, payment_link_id: str | None, error: dict) -> bool:
+        """End a malformed message's cancel ``failed`` / ``rejected`` under its Request-ID, with
+        ``error`` as its last error; False (nothing written) when that Request-ID has a record."""
+        keys, args = self.finish_call(request_id, payment_link_id or "", "", state="failed", outcome="rejected",
+                                      attempted=False, last_error=error)
+        return bool(int(self._reject(keys=keys, args=[*args, payment_link_id or ""])))
 
     # -- periodic work ---------------------------------------------------------------
 
-    def take_due(self, zset: str, *, upto: float, limit: int, hold_until: float) -> list[tuple[str, str]]:
-        """Hold members of ``zset`` scored up to ``upto`` until ``hold_until``; returns (request_id, link).
+    def take_due(self, limit: int) -> list[tuple[str, str]]:
+        """Up to ``limit`` live cancels whose time has come, as (request_id, link) to publish.
 
-        A process that dies before :meth:`release_held` leaves them to come due again
-        at ``hold_until``: nothing is lost, at worst a message is published twice.
+        They stay in the index, due again once the stall timeout (and the queue's
+        backlog) has passed: if their message is lost too, they come back again.
         """
-        flat = self._take_due(keys=[zset, self.keys.record("")],
-                              args=[repr(upto), limit, repr(hold_until)])
+        flat = self._pump(keys=[self.keys.due, self.keys.record(""), self.queue],
+                          args=[limit, repr(self.stall_timeout), repr(self.rate)])
         pairs = [as_text(x) for x in flat]
         return list(zip(pairs[0::2], pairs[1::2]))
-
-    def release_held(self, zset: str, request_ids: list[str], held_score: float) -> None:
-        """Forget members taken with :meth:`take_due` once their messages are published."""
-        if request_ids:
-            self._release_held(keys=[zset], args=[repr(held_score), *request_ids])
 
     # -- dead letters and counts ------------------------------------------------------
 
@@ -188,16 +191,16 @@ class Ledger:
         return [record for record in self.statuses([as_text(rid) for rid in ids]) if record]
 
     def requeue(self, request_ids: Iterable[str]) -> list[tuple[str, str, str]]:
-        """Dead letters back to ``queued`` (deadline now + ``retry_budget`` s, attempts kept) and
-        into the outbox: publish, then :meth:`mark_published`. Returns (request_id, verdict, link),
-        verdict ``requeued``, ``missing`` or ``not_failed``."""
-        ids, now = list(request_ids), self.clock()
+        """Dead letters back to ``queued`` (a fresh budget from their next claim, attempts kept).
+        Returns (request_id, verdict, link), verdict ``requeued`` (publish it), ``following``
+        (another cancel of its link is live: it ends with that one), ``missing`` or ``not_failed``."""
+        ids = list(request_ids)
+        k = self.keys
         pipe = self.redis.pipeline(transaction=False)
         for rid in ids:
-            self._requeue(keys=[self.keys.record(rid), self.keys.failed, self.keys.outbox, self.keys.stats,
-                                self.keys.finished("")],
-                          args=[rid, repr(now), repr(now + self.retry_budget), self.result_ttl, STATS_BUCKET],
-                          client=pipe)
+            self._requeue(keys=[k.record(rid), k.failed, k.due, k.stats, k.finished(""), k.link(""),
+                                k.record(""), k.followers(""), self.queue],
+                          args=[rid, STATS_BUCKET, repr(self.stall_timeout), repr(self.rate)], client=pipe)
         return [(rid, as_text(verdict), as_text(link)) for rid, (verdict, link) in zip(ids, pipe.execute())]
 
     def stats(self) -> dict[str, Any]:
@@ -206,17 +209,17 @@ class Ledger:
         finished within the last ``result_ttl`` seconds (those still readable) in hourly
         hashes: the oldest may count up to ``STATS_BUCKET`` seconds of just-expired ones."""
         now, pipe = self.clock(), self.redis.pipeline(transaction=False)
-        pipe.hgetall(self.keys.stats).zcard(self.keys.deferred).zcard(self.keys.failed)
+        pipe.hgetall(self.keys.stats).zcard(self.keys.failed)
         for bucket in range(int((now - self.result_ttl) // STATS_BUCKET) * STATS_BUCKET, int(now) + 1, STATS_BUCKET):
             pipe.hgetall(self.keys.finished(bucket))
-        active, deferred, dead, *hours = pipe.execute()
+        active, dead, *hours = pipe.execute()
         outcomes: Counter[str] = Counter()
         for hour in hours:
             outcomes.update({as_text(k): int(v) for k, v in hour.items()})
         # Counters dip below zero for records that predate them; never show that.
         return {"active": {state: max(0, int(active.get(state.encode(), 0))) for state in ACTIVE},
                 "outcomes": {k: n for k, n in sorted(outcomes.items()) if n > 0},
-                "deferred": deferred, "dead_letters": dead}
+                "deferred": max(0, int(active.get(b"deferred", 0))), "dead_letters": dead}
 
     # -- reading ---------------------------------------------------------------------
 
@@ -240,9 +243,11 @@ def parse_claim(reply: list) -> Claim:
     """The :class:`Claim` a claim script (``CLAIM_FN``) answered."""
     verdict = as_text(reply[0])
     if verdict == "claimed":
-        return Claim("claimed", attempts=int(reply[1]), deadline=float(reply[2]))
-    if verdict == "busy":
-        return Claim("busy", wait=max(0.1, float(reply[1])))
+        return Claim("claimed", attempts=int(reply[1]), budget_left=float(reply[2]))
+    if verdict == "gave_up":
+        error, status = as_text(reply[2]), as_text(reply[3])
+        return Claim("gave_up", attempts=int(reply[1]), last_error=json.loads(error) if error else None,
+                     link_status=status or None)
     return Claim(verdict)
 
 
@@ -261,6 +266,7 @@ def format_record(raw: dict[str, str]) -> dict[str, Any]:
         "created_at": stored_time(raw.get("created_at")),
         "updated_at": stored_time(raw.get("updated_at")),
         "cancelled_at": raw.get("cancelled_at") or None,
+        "follows": raw.get("follows") or None,
     }
 
 

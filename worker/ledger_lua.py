@@ -2,156 +2,223 @@
 
 Kept apart from :mod:`worker.ledger` (which registers and calls them) so that each
 module stays one readable size.
+
+Every time in these scripts is Redis's own clock (``redis_now``): due times, leases,
+holds and deadlines are decided by one clock, never by the clocks of the hosts that
+run producers and workers. Callers pass durations (seconds from now), not instants.
+
+The ``due`` index holds every live cancel that leads its link, scored by when it next
+needs attention: when its message should have been taken by (queued), when its lease
+runs out (running), when it may try again (deferred). Nothing leaves the index but
+an ending, so a cancel whose message vanished is always found again (``PUMP``).
 """
 
-# Prepended to each script that changes a state: keeps the stats hash (records per active state).
-_COUNT = """
+from worker.redis_clock import REDIS_NOW
+
+# Prepended to each script: the stats hash (records per active state) and the backlog estimate.
+_PRELUDE = REDIS_NOW + """
 local ACTIVE = {queued = true, running = true, retrying = true}
 local function count_move(stats, from, to)
   if from ~= to and ACTIVE[from] then redis.call('HINCRBY', stats, from, -1) end
   if from ~= to and ACTIVE[to] then redis.call('HINCRBY', stats, to, 1) end
 end
+-- When a message sent now should have been taken by: the stall timeout plus the time
+-- the queue's backlog needs at the rate limit, so a long queue is not republished.
+local function recheck_at(now, queue, stall, rate)
+  return now + tonumber(stall) + redis.call('LLEN', queue) / tonumber(rate)
+end
 """
 
-# KEYS: [1] record  [2] outbox  [3] stats
-# ARGV: [1] request_id  [2] payment_link_id  [3] now  [4] ttl seconds  [5] deadline
-# Returns 1 when created, 0 when the same cancel exists, -1 when the Request-ID is
-# already used for another link.
-CREATE = _COUNT + """
-local existing = redis.call('HGET', KEYS[1], 'payment_link_id')
-if existing then
-  if existing ~= ARGV[2] then return -1 end
-  return 0
+# KEYS: [1] record  [2] link (the Request-ID of its live cancel)  [3] due  [4] stats
+#       [5] schedule ids  [6] the queue (list)  [7] record key prefix  [8] followers key prefix
+# ARGV: [1] request_id  [2] payment_link_id  [3] stall timeout (seconds)  [4] rate (per second)
+# Returns 1 created (publish its message), 2 created following the link's live cancel
+# (publish nothing), 0 the same cancel exists already, -1 the Request-ID belongs to
+# another link (in the ledger or in the schedule).
+CREATE_FN = _PRELUDE + """
+local function create(K, A)
+  local existing = redis.call('HGET', K[1], 'payment_link_id')
+  if existing then
+    if existing ~= A[2] then return -1 end
+    return 0
+  end
+  local scheduled = redis.call('HGET', K[5], A[1])
+  if scheduled and scheduled ~= A[2] then return -1 end
+  local now = redis_now()
+  -- No EXPIRE: a live record never expires; RESULT_TTL starts when it ends.
+  redis.call('HSET', K[1], 'request_id', A[1], 'payment_link_id', A[2], 'state', 'queued',
+             'attempts', 0, 'created_at', fmt(now), 'updated_at', fmt(now))
+  count_move(K[4], nil, 'queued')
+  local leader = redis.call('GET', K[2])
+  if leader and ACTIVE[redis.call('HGET', K[7] .. leader, 'state') or ''] then
+    -- One live cancel per link: this one ends with the leader's state and outcome.
+    redis.call('HSET', K[1], 'follows', leader)
+    redis.call('SADD', K[8] .. leader, A[1])
+    return 2
+  end
+  redis.call('SET', K[2], A[1])
+  redis.call('ZADD', K[3], recheck_at(now, K[6], A[3], A[4]), A[1])
+  return 1
 end
-redis.call('HSET', KEYS[1], 'request_id', ARGV[1], 'payment_link_id', ARGV[2], 'state', 'queued',
-           'attempts', 0, 'created_at', ARGV[3], 'updated_at', ARGV[3], 'deadline', ARGV[5])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-count_move(KEYS[3], nil, 'queued')
-return 1
 """
+CREATE = CREATE_FN + "return create(KEYS, ARGV)\n"
 
-# KEYS: [1] record  [2] link lock  [3] leases  [4] deferred  [5] outbox  [6] stats
-# ARGV: [1] request_id  [2] payment_link_id  [3] now  [4] lease seconds  [5] owner
-#       [6] ttl seconds  [7] deadline for a record created here
-# Returns {verdict, detail}: claimed/attempts/deadline, terminal/state, mismatch/link,
-# early/next_attempt_at, busy/seconds the lock still holds.
-# A function of (KEYS, ARGV) so that ``worker.attempts`` can run it in a larger script.
-CLAIM_FN = _COUNT + """
-local function claim(KEYS, ARGV)
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then
-  -- A message sent by name from another service: the record starts here.
-  redis.call('HSET', KEYS[1], 'request_id', ARGV[1], 'payment_link_id', ARGV[2], 'state', 'queued',
-             'attempts', 0, 'created_at', ARGV[3], 'updated_at', ARGV[3], 'deadline', ARGV[7])
-  redis.call('EXPIRE', KEYS[1], ARGV[6])
-  state = 'queued'
-  count_move(KEYS[6], nil, 'queued')
-elseif redis.call('HGET', KEYS[1], 'payment_link_id') ~= ARGV[2] then
-  return {'mismatch', redis.call('HGET', KEYS[1], 'payment_link_id')}
-end
-if state == 'succeeded' or state == 'failed' then
-  redis.call('ZREM', KEYS[5], ARGV[1])
-  return {'terminal', state}
-end
-local now = tonumber(ARGV[3])
-local due = tonumber(redis.call('HGET', KEYS[1], 'next_attempt_at') or '') or 0
-if due > now + 1 then
-  -- A stray copy arrived before its time; the due-time set brings the real one back.
-  redis.call('ZADD', KEYS[4], 'NX', due, ARGV[1])
-  return {'early', tostring(due)}
-end
-local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[5] then
-  return {'busy', tostring(redis.call('PTTL', KEYS[2]) / 1000)}
-end
-redis.call('SET', KEYS[2], ARGV[5], 'PX', math.floor(tonumber(ARGV[4]) * 1000))
-redis.call('HSET', KEYS[1], 'state', 'running', 'updated_at', ARGV[3], 'owner', ARGV[5], 'next_attempt_at', '')
-count_move(KEYS[6], state, 'running')
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[1])
-redis.call('ZREM', KEYS[4], ARGV[1])
-redis.call('ZREM', KEYS[5], ARGV[1])
-return {'claimed', redis.call('HGET', KEYS[1], 'attempts'), redis.call('HGET', KEYS[1], 'deadline')}
+# KEYS: CREATE_FN's eight (a message sent by name creates its record here)
+# ARGV: [1-4] CREATE_FN's  [5] owner  [6] lease seconds  [7] retry budget seconds
+# Returns {verdict, ...}: claimed/attempts/budget seconds left, terminal/state,
+# following/leader, held/seconds the holder's lease still runs, early/seconds until its
+# due time, mismatch/the record's link. Every verdict but ``claimed`` drops the copy:
+# the due index carries the cancel, so a duplicate message has nothing to do.
+CLAIM_FN = CREATE_FN + """
+local function claim(K, A)
+  if create(K, A) == -1 then return {'mismatch', redis.call('HGET', K[1], 'payment_link_id') or ''} end
+  local r = redis.call('HMGET', K[1], 'state', 'follows', 'next_attempt_at', 'deadline', 'attempts', 'lease_until')
+  local state = r[1]
+  if state == 'succeeded' or state == 'failed' then return {'terminal', state} end
+  if r[2] then return {'following', r[2]} end
+  local now = redis_now()
+  local lease_until = tonumber(r[6] or '')
+  if state == 'running' and lease_until and lease_until > now then return {'held', fmt(lease_until - now)} end
+  local next_at = tonumber(r[3] or '')
+  if next_at and next_at > now + 1 then return {'early', fmt(next_at - now)} end
+  -- The retry budget counts from the first claim: time spent waiting in line is not failing.
+  local deadline = tonumber(r[4] or '')
+  if not deadline then
+    deadline = now + tonumber(A[7])
+    redis.call('HSET', K[1], 'deadline', fmt(deadline))
+  end
+  local lease_end = now + tonumber(A[6])
+  redis.call('HSET', K[1], 'state', 'running', 'owner', A[5], 'lease_until', fmt(lease_end), 'updated_at', fmt(now),
+             'next_attempt_at', '')
+  redis.call('PERSIST', K[1])
+  redis.call('SET', K[2], A[1], 'NX')
+  redis.call('ZADD', K[3], lease_end, A[1])
+  count_move(K[4], state, 'running')
+  if next_at then redis.call('HINCRBY', K[4], 'deferred', -1) end
+  return {'claimed', r[5], fmt(deadline - now)}
 end
 """
 CLAIM = CLAIM_FN + "return claim(KEYS, ARGV)\n"
 
-# KEYS: [1] record  [2] link lock  [3] leases  [4] failed  [5] events  [6] stats
-#       [7] finished-hash prefix (the hour's start is appended)
-# ARGV: [1] request_id  [2] owner  [3] now  [4] ttl  [5] attempted (0/1)  [6] stream maxlen
-#       [7] JSON object of fields to set (state, outcome, link_status, ...)  [8] bucket seconds
-# Returns the attempts made. A function of (KEYS, ARGV), like CLAIM_FN.
-FINISH_FN = _COUNT + """
-local function finish(KEYS, ARGV)
-  local fields = cjson.decode(ARGV[7])
-  local before = redis.call('HGET', KEYS[1], 'state')
-  local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', tonumber(ARGV[5]))
-  redis.call('HSET', KEYS[1], 'updated_at', ARGV[3], 'next_attempt_at', '')
-  redis.call('HDEL', KEYS[1], 'owner')
-  local event = {'request_id', ARGV[1], 'attempts', tostring(attempts), 'at', ARGV[3]}
+# KEYS: [1] record  [2] link  [3] due  [4] failed  [5] events  [6] stats
+#       [7] finished-hash prefix (the hour's start is appended)  [8] this record's followers
+#       [9] record key prefix
+# ARGV: [1] request_id  [2] owner  [3] ttl seconds  [4] attempted (0/1)  [5] stream maxlen
+#       [6] JSON object of fields to set (state, outcome, link_status, ...)  [7] bucket seconds
+# Returns the attempts made, or -1 when ``owner`` no longer holds the cancel (its lease
+# ran out and another delivery took it): a stale delivery writes nothing.
+FINISH_FN = _PRELUDE + """
+-- Ends one record: its fields, its expiry (RESULT_TTL from now), its counts, its event.
+local function close(K, A, key, before, fields, now, event)
+  table.insert(event, 'at')
+  table.insert(event, fmt(now))
   for k, v in pairs(fields) do
-    redis.call('HSET', KEYS[1], k, v)
+    redis.call('HSET', key, k, v)
     table.insert(event, k)
     table.insert(event, v)
   end
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('HSET', key, 'updated_at', fmt(now), 'next_attempt_at', '')
+  redis.call('HDEL', key, 'owner', 'lease_until')
+  redis.call('EXPIRE', key, A[3])
+  count_move(K[6], before, fields['state'])
+  -- Counted in the hour it finished; the hash expires with the last record it counts.
+  local bucket = math.floor(now / tonumber(A[7])) * tonumber(A[7])
+  redis.call('HINCRBY', K[7] .. bucket, fields['outcome'], 1)
+  redis.call('EXPIREAT', K[7] .. bucket, bucket + tonumber(A[7]) + tonumber(A[3]))
+  redis.call('XADD', K[5], 'MAXLEN', '~', A[5], '*', unpack(event))
+end
+
+local function finish(K, A)
+  local r = redis.call('HMGET', K[1], 'state', 'owner', 'payment_link_id')
+  if r[1] ~= 'running' or r[2] ~= A[2] then return -1 end
+  local fields = cjson.decode(A[6])
+  local now = redis_now()
+  local attempts = redis.call('HINCRBY', K[1], 'attempts', tonumber(A[4]))
+  close(K, A, K[1], r[1], fields, now,
+        {'request_id', A[1], 'payment_link_id', r[3], 'attempts', tostring(attempts)})
+  redis.call('ZREM', K[3], A[1])
   if fields['state'] == 'failed' then
-    redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+    redis.call('ZADD', K[4], now, A[1])
   else
-    redis.call('ZREM', KEYS[4], ARGV[1])
+    redis.call('ZREM', K[4], A[1])
   end
   -- Dead letters whose records have expired: nothing left to list or retry.
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. (tonumber(ARGV[3]) - tonumber(ARGV[4])))
-  count_move(KEYS[6], before, fields['state'])
-  if before ~= 'succeeded' and before ~= 'failed' then
-    -- Counted in the hour it finished; the hash expires with the last record it counts.
-    local bucket = math.floor(tonumber(ARGV[3]) / tonumber(ARGV[8])) * tonumber(ARGV[8])
-    redis.call('HINCRBY', KEYS[7] .. bucket, fields['outcome'], 1)
-    redis.call('EXPIREAT', KEYS[7] .. bucket, bucket + tonumber(ARGV[8]) + tonumber(ARGV[4]))
+  redis.call('ZREMRANGEBYSCORE', K[4], '-inf', '(' .. (now - tonumber(A[3])))
+  if redis.call('GET', K[2]) == A[1] then redis.call('DEL', K[2]) end
+  -- The cancels that followed this one end with it, each announced under its own id.
+  local shared = {state = fields['state'], outcome = fields['outcome'], link_status = fields['link_status'],
+                  cancelled_at = fields['cancelled_at'], last_error = fields['last_error']}
+  for _, f in ipairs(redis.call('SMEMBERS', K[8])) do
+    local key = K[9] .. f
+    local fr = redis.call('HMGET', key, 'state', 'payment_link_id', 'follows')
+    if fr[3] == A[1] and ACTIVE[fr[1] or ''] then
+      close(K, A, key, fr[1], shared, now, {'request_id', f, 'payment_link_id', fr[2], 'follows', A[1]})
+    end
   end
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', unpack(event))
-  if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+  redis.call('DEL', K[8])
   return attempts
 end
 """
 FINISH = FINISH_FN + "return finish(KEYS, ARGV)\n"
 
-# KEYS: [1] record  [2] link lock  [3] leases  [4] deferred  [5] stats
-# ARGV: [1] request_id  [2] owner  [3] now  [4] due  [5] attempted (0/1)  [6] last_error JSON or ''
-# Returns the attempts made. A function of (KEYS, ARGV), like CLAIM_FN.
-DEFER_FN = _COUNT + """
-local function defer(KEYS, ARGV)
-  local before = redis.call('HGET', KEYS[1], 'state')
-  local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', tonumber(ARGV[5]))
+# KEYS: FINISH_FN's nine (the link, due and followers are not used)
+# ARGV: FINISH_FN's seven (owner unused, attempted 0, fields state=failed, outcome=rejected,
+#       last_error), then [8] the payment link id ('' when the message had no valid one)
+# A message too malformed to run that still carries a usable Request-ID: its record is
+# written ended, unless a record under that Request-ID exists already (then it is left
+# alone and the caller counts the message as malformed). Returns 1 written, 0 not.
+REJECT = FINISH_FN + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local now = redis_now()
+redis.call('HSET', KEYS[1], 'request_id', ARGV[1], 'payment_link_id', ARGV[8], 'attempts', 0,
+           'created_at', fmt(now))
+close(KEYS, ARGV, KEYS[1], nil, cjson.decode(ARGV[6]), now,
+      {'request_id', ARGV[1], 'payment_link_id', ARGV[8], 'attempts', '0'})
+return 1
+"""
+
+# KEYS: [1] record  [2] due  [3] stats
+# ARGV: [1] request_id  [2] owner  [3] delay (seconds from now)  [4] attempted (0/1)
+#       [5] last_error JSON or ''
+# Returns the attempts made, or -1 for a stale delivery (as FINISH_FN).
+DEFER_FN = _PRELUDE + """
+local function defer(K, A)
+  local r = redis.call('HMGET', K[1], 'state', 'owner')
+  if r[1] ~= 'running' or r[2] ~= A[2] then return -1 end
+  local now = redis_now()
+  local due = now + tonumber(A[3])
+  local attempts = redis.call('HINCRBY', K[1], 'attempts', tonumber(A[4]))
   -- Held back before any call (rate limit, open breaker): still queued, with a time.
   local state = 'queued'
   if attempts > 0 then state = 'retrying' end
-  redis.call('HSET', KEYS[1], 'state', state, 'updated_at', ARGV[3], 'next_attempt_at', ARGV[4])
-  redis.call('HDEL', KEYS[1], 'owner')
-  count_move(KEYS[5], before, state)
-  if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'last_error', ARGV[6]) end
-  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+  redis.call('HSET', K[1], 'state', state, 'updated_at', fmt(now), 'next_attempt_at', fmt(due))
+  redis.call('HDEL', K[1], 'owner', 'lease_until')
+  if A[5] ~= '' then redis.call('HSET', K[1], 'last_error', A[5]) end
+  count_move(K[3], r[1], state)
+  redis.call('HINCRBY', K[3], 'deferred', 1)
+  redis.call('ZADD', K[2], due, A[1])
   return attempts
 end
 """
 DEFER = DEFER_FN + "return defer(KEYS, ARGV)\n"
 
-# KEYS: [1] a sorted set (deferred, outbox or leases)  [2] record key prefix
-# ARGV: [1] scores up to this are due  [2] how many at most  [3] hold until (new score)
-# Marks due members as being handled (score pushed to ARGV[3]) and returns
-# {request_id, payment_link_id, ...}. Members whose record has expired are dropped.
-TAKE_DUE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+# KEYS: [1] due  [2] record key prefix  [3] the queue (list)
+# ARGV: [1] how many at most  [2] stall timeout (seconds)  [3] rate (per second)
+# Takes the live cancels whose time has come (a retry due, a message never taken, a
+# lease run out) and returns {request_id, payment_link_id, ...} to publish. Each stays
+# in the index, due again at ``recheck_at``: a publish that fails, or a message that
+# vanishes later, is found again then. Ended, expired and following ones leave it.
+PUMP = _PRELUDE + """
+local now = redis_now()
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local recheck = recheck_at(now, KEYS[3], ARGV[2], ARGV[3])
 local out = {}
 for _, rid in ipairs(due) do
-  local link = redis.call('HGET', KEYS[2] .. rid, 'payment_link_id')
-  if link then
-    redis.call('ZADD', KEYS[1], ARGV[3], rid)
+  local r = redis.call('HMGET', KEYS[2] .. rid, 'state', 'payment_link_id', 'follows')
+  if ACTIVE[r[1] or ''] and not r[3] then
+    redis.call('ZADD', KEYS[1], recheck, rid)
     table.insert(out, rid)
-    table.insert(out, link)
+    table.insert(out, r[2])
   else
     redis.call('ZREM', KEYS[1], rid)
   end
@@ -159,36 +226,33 @@ end
 return out
 """
 
-# KEYS: [1] sorted set   ARGV: [1] held score   [2..] request ids
-# Removes members only while they still carry the hold score: a cancel that has been
-# deferred again in the meantime keeps its new due time.
-RELEASE_HELD = """
-local n = 0
-for i = 2, #ARGV do
-  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if score and tonumber(score) == tonumber(ARGV[1]) then
-    n = n + redis.call('ZREM', KEYS[1], ARGV[i])
-  end
-end
-return n
-"""
-
-
-# KEYS: [1] record  [2] failed  [3] outbox  [4] stats  [5] finished-hash prefix
-# ARGV: [1] request_id  [2] now  [3] new deadline  [4] ttl seconds  [5] bucket seconds
-# A dead letter back to queued with a fresh budget, attempts kept, and into the outbox
-# (the reconciler publishes it if the caller dies first). Returns {verdict, link}.
-REQUEUE = _COUNT + """
+# KEYS: [1] record  [2] failed  [3] due  [4] stats  [5] finished-hash prefix  [6] link key prefix
+#       [7] record key prefix  [8] followers key prefix  [9] the queue (list)
+# ARGV: [1] request_id  [2] bucket seconds  [3] stall timeout (seconds)  [4] rate (per second)
+# A dead letter back to queued, live again (no expiry), attempts kept; its budget starts
+# afresh at its next claim. It leads its link again, or follows the link's live cancel
+# when another has started meanwhile. Returns {verdict, link}: requeued (publish it),
+# following (publish nothing), missing or not_failed.
+REQUEUE = _PRELUDE + """
 local r = redis.call('HMGET', KEYS[1], 'state', 'payment_link_id', 'outcome', 'updated_at')
 redis.call('ZREM', KEYS[2], ARGV[1])
 if r[1] ~= 'failed' then return {r[1] and 'not_failed' or 'missing', r[2] or ''} end
 -- Uncount it from the hour it failed in, while that hash lives.
-local finished = KEYS[5] .. (math.floor((tonumber(r[4]) or 0) / tonumber(ARGV[5])) * tonumber(ARGV[5]))
+local finished = KEYS[5] .. (math.floor((tonumber(r[4]) or 0) / tonumber(ARGV[2])) * tonumber(ARGV[2]))
 if r[3] and redis.call('HGET', finished, r[3]) then redis.call('HINCRBY', finished, r[3], -1) end
-redis.call('HSET', KEYS[1], 'state', 'queued', 'updated_at', ARGV[2], 'deadline', ARGV[3], 'next_attempt_at', '')
-redis.call('HDEL', KEYS[1], 'outcome', 'owner')
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+local now = redis_now()
+redis.call('HSET', KEYS[1], 'state', 'queued', 'updated_at', fmt(now), 'next_attempt_at', '')
+redis.call('HDEL', KEYS[1], 'outcome', 'owner', 'lease_until', 'deadline', 'follows')
+redis.call('PERSIST', KEYS[1])
 count_move(KEYS[4], 'failed', 'queued')
+local link = KEYS[6] .. r[2]
+local leader = redis.call('GET', link)
+if leader and leader ~= ARGV[1] and ACTIVE[redis.call('HGET', KEYS[7] .. leader, 'state') or ''] then
+  redis.call('HSET', KEYS[1], 'follows', leader)
+  redis.call('SADD', KEYS[8] .. leader, ARGV[1])
+  return {'following', r[2]}
+end
+redis.call('SET', link, ARGV[1])
+redis.call('ZADD', KEYS[3], recheck_at(now, KEYS[9], ARGV[3], ARGV[4]), ARGV[1])
 return {'requeued', r[2]}
 """

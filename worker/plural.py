@@ -15,9 +15,12 @@ import json
 import logging
 import re
 import ssl
+import threading
 import time
 import uuid
-from typing import Any, Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import quote, urlsplit
 
 import certifi
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 USER_AGENT = f"plural-cancel/0.1.0 urllib3/{urllib3.__version__}"
 POOL_SIZE = 128
 """Connections kept open per host: one per thread of a worker process (``config.celery``)."""
+MAX_BODY = 1 << 20
+"""Bytes of an answer's body (decompressed) read at most: a link is a few KB."""
 FALLBACK_TOKEN_LIFETIME = 300.0
 """Seconds a token is trusted when Generate Token gave no readable expiry (a 401 ends it sooner)."""
 
@@ -69,6 +74,15 @@ def new_pool(base_url: str, *, pool_maxsize: int = POOL_SIZE, proxy_url: str | N
     return urllib3.connection_from_url(base_url, **options)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """One HTTP answer from Plural, its body read whole (within the call's deadline)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
 class PluralClient:
     """Plural's Generate Token and payment-link endpoints.
 
@@ -88,7 +102,9 @@ class PluralClient:
         self._client_secret = client_secret
         self._clock = clock
         self._tokens: TokenStore = tokens if tokens is not None else MemoryTokenStore(clock)
-        self._timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._local = threading.local()  # each worker thread's attempt deadline (see ``within``)
         self._pool = new_pool(self.base_url, proxy_url=proxy_url, ca_bundle=ca_bundle)
         # A pool for Plural's host takes paths; a proxy takes whole URLs.
         self._target = self.base_url if proxy_url else urlsplit(self.base_url).path
@@ -118,6 +134,18 @@ class PluralClient:
         else:
             self._pool.close()
 
+    @contextmanager
+    def within(self, seconds: float) -> Iterator[None]:
+        """Every call this thread makes inside the block ends within ``seconds`` from now, all
+        told: the token, the PUT and the GET share one deadline. Each call's connect and read
+        timeouts are cut to the time left, and the body is read against it too, so a body
+        trickled byte by byte cannot hold the call past it (urllib3's read timeout is per read)."""
+        self._local.deadline = time.monotonic() + seconds
+        try:
+            yield
+        finally:
+            self._local.deadline = None
+
     # -- Generate Token ---------------------------------------------------------------
 
     def generate_token(self, request_id: str | None = None) -> AccessToken:
@@ -132,9 +160,9 @@ class PluralClient:
         body = {"client_id": self.client_id, "client_secret": self._client_secret,
                 "grant_type": "client_credentials"}
         started = self._clock()
-        response = self._send("POST", "/auth/v1/token", request_id, json_body=body)
+        answer = self._send("POST", "/auth/v1/token", request_id, json_body=body)
         try:
-            data = self._read(response, request_id)
+            data = self._read(answer, request_id)
         except PluralError as exc:
             if exc.retryable or exc.http_status is None or not 400 <= exc.http_status < 500:
                 raise
@@ -147,7 +175,7 @@ class PluralClient:
         value = data.get("access_token") if isinstance(data, dict) else None
         if not isinstance(value, str) or not value:
             raise PluralBadResponse("Generate Token answered without an access_token",
-                                    http_status=response.status, request_id=request_id)
+                                    http_status=answer.status, request_id=request_id)
         return AccessToken(value=value, expires_at=self._expiry(data, started, request_id))
 
     def _expiry(self, data: dict, started: float, request_id: str) -> float:
@@ -209,14 +237,14 @@ class PluralClient:
     def _bearer(self, method: str, path: str, request_id: str, json_body: Any = None) -> Any:
         """One bearer call, re-tried once with a fresh token after a 401; returns the parsed JSON."""
         token = self._token(request_id)
-        response = self._send(method, path, request_id, token=token, json_body=json_body)
-        if response.status == 401:
+        answer = self._send(method, path, request_id, token=token, json_body=json_body)
+        if answer.status == 401:
             # Expired early, revoked, or rotated by another process: drop it and try once more
             # with the same Request-ID; a second 401 is a real authentication failure.
             self._tokens.invalidate(token)
             token = self._token(request_id)
-            response = self._send(method, path, request_id, token=token, json_body=json_body)
-        return self._read(response, request_id, token)
+            answer = self._send(method, path, request_id, token=token, json_body=json_body)
+        return self._read(answer, request_id, token)
 
     def _token(self, request_id: str) -> str:
         try:
@@ -230,7 +258,15 @@ class PluralClient:
             raise
 
     def _send(self, method: str, path: str, request_id: str, *, token: str | None = None,
-              json_body: Any = None) -> urllib3.BaseHTTPResponse:
+              json_body: Any = None) -> Answer:
+        timeout = urllib3.Timeout(connect=self._connect_timeout, read=self._read_timeout)
+        deadline = getattr(self._local, "deadline", None)
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PluralTimeout(f"the attempt's time ran out before {method} {path} was sent",
+                                    request_id=request_id)
+            timeout = urllib3.Timeout(connect=min(self._connect_timeout, left), read=min(self._read_timeout, left))
         headers = {
             "Content-Type": "application/json",
             "Accept": "application/json",
@@ -252,24 +288,28 @@ class PluralClient:
         started = time.monotonic()
         try:
             response = self._pool.urlopen(method, self._target + path, body=data, headers=headers,
-                                          timeout=self._timeout, retries=False, redirect=False)
+                                          timeout=timeout, retries=False, redirect=False, preload_content=False)
+            answer = Answer(response.status, response.headers, _read_body(response, deadline, self._read_timeout))
         except urllib3.exceptions.HTTPError as exc:
             elapsed = (time.monotonic() - started) * 1000
             log.debug("plural %s %s failed (%s) in %.0f ms request_id=%s", method, path,
                       type(exc).__name__, elapsed, request_id)
             raise _transport_error(exc, method, path, request_id) from exc
+        except _BodyTooLarge:
+            raise PluralBadResponse(f"Plural's answer to {method} {path} is larger than {MAX_BODY} bytes; "
+                                    "not read", request_id=request_id) from None
         elapsed = (time.monotonic() - started) * 1000
         log.debug("plural %s %s -> %s in %.0f ms request_id=%s", method, path,
-                  response.status, elapsed, request_id)
-        return response
+                  answer.status, elapsed, request_id)
+        return answer
 
-    def _read(self, response: urllib3.BaseHTTPResponse, request_id: str, token: str | None = None) -> Any:
+    def _read(self, answer: Answer, request_id: str, token: str | None = None) -> Any:
         """The parsed JSON of a 2xx answer; any other answer raises what :func:`classify_http` says."""
-        status = response.status
-        body, note = _parse_json(response)
+        status = answer.status
+        body, note = _parse_json(answer)
         if not 200 <= status < 300:
             error = classify_http(status, body, request_id=request_id, body_note=note,
-                                  retry_after=response.headers.get("Retry-After"), now=self._clock())
+                                  retry_after=answer.headers.get("Retry-After"), now=self._clock())
             error.message = self._scrub(error.message, token)
             error.args = (error.message,)
             raise error
@@ -293,15 +333,50 @@ class PluralClient:
         return text
 
 
-def _parse_json(response: urllib3.BaseHTTPResponse) -> tuple[Any, str]:
+class _BodyTooLarge(Exception):
+    """An answer's body went past :data:`MAX_BODY` (decompressed)."""
+
+
+def _read_body(response: urllib3.BaseHTTPResponse, deadline: float | None, read_timeout: float) -> bytes:
+    """The whole body of ``response`` (decompressed), at most :data:`MAX_BODY` bytes, read by
+    ``deadline`` (monotonic seconds; None: only the per-read timeout applies).
+
+    Each read waits at most the time left: the socket's timeout is cut before every read,
+    so neither a trickled body nor a gzip bomb can hold the call or the memory.
+    """
+    chunks, size = [], 0
+    try:
+        while True:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ReadTimeoutError(None, None, "the attempt's deadline passed while reading the answer")
+                sock = getattr(response.connection, "sock", None)
+                if sock is not None:
+                    sock.settimeout(min(read_timeout, left))
+            chunk = response.read1(65536)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise _BodyTooLarge()
+            chunks.append(chunk)
+    except BaseException:
+        response.close()  # a half-read connection must never go back to the pool
+        raise
+    finally:
+        response.release_conn()
+
+
+def _parse_json(answer: Answer) -> tuple[Any, str]:
     """(parsed JSON, "") or (None, a description of why the body is unreadable, without its content)."""
-    raw = response.data or b""
+    raw = answer.body
     if not raw.strip():
         return None, "body is empty"
     try:
         return json.loads(raw), ""
     except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        media = (response.headers.get("Content-Type") or "no content type").split(";")[0].strip()
+        media = (answer.headers.get("Content-Type") or "no content type").split(";")[0].strip()
         media = re.sub(r"[^A-Za-z0-9.+/-]", "", media)[:60] or "no content type"
         return None, f"body is not JSON ({media}, {len(raw)} bytes)"
 

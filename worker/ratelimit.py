@@ -71,7 +71,9 @@ RESERVE = RESERVE_FN + "return reserve(KEYS, ARGV)\n"
 # KEYS: [1] penalty (hash)
 # ARGV: [1] factor (0-1]  [2] recovery seconds  [3] floor factor  [4] holdoff seconds
 # Returns the factor in force after this call.
-PENALIZE = _PRELUDE + """
+# A function of (KEYS, ARGV) so that ``worker.attempts`` can run it in a larger script.
+PENALIZE_FN = _PRELUDE + """
+local function penalize(KEYS, ARGV)
 local now = redis_now()
 local current = rate_factor(KEYS[1], now)
 local last = redis.call('HGET', KEYS[1], 'at')
@@ -82,7 +84,9 @@ local factor = math.max(tonumber(ARGV[3]), current * tonumber(ARGV[1]))
 redis.call('HSET', KEYS[1], 'factor', fmt(factor), 'at', fmt(now), 'seconds', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000))
 return fmt(factor)
+end
 """
+PENALIZE = PENALIZE_FN + "return penalize(KEYS, ARGV)\n"
 
 # KEYS: [1] penalty (hash)
 # ARGV: [1] rate (per second)
@@ -163,12 +167,17 @@ class RedisRateLimiter:
         (0.5 then 0.5 again is a quarter of the rate, down to ``min_factor``), except
         within ``penalty_holdoff`` seconds of the last one.
         """
+        keys, args = self.penalize_call(factor, seconds)
+        self._penalize(keys=keys, args=args)
+
+    def penalize_call(self, factor: float = 0.5, seconds: float = 60.0) -> tuple[list[str], list[str]]:
+        """KEYS and ARGV of the penalty script (``PENALIZE_FN``), for :meth:`penalize` and
+        ``worker.attempts``."""
         if not 0 < factor <= 1:
             raise ValueError("factor must be in (0, 1]")
         if not seconds > 0:
             raise ValueError("seconds must be positive")
-        self._penalize(keys=[self.penalty_key],
-                       args=[repr(factor), repr(seconds), repr(self.min_factor), repr(self.penalty_holdoff)])
+        return [self.penalty_key], [repr(factor), repr(seconds), repr(self.min_factor), repr(self.penalty_holdoff)]
 
     def effective_rate(self) -> float:
         """Calls per second allowed right now, after any 429 slow-down."""

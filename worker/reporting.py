@@ -122,7 +122,7 @@ def init(settings: Settings, beat_schedule: Mapping[str, Mapping] | None = None)
 
     Beat jobs that Sentry Crons can express (whole minutes, crontabs) are monitored by
     the SDK's own ``monitor_beat_tasks`` (beat checks in when it sends the job, the worker
-    when it ends); a job that runs more often (the reconciler, every 15 s) is excluded
+    when it ends); a job that runs more often (the schedule firer, every second) is excluded
     from it and checks in from the worker instead, once a minute (:data:`CHECKIN_EVERY`).
     """
     if not settings.sentry_dsn:

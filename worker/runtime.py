@@ -14,6 +14,7 @@ from typing import Callable
 
 import redis
 
+from config.celery import QUEUE
 from config.settings import Settings
 from worker.attempts import Attempts
 from worker.breaker import RedisCircuitBreaker
@@ -48,7 +49,8 @@ class Runtime:
     @cached_property
     def ledger(self) -> Ledger:
         return Ledger(self.redis, result_ttl=self.settings.result_ttl, retry_budget=self.settings.retry_budget,
-                      keys=self.keys, clock=self.clock)
+                      stall_timeout=self.settings.stall_timeout, rate=self.settings.rate_limit * PACING,
+                      queue=QUEUE, keys=self.keys, clock=self.clock)
 
     @cached_property
     def limiter(self) -> RedisRateLimiter:

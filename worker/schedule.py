@@ -29,20 +29,23 @@ import redis
 
 from worker.keys import Keys
 from worker.ledger import RequestIdConflict, as_text, stored_time
+from worker.redis_clock import REDIS_NOW
 
 # KEYS: [1] schedule  [2] this link's hash  [3] schedule ids  [4] ledger record key prefix
 # ARGV: [1] payment_link_id  [2] request_id to use unless one is kept  [3] at
-#       [4] 1 when the caller named the Request-ID (it replaces the kept one)  [5] now
+#       [4] 1 when the caller named the Request-ID (it replaces the kept one)
 # Returns {verdict, request_id}: scheduled (new), moved (the pending one, new time)
 # or conflict (the Request-ID belongs to another link; the link is returned instead).
-SCHEDULE = """
+# Every "now" here and below is Redis's clock: a firer's hold and an unschedule are
+# compared on one clock, whatever the hosts' clocks say.
+SCHEDULE = REDIS_NOW + """
 local link = ARGV[1]
 local current = redis.call('HGET', KEYS[2], 'request_id')
 local verdict = 'scheduled'
 local rid = ARGV[2]
 if current then
   local firing = tonumber(redis.call('HGET', KEYS[2], 'firing') or '') or 0
-  local too_late = firing > tonumber(ARGV[5]) or redis.call('EXISTS', KEYS[4] .. current) == 1
+  local too_late = firing > redis_now() or redis.call('EXISTS', KEYS[4] .. current) == 1
   if not too_late then
     verdict = 'moved'
     if ARGV[4] == '0' then rid = current end
@@ -64,14 +67,14 @@ return {verdict, rid}
 
 # KEYS: [1] schedule  [2] this link's hash  [3] schedule ids  [4] this link's fired marker
 #       [5] ledger record key prefix
-# ARGV: [1] payment_link_id  [2] now
+# ARGV: [1] payment_link_id
 # Returns {verdict, request_id}: removed (it will never fire), fired (being fired or
 # already fired: too late) or none (nothing scheduled, nothing fired recently).
-UNSCHEDULE = """
+UNSCHEDULE = REDIS_NOW + """
 local rid = redis.call('HGET', KEYS[2], 'request_id')
 if rid then
   local firing = tonumber(redis.call('HGET', KEYS[2], 'firing') or '') or 0
-  if firing > tonumber(ARGV[2]) or redis.call('EXISTS', KEYS[5] .. rid) == 1 then
+  if firing > redis_now() or redis.call('EXISTS', KEYS[5] .. rid) == 1 then
     return {'fired', rid}
   end
   redis.call('ZREM', KEYS[1], ARGV[1])
@@ -85,18 +88,21 @@ return {'none', ''}
 """
 
 # KEYS: [1] schedule  [2] link hash key prefix
-# ARGV: [1] due up to (epoch seconds)  [2] how many at most  [3] hold until (epoch seconds)
-# Marks due entries firing until ARGV[3] (also their new score) and returns
-# {link, request_id, at, ...}. A member without its hash has nothing to fire: dropped.
-TAKE_DUE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+# ARGV: [1] how many at most  [2] hold (seconds)
+# Marks entries due by now firing for ARGV[2] seconds (the hold's end is also their new
+# score) and returns {link, request_id, at, ...}. A member without its hash has nothing
+# to fire: dropped.
+TAKE_DUE = REDIS_NOW + """
+local now = redis_now()
+local hold_until = fmt(now + tonumber(ARGV[2]))
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
 local out = {}
 for _, link in ipairs(due) do
   local hash = KEYS[2] .. link
   local fields = redis.call('HMGET', hash, 'request_id', 'at')
   if fields[1] then
-    redis.call('ZADD', KEYS[1], ARGV[3], link)
-    redis.call('HSET', hash, 'firing', ARGV[3])
+    redis.call('ZADD', KEYS[1], hold_until, link)
+    redis.call('HSET', hash, 'firing', hold_until)
     table.insert(out, link)
     table.insert(out, fields[1])
     table.insert(out, fields[2] or '')
@@ -108,10 +114,11 @@ return out
 """
 
 # KEYS: [1] schedule  [2] link hash key prefix  [3] schedule ids  [4] fired marker key prefix
-# ARGV: [1] fired_at  [2] marker ttl seconds  [3..] quadruples: link, request_id, at, result
+# ARGV: [1] marker ttl seconds  [2..] quadruples: link, request_id, at, result
 # An entry rescheduled meanwhile under another Request-ID is a new schedule: it stays.
-MARK_FIRED = """
-for i = 3, #ARGV, 4 do
+MARK_FIRED = REDIS_NOW + """
+local fired_at = fmt(redis_now())
+for i = 2, #ARGV, 4 do
   local link, rid, at, result = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local hash = KEYS[2] .. link
   if redis.call('HGET', hash, 'request_id') == rid then
@@ -121,10 +128,10 @@ for i = 3, #ARGV, 4 do
   if redis.call('HGET', KEYS[3], rid) == link then redis.call('HDEL', KEYS[3], rid) end
   local marker = KEYS[4] .. link
   redis.call('DEL', marker)
-  redis.call('HSET', marker, 'request_id', rid, 'at', at, 'fired_at', ARGV[1], 'result', result)
-  redis.call('EXPIRE', marker, ARGV[2])
+  redis.call('HSET', marker, 'request_id', rid, 'at', at, 'fired_at', fired_at, 'result', result)
+  redis.call('EXPIRE', marker, ARGV[1])
 end
-return (#ARGV - 2) / 4
+return (#ARGV - 1) / 4
 """
 
 
@@ -141,13 +148,11 @@ class Due:
 class Schedule:
     """Scheduled cancels in Redis: schedule, unschedule, look up, and take the due ones."""
 
-    def __init__(self, client: redis.Redis, *, fired_ttl: int, keys: Keys = Keys(),
-                 clock: Callable[[], float] = time.time):
+    def __init__(self, client: redis.Redis, *, fired_ttl: int, keys: Keys = Keys()):
         """``fired_ttl``: seconds the "it fired" marker of a link is kept (RESULT_TTL)."""
         self.redis = client
         self.keys = keys
         self.fired_ttl = fired_ttl
-        self.clock = clock
         self._schedule = client.register_script(SCHEDULE)
         self._unschedule = client.register_script(UNSCHEDULE)
         self._take_due = client.register_script(TAKE_DUE)
@@ -163,7 +168,7 @@ class Schedule:
         keys = [self.keys.schedule, self.keys.scheduled(payment_link_id), self.keys.schedule_ids,
                 self.keys.record("")]
         verdict, value = (as_text(x) for x in self._schedule(
-            keys=keys, args=[payment_link_id, request_id, repr(at), int(replace), repr(self.clock())]))
+            keys=keys, args=[payment_link_id, request_id, repr(at), int(replace)]))
         if verdict == "conflict":
             raise RequestIdConflict(
                 f"request_id: {request_id!r} is already used for a cancel of another payment link")
@@ -177,7 +182,7 @@ class Schedule:
         """
         keys = [self.keys.schedule, self.keys.scheduled(payment_link_id), self.keys.schedule_ids,
                 self.keys.schedule_fired(payment_link_id), self.keys.record("")]
-        verdict, rid = (as_text(x) for x in self._unschedule(keys=keys, args=[payment_link_id, repr(self.clock())]))
+        verdict, rid = (as_text(x) for x in self._unschedule(keys=keys, args=[payment_link_id]))
         return verdict, rid or None
 
     def get(self, payment_link_id: str) -> dict[str, Any] | None:
@@ -190,9 +195,11 @@ class Schedule:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(self.keys.scheduled(payment_link_id))
         pipe.hgetall(self.keys.schedule_fired(payment_link_id))
-        pending, fired = ({as_text(k): as_text(v) for k, v in raw.items()} for raw in pipe.execute())
+        pipe.time()
+        *hashes, (seconds, micros) = pipe.execute()
+        pending, fired = ({as_text(k): as_text(v) for k, v in raw.items()} for raw in hashes)
         if pending.get("request_id"):
-            firing = float(pending.get("firing") or 0) > self.clock()
+            firing = float(pending.get("firing") or 0) > seconds + micros / 1e6  # Redis's clock, as the firer's
             return {"payment_link_id": payment_link_id, "state": "firing" if firing else "scheduled",
                     "request_id": pending["request_id"], "at": stored_time(pending.get("at")), "fired_at": None,
                     "result": None}
@@ -202,26 +209,23 @@ class Schedule:
                     "result": fired.get("result")}
         return None
 
-    def pending(self) -> int:
-        """How many cancels are scheduled and not yet fired."""
-        return int(self.redis.zcard(self.keys.schedule))
-
-    def take_due(self, *, upto: float, limit: int, hold_until: float) -> list[Due]:
-        """Mark up to ``limit`` entries due by ``upto`` as firing until ``hold_until`` (epoch seconds)."""
+    def take_due(self, *, limit: int, hold: float) -> list[Due]:
+        """Mark up to ``limit`` entries due by now (Redis's clock) as firing for ``hold`` seconds."""
         flat = [as_text(x) for x in self._take_due(keys=[self.keys.schedule, self.keys.scheduled("")],
-                                                 args=[repr(upto), limit, repr(hold_until)])]
+                                                 args=[limit, repr(hold)])]
         return [Due(link, rid, float(at or 0)) for link, rid, at in zip(flat[0::3], flat[1::3], flat[2::3])]
 
     def mark_fired(self, fired: list[tuple[Due, str]]) -> None:
         """Remove fired entries and leave their markers; each with its result.
 
-        Results: ``enqueued``, ``already_enqueued`` (its Request-ID already had a ledger
+        Results: ``enqueued``, ``following`` (its link had a live cancel: it ends with that
+        one), ``already_enqueued`` (its Request-ID already had a ledger
         record, from an earlier firing or enqueue: still one cancel), ``conflict`` (the
         Request-ID had meanwhile been used for another link: not fired).
         """
         if not fired:
             return
-        args: list[Any] = [repr(self.clock()), self.fired_ttl]
+        args: list[Any] = [self.fired_ttl]
         for due, result in fired:
             args += [due.payment_link_id, due.request_id, repr(due.at), result]
         self._mark_fired(keys=[self.keys.schedule, self.keys.scheduled(""), self.keys.schedule_ids,

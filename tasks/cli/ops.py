@@ -1,9 +1,9 @@
 """Commands for whoever runs the system: ``failed list|retry``, ``stats`` and ``check``.
 
 ``failed retry`` sends a dead letter back the way ``enqueue`` sends a new cancel: the
-record turns ``queued`` in the ledger (one Lua script, with its outbox entry), then
-its message is published, then the outbox entry goes. Its Request-ID stays the same,
-so Plural sees one idempotent cancel however many times it is retried.
+record turns ``queued`` in the ledger and enters its due index (one Lua script), then
+its message is published. Its Request-ID stays the same, so Plural sees one
+idempotent cancel however many times it is retried.
 """
 
 from __future__ import annotations
@@ -81,11 +81,9 @@ def failed_retry(request_id: str | None, retry_all: bool):
         for start in range(0, len(ids), RETRY_BATCH):
             results = ledger.requeue(ids[start:start + RETRY_BATCH])
             pairs = [(rid, link) for rid, verdict, link in results if verdict == "requeued"]
-            skipped += [(rid, verdict) for rid, verdict, _ in results if verdict != "requeued"]
-            if pairs:
-                publish(app, pairs)
-                ledger.mark_published([rid for rid, _ in pairs])
-            requeued += len(pairs)
+            skipped += [(rid, verdict) for rid, verdict, _ in results if verdict not in ("requeued", "following")]
+            publish(app, pairs)
+            requeued += sum(verdict in ("requeued", "following") for _, verdict, _ in results)
     except redis.RedisError as exc:
         raise Failure(f"redis unreachable: {type(exc).__name__} ({requeued} requeued before it)") from None
     if request_id:
