@@ -10,9 +10,10 @@ one client serves every operation of the channel. The asynchronous client (BRPOP
 the event loop) is left as kombu makes it.
 
 A queue item that is not a kombu message (not JSON, JSON of another shape, a body
-that is not the base64 it claims) is dropped here with one ERROR line and :data:`message_dropped` sent, where kombu would
-raise out of the worker's event loop and stop the worker (``Unrecoverable error:
-JSONDecodeError``): one bad push onto the queue would then stop every worker in turn.
+that is not the base64 it claims) is dropped here with one ERROR line and
+:data:`message_dropped` sent, where kombu would raise out of the worker's event loop
+and stop the worker (``Unrecoverable error: JSONDecodeError``): one bad push onto the
+queue would then stop every worker in turn.
 
 Used through Celery's ``broker_transport`` setting (``config.celery``), with the
 ``redis://`` URL unchanged.
