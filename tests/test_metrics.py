@@ -93,3 +93,18 @@ def test_the_metrics_endpoint_counts_what_happened(system):
     assert value(samples, "plural_cancel_deferred") == 4
     assert value(samples, "plural_cancel_records", state="retrying") + value(
         samples, "plural_cancel_records", state="queued") == 4
+
+
+def test_the_malformed_messages_of_every_worker_are_one_counter(system):
+    """Read from Redis at each scrape: what another worker counted shows here too."""
+    from worker import malformed
+
+    app, port = system["app"], system["port"]
+    assert {value(scrape(port), "plural_cancel_malformed_messages_total", reason=r) for r in malformed.REASONS} == {0}
+    app.runtime.redis.lpush(app.conf.task_default_queue, b"not json{")
+    malformed.count(app.runtime.redis, app.runtime.keys, malformed.BAD_ARGUMENTS)  # as another worker would
+    samples = wait_for(lambda: (s := scrape(port)) and value(s, "plural_cancel_malformed_messages_total",
+                                                             reason="undecodable") == 1 and s,
+                       10, message="the undecodable item counted")
+    assert value(samples, "plural_cancel_malformed_messages_total", reason="bad_arguments") == 1
+    assert value(samples, "plural_cancel_malformed_messages_total", reason="unknown_task") == 0

@@ -188,6 +188,29 @@ def test_stats_follow_a_running_system(system, redis_url, sandbox_process):
         use_settings(system["redis_url"], sandbox.url, **system["settings"])
 
 
+def test_stats_show_the_malformed_messages_every_worker_dropped(system, redis_url, sandbox_process):
+    """A Redis database of its own (as above), so that every count is known exactly."""
+    env = service_env(redis_url, sandbox_process.url)
+    app = use_settings(redis_url, sandbox_process.url)
+    queue = app.conf.task_default_queue
+    assert stats(env)["malformed"] == {"undecodable": 0, "not_a_task_message": 0, "unknown_task": 0,
+                                       "bad_arguments": 0}
+    worker = start_worker(env, concurrency=2)
+    try:
+        client = app.runtime.redis
+        client.lpush(queue, b"not json{", b"[1]")
+        app.send_task("tasks.no_such_task")
+        wait_for(lambda: sum(stats(env)["malformed"].values()) == 3, 20, message="three malformed messages counted")
+        assert stats(env)["malformed"] == {"undecodable": 1, "not_a_task_message": 1, "unknown_task": 1,
+                                           "bad_arguments": 0}
+        text = cli(env, "stats")
+        assert text.returncode == 0
+        assert "malformed     undecodable 1  not_a_task_message 1  unknown_task 1  bad_arguments 0" in text.stdout
+    finally:
+        worker.stop()
+        use_settings(system["redis_url"], sandbox_process.url, **system["settings"])
+
+
 def test_stats_without_redis_exits_1(system):
     env = {**system["env"], "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
     result = cli(env, "stats")

@@ -14,10 +14,12 @@ import sys
 import threading
 
 import kombu.pools
+import redis
 from celery import Celery, bootsteps, signals
 
 from config.celery import PUMP_INTERVAL, celery_config
 from config.settings import ConfigError, Settings
+from worker.broker import message_dropped
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,44 @@ _check_settings_under_celery(app)
 def _close_runtime(**kwargs):
     if app._runtime is not None:
         app._runtime.close()
+
+
+# -- malformed messages: dropped by the transport or by Celery, counted fleet-wide ------
+# A message without a usable request_id has no record to fail; the log line says what
+# happened and the count in Redis is what `plural-cancel stats` and the metrics show.
+
+
+def _count_malformed(reason: str) -> None:
+    from worker import malformed
+
+    runtime = app.runtime
+    try:
+        malformed.count(runtime.redis, runtime.keys, reason)
+    except redis.RedisError as exc:  # the drop itself is logged already; a blip must not add a traceback
+        log.warning("malformed message not counted: redis unreachable (%s)", type(exc).__name__,
+                    extra={"reason": reason})
+
+
+@message_dropped.connect
+def _count_dropped(reason=None, **kwargs):
+    """A queue item that was not a kombu message (``worker.broker`` logged it)."""
+    _count_malformed(reason)
+
+
+@signals.task_rejected.connect
+def _count_rejected(**kwargs):
+    """A kombu message that is not a Celery task message (Celery logged and discarded it)."""
+    from worker.malformed import NOT_A_TASK_MESSAGE
+
+    _count_malformed(NOT_A_TASK_MESSAGE)
+
+
+@signals.task_unknown.connect
+def _count_unknown(**kwargs):
+    """A task message naming a task this worker does not have (Celery logged and discarded it)."""
+    from worker.malformed import UNKNOWN_TASK
+
+    _count_malformed(UNKNOWN_TASK)
 
 
 # -- operations: logs, Sentry and metrics in the worker and beat processes --------------

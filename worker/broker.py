@@ -9,19 +9,106 @@ connection from its pool), and this pool is the channel's for the channel's life
 one client serves every operation of the channel. The asynchronous client (BRPOP in
 the event loop) is left as kombu makes it.
 
+A queue item that is not a kombu message (not JSON, JSON of another shape, a body
+that is not the base64 it claims) is dropped here with one ERROR line and
+:data:`message_dropped` sent, where kombu would raise out of the worker's event loop
+and stop the worker (``Unrecoverable error: JSONDecodeError``): one bad push onto the
+queue would then stop every worker in turn.
+
 Used through Celery's ``broker_transport`` setting (``config.celery``), with the
 ``redis://`` URL unchanged.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from queue import Empty
+
+from celery.utils.dispatch import Signal
 from kombu.transport import redis as kombu_redis
+
+from worker.malformed import NOT_A_TASK_MESSAGE, UNDECODABLE
+
+log = logging.getLogger(__name__)
+
+message_dropped = Signal(name="message_dropped", providing_args={"queue", "reason"})
+"""Sent once for each queue item dropped as not a kombu message; ``sender`` is the channel or
+the transport that dropped it, ``queue`` the queue's name, ``reason`` ``worker.malformed.UNDECODABLE`` or
+``NOT_A_TASK_MESSAGE``. The worker's app counts them (``worker.app``)."""
+
+
+def is_kombu_message(payload) -> bool:
+    """Whether a decoded queue item has the shape kombu's Redis transport publishes and reads
+    back: a JSON object with a string ``body`` and ``properties`` holding a ``delivery_tag``
+    and a ``delivery_info`` with ``exchange`` and ``routing_key`` (kombu's ``Message`` and
+    its Redis ``QoS`` index these without a check)."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("body"), str):
+        return False
+    properties = payload.get("properties")
+    if not isinstance(properties, dict) or "delivery_tag" not in properties:
+        return False
+    delivery_info = properties.get("delivery_info")
+    return isinstance(delivery_info, dict) and "exchange" in delivery_info and "routing_key" in delivery_info
+
+
+class UndecodableBody(Exception):
+    """A kombu message whose body is not what its ``body_encoding`` says (raised while kombu builds it)."""
+
+
+def _drop(sender, queue: str, reason: str, what: str, **fields) -> None:
+    # The content is never logged: a foreign producer's message may hold personal data.
+    log.error("dropped a queue item that is %s", what, extra={"queue": queue, "reason": reason, **fields})
+    message_dropped.send(sender=sender, queue=queue, reason=reason)
 
 
 class Channel(kombu_redis.Channel):
     """kombu's Redis channel; :meth:`_create_client` reuses one client over the channel's pool."""
 
     _shared_client = None
+
+    # kombu decodes a popped item in the middle of _brpop_read (BRPOP, the worker's path)
+    # and _get (RPOP, basic_get), with no setting, hook or error handler around that
+    # json.loads: a JSONDecodeError raises out of the event loop and the worker exits. Both
+    # are wrapped, not copied, so kombu's own reading (queue rotation, re-auth) stays
+    # kombu's. Only JSONDecodeError is caught, which nothing after the item's decode raises:
+    # the task body's own decode raises kombu's DecodeError, which Celery handles, and the
+    # task itself runs in the pool's threads.
+
+    def _brpop_read(self, **options):
+        try:
+            return super()._brpop_read(**options)
+        except json.JSONDecodeError as exc:
+            _drop(self, self._consumed_queue(), UNDECODABLE, "not JSON", bytes=len(exc.doc.encode()))
+            raise Empty() from None  # what kombu raises for "nothing delivered"; the loop goes on
+
+    def _get(self, queue):
+        try:
+            payload = super()._get(queue)
+        except json.JSONDecodeError as exc:
+            _drop(self, queue, UNDECODABLE, "not JSON", bytes=len(exc.doc.encode()))
+            raise Empty() from None
+        if not is_kombu_message(payload):
+            _drop(self, queue, NOT_A_TASK_MESSAGE, "JSON but not a kombu message", json_type=type(payload).__name__)
+            raise Empty()
+        return payload
+
+    def decode_body(self, body, encoding=None):
+        # kombu's Message calls this while it is built from a delivered item, before the
+        # message is held for acknowledgement: a body that is not valid base64 (or an
+        # encoding kombu does not know) raises binascii.Error / AttributeError there, out of
+        # the event loop. One exception of ours lets Transport._deliver drop just that item.
+        if encoding and encoding not in self.codecs:
+            raise UndecodableBody(f"unknown body_encoding {encoding!r}")
+        try:
+            return super().decode_body(body, encoding)
+        except (ValueError, TypeError) as exc:  # binascii.Error is a ValueError
+            raise UndecodableBody(f"not valid {encoding}") from None
+
+    def _consumed_queue(self) -> str:
+        """The queue a BRPOP popped from: kombu knows it only inside ``_brpop_read``, so this
+        names the channel's one consumed queue (a worker's case), or all of them."""
+        return ",".join(self.active_queues)
 
     def _create_client(self, asynchronous=False):
         if asynchronous:
@@ -33,6 +120,20 @@ class Channel(kombu_redis.Channel):
 
 
 class Transport(kombu_redis.Transport):
-    """kombu's Redis transport with :class:`Channel`."""
+    """kombu's Redis transport with :class:`Channel`; drops decoded items that are not kombu messages."""
 
     Channel = Channel
+
+    def _deliver(self, message, queue):
+        # Every consumed item passes here decoded, before kombu builds its Message from it:
+        # on another shape that raises KeyError or TypeError out of the event loop (the
+        # worker stops) or, from the QoS, a KeyError that Celery takes for a lost connection.
+        if not is_kombu_message(message):
+            _drop(self, queue, NOT_A_TASK_MESSAGE, "JSON but not a kombu message",
+                  json_type=type(message).__name__)
+            return
+        try:
+            super()._deliver(message, queue)
+        except UndecodableBody as exc:
+            _drop(self, queue, UNDECODABLE, f"a kombu message with an undecodable body ({exc})",
+                  bytes=len(message["body"].encode()))

@@ -92,6 +92,12 @@ class Keys:
         state change (``plural-cancel stats``)."""
         return f"{self.prefix}:stats"
 
+    @property
+    def malformed(self) -> str:
+        """Hash: reason -> messages that reached a worker malformed and were dropped without a
+        record to fail (``worker.malformed``), counted by every worker since the key was made."""
+        return f"{self.prefix}:malformed"
+
     def finished(self, bucket: int | str) -> str:
         """Hash: outcome -> records that reached it in the hour starting at ``bucket``
         (epoch seconds); it expires with the records it counts. ``finished("")`` is the prefix."""

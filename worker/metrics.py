@@ -15,7 +15,9 @@ Read from Redis at each scrape (shared by every worker, so each one shows the sa
 ``plural_cancel_breaker_state{state}`` (1 for the current one of closed, open,
 half_open), ``plural_cancel_records{state}`` (see ``Ledger.stats``),
 ``plural_cancel_queue_depth``, ``plural_cancel_deferred``,
-``plural_cancel_dead_letters``, ``plural_cancel_rate_limit_per_second``.
+``plural_cancel_dead_letters``, ``plural_cancel_rate_limit_per_second``, and the counter
+``plural_cancel_malformed_messages_total{reason}`` (messages dropped as malformed by
+any worker, see ``worker.malformed``).
 
 One process, one set of numbers: the worker runs Celery's threads pool
 (``config/celery.py``), so every task updates the counters of the process that serves
@@ -32,10 +34,11 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from config.celery import QUEUE
+from worker import malformed
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +72,10 @@ def plural_call(call: str) -> Iterator[None]:
 def snapshot(rt) -> dict[str, Any]:
     """The state every worker shares, read from Redis now (``rt`` is a ``worker.runtime.Runtime``):
     ``{"states": {state: n}, "outcomes": {outcome: n}, "deferred": n, "dead_letters": n,
-    "queue_depth": n, "breaker": {...}, "rate": calls per second}``. ``queued``, ``running``
-    and ``retrying`` are counted now; ``succeeded``, ``failed`` and the outcomes over the
-    last ``RESULT_TTL`` seconds (see ``Ledger.stats``)."""
+    "queue_depth": n, "breaker": {...}, "rate": calls per second, "malformed": {reason: n}}``.
+    ``queued``, ``running`` and ``retrying`` are counted now; ``succeeded``, ``failed`` and
+    the outcomes over the last ``RESULT_TTL`` seconds (see ``Ledger.stats``); ``malformed``
+    since the count began (``worker.malformed``)."""
     shared = rt.ledger.stats()
     finished = shared["outcomes"]
     shared["states"] = {**shared.pop("active"),
@@ -81,6 +85,7 @@ def snapshot(rt) -> dict[str, Any]:
     shared["queue_depth"] = rt.redis.llen(QUEUE)
     shared["breaker"] = rt.breaker.state()
     shared["rate"] = rt.limiter.effective_rate()
+    shared["malformed"] = malformed.counts(rt.redis, rt.keys)
     return shared
 
 
@@ -119,6 +124,14 @@ class SharedStateCollector(Collector):
                                 value=shared["dead_letters"])
         yield GaugeMetricFamily("plural_cancel_rate_limit_per_second",
                                 "Calls per second the limiter grants now (lower after a 429).", value=shared["rate"])
+        # A counter: the hash only grows, so rate() and increase() apply. Every worker
+        # serves the same fleet-wide figure; aggregate with max, not sum.
+        dropped = CounterMetricFamily("plural_cancel_malformed_messages",
+                                      "Messages dropped as malformed by any worker, by reason (see the worker log).",
+                                      labels=["reason"])
+        for reason, n in shared["malformed"].items():
+            dropped.add_metric([reason], n)
+        yield dropped
 
 
 class MetricsServer:

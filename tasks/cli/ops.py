@@ -99,7 +99,8 @@ def failed_retry(request_id: str | None, retry_all: bool):
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 def stats(as_json: bool):
-    """Cancels by state and outcome, the queue, deferred cancels, the breaker and the rate.
+    """Cancels by state and outcome, the queue, deferred cancels, the breaker, the rate and
+    the malformed messages dropped.
 
     Read from counters the ledger keeps (no scan of the records): succeeded, failed and
     the outcomes count the cancels finished within the last RESULT_TTL seconds.
@@ -119,6 +120,7 @@ def stats(as_json: bool):
         "breaker": {"state": breaker["state"], "failures": breaker["failures"],
                     "reopens_at": None if reopens_at is None else format_timestamp(reopens_at, "seconds")},
         "rate": {"limit_per_second": app.settings.rate_limit, "current_per_second": round(snap["rate"], 3)},
+        "malformed": snap["malformed"],
     }
     if as_json:
         click.echo(json.dumps(figures, indent=2))
@@ -131,6 +133,8 @@ def stats(as_json: bool):
     reopens = f", reopens at {figures['breaker']['reopens_at']}" if breaker["state"] != "closed" else ""
     click.echo(f"breaker       {breaker['state']} ({breaker['failures']} consecutive failures{reopens})")
     click.echo(f"rate          {snap['rate']:g}/s now, limit {app.settings.rate_limit:g}/s")
+    click.echo("malformed     " + "  ".join(f"{k} {n}" for k, n in snap["malformed"].items())
+               + " (messages dropped, every worker; the worker log says why)")
 
 
 @click.command()
