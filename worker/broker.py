@@ -25,8 +25,10 @@ import json
 import logging
 from queue import Empty
 
+import redis
 from celery.utils.dispatch import Signal
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
 
 from worker.malformed import NOT_A_TASK_MESSAGE, UNDECODABLE
 
@@ -62,9 +64,43 @@ def _drop(sender, queue: str, reason: str, what: str, **fields) -> None:
     message_dropped.send(sender=sender, queue=queue, reason=reason)
 
 
+REFUSED = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
+"""Redis refusing a write (maxmemory reached, a master demoted in a failover): a state
+that passes, unlike a lost connection, which kombu and Celery already ride out."""
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS; an acknowledgement that Redis refuses does not stop the worker."""
+
+    # kombu removes the message from its unacked hash, then forgets the delivery in memory;
+    # a refused write raised out of the first step into Celery's consumer ("Unrecoverable
+    # error") and the worker exited. Here the delivery is still forgotten in memory (or
+    # the worker's prefetch slot would stay taken for good); the message stays in the
+    # unacked hash, kombu restores it after the visibility timeout, and the ledger drops
+    # that copy (its cancel has ended, or is held).
+
+    def ack(self, delivery_tag):
+        try:
+            super().ack(delivery_tag)
+        except REFUSED as exc:
+            self._refused("acknowledge", exc, delivery_tag)
+
+    def reject(self, delivery_tag, requeue=False):
+        try:
+            super().reject(delivery_tag, requeue=requeue)
+        except REFUSED as exc:
+            self._refused("reject", exc, delivery_tag)
+
+    def _refused(self, what: str, exc: Exception, delivery_tag) -> None:
+        log.error("could not %s a message: Redis refused the write (%s); it comes back after the visibility "
+                  "timeout and the ledger skips it", what, type(exc).__name__)
+        kombu_virtual.QoS.ack(self, delivery_tag)
+
+
 class Channel(kombu_redis.Channel):
     """kombu's Redis channel; :meth:`_create_client` reuses one client over the channel's pool."""
 
+    QoS = QoS
     _shared_client = None
 
     # kombu decodes a popped item in the middle of _brpop_read (BRPOP, the worker's path)
@@ -81,6 +117,16 @@ class Channel(kombu_redis.Channel):
         except json.JSONDecodeError as exc:
             _drop(self, self._consumed_queue(), UNDECODABLE, "not JSON", bytes=len(exc.doc.encode()))
             raise Empty() from None  # what kombu raises for "nothing delivered"; the loop goes on
+        except REFUSED as exc:
+            # kombu delivers in two steps: BRPOP, then a write that holds the message for
+            # acknowledgement. Redis refused that write (maxmemory, a demoted master), so the
+            # popped message is gone; nothing here can put it back (the same write would be
+            # refused). The worker carries on, and the ledger's due index sends the cancel
+            # again after CANCEL_STALL_TIMEOUT, once Redis takes writes.
+            log.error("a delivered message was lost: Redis refused to hold it for acknowledgement (%s); "
+                      "its cancel is sent again from the ledger", type(exc).__name__,
+                      extra={"queue": self._consumed_queue()})
+            raise Empty() from None
 
     def _get(self, queue):
         try:
