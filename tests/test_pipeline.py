@@ -309,9 +309,3 @@ def test_a_second_cancel_of_a_link_follows_the_live_one_and_ends_with_it(system)
     assert finished(app, later)["outcome"] == "already_cancelled"
     assert get_status(later, app=app)["follows"] is None
 
-
-def test_enqueue_many_refuses_a_single_string(system):
-    from tasks import enqueue_many
-
-    with pytest.raises(TypeError, match="payment_link_ids"):
-        enqueue_many("pl-ab", app=system["app"])

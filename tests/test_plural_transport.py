@@ -27,6 +27,34 @@ def test_read_timeout(plural):
     assert caught.value.http_status is None
 
 
+def test_an_attempt_deadline_bounds_a_trickled_body(plural):
+    """urllib3's read timeout is per read: a body sent a byte every 0.4 s never trips a 1-s
+    timeout. The attempt's deadline bounds the whole call all the same."""
+    import time
+
+    plural.answers.append(Answer(200, SEED_200, trickle=0.4))
+    with PluralClient(plural.base_url, CLIENT_ID, SECRET, read_timeout=1.0) as client:
+        started = time.monotonic()
+        with client.within(2.0), pytest.raises(PluralTimeout) as caught:
+            client.cancel_payment_link(LINK_ID, "req-trickled")
+        took = time.monotonic() - started
+    assert 1.5 < took < 3.0, took
+    assert caught.value.retryable and caught.value.request_id == "req-trickled"
+
+
+def test_an_answer_past_the_size_cap_is_not_read(plural, client):
+    import gzip
+
+    from worker.errors import PluralBadResponse
+    from worker.plural import MAX_BODY
+
+    bomb = gzip.compress(b" " * (MAX_BODY + 1))  # a few KB on the wire
+    plural.answers.append(Answer(200, bomb, headers={"Content-Encoding": "gzip",
+                                                     "Content-Type": "application/json"}))
+    with pytest.raises(PluralBadResponse, match="larger than"):
+        client.cancel_payment_link(LINK_ID, "req-bomb")
+
+
 def test_connection_reset(plural, client):
     plural.answers.append(Answer(reset=True))
     with pytest.raises(PluralConnectionError) as caught:

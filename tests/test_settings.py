@@ -113,3 +113,25 @@ def test_a_worker_without_credentials_stops_with_one_line():
                             env={"PATH": "/usr/bin:/bin"}, timeout=60)
     assert result.returncode == 2
     assert "PLURAL_CLIENT_ID" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"CANCEL_ATTEMPT_TIMEOUT": "5"}, "CANCEL_ATTEMPT_TIMEOUT"),  # cannot fit a wait and one call (14.05 s)
+    ({"LIMITER_MAX_WAIT": "120"}, "LIMITER_MAX_WAIT"),
+    ({"PLURAL_READ_TIMEOUT": "3600"}, "PLURAL_READ_TIMEOUT"),
+    ({"CANCEL_STALL_TIMEOUT": "0"}, "CANCEL_STALL_TIMEOUT"),
+])
+def test_settings_that_would_outlive_a_lease_are_refused(env, variable):
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env(env)
+
+
+def test_the_lease_is_derived_from_the_attempts_bound():
+    from config.celery import LEASE_MARGIN, celery_config, lease_seconds
+
+    settings = Settings.from_env({"PLURAL_READ_TIMEOUT": "30"})
+    assert settings.attempt_timeout == pytest.approx(1 + 2 * (3.05 + 30))  # a wait and two calls in full
+    assert lease_seconds(settings) == settings.attempt_timeout + LEASE_MARGIN
+    assert celery_config(settings)["broker_transport_options"]["visibility_timeout"] > lease_seconds(settings)
+    # A result TTL shorter than the budget is fine: a live record never expires (tests/test_ledger.py).
+    assert Settings.from_env({"RESULT_TTL": "2"}).result_ttl == 2

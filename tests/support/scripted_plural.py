@@ -44,13 +44,15 @@ SEED_200 = (json.loads(OPENAPI.read_text())["paths"]["/pay/v1/paymentlink/{payme
 
 @dataclass
 class Answer:
-    """One scripted answer: a status and body, or a stall (``delay`` seconds), or a reset."""
+    """One scripted answer: a status and body, or a stall (``delay`` seconds), or a reset;
+    ``trickle`` sends the body one byte every that many seconds."""
 
     status: int = 200
     body: Any = None
     headers: dict = field(default_factory=dict)
     delay: float = 0.0
     reset: bool = False
+    trickle: float = 0.0
 
 
 @dataclass
@@ -126,7 +128,14 @@ class ScriptedPlural:
                 handler.send_header(name, value)
             handler.send_header("Content-Length", str(len(payload)))
             handler.end_headers()
-            handler.wfile.write(payload)
+            if answer.trickle:
+                for i in range(len(payload)):
+                    handler.wfile.write(payload[i:i + 1])
+                    handler.wfile.flush()
+                    if self.stop.wait(answer.trickle):
+                        return
+            else:
+                handler.wfile.write(payload)
         except OSError:
             pass  # the client timed out and left
 

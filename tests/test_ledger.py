@@ -1,0 +1,117 @@
+"""The ledger's scripts against a real Redis: live records never expire, one live cancel per
+link, dead letters back, and every due time on Redis's clock whatever the host's says."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from worker.keys import Keys
+from worker.ledger import Ledger
+
+LINK = "pl-ledger-1"
+
+
+def ledger_for(client, **overrides) -> Ledger:
+    options = {"result_ttl": 3600, "retry_budget": 600.0, "stall_timeout": 60.0, "rate": 10.0, "queue": "celery"}
+    return Ledger(client, keys=Keys(), **{**options, **overrides})
+
+
+def test_a_live_record_never_expires_and_result_ttl_counts_from_its_end(redis_client):
+    """RESULT_TTL=2, below any retry budget: the deferred cancel outlives it and still ends."""
+    ledger = ledger_for(redis_client, result_ttl=2)
+    assert ledger.create_many([("req-ttl", LINK)]) == [1]
+    key = ledger.keys.record("req-ttl")
+    assert redis_client.ttl(key) == -1  # no expiry while queued
+    assert ledger.claim("req-ttl", LINK, "owner-1", lease=30).verdict == "claimed"
+    from worker.attempts import Attempts
+    from worker.breaker import NoBreaker
+    from worker.ratelimit import UnlimitedRateLimiter
+
+    attempts = Attempts(ledger, NoBreaker(), UnlimitedRateLimiter())
+    attempts.defer("req-ttl", "owner-1", delay=0.1, attempted=True)
+    time.sleep(2.5)  # past RESULT_TTL, deferred
+    assert redis_client.ttl(key) == -1 and ledger.status("req-ttl")["state"] == "retrying"
+    assert ledger.claim("req-ttl", LINK, "owner-2", lease=30).verdict == "claimed"
+    attempts.finish("req-ttl", LINK, "owner-2", state="succeeded", outcome="cancelled", attempted=True)
+    assert 0 < redis_client.ttl(key) <= 2  # counted from the end
+
+
+def test_one_live_cancel_per_link_and_followers_end_with_it(redis_client):
+    ledger = ledger_for(redis_client)
+    assert ledger.create_many([("lead", LINK), ("again", LINK), ("lead", LINK)]) == [1, 2, 0]
+    assert ledger.status("again")["follows"] == "lead"
+    assert redis_client.zscore(ledger.keys.due, "again") is None  # carried by its leader
+    assert ledger.claim("again", LINK, "owner-x", lease=30).verdict == "following"  # a stray copy does nothing
+    assert ledger.create_many([("lead", "pl-other")]) == [-1]  # one Request-ID, one link
+
+
+def test_a_requeued_dead_letter_follows_a_cancel_started_meanwhile(redis_client):
+    from worker.attempts import Attempts
+    from worker.breaker import NoBreaker
+    from worker.ratelimit import UnlimitedRateLimiter
+
+    ledger = ledger_for(redis_client)
+    attempts = Attempts(ledger, NoBreaker(), UnlimitedRateLimiter())
+    ledger.create_many([("dead", LINK)])
+    ledger.claim("dead", LINK, "o1", lease=30)
+    attempts.finish("dead", LINK, "o1", state="failed", outcome="gave_up", attempted=True)
+    assert ledger.create_many([("fresh", LINK)]) == [1]  # the link is free again: it leads
+    assert ledger.requeue(["dead"]) == [("dead", "following", LINK)]
+    assert ledger.status("dead")["follows"] == "fresh"
+    ledger.claim("fresh", LINK, "o2", lease=30)
+    attempts.finish("fresh", LINK, "o2", state="succeeded", outcome="cancelled", attempted=True)
+    assert (ledger.status("dead")["state"], ledger.status("dead")["outcome"]) == ("succeeded", "cancelled")
+
+
+def test_an_index_entry_stays_until_its_cancel_ends(redis_client):
+    """The pump takes an overdue cancel and keeps it indexed, due again after the stall timeout."""
+    ledger = ledger_for(redis_client, stall_timeout=0.2)
+    ledger.create_many([("req-lost", LINK)])
+    assert ledger.take_due(10) == []
+    time.sleep(0.3)
+    assert ledger.take_due(10) == [("req-lost", LINK)]
+    assert ledger.take_due(10) == []  # not again before another stall timeout
+    redis_client.rpush("celery", *[b"x"] * 20)  # a backlog of 20 at 10/s: 2 s more before the next try
+    time.sleep(0.3)
+    assert ledger.take_due(10) == [("req-lost", LINK)]
+    now = float(redis_client.time()[0])
+    assert redis_client.zscore(ledger.keys.due, "req-lost") >= now + 2.0
+
+
+def test_a_skewed_worker_clock_does_not_move_a_breaker_hold(redis_url, redis_client):
+    """A worker whose clock runs an hour behind holds a cancel for the breaker's cooldown as
+    Redis counts it, and its pump brings the cancel back on time."""
+    from config.settings import Settings
+    from tasks.cancel import execute
+    from tasks.periodic import pump
+    from worker import app
+    from worker.runtime import Runtime
+
+    settings = Settings.from_env({"REDIS_URL": redis_url, "PLURAL_CLIENT_ID": "c", "PLURAL_CLIENT_SECRET": "s",
+                                  "BREAKER_THRESHOLD": "1", "BREAKER_COOLDOWN": "0.5"})
+    runtime = Runtime(settings, clock=lambda: time.time() - 3600, jitter=lambda: 0.0)
+    app.use(settings, runtime)
+    try:
+        assert runtime.breaker.record_failure(probe=False)  # open for 0.5 s by Redis's clock
+        runtime.ledger.create_many([("req-skew", LINK)])
+        redis_client.delete("celery")
+        assert execute(runtime, LINK, "req-skew") == "held"
+        due = redis_client.zscore(runtime.keys.due, "req-skew")
+        seconds, micros = redis_client.time()
+        now = seconds + micros / 1e6
+        assert now < due <= now + 1.0
+        time.sleep(0.6)
+        assert pump(app) == 1 and redis_client.llen("celery") == 1
+    finally:
+        app.use(settings)
+
+
+@pytest.mark.parametrize("bad", ["pl-ab", b"pl-ab"])
+def test_enqueue_many_takes_no_single_string(redis_url, bad):
+    from tests.conftest import use_settings
+    from tasks import enqueue_many
+
+    with pytest.raises(TypeError, match="payment_link_ids"):
+        enqueue_many(bad, app=use_settings(redis_url))
