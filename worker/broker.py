@@ -148,7 +148,7 @@ class Channel(kombu_redis.Channel):
             raise UndecodableBody(f"unknown body_encoding {encoding!r}")
         try:
             return super().decode_body(body, encoding)
-        except (ValueError, TypeError) as exc:  # binascii.Error is a ValueError
+        except (ValueError, TypeError):  # binascii.Error is a ValueError
             raise UndecodableBody(f"not valid {encoding}") from None
 
     def _consumed_queue(self) -> str:

@@ -21,9 +21,8 @@ has a ledger record, is past stopping: unscheduling it reports ``fired``.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import redis
 
