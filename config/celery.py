@@ -15,11 +15,20 @@ The product relies on at-least-once delivery over the Redis transport:
   message is taken, cancels in flight get ``worker_soft_shutdown_timeout`` to finish,
   then every message still unacknowledged goes back to Redis at once
   (``worker.pool.TaskPool`` makes the threads pool able to do this).
+- Redis restarts and failovers: workers and beat wait for Redis for as long as it is
+  away, then carry on in the same process (``broker_connection_max_retries``,
+  ``redbeat_redis_options``; ``worker.broker`` and ``worker.beat`` mend what no setting
+  covers).
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
+
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 from config.settings import Settings
 
@@ -52,6 +61,10 @@ LEASE_MARGIN = 5.0
 """Seconds a lease lasts past its attempt's own bound: the two Redis round trips around
 the call, and a thread waiting for the GIL."""
 
+BEAT_REDIS_BACKOFF_CAP = 5.0
+"""Largest wait, in seconds, between beat's attempts to reach Redis while it is away: beat
+carries on within about this long of Redis coming back."""
+
 
 def lease_seconds(settings: Settings) -> float:
     """How long one delivery holds a cancel, in seconds: the attempt's whole bound
@@ -81,6 +94,9 @@ def celery_config(settings: Settings) -> dict:
         "broker_transport": "worker.broker:Transport",  # kombu's Redis transport, cheaper per message
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
+        # Celery's default gives up after 100 attempts (some 50 minutes) and the worker
+        # exits; a worker is of no use without Redis, so it waits for it, however long.
+        "broker_connection_max_retries": None,
         "result_backend": None,
         "task_ignore_result": True,  # results live in the ledger, where producers read them
         "task_serializer": "json",
@@ -94,6 +110,12 @@ def celery_config(settings: Settings) -> dict:
         "worker_pool": "worker.pool:TaskPool",
         "worker_concurrency": DEFAULT_CONCURRENCY,
         "worker_soft_shutdown_timeout": settings.shutdown_grace,
+        # Pinned before Celery 6 turns it on: on a lost broker connection it would "cancel"
+        # the cancels in flight, which a thread cannot be (worker.pool.TaskPool would then
+        # stop waiting for its threads at the next shutdown). Each records its own answer
+        # instead; a message whose ack cannot reach Redis comes back after the visibility
+        # timeout, and the ledger skips it.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_enable_soft_shutdown_on_idle": False,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
@@ -104,8 +126,22 @@ def celery_config(settings: Settings) -> dict:
         "timezone": "UTC",
         # Beat on RedBeat: two beat processes may run for availability; a lock in
         # Redis lets only one of them fire.
-        "beat_scheduler": "redbeat.RedBeatScheduler",
+        "beat_scheduler": "worker.beat:Scheduler",  # RedBeat's, taking its lock again after a failover
         "redbeat_redis_url": settings.redis_url,
+        # Passed to RedBeat's redis-py client. It retries every command, pipeline and lock
+        # script through a connection error for as long as Redis is away (retries=-1), so
+        # a restart pauses beat instead of ending it. OSError too: redis-py retries a
+        # refused connect only for the errors named here, and by default not that one.
+        # RedBeat's own ``retry_period`` is not enough: it wraps only the client's direct
+        # commands, and a tick starts by extending the lock through a Lock object.
+        "redbeat_redis_options": {
+            "retry": Retry(ExponentialWithJitterBackoff(base=0.5, cap=BEAT_REDIS_BACKOFF_CAP), -1,
+                           supported_errors=(RedisConnectionError, RedisTimeoutError, OSError)),
+            "socket_timeout": 30,
+            "socket_connect_timeout": 5,
+            "socket_keepalive": True,
+            "health_check_interval": 25,
+        },
         "redbeat_key_prefix": "plural-cancel:redbeat",
         "redbeat_lock_timeout": 30,
         "beat_max_loop_interval": 5,

@@ -15,6 +15,10 @@ that is not the base64 it claims) is dropped here with one ERROR line and
 and stop the worker (``Unrecoverable error: JSONDecodeError``): one bad push onto the
 queue would then stop every worker in turn.
 
+It also keeps a worker alive when Redis goes away (:meth:`Channel._get_pool`): kombu's
+teardown of a lost connection could raise an AttributeError that ended the worker; and
+when Redis refuses writes (:class:`QoS`, :meth:`Channel._brpop_read`).
+
 Used through Celery's ``broker_transport`` setting (``config.celery``), with the
 ``redis://`` URL unchanged.
 """
@@ -98,7 +102,8 @@ class QoS(kombu_redis.QoS):
 
 
 class Channel(kombu_redis.Channel):
-    """kombu's Redis channel; :meth:`_create_client` reuses one client over the channel's pool."""
+    """kombu's Redis channel; :meth:`_create_client` reuses one client over the channel's pool,
+    and a channel cut off from its connection fails as a connection error (:meth:`_get_pool`)."""
 
     QoS = QoS
     _shared_client = None
@@ -163,6 +168,22 @@ class Channel(kombu_redis.Channel):
         if client is None or client.connection_pool is not self.pool:
             client = self._shared_client = super()._create_client()
         return client
+
+    def _get_pool(self, asynchronous=False):
+        # When Redis goes away, Celery's consumer collects the kombu connection (which
+        # detaches the transport: ``transport.client = None``), then closes it. A channel
+        # whose BRPOP was cut off is only closed then: kombu disconnects its pools, then
+        # restores its unacknowledged messages through a new pool built from
+        # ``transport.client``. The AttributeError ("'NoneType' object has no attribute
+        # 'hostname'") escaped kombu's ``maybe_close_channel`` and Celery's ``ignore_errors``,
+        # which expect connection errors, and the worker exited. No setting skips that
+        # restore (it is also the soft shutdown's hand-back), so a detached channel fails as
+        # what it is, a channel that cannot reach Redis; the teardown goes on and the
+        # consumer reconnects. The messages it could not restore are still in Redis's
+        # unacked hash: the visibility timeout brings them back.
+        if self.connection is None or self.connection.client is None:
+            raise redis.exceptions.ConnectionError("this broker channel's connection is closed")
+        return super()._get_pool(asynchronous)
 
 
 class Transport(kombu_redis.Transport):
