@@ -143,7 +143,8 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
     gate = admitted.gate
     if not gate.allowed:
         # Plural is down: wait for the reopening time without spending an attempt.
-        if not _settled(rt.attempts.defer(request_id, owner, delay=_spread(rt, gate.retry_in), attempted=False), ids):
+        if not _accepted(rt, rt.attempts.defer(request_id, owner, delay=_spread(rt, gate.retry_in),
+                                               attempted=False), ids):
             return "stale"
         log.info("cancel held: the circuit breaker is open", extra={**ids, "state": waiting, "reason": "breaker"})
         metrics.DEFERRALS.labels("breaker").inc()
@@ -154,7 +155,7 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
         # Come back while the free slot is still up to ``max_wait`` ahead, so that a slot
         # is reserved ahead of its time and none goes unused: the drain stays at the limit.
         delay = max(0.0, slot.wait - max_wait) + max_wait * rt.jitter()
-        if not _settled(rt.attempts.defer(request_id, owner, delay=delay, attempted=False), ids):
+        if not _accepted(rt, rt.attempts.defer(request_id, owner, delay=delay, attempted=False), ids):
             return "stale"
         log.info("cancel held: rate limit", extra={**ids, "state": waiting, "reason": "rate_limit"})
         metrics.DEFERRALS.labels("rate_limit").inc()
@@ -186,12 +187,23 @@ def _spread(rt: Runtime, delay: float) -> float:
     return delay + SPREAD * rt.jitter()
 
 
-def _settled(settled: Settled, ids: dict) -> bool:
-    """False (and a log line) when this delivery's lease ran out and another took the cancel over."""
+def _accepted(rt: Runtime, settled: Settled, ids: dict, error: Exception | None = None) -> bool:
+    """Whether the settle was written: False (and a log line) when this delivery's lease ran
+    out and another took the cancel over. Reports the breaker's opening when this attempt's
+    failure (``error``) opened it: only that one attempt does, so it is reported once."""
     if settled.stale:
         log.warning("cancel result dropped: this delivery's lease ran out and another delivery holds the cancel",
                     extra=ids)
         return False
+    if settled.opened:
+        code = getattr(error, "code", None)
+        # Reported to Sentry once, with tags, below; the "sentry" extra keeps the logging
+        # integration from reporting this line a second time.
+        log.error("circuit breaker opened: Plural is failing (%s); cancels are held until it reopens",
+                  code or type(error).__name__, extra={"sentry": reporting.REPORTED})
+        metrics.BREAKER_OPENINGS.inc()
+        reporting.report_breaker_opened(code=code, http_status=getattr(error, "http_status", None),
+                                        cooldown=rt.settings.breaker_cooldown)
     return True
 
 
@@ -209,9 +221,8 @@ def record(rt: Runtime, decision: Decision, payment_link_id: str, request_id: st
                         retry_after=decision.retry_after)
         if delay <= budget_left:
             settled = writer.defer(request_id, owner, health=seen, delay=delay, attempted=True, last_error=error)
-            if not _settled(settled, fields):
+            if not _accepted(rt, settled, fields, decision.error):
                 return "stale"
-            _breaker_opened(settled, decision.error, rt)
             log.info("cancel retrying in %.1fs", delay, extra={**fields, "state": "retrying", "error": error})
             metrics.RETRIES.labels(_retry_reason(decision)).inc()
             return "retrying"
@@ -225,9 +236,8 @@ def record(rt: Runtime, decision: Decision, payment_link_id: str, request_id: st
         amount={"value": link.amount.value, "currency": link.amount.currency} if link and link.amount else None,
         last_error=error,
     )
-    if not _settled(settled, fields):
+    if not _accepted(rt, settled, fields, decision.error):
         return "stale"
-    _breaker_opened(settled, decision.error, rt)
     level = logging.INFO if decision.state == "succeeded" else logging.WARNING
     log.log(level, "cancel %s: %s", decision.state, decision.outcome,
             extra={**fields, "state": decision.state, "outcome": decision.outcome, "error": error})
@@ -236,20 +246,6 @@ def record(rt: Runtime, decision: Decision, payment_link_id: str, request_id: st
     else:
         metrics.CANCELS.labels(decision.outcome).inc()
     return decision.outcome
-
-
-def _breaker_opened(settled: Settled, error: Exception | None, rt: Runtime) -> None:
-    """Report the breaker's opening once: only the attempt whose failure opened it does."""
-    if not settled.opened:
-        return
-    code = getattr(error, "code", None)
-    # Reported to Sentry once, with tags, below; the "sentry" extra keeps the logging
-    # integration from reporting this line a second time.
-    log.error("circuit breaker opened: Plural is failing (%s); cancels are held until it reopens",
-              code or type(error).__name__, extra={"sentry": reporting.REPORTED})
-    metrics.BREAKER_OPENINGS.inc()
-    reporting.report_breaker_opened(code=code, http_status=getattr(error, "http_status", None),
-                                    cooldown=rt.settings.breaker_cooldown)
 
 
 def report_failed(request_id: str, payment_link_id: str, outcome: str, attempts: int, error: dict | None,

@@ -19,6 +19,7 @@ from celery import Celery, bootsteps, signals
 
 from config.celery import PUMP_INTERVAL, celery_config
 from config.settings import ConfigError, Settings
+from worker import malformed
 from worker.broker import message_dropped
 from worker.runtime import Runtime
 
@@ -135,8 +136,6 @@ def _close_runtime(**kwargs):
 
 
 def _count_malformed(reason: str) -> None:
-    from worker import malformed
-
     runtime = app.runtime
     try:
         malformed.count(runtime.redis, runtime.keys, reason)
@@ -154,17 +153,13 @@ def _count_dropped(reason=None, **kwargs):
 @signals.task_rejected.connect
 def _count_rejected(**kwargs):
     """A kombu message that is not a Celery task message (Celery logged and discarded it)."""
-    from worker.malformed import NOT_A_TASK_MESSAGE
-
-    _count_malformed(NOT_A_TASK_MESSAGE)
+    _count_malformed(malformed.NOT_A_TASK_MESSAGE)
 
 
 @signals.task_unknown.connect
 def _count_unknown(**kwargs):
     """A task message naming a task this worker does not have (Celery logged and discarded it)."""
-    from worker.malformed import UNKNOWN_TASK
-
-    _count_malformed(UNKNOWN_TASK)
+    _count_malformed(malformed.UNKNOWN_TASK)
 
 
 # -- operations: logs, Sentry and metrics in the worker and beat processes --------------
