@@ -26,7 +26,7 @@ from sandbox.links import STATUSES
 from tests.support.sandbox import start_sandbox_process
 
 ROOT = Path(__file__).resolve().parent.parent
-OPENAPI = ROOT.parent / "shared" / "plural" / "cancel-payment-link.openapi.json"
+OPENAPI = ROOT / "tests" / "data" / "cancel-payment-link.openapi.json"
 CLIENT_ID, CLIENT_SECRET = "sandbox-test-client", "sandbox-test-secret"
 CREDENTIALS = {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
                "grant_type": "client_credentials"}

@@ -37,7 +37,7 @@ UTC = dt.timezone.utc
 
 # The seed's 200 example, verbatim from the OpenAPI definition beside the repo (its tabs
 # and misspelt "adddress_type" included).
-OPENAPI = Path(__file__).resolve().parents[3] / "shared" / "plural" / "cancel-payment-link.openapi.json"
+OPENAPI = Path(__file__).resolve().parents[1] / "data" / "cancel-payment-link.openapi.json"
 SEED_200 = (json.loads(OPENAPI.read_text())["paths"]["/pay/v1/paymentlink/{payment_link_id}/cancel"]["put"]
             ["responses"]["200"]["content"]["application/json"]["examples"]["Result"]["value"])
 
