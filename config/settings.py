@@ -76,8 +76,14 @@ class Settings:
     """Calls allowed at once above the steady rate."""
     retry_budget: float = 86400.0
     """Seconds a cancel keeps retrying through outages."""
-    breaker_threshold: int = 5
-    """Consecutive retryable failures (5xx, 429, timeouts, resets) that open the circuit breaker."""
+    breaker_window: float = 10.0
+    """Seconds of recent outcomes the circuit breaker looks at (``worker.breaker``)."""
+    breaker_min_links: int = 5
+    """Distinct links whose latest call in the window failed like an outage (5xx, timeout,
+    reset, unreachable) that it takes to open the breaker; at least 2, so one link never can."""
+    breaker_failure_rate: float = 0.5
+    """Share of the window's links whose latest call failed, at or above which (with
+    ``breaker_min_links``) the breaker opens."""
     breaker_cooldown: float = 30.0
     """Seconds the breaker stays open before one probe may test Plural again."""
     limiter_max_wait: float = 1.0
@@ -125,6 +131,11 @@ class Settings:
                 return None
             return value.strip()
 
+        if get("BREAKER_THRESHOLD") is not None:
+            # Read by earlier versions (consecutive failures); silently ignoring it would
+            # leave an operator believing it still applies.
+            raise ConfigError("BREAKER_THRESHOLD", "unset: the breaker now counts failing links, "
+                              "see BREAKER_MIN_LINKS, BREAKER_FAILURE_RATE and BREAKER_WINDOW")
         plural_env = (get("PLURAL_ENV") or "uat").lower()
         if plural_env not in PLURAL_BASES:
             raise ConfigError("PLURAL_ENV", "one of uat, prod", plural_env)
@@ -157,8 +168,11 @@ class Settings:
             rate_limit=_number(get, "PLURAL_RATE_LIMIT", cls.rate_limit, positive=True),
             rate_burst=int(_number(get, "PLURAL_RATE_BURST", cls.rate_burst, integer=True)),
             retry_budget=_number(get, "CANCEL_RETRY_BUDGET", cls.retry_budget, positive=True),
-            breaker_threshold=int(_number(get, "BREAKER_THRESHOLD", cls.breaker_threshold, positive=True,
-                                          integer=True)),
+            breaker_window=_number(get, "BREAKER_WINDOW", cls.breaker_window, positive=True),
+            breaker_min_links=int(_number(get, "BREAKER_MIN_LINKS", cls.breaker_min_links, positive=True,
+                                          integer=True, minimum=2)),
+            breaker_failure_rate=_number(get, "BREAKER_FAILURE_RATE", cls.breaker_failure_rate, positive=True,
+                                         maximum=1),
             breaker_cooldown=_number(get, "BREAKER_COOLDOWN", cls.breaker_cooldown, positive=True),
             limiter_max_wait=_number(get, "LIMITER_MAX_WAIT", cls.limiter_max_wait, maximum=MAX_LIMITER_WAIT),
             attempt_timeout=_number(get, "CANCEL_ATTEMPT_TIMEOUT", 0.0, positive=True, maximum=MAX_ATTEMPT_TIMEOUT),
@@ -213,7 +227,7 @@ class Settings:
 
 
 def _number(get, name: str, default: float, *, positive: bool = False, integer: bool = False,
-            maximum: float | None = None) -> float:
+            minimum: float | None = None, maximum: float | None = None) -> float:
     raw = get(name)
     if raw is None:
         return default
@@ -227,6 +241,8 @@ def _number(get, name: str, default: float, *, positive: bool = False, integer: 
         raise ConfigError(name, accepts, raw)
     if value < 0 or (positive and value == 0):
         raise ConfigError(name, accepts, raw)
+    if minimum is not None and value < minimum:
+        raise ConfigError(name, f"{accepts} no smaller than {minimum:g}", raw)
     if maximum is not None and value > maximum:
         raise ConfigError(name, f"{accepts} no larger than {maximum:g}", raw)
     return value

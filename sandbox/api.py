@@ -49,7 +49,7 @@ class PluralAPI:
                                 req.headers.get("request-id"))
         if is_cancel and req.method == "PUT" and link_id:
             self.store.note_cancel_attempt(link_id)
-        decision = self.faults.decide(token_call=req.path == TOKEN_PATH)
+        decision = self.faults.decide(token_call=req.path == TOKEN_PATH, link_id=link_id)
         entry.fault = decision.label
         if decision.reset:
             return Reply(0, reset=True, delay=decision.delay)

@@ -40,10 +40,14 @@ class Faults:
     """Every bearer token is answered 401."""
     faults_skip_token: bool = False
     """Generate Token is spared every fault (latency included)."""
+    link_errors: Mapping[str, str] = field(default_factory=dict)
+    """Payment link id -> HTTP status (as a string) answered to every call naming that link:
+    a "poison" link that fails whatever the rest of Plural does."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["error_rates"] = dict(self.error_rates)
+        data["link_errors"] = dict(self.link_errors)
         return data
 
     def updated(self, changes: Mapping[str, Any]) -> "Faults":
@@ -106,10 +110,22 @@ def _error_rates(name: str, value: Any) -> dict[str, float]:
     return {s: r for s, r in rates.items() if r > 0}
 
 
+def _link_errors(name: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be an object of payment link id -> status")
+    for link_id, status in value.items():
+        if not isinstance(link_id, str) or not link_id:
+            raise ValueError(f"{name}: keys must be payment link ids")
+        if str(status) not in FAULT_STATUSES:
+            raise ValueError(f"{name}[{link_id}]: status {status!r} is not one of {', '.join(FAULT_STATUSES)}")
+    return {link_id: str(status) for link_id, status in value.items()}
+
+
 _CHECKS = {
     "latency_ms": _non_negative, "error_rates": _error_rates, "retry_after": _retry_after,
     "outage": _flag, "reset_rate": _rate, "timeout_rate": _rate, "hang_ms": _non_negative,
     "token_ttl": _positive, "reject_tokens": _flag, "faults_skip_token": _flag,
+    "link_errors": _link_errors,
 }
 
 
@@ -167,12 +183,15 @@ class FaultInjector:
             self._faults = self._initial
             return self._faults
 
-    def decide(self, *, token_call: bool) -> Decision:
-        """Roll for one /api request. Rolls happen only for rates above zero, in a fixed order
-        (reset, error, timeout), so a seeded run repeats itself."""
+    def decide(self, *, token_call: bool, link_id: str | None = None) -> Decision:
+        """Roll for one /api request (``link_id``: the payment link its path names). Rolls
+        happen only for rates above zero, in a fixed order (reset, error, timeout), so a
+        seeded run repeats itself."""
         f = self._faults
         if token_call and f.faults_skip_token:
             return NO_FAULT
+        if link_id is not None and link_id in f.link_errors:
+            return Decision(delay=f.latency_ms / 1000.0, status=int(f.link_errors[link_id]))
         if not (f.latency_ms or f.outage or f.reset_rate or f.error_rates or f.timeout_rate):
             return NO_FAULT
         delay = f.latency_ms / 1000.0

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from worker.attempts import Attempts, Health
-from worker.breaker import RedisCircuitBreaker
+from worker.breaker import FAILURE, NO_NEWS, SUCCESS, RedisCircuitBreaker
 from worker.keys import Keys
 from worker.ledger import Ledger
 from worker.ratelimit import RedisRateLimiter
@@ -21,7 +21,7 @@ def parts(redis_client):
     keys = Keys()
     ledger = Ledger(redis_client, result_ttl=3600, retry_budget=600.0, stall_timeout=60.0, rate=10.0,
                     queue="celery", keys=keys)
-    breaker = RedisCircuitBreaker(redis_client, keys.breaker, threshold=2, cooldown=0.2)
+    breaker = RedisCircuitBreaker(redis_client, keys.breaker, window=10, min_links=2, failure_rate=0.5, cooldown=0.2)
     limiter = RedisRateLimiter(redis_client, keys.ratelimit, rate=1.0)
     return ledger, breaker, limiter, Attempts(ledger, breaker, limiter)
 
@@ -56,8 +56,8 @@ def test_a_refused_claim_asks_neither_the_breaker_nor_the_limiter(parts, redis_c
 def test_an_open_breaker_holds_the_cancel_without_taking_a_slot(parts, redis_client):
     ledger, breaker, limiter, attempts = parts
     ledger.create_many([("req-a", LINK)])
-    breaker.record_failure(False)
-    assert breaker.record_failure(False)  # opened
+    breaker.record(FAILURE, "pl-down-1")
+    assert breaker.record(FAILURE, "pl-down-2")  # opened
     admission = admit(attempts)
     assert admission.claim.verdict == "claimed"
     assert not admission.gate.allowed and 0 < admission.gate.retry_in <= 0.2
@@ -70,8 +70,8 @@ def test_the_probe_may_wait_longer_for_its_slot(parts):
     for _ in range(3):  # the next free slot is now about 3 s away
         assert limiter.reserve(max_wait=10).granted
     assert not admit(attempts, "req-b", link="pl-attempts-2").slot.granted  # 3 s > max_wait 1 s
-    breaker.record_failure(False)
-    breaker.record_failure(False)
+    breaker.record(FAILURE, "pl-down-1")
+    breaker.record(FAILURE, "pl-down-2")
     time.sleep(0.3)  # past the cooldown: the next caller probes
     admission = admit(attempts)
     assert admission.gate.allowed and admission.gate.probe
@@ -98,32 +98,34 @@ def test_settling_writes_the_outcome_and_the_breakers_success_together(parts, re
     ledger, breaker, _, attempts = parts
     ledger.create_many([("req-a", LINK)])
     admit(attempts)
-    breaker.record_failure(False)
-    assert breaker.state()["failures"] == 1
-    settled = attempts.finish("req-a", LINK, "owner-1", health=Health("success"), state="succeeded",
+    breaker.record(FAILURE, LINK)
+    assert breaker.state()["links_failing"] == 1
+    settled = attempts.finish("req-a", LINK, "owner-1", health=Health(SUCCESS), state="succeeded",
                               outcome="cancelled", attempted=True, link_status="CANCELLED")
     assert settled.attempts == 1 and not settled.stale
     status = ledger.status("req-a")
     assert (status["state"], status["outcome"], status["link_status"], status["attempts"]) == (
         "succeeded", "cancelled", "CANCELLED", 1)
-    assert breaker.state()["failures"] == 0
+    assert (breaker.state()["links_failing"], breaker.state()["links_called"]) == (0, 1)  # its latest call succeeded
     assert not redis_client.exists(ledger.keys.link(LINK))
     [(_, event)] = redis_client.xrange(ledger.keys.events)
     assert event[b"payment_link_id"] == LINK.encode() and event[b"outcome"] == b"cancelled"
 
 
-def test_a_failure_and_a_429_reach_the_breaker_and_the_limiter_in_the_same_write(parts, redis_client):
+def test_a_429_slows_the_limiter_and_a_failure_reaches_the_breaker_in_the_same_write(parts, redis_client):
     ledger, breaker, limiter, attempts = parts
     ledger.create_many([("req-a", LINK)])
     admit(attempts)
-    settled = attempts.defer("req-a", "owner-1", health=Health("failure", throttled=True), delay=60,
+    settled = attempts.defer("req-a", LINK, "owner-1", health=Health(NO_NEWS, throttled=True), delay=60,
                              attempted=True, last_error={"http_status": 429, "code": "X", "message": "slow"})
     assert settled.attempts == 1 and not settled.opened
-    assert breaker.state()["failures"] == 1
+    assert breaker.state()["links_called"] == 0  # a throttle is no news for the breaker
     assert limiter.effective_rate() < 1.0  # penalized
-    ledger.create_many([("req-b", "pl-attempts-2")])
-    admit(attempts, "req-b", "owner-2", "pl-attempts-2")
-    assert attempts.defer("req-b", "owner-2", health=Health("failure"), delay=60, attempted=True).opened
+    for n, link in enumerate(["pl-attempts-2", "pl-attempts-3"]):
+        ledger.create_many([(f"req-{n}", link)])
+        admit(attempts, f"req-{n}", f"owner-{n}", link)
+        settled = attempts.defer(f"req-{n}", link, f"owner-{n}", health=Health(FAILURE), delay=60, attempted=True)
+    assert settled.opened  # the second failing link opened it
 
 
 def test_deferring_writes_the_due_time_by_redis_clock(parts, redis_client):
@@ -131,23 +133,23 @@ def test_deferring_writes_the_due_time_by_redis_clock(parts, redis_client):
     ledger.create_many([("req-a", LINK)])
     admit(attempts)
     before = float(redis_client.time()[0])
-    assert attempts.defer("req-a", "owner-1", delay=60, attempted=True,
+    assert attempts.defer("req-a", LINK, "owner-1", delay=60, attempted=True,
                           last_error={"http_status": 503, "code": "X", "message": "down"}).attempts == 1
     assert ledger.status("req-a")["state"] == "retrying"
     assert before + 59 <= redis_client.zscore(ledger.keys.due, "req-a") <= before + 62
     assert ledger.stats()["deferred"] == 1
-    assert breaker.state()["failures"] == 0  # no news of Plural: the breaker was not told anything
+    assert breaker.state()["links_called"] == 0  # no news of Plural: the breaker was not told anything
 
 
 def test_a_successful_probe_closes_the_breaker_when_settled(parts):
     ledger, breaker, _, attempts = parts
     ledger.create_many([("req-a", LINK)])
-    breaker.record_failure(False)
-    breaker.record_failure(False)
+    breaker.record(FAILURE, "pl-down-1")
+    breaker.record(FAILURE, "pl-down-2")
     time.sleep(0.3)
     admission = admit(attempts)
     assert admission.gate.probe
-    attempts.finish("req-a", LINK, "owner-1", health=Health("success", probe=True), state="succeeded",
+    attempts.finish("req-a", LINK, "owner-1", health=Health(SUCCESS, probe=True), state="succeeded",
                     outcome="cancelled", attempted=True)
     assert breaker.state()["state"] == "closed"
 
@@ -159,14 +161,29 @@ def test_a_delivery_whose_lease_ran_out_writes_nothing(parts, redis_client):
     assert attempts.admit("req-a", LINK, "owner-a", 0.2, max_wait=1.0, probe_max_wait=1.0).claim.verdict == "claimed"
     time.sleep(0.3)  # A's lease ran out
     assert admit(attempts, owner="owner-b").claim.verdict == "claimed"
-    attempts.finish("req-a", LINK, "owner-b", health=Health("success"), state="succeeded", outcome="cancelled",
+    attempts.finish("req-a", LINK, "owner-b", health=Health(SUCCESS), state="succeeded", outcome="cancelled",
                     attempted=True)
-    late_finish = attempts.finish("req-a", LINK, "owner-a", health=Health("failure"), state="failed",
+    late_finish = attempts.finish("req-a", LINK, "owner-a", health=Health(FAILURE), state="failed",
                                   outcome="rejected", attempted=True)
-    late_defer = attempts.defer("req-a", "owner-a", health=Health("failure"), delay=1, attempted=True)
+    late_defer = attempts.defer("req-a", LINK, "owner-a", health=Health(FAILURE), delay=1, attempted=True)
     assert late_finish.stale and late_defer.stale
     status = ledger.status("req-a")
     assert (status["state"], status["outcome"], status["attempts"]) == ("succeeded", "cancelled", 1)
     assert redis_client.zcard(ledger.keys.failed) == 0 and redis_client.xlen(ledger.keys.events) == 1
     assert redis_client.zscore(ledger.keys.due, "req-a") is None
-    assert breaker.state()["failures"] == 0  # the stale failures were not counted either
+    assert breaker.state()["links_failing"] == 0  # the stale failures were not counted either
+
+
+def test_a_probe_held_by_the_limiter_frees_the_probe_slot(parts):
+    """The probe got no rate-limit slot: its deferral, with no news, lets the next caller probe
+    instead of holding the breaker half open until the probe lock's TTL."""
+    ledger, breaker, limiter, attempts = parts
+    ledger.create_many([("req-a", LINK), ("req-b", "pl-attempts-2")])
+    breaker.record(FAILURE, "pl-down-1")
+    breaker.record(FAILURE, "pl-down-2")
+    time.sleep(0.3)
+    assert admit(attempts).gate.probe
+    assert not admit(attempts, "req-b", "owner-2", "pl-attempts-2").gate.allowed  # a probe is out
+    attempts.defer("req-a", LINK, "owner-1", health=Health(NO_NEWS, probe=True), delay=5, attempted=False)
+    assert not breaker.state()["probing"]
+    assert breaker.allow("owner-3").probe

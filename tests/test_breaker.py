@@ -1,4 +1,5 @@
-"""The shared circuit breaker: opens once, holds calls back, lets one probe test recovery."""
+"""The shared circuit breaker: opens on failures of several links, never on one; holds
+calls back; lets one probe test recovery."""
 
 from __future__ import annotations
 
@@ -8,32 +9,33 @@ import time
 import pytest
 import redis
 
-from worker.breaker import Gate, NoBreaker, RedisCircuitBreaker
+from worker.breaker import FAILURE, NO_NEWS, SUCCESS, Gate, RedisCircuitBreaker
 from worker.keys import Keys
 
 KEY = Keys().breaker
 
 
 def breaker(client: redis.Redis, **kwargs) -> RedisCircuitBreaker:
-    options = {"threshold": 3, "cooldown": 0.5, "max_cooldown": 1.5, "probe_ttl": 5.0}
+    options = {"window": 5.0, "min_links": 3, "failure_rate": 0.5, "cooldown": 0.5, "max_cooldown": 1.5,
+               "probe_ttl": 5.0}
     options.update(kwargs)
     return RedisCircuitBreaker(client, KEY, **options)
 
 
 def open_breaker(b: RedisCircuitBreaker) -> None:
-    opened = [b.record_failure(probe=False) for _ in range(b.threshold)]
+    opened = [b.record(FAILURE, f"pl-down-{i}") for i in range(b.min_links)]
     assert opened[-1] and not any(opened[:-1])
 
 
 def at_once(n: int, redis_url: str, call) -> list:
-    """Run ``call(client)`` in ``n`` threads released together, each with its own connection."""
+    """Run ``call(client, i)`` in ``n`` threads released together, each with its own connection."""
     barrier = threading.Barrier(n)
     results: list = [None] * n
 
     def run(i: int) -> None:
         client = redis.Redis.from_url(redis_url)
         barrier.wait()
-        results[i] = call(client)
+        results[i] = call(client, i)
         client.close()
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
@@ -44,20 +46,63 @@ def at_once(n: int, redis_url: str, call) -> list:
     return results
 
 
-def test_consecutive_failures_open_it_and_a_success_resets_the_count(redis_client):
+def test_failures_of_enough_distinct_links_open_it(redis_client):
     b = breaker(redis_client)
-    assert b.record_failure(probe=False) is False
-    assert b.record_failure(probe=False) is False
-    b.record_success(probe=False)
-    assert b.state()["failures"] == 0
-    assert b.record_failure(probe=False) is False
-    assert b.record_failure(probe=False) is False
-    assert b.allow() == Gate(True, False, 0.0)
-    assert b.record_failure(probe=False) is True
+    assert b.record(FAILURE, "pl-a") is False
+    assert b.record(FAILURE, "pl-b") is False
+    assert b.allow("o") == Gate(True, False, 0.0)
+    assert b.record(FAILURE, "pl-c") is True  # the third distinct link, all failing
     state = b.state()
-    assert state["state"] == "open" and state["failures"] == 3
+    assert state["state"] == "open"
     assert state["reopens_at"] == pytest.approx(state["opened_at"] + 0.5)
     assert abs(state["opened_at"] - time.time()) < 1  # Redis's clock, same host here
+
+
+@pytest.mark.parametrize("healthy_calls", [0, 1, 10, 1000])
+def test_one_poison_link_never_opens_it_at_any_traffic_level(redis_client, healthy_calls):
+    """Hundreds of failures of one link, alone or among any number of successes."""
+    b = breaker(redis_client, min_links=2)
+    for i in range(healthy_calls):
+        b.record(SUCCESS, f"pl-ok-{i}")
+    assert not any(b.record(FAILURE, "pl-poison") for _ in range(500))
+    state = b.state()
+    assert state["state"] == "closed" and state["links_failing"] == 1
+
+
+def test_a_link_that_recovers_no_longer_counts_as_failing(redis_client):
+    b = breaker(redis_client)
+    b.record(FAILURE, "pl-a")
+    b.record(FAILURE, "pl-b")
+    b.record(SUCCESS, "pl-a")  # its latest call succeeded
+    assert b.record(FAILURE, "pl-c") is False
+    assert b.state()["links_failing"] == 2
+
+
+def test_the_failing_links_must_be_the_given_share_of_the_window(redis_client):
+    """Three links failing among seven healthy ones is 30 %: under a 50 % rate it stays closed."""
+    b = breaker(redis_client, failure_rate=0.5)
+    for i in range(7):
+        b.record(SUCCESS, f"pl-ok-{i}")
+    assert not any(b.record(FAILURE, f"pl-down-{i}") for i in range(3))
+    assert not any(b.record(FAILURE, f"pl-down-{i}") for i in range(3, 6))  # 6 of 13: still under half
+    assert b.record(FAILURE, "pl-down-6")  # 7 of 14: half
+    assert b.state()["state"] == "open"
+
+
+def test_failures_older_than_the_window_are_forgotten(redis_client):
+    b = breaker(redis_client, window=0.3)
+    b.record(FAILURE, "pl-a")
+    b.record(FAILURE, "pl-b")
+    time.sleep(0.4)
+    assert b.record(FAILURE, "pl-c") is False
+    assert b.state()["links_failing"] == 1
+
+
+def test_no_news_neither_counts_nor_opens(redis_client):
+    """A 429 or a token never had: not evidence of an outage."""
+    b = breaker(redis_client)
+    assert not any(b.record(NO_NEWS, f"pl-{i}") for i in range(20))
+    assert b.state()["links_called"] == 0 and b.state()["state"] == "closed"
 
 
 def test_while_open_nobody_is_allowed_until_the_reopening_time(redis_client):
@@ -65,13 +110,13 @@ def test_while_open_nobody_is_allowed_until_the_reopening_time(redis_client):
     open_breaker(b)
     opened_at = b.state()["opened_at"]
     for _ in range(3):
-        gate = b.allow()
+        gate = b.allow("o")
         assert not gate.allowed and not gate.probe
         # Seconds until the reopening time, by Redis's clock (the same host's here).
         assert gate.retry_in == pytest.approx(opened_at + 5.0 - time.time(), abs=0.1)
     # Late outcomes of calls begun before it opened neither extend nor close it.
-    assert b.record_failure(probe=False) is False
-    b.record_success(probe=False)
+    assert b.record(FAILURE, "pl-late") is False
+    b.record(SUCCESS, "pl-late-ok")
     state = b.state()
     assert state["state"] == "open" and state["opened_at"] == opened_at
 
@@ -81,7 +126,7 @@ def test_exactly_one_of_ten_concurrent_callers_probes_after_the_cooldown(redis_u
     open_breaker(b)
     time.sleep(0.55)
     assert b.state()["state"] == "half_open"
-    gates = at_once(10, redis_url, lambda client: breaker(client).allow())
+    gates = at_once(10, redis_url, lambda client, i: breaker(client).allow(f"owner-{i}"))
     probes = [g for g in gates if g.allowed]
     assert len(probes) == 1 and probes[0].probe
     for gate in gates:
@@ -90,19 +135,22 @@ def test_exactly_one_of_ten_concurrent_callers_probes_after_the_cooldown(redis_u
     assert b.state()["probing"]
 
 
-def test_a_successful_probe_closes_it(redis_client):
+def test_a_successful_probe_closes_it_and_the_cooldown_starts_again_from_its_base(redis_client):
     b = breaker(redis_client)
     open_breaker(b)
     time.sleep(0.55)
-    gate = b.allow()
-    assert gate.allowed and gate.probe
-    b.record_success(probe=True)
-    assert b.state() == {"state": "closed", "failures": 0, "opened_at": None, "reopens_at": None,
-                         "cooldown": None, "probing": False}
-    assert b.allow() == Gate(True, False, 0.0)
-    # Closed again from scratch: the next opening needs the full threshold again.
-    assert not b.record_failure(probe=False) and not b.record_failure(probe=False)
-    assert b.record_failure(probe=False)
+    assert b.allow("p1").probe
+    b.record(FAILURE, "pl-probe", probe=True, owner="p1")  # the cooldown doubles to 1 s
+    assert b.state()["cooldown"] == pytest.approx(1.0)
+    time.sleep(max(0.0, b.state()["reopens_at"] - time.time() + 0.02))
+    assert b.allow("p2").probe
+    b.record(SUCCESS, "pl-probe", probe=True, owner="p2")
+    assert b.state() == {"state": "closed", "opened_at": None, "reopens_at": None, "cooldown": None,
+                         "probing": False, "links_called": 0, "links_failing": 0}
+    assert b.allow("o") == Gate(True, False, 0.0)
+    # Closed from scratch: the next opening needs the full evidence again, and its cooldown is the base.
+    assert not b.record(FAILURE, "pl-a") and not b.record(FAILURE, "pl-b")
+    assert b.record(FAILURE, "pl-c")
     assert b.state()["cooldown"] == pytest.approx(0.5)
 
 
@@ -111,42 +159,54 @@ def test_a_failed_probe_reopens_it_with_the_cooldown_doubled_up_to_a_cap(redis_c
     open_breaker(b)
     for expected in (1.0, 1.5):  # doubled, then capped at max_cooldown
         time.sleep(max(0.0, b.state()["reopens_at"] - time.time() + 0.02))
-        gate = b.allow()
-        assert gate.probe
-        assert b.record_failure(probe=True) is False  # the opening was reported already
+        assert b.allow("p").probe
+        assert b.record(FAILURE, "pl-probe", probe=True, owner="p") is False  # reported already
         state = b.state()
         assert state["state"] == "open" and not state["probing"]
         assert state["cooldown"] == pytest.approx(expected)
         assert state["reopens_at"] == pytest.approx(state["opened_at"] + expected)
-        assert b.allow().retry_in == pytest.approx(state["reopens_at"] - time.time(), abs=0.1)
+        assert b.allow("o").retry_in == pytest.approx(state["reopens_at"] - time.time(), abs=0.1)
+
+
+def test_a_throttled_probe_frees_the_slot_and_changes_nothing_else(redis_client):
+    """A probe answered 429 (or held by the limiter) learnt nothing: the next caller probes at
+    once, and the cooldown is not doubled."""
+    b = breaker(redis_client)
+    open_breaker(b)
+    time.sleep(0.55)
+    assert b.allow("p1").probe
+    assert not b.allow("p2").allowed  # p1 probes
+    b.record(NO_NEWS, "pl-probe", probe=True, owner="someone-else")  # not the holder: no effect
+    assert not b.allow("p2").allowed
+    b.record(NO_NEWS, "pl-probe", probe=True, owner="p1")
+    state = b.state()
+    assert state["state"] == "half_open" and not state["probing"] and state["cooldown"] == pytest.approx(0.5)
+    assert b.allow("p2").probe
 
 
 def test_a_probe_that_died_frees_its_lock_after_its_ttl(redis_client):
     b = breaker(redis_client, probe_ttl=0.3)
     open_breaker(b)
     time.sleep(0.55)
-    assert b.allow().probe  # ...and this caller never reports back
-    assert not b.allow().allowed
+    assert b.allow("p1").probe  # ...and this caller never reports back
+    assert not b.allow("p2").allowed
     time.sleep(0.35)
-    assert b.allow().probe
+    assert b.allow("p2").probe
 
 
 def test_concurrent_failures_report_each_opening_exactly_once(redis_url, redis_client):
-    b = breaker(redis_client, threshold=5)
-    for _ in range(3):
-        results = at_once(8, redis_url,
-                          lambda client: [breaker(client, threshold=5).record_failure(probe=False) for _ in range(3)])
+    b = breaker(redis_client, min_links=5)
+    for round_ in range(3):
+        results = at_once(8, redis_url, lambda client, i: [
+            breaker(client, min_links=5).record(FAILURE, f"pl-{round_}-{i}-{n}") for n in range(3)])
         assert sum(r for per_thread in results for r in per_thread) == 1
         assert b.state()["state"] == "open"
         time.sleep(max(0.0, b.state()["reopens_at"] - time.time() + 0.02))
-        assert b.allow().probe
-        b.record_success(probe=True)
+        assert b.allow("p").probe
+        b.record(SUCCESS, "pl-probe", probe=True, owner="p")
         assert b.state()["state"] == "closed"
 
 
-def test_the_stub_is_always_closed():
-    b = NoBreaker()
-    assert b.allow() == Gate(True, False, 0.0)
-    assert b.record_failure(probe=False) is False
-    b.record_success(probe=False)
-    assert b.state()["state"] == "closed"
+def test_one_link_can_never_be_the_whole_evidence():
+    with pytest.raises(ValueError, match="min_links"):
+        RedisCircuitBreaker(None, KEY, window=10, min_links=1, failure_rate=0.5, cooldown=30)

@@ -18,6 +18,17 @@ def ledger_for(client, **overrides) -> Ledger:
     return Ledger(client, keys=Keys(), **{**options, **overrides})
 
 
+def attempts_for(ledger: Ledger):
+    """The one writer of an attempt's result, over ``ledger``, with a real breaker and limiter."""
+    from worker.attempts import Attempts
+    from worker.breaker import RedisCircuitBreaker
+    from worker.ratelimit import RedisRateLimiter
+
+    keys = ledger.keys
+    breaker = RedisCircuitBreaker(ledger.redis, keys.breaker, window=10, min_links=5, failure_rate=0.5, cooldown=30)
+    return Attempts(ledger, breaker, RedisRateLimiter(ledger.redis, keys.ratelimit, rate=100.0))
+
+
 def test_a_live_record_never_expires_and_result_ttl_counts_from_its_end(redis_client):
     """RESULT_TTL=2, below any retry budget: the deferred cancel outlives it and still ends."""
     ledger = ledger_for(redis_client, result_ttl=2)
@@ -25,12 +36,8 @@ def test_a_live_record_never_expires_and_result_ttl_counts_from_its_end(redis_cl
     key = ledger.keys.record("req-ttl")
     assert redis_client.ttl(key) == -1  # no expiry while queued
     assert ledger.claim("req-ttl", LINK, "owner-1", lease=30).verdict == "claimed"
-    from worker.attempts import Attempts
-    from worker.breaker import NoBreaker
-    from worker.ratelimit import UnlimitedRateLimiter
-
-    attempts = Attempts(ledger, NoBreaker(), UnlimitedRateLimiter())
-    attempts.defer("req-ttl", "owner-1", delay=0.1, attempted=True)
+    attempts = attempts_for(ledger)
+    attempts.defer("req-ttl", LINK, "owner-1", delay=0.1, attempted=True)
     time.sleep(2.5)  # past RESULT_TTL, deferred
     assert redis_client.ttl(key) == -1 and ledger.status("req-ttl")["state"] == "retrying"
     assert ledger.claim("req-ttl", LINK, "owner-2", lease=30).verdict == "claimed"
@@ -48,12 +55,8 @@ def test_one_live_cancel_per_link_and_followers_end_with_it(redis_client):
 
 
 def test_a_requeued_dead_letter_follows_a_cancel_started_meanwhile(redis_client):
-    from worker.attempts import Attempts
-    from worker.breaker import NoBreaker
-    from worker.ratelimit import UnlimitedRateLimiter
-
     ledger = ledger_for(redis_client)
-    attempts = Attempts(ledger, NoBreaker(), UnlimitedRateLimiter())
+    attempts = attempts_for(ledger)
     ledger.create_many([("dead", LINK)])
     ledger.claim("dead", LINK, "o1", lease=30)
     attempts.finish("dead", LINK, "o1", state="failed", outcome="gave_up", attempted=True)
@@ -90,11 +93,12 @@ def test_a_skewed_worker_clock_does_not_move_a_breaker_hold(redis_url, redis_cli
     from worker.runtime import Runtime
 
     settings = Settings.from_env({"REDIS_URL": redis_url, "PLURAL_CLIENT_ID": "c", "PLURAL_CLIENT_SECRET": "s",
-                                  "BREAKER_THRESHOLD": "1", "BREAKER_COOLDOWN": "0.5"})
+                                  "BREAKER_MIN_LINKS": "2", "BREAKER_COOLDOWN": "0.5"})
     runtime = Runtime(settings, clock=lambda: time.time() - 3600, jitter=lambda: 0.0)
     app.use(settings, runtime)
     try:
-        assert runtime.breaker.record_failure(probe=False)  # open for 0.5 s by Redis's clock
+        runtime.breaker.record("failure", "pl-down-1")
+        assert runtime.breaker.record("failure", "pl-down-2")  # open for 0.5 s by Redis's clock
         runtime.ledger.create_many([("req-skew", LINK)])
         redis_client.delete("celery")
         assert execute(runtime, LINK, "req-skew") == "held"

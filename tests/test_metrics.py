@@ -32,7 +32,8 @@ def finished(app, request_id, timeout=30.0):
 @pytest.fixture
 def system(redis_url, sandbox_process):
     port = free_port()
-    settings = dict(BREAKER_THRESHOLD="3", BREAKER_COOLDOWN="120", CANCEL_RETRY_BASE="0.2", CANCEL_RETRY_CAP="0.5")
+    settings = dict(BREAKER_MIN_LINKS="3", BREAKER_WINDOW="1", BREAKER_COOLDOWN="120", CANCEL_RETRY_BASE="0.2",
+                    CANCEL_RETRY_CAP="0.5")
     env = service_env(redis_url, sandbox_process.url, METRICS_PORT=str(port), **settings)
     sandbox_process.reset_faults()
     worker = start_worker(env, concurrency=4)
@@ -82,7 +83,7 @@ def test_the_metrics_endpoint_counts_what_happened(system):
     assert value(samples, "plural_cancel_breaker_openings_total") == 0
     assert value(samples, "plural_cancel_rate_limit_per_second") > 0
 
-    # Plural goes down: three failures in a row open the breaker; later cancels are held.
+    # Plural goes down: three links failing within the 1-s window open the breaker; later cancels are held.
     sandbox.set_faults(outage=True, faults_skip_token=True)
     enqueue_many(sandbox.create_links(4, prefix="pl-metrics-down-"), app=app)
     samples = wait_for(lambda: (s := scrape(port)) and value(s, "plural_cancel_breaker_state", state="open") == 1

@@ -35,7 +35,7 @@ def finished(app, request_id, timeout=30.0):
 def system(module_redis_url, sandbox_process):
     """A worker with a 2-second retry budget (so outages end in ``gave_up`` quickly)."""
     settings = dict(CANCEL_RETRY_BUDGET="2", CANCEL_RETRY_BASE="0.2", CANCEL_RETRY_CAP="0.5",
-                    BREAKER_THRESHOLD="1000")
+                    BREAKER_MIN_LINKS="1000")
     env = service_env(module_redis_url, sandbox_process.url, **settings)
     worker = start_worker(env, concurrency=4)
     app = use_settings(module_redis_url, sandbox_process.url, **settings)
@@ -140,7 +140,8 @@ def test_stats_follow_a_running_system(system, redis_url, sandbox_process):
     """
     from tasks import enqueue_many
 
-    settings = dict(BREAKER_THRESHOLD="1", BREAKER_COOLDOWN="120", CANCEL_RETRY_BASE="0.2", CANCEL_RETRY_CAP="0.5")
+    settings = dict(BREAKER_MIN_LINKS="2", BREAKER_WINDOW="1", BREAKER_COOLDOWN="120", CANCEL_RETRY_BASE="0.2",
+                    CANCEL_RETRY_CAP="0.5")
     env = service_env(redis_url, sandbox_process.url, **settings)
     app = use_settings(redis_url, sandbox_process.url, **settings)
     sandbox = sandbox_process
@@ -166,7 +167,7 @@ def test_stats_follow_a_running_system(system, redis_url, sandbox_process):
         assert figures["outcomes"] == {"cancelled": 3, "not_cancellable": 1, "rejected": 1}
         assert (figures["queue_depth"], figures["deferred"], figures["dead_letters"]) == (0, 0, 2)
 
-        # Plural goes down: the first failure opens the breaker (threshold 1) and the
+        # Plural goes down: the second link failing opens the breaker (BREAKER_MIN_LINKS 2) and the
         # cancels wait in Redis for it to reopen, two minutes later.
         sandbox.set_faults(outage=True, faults_skip_token=True)
         held = sandbox.create_links(2, prefix="pl-ops-held-")

@@ -33,7 +33,7 @@ def system(module_redis_url, sandbox_process, sentry):
     """One worker reporting to the fake Sentry; the breaker is kept out of the way."""
     env = service_env(module_redis_url, sandbox_process.url, SENTRY_DSN=sentry.dsn, SENTRY_ENVIRONMENT="test",
                       CANCEL_RETRY_BUDGET="3", CANCEL_RETRY_BASE="0.2", CANCEL_RETRY_CAP="0.5",
-                      BREAKER_THRESHOLD="1000")
+                      BREAKER_MIN_LINKS="1000")
     worker = start_worker(env, concurrency=4)
     # The producer sets a record's deadline: it needs the same short retry budget.
     app = use_settings(module_redis_url, sandbox_process.url, CANCEL_RETRY_BUDGET="3")
@@ -246,7 +246,7 @@ def test_log_formatters_render_extras_and_mask_secrets():
     import logging
 
     from worker.logs import JsonFormatter, TextFormatter
-    from worker.reporting import Redactor
+    from worker.redaction import Redactor
 
     redactor = Redactor([SECRET])
     record = logging.LogRecord("tasks.cancel", logging.WARNING, __file__, 1, "cancel %s: %s for %s",
@@ -268,7 +268,7 @@ def test_the_breaker_opening_is_reported_once(system, redis_url, sandbox_process
     """
     from tasks import enqueue_many
 
-    env = service_env(redis_url, sandbox_process.url, SENTRY_DSN=sentry.dsn, BREAKER_THRESHOLD="2",
+    env = service_env(redis_url, sandbox_process.url, SENTRY_DSN=sentry.dsn, BREAKER_MIN_LINKS="2",
                       BREAKER_COOLDOWN="60", CANCEL_RETRY_BASE="0.2", CANCEL_RETRY_CAP="0.5")
     app = use_settings(redis_url, sandbox_process.url)
     links = sandbox_process.create_links(6, prefix="pl-sentry-breaker-")

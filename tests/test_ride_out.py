@@ -74,7 +74,9 @@ def test_a_60_second_outage_during_1000_cancels(redis_url, sandbox, workers):
     from tasks import enqueue_many
 
     limit = 50
-    env = service_env(redis_url, sandbox.url, PLURAL_RATE_LIMIT=limit, BREAKER_THRESHOLD=5,
+    # A 2-s window: the breaker opens once half the links called in it fail, about 1 s into
+    # the outage here (5 s with the default 10-s window, as the README says).
+    env = service_env(redis_url, sandbox.url, PLURAL_RATE_LIMIT=limit, BREAKER_MIN_LINKS=5, BREAKER_WINDOW=2,
                       BREAKER_COOLDOWN=2, CANCEL_RETRY_BASE=0.5, CANCEL_RETRY_CAP=5)
     workers.extend(start_worker(env, concurrency=8) for _ in range(2))
     app = use_settings(redis_url, sandbox.url, PLURAL_RATE_LIMIT=limit)
@@ -165,3 +167,63 @@ def test_random_500s_and_timeouts_all_end_cancelled_with_one_request_id(redis_ur
     print(f"\n[flaky] PUT statuses {dict(failures)}; outcomes {dict(outcomes)}")
     assert failures[500] > 0  # the faults really happened
     assert all(sandbox.link(link)["status"] == "CANCELLED" for link in links[:20])
+
+
+def test_a_poison_link_never_holds_the_fleet(redis_url, sandbox, workers):
+    """One link that answers 500 to every call, retried fast and often, never opens the
+    breaker: cancels of healthy links enqueued meanwhile go straight through."""
+    from tasks import enqueue_cancel, enqueue_many
+
+    env = service_env(redis_url, sandbox.url, CANCEL_RETRY_BASE=0.05, CANCEL_RETRY_CAP=0.1)
+    workers.append(start_worker(env, concurrency=4))
+    app = use_settings(redis_url, sandbox.url)
+    [poison] = sandbox.create_links(1, status="CREATED", prefix="pl-poison-")
+    sandbox.set_faults(link_errors={poison: "500"})
+    poison_id = enqueue_cancel(poison, app=app)
+    # Far more failures in a row than any count of consecutive failures would allow.
+    wait_for(lambda: len([p for p in cancel_puts(sandbox) if p["link_id"] == poison]) >= 12, 30, 0.1,
+             "a dozen failed PUTs of the poison link")
+
+    healthy = sandbox.create_links(20, status="CREATED", prefix="pl-healthy-")
+    enqueued_at = time.time()
+    request_ids = enqueue_many(healthy, app=app)
+    wait_all_terminal(app, request_ids, 20)
+    assert {app.runtime.ledger.status(rid)["outcome"] for rid in request_ids} == {"cancelled"}
+    first_put = {}
+    for p in cancel_puts(sandbox):
+        first_put.setdefault(p["link_id"], p["timestamp"])
+    slowest = max(first_put[link] - enqueued_at for link in healthy)
+    print(f"\n[poison link] {len([p for p in cancel_puts(sandbox) if p['link_id'] == poison])} failures of one "
+          f"link; slowest healthy first PUT {slowest:.2f}s after enqueue")
+    assert slowest < 5
+    assert app.runtime.breaker.state()["state"] == "closed"
+    assert app.runtime.ledger.status(poison_id)["state"] in ("running", "retrying")  # still failing, alone
+
+
+def test_429s_slow_the_fleet_but_never_open_the_breaker(redis_url, sandbox, workers):
+    """Every link throttled at once is a throttle, not an outage: each cancel comes back
+    after Plural's Retry-After, not after a breaker's cooldown."""
+    from tasks import enqueue_many
+
+    env = service_env(redis_url, sandbox.url, CANCEL_RETRY_BASE=0.1, CANCEL_RETRY_CAP=0.2, BREAKER_COOLDOWN=30)
+    workers.append(start_worker(env, concurrency=4))
+    app = use_settings(redis_url, sandbox.url)
+    links = sandbox.create_links(12, status="CREATED", prefix="pl-throttled-")
+    sandbox.set_faults(error_rates={"429": 1.0}, retry_after=2, faults_skip_token=True)
+    request_ids = enqueue_many(links, app=app)
+    wait_for(lambda: {p["link_id"] for p in cancel_puts(sandbox) if p["status"] == 429} >= set(links), 20, 0.05,
+             "a 429 for every link")
+    sandbox.set_faults(error_rates={})
+    wait_all_terminal(app, request_ids, 15)
+    assert {app.runtime.ledger.status(rid)["outcome"] for rid in request_ids} == {"cancelled"}
+    assert app.runtime.breaker.state()["state"] == "closed"
+    by_link = defaultdict(list)
+    for p in cancel_puts(sandbox):
+        by_link[p["link_id"]].append(p)
+    gaps = []
+    for link in links:
+        puts = by_link[link]
+        last_429 = max(p["timestamp"] for p in puts if p["status"] == 429)
+        gaps.append(puts[-1]["timestamp"] - last_429)
+    print(f"\n[429 fleet] success came {min(gaps):.2f}-{max(gaps):.2f}s after each link's last 429 (Retry-After: 2)")
+    assert min(gaps) >= 2.0 and max(gaps) < 10

@@ -59,6 +59,11 @@ def test_prod_picks_the_production_base():
     ({"REDIS_URL": "http://localhost:6379"}, "REDIS_URL"),
     ({"SENTRY_DSN": "not-a-dsn"}, "SENTRY_DSN"),
     ({"WORKER_SHUTDOWN_GRACE": "-1"}, "WORKER_SHUTDOWN_GRACE"),
+    ({"BREAKER_MIN_LINKS": "1"}, "BREAKER_MIN_LINKS"),  # one link must never be enough
+    ({"BREAKER_FAILURE_RATE": "1.5"}, "BREAKER_FAILURE_RATE"),
+    ({"BREAKER_FAILURE_RATE": "0"}, "BREAKER_FAILURE_RATE"),
+    ({"BREAKER_WINDOW": "0"}, "BREAKER_WINDOW"),
+    ({"BREAKER_THRESHOLD": "5"}, "BREAKER_THRESHOLD"),  # no longer read: refused, not ignored
     ({"HTTPS_PROXY": "proxy.internal:3128"}, "HTTPS_PROXY"),
 ])
 def test_a_bad_value_names_the_variable(env, variable):

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from worker.breaker import ALLOW_FN, RECORD_FAILURE_FN, RECORD_SUCCESS_FN, Gate, RedisCircuitBreaker, parse_gate
+from worker.breaker import ALLOW_FN, NO_NEWS, RECORD_FN, Gate, RedisCircuitBreaker, parse_gate
 from worker.ledger import STALE, Claim, Ledger, parse_claim
 from worker.ledger_lua import CLAIM_FN, DEFER_FN, FINISH_FN
 from worker.ratelimit import PENALIZE_FN, RESERVE_FN, RedisRateLimiter, Reservation, parse_reservation
@@ -40,8 +40,8 @@ end
 
 # KEYS: [1-8] the claim's  [9-17] the finish's (for gave_up)  [18-19] the breaker's
 #       [20-21] the limiter's
-# ARGV: [1-7] the claim's  [8-14] the finish's  [15-16] allow's  [17-19] reserve's (rate,
-#       burst, max_wait)  [20] max_wait for the breaker's probe
+# ARGV: [1-7] the claim's  [8-14] the finish's  [15-17] allow's  [18-20] reserve's (rate,
+#       burst, max_wait)  [21] max_wait for the breaker's probe
 # Returns {claim} when the claim is refused; {{'gave_up', attempts, last_error, link_status}}
 # when the budget is spent (the record is then ended); {claim, gate} when the breaker
 # says wait; else {claim, gate, reservation}.
@@ -53,36 +53,34 @@ if tonumber(c[3]) <= 0 then
   local attempts = finish(slice(KEYS, 9, 17), slice(ARGV, 8, 14))
   return {{'gave_up', attempts, r[1] or '', r[2] or ''}}
 end
-local g = allow(slice(KEYS, 18, 19), slice(ARGV, 15, 16))
+local g = allow(slice(KEYS, 18, 19), slice(ARGV, 15, 17))
 if g[1] ~= 'closed' and g[1] ~= 'probe' then return {c, g} end
-local a = slice(ARGV, 17, 19)
+local a = slice(ARGV, 18, 20)
 -- The probe must go through (nobody else calls Plural meanwhile), so it may wait longer.
-if g[1] == 'probe' then a[3] = ARGV[20] end
+if g[1] == 'probe' then a[3] = ARGV[21] end
 return {c, g, reserve(slice(KEYS, 20, 21), a)}
 """
 
-# KEYS: the ledger's finish or defer keys (ARGV[2] of them), then the breaker's 2 when
-#       ARGV[4] is not '', then the limiter's penalty key when ARGV[5] is '1'
+# KEYS: the ledger's finish or defer keys (ARGV[2] of them), then the breaker's 4 when
+#       ARGV[4] is '1', then the limiter's penalty key when ARGV[5] is '1'
 # ARGV: [1] 'finish' or 'defer'  [2] number of ledger keys  [3] number of ledger args
-#       [4] '' (no news of Plural), 'success' or 'failure'  [5] penalize (0/1)
-#       [6] number of breaker args  [7] number of limiter args
-#       then the ledger's args, the breaker's args, the limiter's args
+#       [4] tell the breaker (0/1)  [5] penalize (0/1)  [6] number of breaker args
+#       [7] number of limiter args, then the ledger's args, the breaker's args, the limiter's args
 # Returns {attempts, opened}: attempts made (-1: stale, nothing written), opened 1 when
 # this failure opened the breaker.
-SETTLE = FINISH_FN + DEFER_FN + RECORD_SUCCESS_FN + RECORD_FAILURE_FN + PENALIZE_FN + _SLICE + """
+SETTLE = FINISH_FN + DEFER_FN + RECORD_FN + PENALIZE_FN + _SLICE + """
 local nkeys, nargs, nbreaker, nlimiter = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local write = finish
 if ARGV[1] == 'defer' then write = defer end
 local attempts = write(slice(KEYS, 1, nkeys), slice(ARGV, 8, 7 + nargs))
 if attempts == -1 then return {-1, 0} end
 local opened = 0
-local bkeys = slice(KEYS, nkeys + 1, nkeys + 2)
-local bargs = slice(ARGV, 8 + nargs, 7 + nargs + nbreaker)
-if ARGV[4] == 'success' then record_success(bkeys, bargs) end
-if ARGV[4] == 'failure' then opened = record_failure(bkeys, bargs) end
+local first = nkeys + 1
+if ARGV[4] == '1' then
+  opened = record(slice(KEYS, first, first + 3), slice(ARGV, 8 + nargs, 7 + nargs + nbreaker))
+  first = first + 4
+end
 if ARGV[5] == '1' then
-  local first = nkeys + 1
-  if ARGV[4] ~= '' then first = nkeys + 3 end
   penalize({KEYS[first]}, slice(ARGV, 8 + nargs + nbreaker, 7 + nargs + nbreaker + nlimiter))
 end
 return {attempts, opened}
@@ -104,15 +102,17 @@ class Admission:
 class Health:
     """What one attempt showed of Plural, for the breaker and the limiter."""
 
-    breaker: str = ""
-    """``success`` (Plural answered), ``failure`` (an outage-like failure) or '' (no news)."""
+    breaker: str = NO_NEWS
+    """``success`` (Plural answered), ``failure`` (an outage-like failure) or '' (no news):
+    ``worker.breaker``'s SUCCESS, FAILURE, NO_NEWS."""
     probe: bool = False
-    """The call was the breaker's probe."""
+    """The call was (or would have been) the breaker's probe: its result, news or none,
+    frees the probe slot."""
     throttled: bool = False
     """Plural answered 429: slow the shared rate down."""
 
 
-NO_NEWS = Health()
+NOTHING = Health()
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ class Attempts:
         claim_keys, claim_args = self.ledger.claim_call(request_id, payment_link_id, owner, lease)
         gave_up_keys, gave_up_args = self.ledger.finish_call(request_id, payment_link_id, owner, state="failed",
                                                              outcome="gave_up", attempted=False)
-        allow_keys, allow_args = self.breaker.allow_call()
+        allow_keys, allow_args = self.breaker.allow_call(owner)
         reserve_keys, reserve_args = self.limiter.reserve_call(max_wait)
         reply = self._admit(keys=[*claim_keys, *gave_up_keys, *allow_keys, *reserve_keys],
                             args=[*claim_args, *gave_up_args, *allow_args, *reserve_args,
@@ -155,33 +155,35 @@ class Attempts:
         slot = parse_reservation(reply[2]) if len(reply) > 2 else None
         return Admission(claim, gate, slot)
 
-    def finish(self, request_id: str, payment_link_id: str, owner: str, *, health: Health = NO_NEWS,
+    def finish(self, request_id: str, payment_link_id: str, owner: str, *, health: Health = NOTHING,
                **fields: Any) -> Settled:
         """End the cancel (``fields`` as :meth:`Ledger.finish_call` takes them) and tell the
         breaker and limiter what ``health`` says, in one round trip, if ``owner`` still holds it."""
         keys, args = self.ledger.finish_call(request_id, payment_link_id, owner, **fields)
-        return self._settle_call("finish", keys, args, health)
+        return self._settle_call("finish", keys, args, health, payment_link_id, owner)
 
-    def defer(self, request_id: str, owner: str, *, health: Health = NO_NEWS, **fields: Any) -> Settled:
+    def defer(self, request_id: str, payment_link_id: str, owner: str, *, health: Health = NOTHING,
+              **fields: Any) -> Settled:
         """Defer the cancel (``fields`` as :meth:`Ledger.defer_call` takes them: ``delay`` in
         seconds) and tell the breaker and limiter, as :meth:`finish`."""
         keys, args = self.ledger.defer_call(request_id, owner, **fields)
-        return self._settle_call("defer", keys, args, health)
+        return self._settle_call("defer", keys, args, health, payment_link_id, owner)
 
-    def _settle_call(self, write: str, keys: list[str], args: list[Any], health: Health) -> Settled:
+    def _settle_call(self, write: str, keys: list[str], args: list[Any], health: Health,
+                     payment_link_id: str, owner: str) -> Settled:
         breaker_keys: list[str] = []
         breaker_args: list[Any] = []
-        if health.breaker == "success":
-            breaker_keys, breaker_args = self.breaker.success_call(health.probe)
-        elif health.breaker == "failure":
-            breaker_keys, breaker_args = self.breaker.failure_call(health.probe)
+        tell_breaker = health.breaker != NO_NEWS or health.probe
+        if tell_breaker:
+            breaker_keys, breaker_args = self.breaker.record_call(health.breaker, payment_link_id,
+                                                                  probe=health.probe, owner=owner)
         limiter_keys: list[str] = []
         limiter_args: list[Any] = []
         if health.throttled:
             limiter_keys, limiter_args = self.limiter.penalize_call()
         attempts, opened = self._settle(
             keys=[*keys, *breaker_keys, *limiter_keys],
-            args=[write, len(keys), len(args), health.breaker, int(health.throttled), len(breaker_args),
+            args=[write, len(keys), len(args), int(tell_breaker), int(health.throttled), len(breaker_args),
                   len(limiter_args), *args, *breaker_args, *limiter_args])
         attempts = int(attempts)
         if attempts == STALE:

@@ -1,31 +1,43 @@
-"""A circuit breaker in Redis, shared by every worker process and host.
+"""A circuit breaker in Redis, shared by every worker process and host: it opens on an
+outage, never on one bad link.
 
-After ``threshold`` consecutive retryable failures (5xx, 429, timeouts, resets) the
-breaker *opens*: nobody calls Plural until ``cooldown`` seconds have passed. Then it is
-*half open*: exactly one caller at a time is let through as a probe (a lock with a
-TTL, so a probe whose process died frees it). A probe that succeeds closes the
-breaker; one that fails opens it again with the cooldown doubled, up to a cap.
+The rule (resilience4j's time-based window with ``minimumNumberOfCalls`` and
+``failureRateThreshold``, counted in links rather than calls):
+
+    Over the last ``window`` seconds, look at each payment link called and its latest
+    outcome. The breaker opens when at least ``min_links`` distinct links ended their
+    latest call with an outage-like failure (5xx, timeout, reset, unreachable, an answer
+    that is not Plural's), and those are at least ``failure_rate`` of all links called.
+
+Why links and not calls: a link that fails on every call (a "poison" link Plural cannot
+handle) retries again and again; counted by calls, as Hystrix and resilience4j count,
+its retries alone would fill the window and open the breaker for the whole fleet. Counted
+by links, one link is one voice however often it retries, so ``min_links`` >= 2 means
+no single link can ever open the breaker, at any traffic level. The minimum keeps a few
+unlucky calls at low traffic from stopping everything; the rate keeps one bad minute of
+several links from stopping a fleet whose other calls succeed.
+
+What is not evidence of an outage: a 429 (a throttle: the limiter slows down and
+``Retry-After`` is honoured), a token that could not be had because another process
+held the refresh (Plural was never asked), a 4xx in Plural's own words (Plural is up
+and answering). A 429 or no-news result of a probe frees the probe slot and leaves the
+breaker as it was.
+
+Once open, nobody calls Plural until ``cooldown`` seconds have passed. Then it is half
+open: exactly one caller at a time is let through as a probe (a lock with a TTL, so a
+probe whose process died frees it). A probe that succeeds closes the breaker and the
+cooldown starts again from its base; one that fails opens it again with the cooldown
+doubled, up to a cap.
 
 Every transition is one Lua script that reads Redis's own clock (``TIME``), so the
 hosts' clocks never enter a decision, and concurrent failures from many workers open
-the breaker exactly once.
-
-What the caller does (the cancel task, not this module):
-
-- Ask :meth:`CircuitBreaker.allow` *before* the rate limiter, so a held-back cancel
-  takes no slot.
-- When not allowed, defer the cancel to ``retry_at`` without counting an attempt.
-  Spread them: if every held-back cancel came due at the same instant, the limiter
-  would refuse most of them and they would churn through deferral again. Due times
-  such as ``retry_at + random() * backlog / rate`` let them return at about the pace
-  the limiter will let them through.
-- Report a probe's outcome with ``probe=True`` (the :class:`Gate` said so), and report
-  "breaker opened" only when :meth:`CircuitBreaker.record_failure` returns True.
+the breaker exactly once. The cancel task reaches these scripts through
+``worker.attempts``, in the same round trips as its ledger writes.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import redis
 
@@ -38,22 +50,24 @@ PROBE_TTL = 60.0
 PROBE_RETRY = 1.0
 """Seconds after which a caller turned away during a probe should ask again."""
 
-_PRELUDE = REDIS_NOW
+SUCCESS, FAILURE, NO_NEWS = "success", "failure", ""
+"""What a call showed of Plural: it answered, it failed like an outage, or nothing."""
 
 # KEYS: [1] breaker (hash)  [2] probe lock
 # ARGV: [1] probe lock TTL (seconds)  [2] seconds others wait while a probe runs
+#       [3] the asking delivery's owner token (the probe lock's value)
 # Returns {verdict, retry_in}: closed (go), probe (go, and report with probe=True),
 # open (ask again in retry_in seconds, at the reopening time), probing (another caller
 # probes). Seconds from now, not an instant: no host clock ever compares with Redis's.
 # A function of (KEYS, ARGV) so that ``worker.attempts`` can run it in a larger script.
-ALLOW_FN = _PRELUDE + """
+ALLOW_FN = REDIS_NOW + """
 local function allow(KEYS, ARGV)
   local b = redis.call('HMGET', KEYS[1], 'state', 'reopens_at')
   if b[1] ~= 'open' then return {'closed', '0'} end
   local now = redis_now()
   local reopens_at = tonumber(b[2])
   if now < reopens_at then return {'open', fmt(reopens_at - now)} end
-  if redis.call('SET', KEYS[2], fmt(now), 'NX', 'PX', math.ceil(tonumber(ARGV[1]) * 1000)) then
+  if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', math.ceil(tonumber(ARGV[1]) * 1000)) then
     return {'probe', '0'}
   end
   return {'probing', ARGV[2]}
@@ -61,71 +75,79 @@ end
 """
 ALLOW = ALLOW_FN + "return allow(KEYS, ARGV)\n"
 
-# KEYS: [1] breaker (hash)  [2] probe lock
-# ARGV: [1] probe (0/1)
-# Returns 1 when this call closed the breaker.
-# A function of (KEYS, ARGV) so that ``worker.attempts`` can run it in a larger script.
-RECORD_SUCCESS_FN = """
-local function record_success(KEYS, ARGV)
-  if redis.call('HGET', KEYS[1], 'state') == 'open' then
-    if ARGV[1] ~= '1' then
-      -- A call that began before the breaker opened: only a probe decides recovery.
-      return 0
-    end
-    -- Closed again, and the next opening starts from the base cooldown.
-    redis.call('DEL', KEYS[1], KEYS[2])
-    return 1
-  end
-  if tonumber(redis.call('HGET', KEYS[1], 'failures') or '0') > 0 then
-    redis.call('HSET', KEYS[1], 'failures', 0)
-  end
-  return 0
-end
-"""
-RECORD_SUCCESS = RECORD_SUCCESS_FN + "return record_success(KEYS, ARGV)\n"
-
-# KEYS: [1] breaker (hash)  [2] probe lock
-# ARGV: [1] probe (0/1)  [2] threshold  [3] base cooldown (seconds)  [4] max cooldown (seconds)
+# KEYS: [1] breaker (hash)  [2] probe lock  [3] links called (zset: link -> time of its
+#       latest outcome)  [4] links failing (zset: link -> time, while its latest failed)
+# ARGV: [1] 'success', 'failure' or '' (no news)  [2] probe (0/1)  [3] owner token
+#       [4] payment link id  [5] window (seconds)  [6] min links  [7] failure rate (0-1]
+#       [8] base cooldown (seconds)  [9] max cooldown (seconds)
 # Returns 1 exactly when this call opened a closed breaker.
 # A function of (KEYS, ARGV) so that ``worker.attempts`` can run it in a larger script.
-RECORD_FAILURE_FN = _PRELUDE + """
-local function record_failure(KEYS, ARGV)
-local now = redis_now()
-local b = redis.call('HMGET', KEYS[1], 'state', 'reopens_at', 'cooldown')
-if b[1] == 'open' then
-  -- Only a probe's failure counts while open, and only once the cooldown has run out
-  -- (a stale probe whose lock expired must not double the cooldown a second time).
-  if ARGV[1] == '1' and now >= tonumber(b[2]) then
-    local cooldown = math.min(tonumber(ARGV[4]), 2 * (tonumber(b[3]) or tonumber(ARGV[3])))
-    redis.call('HSET', KEYS[1], 'opened_at', fmt(now), 'reopens_at', fmt(now + cooldown),
-               'cooldown', fmt(cooldown))
-    redis.call('DEL', KEYS[2])
+RECORD_FN = REDIS_NOW + """
+local function record(KEYS, ARGV)
+  local outcome, probe = ARGV[1], ARGV[2] == '1'
+  local now = redis_now()
+  local b = redis.call('HMGET', KEYS[1], 'state', 'reopens_at', 'cooldown')
+  if b[1] == 'open' then
+    -- Only the probe's outcome counts while open: calls begun before it opened say nothing
+    -- of now. A stale probe (its lock expired) still counts a success (Plural answered),
+    -- but not a failure before the reopening time (it must not double the cooldown twice).
+    if not probe then return 0 end
+    if outcome == 'success' then
+      -- Closed again, with an empty window and the next opening from the base cooldown.
+      redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+    elseif outcome == 'failure' and now >= tonumber(b[2]) then
+      local cooldown = math.min(tonumber(ARGV[9]), 2 * (tonumber(b[3]) or tonumber(ARGV[8])))
+      redis.call('HSET', KEYS[1], 'opened_at', fmt(now), 'reopens_at', fmt(now + cooldown),
+                 'cooldown', fmt(cooldown))
+      redis.call('DEL', KEYS[2])
+    elseif outcome == '' and redis.call('GET', KEYS[2]) == ARGV[3] then
+      -- A throttled or held probe learnt nothing: free the slot for the next caller.
+      redis.call('DEL', KEYS[2])
+    end
+    return 0
   end
-  return 0
-end
-local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
-if failures < tonumber(ARGV[2]) then return 0 end
-local cooldown = tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', fmt(now), 'reopens_at', fmt(now + cooldown),
-           'cooldown', fmt(cooldown))
-redis.call('DEL', KEYS[2])
-return 1
+  if outcome == '' then return 0 end
+  local window = tonumber(ARGV[5])
+  local horizon = now - window
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', horizon)
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', horizon)
+  redis.call('ZADD', KEYS[3], now, ARGV[4])
+  local ttl = math.ceil(window * 2000)
+  redis.call('PEXPIRE', KEYS[3], ttl)
+  if outcome == 'success' then
+    redis.call('ZREM', KEYS[4], ARGV[4])
+    return 0
+  end
+  redis.call('ZADD', KEYS[4], now, ARGV[4])
+  redis.call('PEXPIRE', KEYS[4], ttl)
+  local failing = redis.call('ZCARD', KEYS[4])
+  if failing < tonumber(ARGV[6]) then return 0 end
+  if failing < tonumber(ARGV[7]) * redis.call('ZCARD', KEYS[3]) then return 0 end
+  local cooldown = tonumber(ARGV[8])
+  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', fmt(now), 'reopens_at', fmt(now + cooldown),
+             'cooldown', fmt(cooldown), 'failing_links', failing)
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+  return 1
 end
 """
-RECORD_FAILURE = RECORD_FAILURE_FN + "return record_failure(KEYS, ARGV)\n"
+RECORD = RECORD_FN + "return record(KEYS, ARGV)\n"
 
-# KEYS: [1] breaker (hash)  [2] probe lock
-# Returns {state, failures, opened_at, reopens_at, cooldown, probing 0/1}.
-STATE = _PRELUDE + """
-local b = redis.call('HMGET', KEYS[1], 'state', 'failures', 'opened_at', 'reopens_at', 'cooldown')
+# KEYS: [1] breaker (hash)  [2] probe lock  [3] links called  [4] links failing
+# ARGV: [1] window (seconds)
+# Returns {state, opened_at, reopens_at, cooldown, probing 0/1, links called, links failing}.
+STATE = REDIS_NOW + """
+local b = redis.call('HMGET', KEYS[1], 'state', 'opened_at', 'reopens_at', 'cooldown')
 local state = b[1] or 'closed'
-if state == 'open' and redis_now() >= tonumber(b[4]) then state = 'half_open' end
-return {state, b[2] or '0', b[3] or '', b[4] or '', b[5] or '', redis.call('EXISTS', KEYS[2])}
+local now = redis_now()
+if state == 'open' and now >= tonumber(b[3]) then state = 'half_open' end
+local horizon = '(' .. fmt(now - tonumber(ARGV[1]))
+return {state, b[2] or '', b[3] or '', b[4] or '', redis.call('EXISTS', KEYS[2]),
+        redis.call('ZCOUNT', KEYS[3], horizon, '+inf'), redis.call('ZCOUNT', KEYS[4], horizon, '+inf')}
 """
 
 
 class Gate(NamedTuple):
-    """What :meth:`CircuitBreaker.allow` decided for one call."""
+    """What the breaker decided for one call."""
 
     allowed: bool
     """True: call Plural now."""
@@ -135,94 +157,83 @@ class Gate(NamedTuple):
     """Seconds from now (by Redis's clock) after which to ask again when not allowed; 0 when allowed."""
 
 
-class CircuitBreaker(Protocol):
-    """Stops calls to Plural while it is failing, for every worker at once."""
-
-    def allow(self) -> Gate:
-        """May a call go now? See :class:`Gate`."""
-
-    def record_success(self, probe: bool) -> None:
-        """A call succeeded: a probe closes the breaker; any success resets the failure count."""
-
-    def record_failure(self, probe: bool) -> bool:
-        """A retryable failure; True exactly when this call opened the breaker."""
-
-    def state(self) -> dict[str, Any]:
-        """``{"state": "closed|open|half_open", "failures": n, "opened_at": epoch|None,
-        "reopens_at": epoch|None, "cooldown": seconds|None, "probing": bool}``."""
-
-
 class RedisCircuitBreaker:
-    """The breaker's state in the hash ``key``; ``key + ":probe"`` is the probe lock.
+    """The breaker's state in the hash ``key``; beside it ``:probe`` (the probe lock),
+    ``:called`` and ``:failing`` (the window's links).
 
-    ``threshold`` consecutive failures open it for ``cooldown`` seconds; each failed
-    probe doubles the cooldown up to ``max_cooldown`` seconds; a probe holds its lock
-    for at most ``probe_ttl`` seconds; callers turned away while a probe runs are told
-    to come back ``probe_retry`` seconds later.
+    ``window``: seconds of outcomes looked at; ``min_links`` (at least 2): distinct links
+    whose latest call failed that it takes to open; ``failure_rate``: the share of the
+    window's links those must be; ``cooldown``: seconds it stays open at first, doubled by
+    each failed probe up to ``max_cooldown``; a probe holds its lock at most ``probe_ttl``
+    seconds; callers turned away while a probe runs come back ``probe_retry`` seconds later.
     """
 
-    def __init__(self, client: redis.Redis, key: str, threshold: int, cooldown: float, *,
-                 max_cooldown: float = MAX_COOLDOWN, probe_ttl: float = PROBE_TTL,
+    def __init__(self, client: redis.Redis, key: str, *, window: float, min_links: int, failure_rate: float,
+                 cooldown: float, max_cooldown: float = MAX_COOLDOWN, probe_ttl: float = PROBE_TTL,
                  probe_retry: float = PROBE_RETRY):
-        if threshold < 1:
-            raise ValueError("threshold must be at least 1 failure")
-        if not cooldown > 0:
-            raise ValueError("cooldown must be a positive number of seconds")
+        if min_links < 2:
+            raise ValueError("min_links must be at least 2, so that one link can never open the breaker")
+        if not 0 < failure_rate <= 1:
+            raise ValueError("failure_rate must be above 0 and at most 1")
+        if not window > 0 or not cooldown > 0:
+            raise ValueError("window and cooldown must be positive numbers of seconds")
         self.redis = client
-        self.key = key
-        self.probe_key = f"{key}:probe"
-        self.threshold = int(threshold)
+        self.keys = [key, f"{key}:probe", f"{key}:called", f"{key}:failing"]
+        self.window = float(window)
+        self.min_links = int(min_links)
+        self.failure_rate = float(failure_rate)
         self.cooldown = float(cooldown)
         self.max_cooldown = max(float(max_cooldown), self.cooldown)
         self.probe_ttl = probe_ttl
         self.probe_retry = probe_retry
         self._allow = client.register_script(ALLOW)
-        self._record_success = client.register_script(RECORD_SUCCESS)
-        self._record_failure = client.register_script(RECORD_FAILURE)
+        self._record = client.register_script(RECORD)
         self._state = client.register_script(STATE)
 
-    def allow(self) -> Gate:
+    @classmethod
+    def from_settings(cls, client: redis.Redis, key: str, settings) -> "RedisCircuitBreaker":
+        """The breaker ``config.settings.Settings`` describes (``BREAKER_*``)."""
+        return cls(client, key, window=settings.breaker_window, min_links=settings.breaker_min_links,
+                   failure_rate=settings.breaker_failure_rate, cooldown=settings.breaker_cooldown)
+
+    def allow(self, owner: str) -> Gate:
         """Closed: allowed. Open: not allowed until the reopening time. Half open: one
-        probe at a time is allowed; the others are told to ask again shortly."""
-        keys, args = self.allow_call()
+        probe at a time (``owner`` holds the probe lock) is allowed; the others are told
+        to ask again shortly."""
+        keys, args = self.allow_call(owner)
         return parse_gate(self._allow(keys=keys, args=args))
 
-    def allow_call(self) -> tuple[list[str], list[str]]:
+    def allow_call(self, owner: str) -> tuple[list[str], list[str]]:
         """KEYS and ARGV of the allow script (``ALLOW_FN``), for :meth:`allow` and ``worker.attempts``."""
-        return [self.key, self.probe_key], [repr(self.probe_ttl), repr(self.probe_retry)]
+        return self.keys[:2], [repr(self.probe_ttl), repr(self.probe_retry), owner]
 
-    def record_success(self, probe: bool) -> None:
-        """A call succeeded. A probe's success closes the breaker and resets the cooldown;
-        a success while closed resets the consecutive-failure count; any other success
-        (a call begun before the breaker opened) changes nothing."""
-        keys, args = self.success_call(probe)
-        self._record_success(keys=keys, args=args)
+    def record(self, outcome: str, payment_link_id: str, *, probe: bool = False, owner: str = "") -> bool:
+        """What a call to ``payment_link_id`` showed: :data:`SUCCESS`, :data:`FAILURE` or
+        :data:`NO_NEWS`. Returns True only for the one failure that opened a closed breaker
+        (a failed probe re-opens it with a doubled cooldown and returns False: the opening
+        was reported already)."""
+        keys, args = self.record_call(outcome, payment_link_id, probe=probe, owner=owner)
+        return bool(int(self._record(keys=keys, args=args)))
 
-    def success_call(self, probe: bool) -> tuple[list[str], list[int]]:
-        """KEYS and ARGV of the success script (``RECORD_SUCCESS_FN``), for :meth:`record_success`
-        and ``worker.attempts``."""
-        return [self.key, self.probe_key], [int(bool(probe))]
-
-    def record_failure(self, probe: bool) -> bool:
-        """A retryable failure. Returns True only for the one call that opened a closed
-        breaker (a failed probe re-opens it with a doubled cooldown, returning False:
-        the opening was reported already). Failures of calls begun before the breaker
-        opened change nothing."""
-        keys, args = self.failure_call(probe)
-        return bool(int(self._record_failure(keys=keys, args=args)))
-
-    def failure_call(self, probe: bool) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of the failure script (``RECORD_FAILURE_FN``), for :meth:`record_failure`
-        and ``worker.attempts``."""
-        return [self.key, self.probe_key], [int(bool(probe)), self.threshold, repr(self.cooldown),
-                                            repr(self.max_cooldown)]
+    def record_call(self, outcome: str, payment_link_id: str, *, probe: bool,
+                    owner: str) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the record script (``RECORD_FN``), for :meth:`record` and ``worker.attempts``."""
+        if outcome not in (SUCCESS, FAILURE, NO_NEWS):
+            raise ValueError(f"outcome must be success, failure or '', not {outcome!r}")
+        return list(self.keys), [outcome, int(bool(probe)), owner, payment_link_id, repr(self.window),
+                                 self.min_links, repr(self.failure_rate), repr(self.cooldown),
+                                 repr(self.max_cooldown)]
 
     def state(self) -> dict[str, Any]:
-        """The breaker for stats; times are epoch seconds from Redis's clock."""
-        state, failures, opened_at, reopens_at, cooldown, probing = self._state(keys=[self.key, self.probe_key])
+        """The breaker for stats: ``{"state": "closed|open|half_open", "opened_at", "reopens_at"
+        (epoch seconds by Redis's clock, or None), "cooldown" (seconds or None), "probing",
+        "links_called", "links_failing" (in the window now)}``."""
+        state, opened_at, reopens_at, cooldown, probing, called, failing = self._state(
+            keys=self.keys, args=[repr(self.window)])
         number = lambda raw: float(raw) if _text(raw) else None  # noqa: E731
-        return {"state": _text(state), "failures": int(failures), "opened_at": number(opened_at),
-                "reopens_at": number(reopens_at), "cooldown": number(cooldown), "probing": bool(int(probing))}
+        return {"state": _text(state), "opened_at": number(opened_at), "reopens_at": number(reopens_at),
+                "cooldown": number(cooldown), "probing": bool(int(probing)), "links_called": int(called),
+                "links_failing": int(failing)}
 
 
 def parse_gate(reply: list) -> Gate:
@@ -233,23 +244,6 @@ def parse_gate(reply: list) -> Gate:
     if verdict == "probe":
         return Gate(True, True, 0.0)
     return Gate(False, False, float(retry_in))
-
-
-class NoBreaker:
-    """A stub for tests and for running without a breaker: always closed."""
-
-    def allow(self) -> Gate:
-        return Gate(True, False, 0.0)
-
-    def record_success(self, probe: bool) -> None:
-        pass
-
-    def record_failure(self, probe: bool) -> bool:
-        return False
-
-    def state(self) -> dict[str, Any]:
-        return {"state": "closed", "failures": 0, "opened_at": None, "reopens_at": None,
-                "cooldown": None, "probing": False}
 
 
 def _text(value: Any) -> str:

@@ -63,7 +63,9 @@ class Keys:
 
     @property
     def breaker(self) -> str:
-        """Hash: the circuit breaker's state; ``:probe`` beside it is the one-probe-at-a-time lock (with a TTL)."""
+        """Hash: the circuit breaker's state. Beside it: ``:probe``, the one-probe-at-a-time lock
+        (a string with a TTL); ``:called`` and ``:failing``, sorted sets of the window's links
+        scored by the time of their latest outcome (``worker.breaker``)."""
         return f"{self.prefix}:breaker"
 
     @property

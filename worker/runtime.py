@@ -21,6 +21,7 @@ from worker.breaker import RedisCircuitBreaker
 from worker.keys import Keys
 from worker.ledger import Ledger
 from worker.ratelimit import RedisRateLimiter
+from worker.redaction import redactor_for
 from worker.plural import PluralClient
 from worker.tokens import RedisTokenCache
 
@@ -50,7 +51,7 @@ class Runtime:
     def ledger(self) -> Ledger:
         return Ledger(self.redis, result_ttl=self.settings.result_ttl, retry_budget=self.settings.retry_budget,
                       stall_timeout=self.settings.stall_timeout, rate=self.settings.rate_limit * PACING,
-                      queue=QUEUE, keys=self.keys, clock=self.clock)
+                      queue=QUEUE, keys=self.keys, clock=self.clock, redactor=redactor_for(self.settings))
 
     @cached_property
     def limiter(self) -> RedisRateLimiter:
@@ -64,8 +65,7 @@ class Runtime:
     @cached_property
     def breaker(self) -> RedisCircuitBreaker:
         """The circuit breaker shared by every worker process and host."""
-        return RedisCircuitBreaker(self.redis, self.keys.breaker, self.settings.breaker_threshold,
-                                   self.settings.breaker_cooldown)
+        return RedisCircuitBreaker.from_settings(self.redis, self.keys.breaker, self.settings)
 
     @cached_property
     def attempts(self) -> Attempts:

@@ -117,7 +117,8 @@ def stats(as_json: bool):
     figures = {
         "states": states, "outcomes": outcomes, "queue_depth": snap["queue_depth"], "deferred": snap["deferred"],
         "dead_letters": snap["dead_letters"],
-        "breaker": {"state": breaker["state"], "failures": breaker["failures"],
+        "breaker": {"state": breaker["state"], "links_failing": breaker["links_failing"],
+                    "links_called": breaker["links_called"],
                     "reopens_at": None if reopens_at is None else format_timestamp(reopens_at, "seconds")},
         "rate": {"limit_per_second": app.settings.rate_limit, "current_per_second": round(snap["rate"], 3)},
         "malformed": snap["malformed"],
@@ -131,7 +132,8 @@ def stats(as_json: bool):
     click.echo(f"deferred      {snap['deferred']} cancels waiting for their time")
     click.echo(f"dead letters  {snap['dead_letters']} (plural-cancel failed list)")
     reopens = f", reopens at {figures['breaker']['reopens_at']}" if breaker["state"] != "closed" else ""
-    click.echo(f"breaker       {breaker['state']} ({breaker['failures']} consecutive failures{reopens})")
+    click.echo(f"breaker       {breaker['state']} ({breaker['links_failing']} of {breaker['links_called']} links "
+               f"failing in the last {app.settings.breaker_window:g} s{reopens})")
     click.echo(f"rate          {snap['rate']:g}/s now, limit {app.settings.rate_limit:g}/s")
     click.echo("malformed     " + "  ".join(f"{k} {n}" for k, n in snap["malformed"].items())
                + " (messages dropped, every worker; the worker log says why)")

@@ -1,0 +1,124 @@
+"""Outcomes decided from facts: what one attempt makes of each kind of answer.
+
+Each test runs the cancel task's body (``tasks.cancel.execute``) in this process, against
+real Redis and a scripted Plural over real HTTP, and reads the status record it wrote.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from tests.support.scripted_plural import LINK_ID, SEED_200, Answer
+
+# The seed's example has tabs inside strings, which a strict JSON parser refuses.
+SEED = json.loads(SEED_200, strict=False)
+CANCELLED = {**SEED, "status": "CANCELLED"}
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+def runtime(redis_url, plural):
+    from config.settings import Settings
+    from worker.runtime import Runtime
+
+    settings = Settings.from_env({"REDIS_URL": redis_url, "PLURAL_BASE_URL": plural.base_url,
+                                  "PLURAL_CLIENT_ID": "client-7f3a", "PLURAL_CLIENT_SECRET": "s3cr3t-DO-NOT-LEAK-91c2",
+                                  "CANCEL_RETRY_BASE": "1", "CANCEL_RETRY_CAP": "1"})
+    rt = Runtime(settings, jitter=lambda: 0.5)
+    yield rt
+    rt.close()
+
+
+def run(runtime, request_id: str = "req-outcome") -> dict:
+    from tasks.cancel import execute
+
+    runtime.ledger.create_many([(request_id, LINK_ID)])
+    execute(runtime, LINK_ID, request_id)
+    return runtime.ledger.status(request_id)
+
+
+def link_with(**changes) -> dict:
+    link = copy.deepcopy(CANCELLED)
+    for path, value in changes.items():
+        where = link
+        *parents, last = path.split("__")
+        for name in parents:
+            where = where[name]
+        where[last] = value
+    return link
+
+
+@pytest.mark.parametrize("body", [
+    link_with(customer__mobile_number=9876543210.0),
+    link_with(expire_by="21/03/2025 08:29"),
+    link_with(amount={"value": "50000", "currency": "INR"}, product_details="none"),
+], ids=["float-mobile-number", "non-iso-expire-by", "odd-amount-and-products"])
+def test_a_cancelled_link_with_odd_fields_is_cancelled_without_a_get(runtime, plural, body):
+    plural.answers.append(Answer(200, body, JSON))
+    status = run(runtime)
+    assert (status["state"], status["outcome"], status["link_status"]) == ("succeeded", "cancelled", "CANCELLED")
+    assert [s.method for s in plural.calls()] == ["PUT"]
+    assert status["last_error"] is None
+
+
+@pytest.mark.parametrize("answer", [
+    Answer(200, ""),
+    Answer(204),
+    Answer(200, "<html><body>OK</body></html>", {"Content-Type": "text/html"}),
+    Answer(200, {"result": "ok"}, JSON),
+], ids=["empty-200", "204", "html-200", "json-without-status"])
+def test_an_unreadable_success_is_decided_by_the_links_status(runtime, plural, answer):
+    plural.answers.extend([answer, Answer(200, CANCELLED, JSON)])
+    status = run(runtime)
+    assert (status["state"], status["outcome"], status["link_status"]) == ("succeeded", "cancelled", "CANCELLED")
+    assert [s.method for s in plural.calls()] == ["PUT", "GET"]
+
+
+def test_an_unreadable_success_of_a_paid_link_is_not_cancellable(runtime, plural):
+    plural.answers.extend([Answer(204), Answer(200, {**SEED, "status": "PROCESSED"}, JSON)])
+    status = run(runtime)
+    assert (status["state"], status["outcome"], status["link_status"]) == ("failed", "not_cancellable", "PROCESSED")
+
+
+def test_an_unreadable_success_and_an_unreadable_link_are_retried(runtime, plural):
+    plural.answers.extend([Answer(204), Answer(200, "<html>maintenance</html>", {"Content-Type": "text/html"})])
+    status = run(runtime)
+    assert (status["state"], status["attempts"]) == ("retrying", 1)
+    assert status["last_error"]["code"] == "PluralBadResponse"
+
+
+def test_a_token_that_could_not_be_had_is_not_an_attempt_and_no_news_of_plural(runtime, plural, redis_client):
+    """Another process holds the token lock and never produces a token: the cancel waits,
+    uncounted, and the breaker hears nothing."""
+    from worker.plural import PluralClient
+    from worker.tokens import RedisTokenCache
+
+    settings = runtime.settings
+    tokens = RedisTokenCache(runtime.redis, settings.client_id, settings.client_secret.reveal(),
+                             keys=runtime.keys, wait_timeout=0.3)
+    runtime.__dict__["plural"] = PluralClient.from_settings(settings, tokens=tokens)  # a short wait, for the test
+    redis_client.set(runtime.keys.token_lock(settings.client_id), "another-process", px=60_000)
+    status = run(runtime)
+    assert (status["state"], status["attempts"]) == ("queued", 0)
+    assert status["last_error"]["code"] == "TokenUnavailable"
+    assert plural.seen == []
+    assert runtime.breaker.state()["links_called"] == 0  # the breaker heard nothing
+
+
+def test_plurals_message_is_masked_before_it_is_stored(runtime, plural, redis_client):
+    """Plural's own error message can quote what it was sent; the record keeps it masked."""
+    message = "mobile 9876543210 of priya.sharma@example.com is invalid; token=abcdef123456"
+    plural.answers.extend([Answer(400, {"code": "INVALID_REQUEST", "message": message}, JSON),
+                           Answer(404, {"code": "NOT_FOUND", "message": "link not found"}, JSON)])
+    status = run(runtime)
+    assert (status["state"], status["outcome"]) == ("failed", "rejected")
+    stored = json.dumps(status["last_error"])
+    for secret in ("9876543210", "priya.sharma@example.com", "abcdef123456"):
+        assert secret not in stored
+    assert "[email]" in stored and "[phone]" in stored
+    for key in redis_client.scan_iter("*"):
+        if redis_client.type(key) == b"hash":
+            assert b"priya.sharma" not in b"".join(redis_client.hgetall(key).values())
