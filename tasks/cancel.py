@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from config.celery import lease_seconds
 from worker import app, malformed, metrics, reporting
 from worker.attempts import Health, Settled
-from worker.errors import PluralAuthError, PluralError, PluralRateLimited, PluralRequestError
+from worker.breaker import FAILURE, NO_NEWS, SUCCESS
+from worker.errors import PluralAuthError, PluralBadResponse, PluralError, PluralRateLimited, PluralRequestError
 from worker.links import PaymentLink, format_timestamp
 from worker.plural import PluralClient
 from worker.retry import backoff
@@ -25,7 +26,6 @@ from worker.validation import validate_payment_link_id, validate_request_id
 log = logging.getLogger(__name__)
 
 # After a refused cancel, the link's own status says what happened (API-NOTES).
-DONE_STATUSES = {"CANCELLED": ("succeeded", "already_cancelled")}
 FINAL_STATUSES = {"PROCESSED", "PARTIAL_PROCESSED", "EXPIRED"}
 IN_FLIGHT_STATUSES = {"PAYMENT_INITIATED"}
 
@@ -46,6 +46,9 @@ class Decision:
     error: PluralError | Exception | None = None
     retry_after: float | None = None
     """Seconds Plural asked us to wait, for ``retry``."""
+    attempted: bool = True
+    """The PUT may have reached Plural, so it counts as an attempt. False when it certainly
+    never left (no token could be had, Plural could not be connected to)."""
 
 
 def attempt(client: PluralClient, payment_link_id: str, request_id: str) -> Decision:
@@ -54,20 +57,30 @@ def attempt(client: PluralClient, payment_link_id: str, request_id: str) -> Deci
         with metrics.plural_call("cancel"):
             link = client.cancel_payment_link(payment_link_id, request_id)
     except PluralAuthError as exc:  # the client already dropped the token and tried once more
-        return Decision("failed", "auth_failed", error=exc)
+        return Decision("failed", "auth_failed", error=exc, attempted=sent(exc))
     except PluralRequestError as exc:
         return decide_from_link(client, payment_link_id, exc)
+    except PluralBadResponse as exc:
+        if exc.http_status is not None and 200 <= exc.http_status < 300:
+            # A success we cannot read (empty, a 204, HTML, a link without a status): the
+            # link's own status says whether it is cancelled.
+            return decide_from_link(client, payment_link_id, None)
+        return _retry_or_reject(exc)
     except PluralError as exc:
         return _retry_or_reject(exc)
     except TokenUnavailable as exc:
-        return Decision("retry", error=exc)
-    if link.status == "CANCELLED":
-        return Decision("succeeded", "cancelled", link=link)
+        return Decision("retry", error=exc, attempted=False)
     return _from_status(link, None)
 
 
-def decide_from_link(client: PluralClient, payment_link_id: str, refusal: PluralRequestError) -> Decision:
-    """Plural refused the cancel with a 4xx: ``GET`` the link and let its status decide."""
+def sent(error: BaseException) -> bool:
+    """Whether the call that raised ``error`` may have reached Plural (``PluralError.sent``)."""
+    return not isinstance(error, TokenUnavailable) and getattr(error, "sent", True)
+
+
+def decide_from_link(client: PluralClient, payment_link_id: str, refusal: PluralRequestError | None) -> Decision:
+    """The PUT was refused in Plural's words (``refusal``), or it succeeded unreadably (None):
+    ``GET`` the link and let its status decide. The PUT was sent: this is an attempt."""
     try:
         # A fresh Request-ID: the cancel's own id belongs to the PUT it identifies.
         with metrics.plural_call("get"):
@@ -75,8 +88,15 @@ def decide_from_link(client: PluralClient, payment_link_id: str, refusal: Plural
     except PluralAuthError as exc:
         return Decision("failed", "auth_failed", error=exc)
     except PluralRequestError:
+        if refusal is None:
+            # Plural said it cancelled the link and now says it does not know it: ask again later.
+            return Decision("retry", error=PluralBadResponse("Plural answered the cancel but refuses the "
+                                                             "link's status", http_status=None))
         # Unknown link, or a request Plural calls invalid: nothing to cancel.
         return Decision("failed", "rejected", error=refusal)
+    except PluralBadResponse as exc:
+        # Neither answer can be read: nothing is known, so nothing is decided yet.
+        return Decision("retry", error=exc, retry_after=exc.retry_after)
     except PluralError as exc:
         return _retry_or_reject(exc)
     except TokenUnavailable as exc:
@@ -85,9 +105,9 @@ def decide_from_link(client: PluralClient, payment_link_id: str, refusal: Plural
 
 
 def _from_status(link: PaymentLink, refusal: PluralError | None) -> Decision:
-    if link.status in DONE_STATUSES:
-        state, outcome = DONE_STATUSES[link.status]
-        return Decision(state, outcome, link=link)
+    if link.status == "CANCELLED":
+        # Cancelled by this PUT (it succeeded), or before it (it was refused).
+        return Decision("succeeded", "already_cancelled" if refusal else "cancelled", link=link)
     if link.status in FINAL_STATUSES:
         return Decision("failed", "not_cancellable", link=link, error=refusal)
     if link.status in IN_FLIGHT_STATUSES:
@@ -98,8 +118,8 @@ def _from_status(link: PaymentLink, refusal: PluralError | None) -> Decision:
 
 def _retry_or_reject(exc: PluralError) -> Decision:
     if exc.retryable:
-        return Decision("retry", error=exc, retry_after=exc.retry_after)
-    return Decision("failed", "rejected", error=exc)
+        return Decision("retry", error=exc, retry_after=exc.retry_after, attempted=sent(exc))
+    return Decision("failed", "rejected", error=exc, attempted=sent(exc))
 
 
 def error_summary(error: PluralError | Exception | None) -> dict | None:
@@ -143,8 +163,8 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
     gate = admitted.gate
     if not gate.allowed:
         # Plural is down: wait for the reopening time without spending an attempt.
-        if not _accepted(rt, rt.attempts.defer(request_id, owner, delay=_spread(rt, gate.retry_in),
-                                               attempted=False), ids):
+        if not _accepted(rt, rt.attempts.defer(request_id, payment_link_id, owner,
+                                               delay=_spread(rt, gate.retry_in), attempted=False), ids):
             return "stale"
         log.info("cancel held: the circuit breaker is open", extra={**ids, "state": waiting, "reason": "breaker"})
         metrics.DEFERRALS.labels("breaker").inc()
@@ -155,7 +175,9 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
         # Come back while the free slot is still up to ``max_wait`` ahead, so that a slot
         # is reserved ahead of its time and none goes unused: the drain stays at the limit.
         delay = max(0.0, slot.wait - max_wait) + max_wait * rt.jitter()
-        if not _accepted(rt, rt.attempts.defer(request_id, owner, delay=delay, attempted=False), ids):
+        # A probe that got no slot learnt nothing: its settle frees the probe slot.
+        if not _accepted(rt, rt.attempts.defer(request_id, payment_link_id, owner, delay=delay, attempted=False,
+                                               health=Health(NO_NEWS, gate.probe)), ids):
             return "stale"
         log.info("cancel held: rate limit", extra={**ids, "state": waiting, "reason": "rate_limit"})
         metrics.DEFERRALS.labels("rate_limit").inc()
@@ -167,19 +189,24 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
     # The attempt's calls share what is left of its bound, so it ends inside its lease.
     with rt.plural.within(settings.attempt_timeout - (time.monotonic() - began)):
         decision = attempt(rt.plural, payment_link_id, request_id)
-    return record(rt, decision, payment_link_id, request_id, owner, attempts=claim.attempts + 1,
+    return record(rt, decision, payment_link_id, request_id, owner,
+                  attempts=claim.attempts + int(decision.attempted),
                   budget_left=claim.budget_left - (time.monotonic() - began), probe=gate.probe)
 
 
 def health(decision: Decision, probe: bool) -> Health:
     """What this attempt showed of Plural's health, for the breaker and the limiter."""
     error = decision.error
-    if decision.state == "retry" and isinstance(error, PluralError) and error.retryable:
-        return Health("failure", probe, throttled=isinstance(error, PluralRateLimited))
     if isinstance(error, TokenUnavailable):
-        return Health("", probe)  # Plural's token endpoint was never reached: no news of Plural
-    # Any answer that is not a Plural-side failure (including a 4xx) shows Plural is up.
-    return Health("success", probe)
+        return Health(NO_NEWS, probe)  # Plural's token endpoint was never asked: no news of Plural
+    if isinstance(error, PluralRateLimited):
+        # A throttle, not an outage: the limiter slows down; the breaker hears nothing.
+        return Health(NO_NEWS, probe, throttled=True)
+    if decision.state == "retry" and (isinstance(error, PluralBadResponse)
+                                      or isinstance(error, PluralError) and error.retryable):
+        return Health(FAILURE, probe)  # a 5xx, no answer, or one that is not Plural's (a maintenance page)
+    # Any answer that is not a Plural-side failure (including a 4xx in Plural's words) shows Plural is up.
+    return Health(SUCCESS, probe)
 
 
 def _spread(rt: Runtime, delay: float) -> float:
@@ -220,17 +247,19 @@ def record(rt: Runtime, decision: Decision, payment_link_id: str, request_id: st
         delay = backoff(attempts, base=settings.retry_base, cap=settings.retry_cap, jitter=rt.jitter,
                         retry_after=decision.retry_after)
         if delay <= budget_left:
-            settled = writer.defer(request_id, owner, health=seen, delay=delay, attempted=True, last_error=error)
+            settled = writer.defer(request_id, payment_link_id, owner, health=seen, delay=delay,
+                                   attempted=decision.attempted, last_error=error)
             if not _accepted(rt, settled, fields, decision.error):
                 return "stale"
             log.info("cancel retrying in %.1fs", delay, extra={**fields, "state": "retrying", "error": error})
             metrics.RETRIES.labels(_retry_reason(decision)).inc()
             return "retrying"
-        decision = Decision("failed", "gave_up", link=decision.link, error=decision.error)
+        decision = Decision("failed", "gave_up", link=decision.link, error=decision.error,
+                            attempted=decision.attempted)
     link = decision.link
     settled = writer.finish(
         request_id, payment_link_id, owner, health=seen, state=decision.state,
-        outcome=decision.outcome, attempted=True,
+        outcome=decision.outcome, attempted=decision.attempted,
         link_status=link.status if link else None,
         cancelled_at=format_timestamp(link.cancelled_at) if link and link.cancelled_at else None,
         amount={"value": link.amount.value, "currency": link.amount.currency} if link and link.amount else None,

@@ -170,9 +170,9 @@ def _count_unknown(**kwargs):
 @signals.setup_logging.connect
 def _setup_logging(loglevel=None, logfile=None, **kwargs):
     """Worker and beat log through :mod:`worker.logs` (structured, redacted), not Celery's format."""
-    from worker import logs, reporting
+    from worker import logs, redaction
 
-    logs.configure(reporting.redactor_for(app.settings), loglevel or logging.INFO, logfile)
+    logs.configure(redaction.redactor_for(app.settings), loglevel or logging.INFO, logfile)
 
 
 @signals.celeryd_init.connect

@@ -34,6 +34,7 @@ import redis
 from worker.keys import Keys
 from worker.ledger_lua import CLAIM, CREATE, DEFER, FINISH, PUMP, REJECT, REQUEUE
 from worker.links import format_timestamp
+from worker.redaction import Redactor
 
 TERMINAL = ("succeeded", "failed")
 ACTIVE = ("queued", "running", "retrying")
@@ -76,8 +77,12 @@ class Ledger:
     """
 
     def __init__(self, client: redis.Redis, *, result_ttl: int, retry_budget: float, stall_timeout: float,
-                 rate: float, queue: str, keys: Keys = Keys(), clock: Callable[[], float] = time.time):
+                 rate: float, queue: str, keys: Keys = Keys(), clock: Callable[[], float] = time.time,
+                 redactor: Redactor = Redactor()):
         self.redis = client
+        self.redactor = redactor
+        """Masks secrets and personal data in an error before it is written (Plural's own
+        message may quote what it was sent: a phone number, an e-mail)."""
         self.keys = keys
         self.result_ttl = result_ttl
         self.retry_budget = retry_budget
@@ -94,6 +99,9 @@ class Ledger:
         self._pump = client.register_script(PUMP)
         self._requeue = client.register_script(REQUEUE)
         self._reject = client.register_script(REJECT)
+
+    def _error_json(self, error: dict) -> str:
+        return json.dumps(self.redactor.walk(error), separators=(",", ":"))
 
     # -- producers -------------------------------------------------------------------
 
@@ -143,7 +151,7 @@ class Ledger:
         if amount:
             fields["amount"] = json.dumps(amount, separators=(",", ":"))
         if last_error:
-            fields["last_error"] = json.dumps(last_error, separators=(",", ":"))
+            fields["last_error"] = self._error_json(last_error)
         k = self.keys
         keys = [k.record(request_id), k.link(payment_link_id), k.due, k.failed, k.events, k.stats,
                 k.finished(""), k.followers(request_id), k.record("")]
@@ -158,7 +166,7 @@ class Ledger:
         (the attempt counts). A cancel held back before any attempt stays ``queued``; one
         that has been tried is ``retrying``.
         """
-        error = json.dumps(last_error, separators=(",", ":")) if last_error else ""
+        error = self._error_json(last_error) if last_error else ""
         return ([self.keys.record(request_id), self.keys.due, self.keys.stats],
                 [request_id, owner, repr(max(0.0, delay)), int(attempted), error])
 

@@ -1,9 +1,14 @@
 """A Plural payment link as typed, frozen values, read from Plural's JSON.
 
 The shape is the seed's 200 schema (``cancel-payment-link.seed.md``). Absent fields
-become None (or empty), unknown fields are kept in ``PaymentLink.extra``; a field of
-the wrong type raises :class:`LinkFormatError`, whose message names the field and
-never its value. Customer data is personal data: it is kept out of every ``repr``.
+become None (or empty), unknown fields are kept in ``PaymentLink.extra``.
+
+Read leniently: a cancel's outcome needs only the link's ``status``, so only a missing
+or unreadable status raises :class:`LinkFormatError` (its message names the field,
+never its value). Any other field that does not parse (a float phone number, a date in
+another format) becomes None, its raw value goes to ``extra`` and its name to
+``unreadable``: it stays out of every decision instead of turning a cancelled link
+into an error. Customer data is personal data: it is kept out of every ``repr``.
 Amounts are integers in the currency's minor unit (paisa for INR).
 """
 
@@ -11,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 LINK_STATUSES = ("CREATED", "CLICKED", "PAYMENT_INITIATED", "PROCESSED",
                  "PARTIAL_PROCESSED", "CANCELLED", "EXPIRED")
@@ -66,7 +71,10 @@ def _str(data: Mapping[str, Any], key: str, where: str, *, digits_ok: bool = Fal
     value = data.get(key)
     if value is None or isinstance(value, str):
         return value
-    # Phone numbers, pincodes and ids are digit strings that some serializers emit as numbers.
+    # Phone numbers, pincodes and ids are digit strings that some serializers emit as numbers
+    # (9876543210, or 9876543210.0 from a double).
+    if digits_ok and isinstance(value, float) and value.is_integer():
+        value = int(value)
     if digits_ok and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     raise LinkFormatError(f"{where}.{key} must be a string, not {type(value).__name__}")
@@ -208,49 +216,70 @@ class PaymentLink:
     updated_at: datetime | None = None
     cancelled_at: datetime | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False, hash=False)
-    """Fields Plural sent that this model does not know, as sent."""
+    """Fields Plural sent that this model does not know, or could not read, as sent."""
+    unreadable: tuple[str, ...] = ()
+    """Names of the known fields that Plural sent in a shape this model could not read
+    (their raw values are in ``extra``); none of them enters a decision."""
 
     @classmethod
     def from_dict(cls, data: Any) -> "PaymentLink":
-        """Read Plural's JSON object; raises :class:`LinkFormatError` when its shape is wrong."""
+        """Read Plural's JSON object. Raises :class:`LinkFormatError` only when it is not an
+        object or its ``status`` is missing or not a string; any other field that cannot be
+        read is set aside (see ``unreadable``)."""
         if not isinstance(data, Mapping):
             raise LinkFormatError(f"payment link must be a JSON object, not {type(data).__name__}")
         status = data.get("status")
-        if not isinstance(status, str) or not status:
+        if not isinstance(status, str) or not status.strip():
             raise LinkFormatError("payment link has no status" if status is None
                                   else f"status must be a non-empty string, not {type(status).__name__}")
         where = "payment link"
-        methods = data.get("allowed_payment_methods")
-        if methods is None:
-            methods = []
-        if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
-            raise LinkFormatError("allowed_payment_methods must be a list of strings")
-        products = data.get("product_details")
-        if products is None:
-            products = []
-        if not isinstance(products, list):
-            raise LinkFormatError(f"product_details must be a list, not {type(products).__name__}")
-        metadata = _object(data.get("merchant_metadata"), "merchant_metadata")
-        return cls(
-            status=status,
-            payment_link_id=_str(data, "payment_link_id", where),
-            payment_link=_str(data, "payment_link", where),
-            amount=Money.from_dict(data.get("amount"), "amount"),
-            amount_due=Money.from_dict(data.get("amount_due"), "amount_due"),
-            order_id=_str(data, "order_id", where),
-            merchant_payment_link_reference=_str(data, "merchant_payment_link_reference", where),
-            description=_str(data, "description", where),
-            expire_by=parse_timestamp(data.get("expire_by"), "expire_by"),
-            merchant_order_reference=_str(data, "merchant_order_reference", where),
-            allowed_payment_methods=tuple(methods),
-            customer=Customer.from_dict(data.get("customer")),
-            product_details=tuple(ProductDetail.from_dict(p, f"product_details[{i}]")
-                                  for i, p in enumerate(products)),
-            cart_coupon_discount_amount=Money.from_dict(data.get("cart_coupon_discount_amount"),
-                                                        "cart_coupon_discount_amount"),
-            merchant_metadata=dict(metadata or {}),
-            created_at=parse_timestamp(data.get("created_at"), "created_at"),
-            updated_at=parse_timestamp(data.get("updated_at"), "updated_at"),
-            cancelled_at=parse_timestamp(data.get("cancelled_at"), "cancelled_at"),
-            extra={k: v for k, v in data.items() if k not in _KNOWN},
+        extra = {k: v for k, v in data.items() if k not in _KNOWN}
+        unreadable: list[str] = []
+
+        def read(name: str, parse: Callable[[Any], Any], default: Any = None) -> Any:
+            try:
+                return parse(data.get(name))
+            except (LinkFormatError, ValueError, TypeError, AttributeError):
+                unreadable.append(name)
+                extra[name] = data.get(name)
+                return default
+
+        fields = dict(
+            payment_link_id=read("payment_link_id", lambda _: _str(data, "payment_link_id", where)),
+            payment_link=read("payment_link", lambda _: _str(data, "payment_link", where)),
+            amount=read("amount", lambda v: Money.from_dict(v, "amount")),
+            amount_due=read("amount_due", lambda v: Money.from_dict(v, "amount_due")),
+            order_id=read("order_id", lambda _: _str(data, "order_id", where)),
+            merchant_payment_link_reference=read("merchant_payment_link_reference",
+                                                 lambda _: _str(data, "merchant_payment_link_reference", where)),
+            description=read("description", lambda _: _str(data, "description", where)),
+            expire_by=read("expire_by", lambda v: parse_timestamp(v, "expire_by")),
+            merchant_order_reference=read("merchant_order_reference",
+                                          lambda _: _str(data, "merchant_order_reference", where)),
+            allowed_payment_methods=read("allowed_payment_methods", _methods, ()),
+            customer=read("customer", Customer.from_dict),
+            product_details=read("product_details", _products, ()),
+            cart_coupon_discount_amount=read("cart_coupon_discount_amount",
+                                             lambda v: Money.from_dict(v, "cart_coupon_discount_amount")),
+            merchant_metadata=read("merchant_metadata", lambda v: dict(_object(v, "merchant_metadata") or {}), {}),
+            created_at=read("created_at", lambda v: parse_timestamp(v, "created_at")),
+            updated_at=read("updated_at", lambda v: parse_timestamp(v, "updated_at")),
+            cancelled_at=read("cancelled_at", lambda v: parse_timestamp(v, "cancelled_at")),
         )
+        return cls(status=status.strip().upper(), extra=extra, unreadable=tuple(unreadable), **fields)
+
+
+def _methods(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+        raise LinkFormatError("allowed_payment_methods must be a list of strings")
+    return tuple(value)
+
+
+def _products(value: Any) -> tuple[ProductDetail, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise LinkFormatError(f"product_details must be a list, not {type(value).__name__}")
+    return tuple(ProductDetail.from_dict(p, f"product_details[{i}]") for i, p in enumerate(value))

@@ -6,7 +6,7 @@ text (``... cancel succeeded: cancelled request_id=... payment_link_id=...``); a
 else (a file, journald, a container's log driver) each line is one JSON object, so a
 log pipeline can filter by ``request_id`` without parsing prose.
 
-Every line passes through :class:`worker.reporting.Redactor` last: a token, the client
+Every line passes through :class:`worker.redaction.Redactor` last: a token, the client
 secret, a password in a URL, an e-mail address or a phone number never reaches a log,
 whichever code wrote it.
 """
@@ -19,7 +19,7 @@ import sys
 from typing import Any, TextIO
 
 from worker.links import format_timestamp
-from worker.reporting import Redactor
+from worker.redaction import Redactor
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
