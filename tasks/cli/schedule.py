@@ -107,6 +107,7 @@ def bulk(file: TextIO, wait: bool, timeout: float | None, output: TextIO | None,
     enqueued. Exit status 2 when any line was bad, 1 on other errors, 0 otherwise.
     """
     import redis
+    from kombu.exceptions import OperationalError
 
     from tasks.producer import enqueue_many
 
@@ -124,7 +125,7 @@ def bulk(file: TextIO, wait: bool, timeout: float | None, output: TextIO | None,
     app = configured_app()
     request_ids: list[str] = []
     try:
-        with click.progressbar(length=len(parsed.links), label="enqueueing", file=sys.stderr) as bar:
+        with _progressbar(len(parsed.links), "enqueueing") as bar:
             for start in range(0, len(parsed.links), CHUNK):
                 chunk = parsed.links[start:start + CHUNK]
                 ids = enqueue_many(chunk, app=app)
@@ -132,9 +133,9 @@ def bulk(file: TextIO, wait: bool, timeout: float | None, output: TextIO | None,
                 if output is not None:
                     output.writelines(f"{link},{rid}\n" for link, rid in zip(chunk, ids))
                 bar.update(len(chunk))
-    except redis.RedisError as exc:
-        raise Failure(f"redis error after {len(request_ids)} of {len(parsed.links)} were enqueued: "
-                      f"{type(exc).__name__}: {exc}") from None
+    except (redis.RedisError, OperationalError) as exc:  # base.Commands makes it one line
+        exc.add_note(f"{len(request_ids)} of {len(parsed.links)} enqueued before it")
+        raise
 
     click.echo(f"accepted    {len(request_ids)}")
     click.echo(f"duplicates  {parsed.duplicates}")
@@ -150,6 +151,12 @@ def bulk(file: TextIO, wait: bool, timeout: float | None, output: TextIO | None,
                            f"the other {len(request_ids)} links were enqueued")
 
 
+def _progressbar(length: int, label: str):
+    # On a terminal only: elsewhere (cron, a pipe) click would print just the label, a
+    # line that says nothing and would stand before a one-line error.
+    return click.progressbar(length=length, label=label, file=sys.stderr, hidden=not sys.stderr.isatty())
+
+
 def _lines(n: int) -> str:
     return f"{n} line" if n == 1 else f"{n} lines"
 
@@ -161,7 +168,7 @@ def _follow(app, request_ids: list[str], timeout: float | None) -> tuple[Counter
     outcomes: Counter = Counter()
     pending = list(request_ids)
     deadline = None if timeout is None else time.monotonic() + timeout
-    with click.progressbar(length=len(pending), label="cancelling", file=sys.stderr) as bar:
+    with _progressbar(len(pending), "cancelling") as bar:
         while pending:
             still = []
             for request_id, status in zip(pending, get_statuses(pending, app=app)):
