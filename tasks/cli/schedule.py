@@ -4,12 +4,15 @@
 skipped), or a CSV with a ``payment_link_id`` column. Every line is checked before
 anything is sent; each bad one is named on stderr with its line number and reason.
 The valid ones are enqueued (each distinct id once) unless ``--strict``; the exit
-status is then 2 when any line was bad, so a script notices, and 0 otherwise.
+status is then 2 when any line was bad, so a script notices, and 0 otherwise. The
+summary ends with the time the backlog needs at ``PLURAL_RATE_LIMIT``: every cancel
+not yet finished, the file's and any other producer's, over the one global limit.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import sys
 import time
 from collections import Counter
@@ -104,7 +107,8 @@ def bulk(file: TextIO, wait: bool, timeout: float | None, output: TextIO | None,
 
     One id per line (blank lines and # comments skipped), or a CSV with a
     payment_link_id column. Bad lines are named with their line numbers; the rest are
-    enqueued. Exit status 2 when any line was bad, 1 on other errors, 0 otherwise.
+    enqueued. The summary says how long every waiting cancel takes at PLURAL_RATE_LIMIT.
+    Exit status 2 when any line was bad, 1 on other errors, 0 otherwise.
     """
     import redis
     from kombu.exceptions import OperationalError
@@ -133,13 +137,17 @@ def bulk(file: TextIO, wait: bool, timeout: float | None, output: TextIO | None,
                 if output is not None:
                     output.writelines(f"{link},{rid}\n" for link, rid in zip(chunk, ids))
                 bar.update(len(chunk))
+        waiting = backlog(app)
     except (redis.RedisError, OperationalError) as exc:  # base.Commands makes it one line
         exc.add_note(f"{len(request_ids)} of {len(parsed.links)} enqueued before it")
         raise
 
+    rate = app.settings.rate_limit
     click.echo(f"accepted    {len(request_ids)}")
     click.echo(f"duplicates  {parsed.duplicates}")
     click.echo(f"invalid     {len(parsed.invalid)}")
+    click.echo(f"backlog     {len(request_ids):,} enqueued; with {waiting:,} waiting in all, "
+               f"about {_duration(waiting / rate)} at {rate:g}/s")
     if wait:
         outcomes, pending = _follow(app, request_ids, timeout)
         for outcome, count in sorted(outcomes.items()):
@@ -149,6 +157,22 @@ def bulk(file: TextIO, wait: bool, timeout: float | None, output: TextIO | None,
     if parsed.invalid:
         raise UsageFailure(f"{name}: {_lines(len(parsed.invalid))} bad, skipped; "
                            f"the other {len(request_ids)} links were enqueued")
+
+
+def backlog(app) -> int:
+    """Cancels not yet finished (queued, running or retrying), every producer's: what the
+    workers must send through the one global rate limit before the queue is empty."""
+    return sum(app.runtime.ledger.stats()["active"].values())
+
+
+def _duration(seconds: float) -> str:
+    """``40 s``, ``17 min``, ``1 h 40 min``: as precise as an estimate deserves."""
+    if seconds < 90:
+        return f"{math.ceil(seconds)} s"
+    minutes = round(seconds / 60)
+    if minutes < 90:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60} min"
 
 
 def _progressbar(length: int, label: str):
