@@ -281,4 +281,7 @@ def _mask_url_password(url: str, mask_user: bool = False) -> str:
         elif ":" in creds:
             creds = creds.split(":", 1)[0] + ":***"
         netloc = f"{creds}@{host}"
-    return parts._replace(netloc=netloc).geturl()
+    # redis-py also takes the password as a query parameter: redis://host/0?password=...
+    query = "&".join("password=***" if item.split("=", 1)[0] == "password" else item
+                     for item in parts.query.split("&")) if parts.query else parts.query
+    return parts._replace(netloc=netloc, query=query).geturl()

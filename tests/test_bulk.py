@@ -20,9 +20,9 @@ from tests.support.workers import ROOT
 PLURAL_CANCEL = str(Path(sys.executable).with_name("plural-cancel"))
 
 
-def run_cli(redis_url: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(redis_url: str, *args: str, timeout: float = 120, **settings: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PLURAL_", "SENTRY_", "CANCEL_"))}
-    env["REDIS_URL"] = redis_url
+    env.update(settings, REDIS_URL=redis_url)
     return subprocess.run([PLURAL_CANCEL, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -73,7 +73,9 @@ def test_bulk_of_10000_lines_names_the_3_bad_ones_and_enqueues_the_rest(redis_ur
     assert [line.split(" line ")[1].split(":")[0] for line in named] == ["17", "5000", "9999"]
     assert all("payment_link_id: must be" in line for line in named)
     assert "3 lines bad, skipped; the other 9997 links were enqueued" in result.stderr.splitlines()[-1]
-    assert result.stdout.split() == ["accepted", "9997", "duplicates", "0", "invalid", "3"]
+    assert result.stdout.splitlines() == ["accepted    9997", "duplicates  0", "invalid     3",
+                                          "backlog     9,997 enqueued; with 9,997 waiting in all, "
+                                          "about 17 min at 10/s"]
     assert redis_client.llen("celery") == 9997
     assert record_count(redis_client) == 9997
     written = [row.split(",") for row in out.read_text().splitlines()]
@@ -87,8 +89,26 @@ def test_duplicates_are_enqueued_once_and_a_clean_file_exits_0(redis_url, redis_
     path.write_text("payment_link_id\npl-d1\npl-d2\npl-d1\n\n# done\n")
     result = run_cli(redis_url, "bulk", str(path))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["accepted", "2", "duplicates", "1", "invalid", "0"]
+    assert result.stdout.splitlines()[:3] == ["accepted    2", "duplicates  1", "invalid     0"]
     assert redis_client.llen("celery") == 2 and record_count(redis_client) == 2
+
+
+@pytest.mark.parametrize("waiting, lines, rate, says", [
+    (30, 50, "2", "50 enqueued; with 80 waiting in all, about 40 s at 2/s"),
+    (1200, 1200, "10", "1,200 enqueued; with 2,400 waiting in all, about 4 min at 10/s"),
+    (0, 3000, "0.5", "3,000 enqueued; with 3,000 waiting in all, about 1 h 40 min at 0.5/s"),
+])
+def test_bulk_says_how_long_its_backlog_takes_at_the_rate_limit(redis_url, tmp_path, waiting, lines, rate, says):
+    """No worker: the cancels enqueued before (another producer's) wait in the ledger with the file's."""
+    from tasks import enqueue_many
+
+    if waiting:
+        enqueue_many([f"pl-before-{n}" for n in range(waiting)], app=use_settings(redis_url))
+    path = tmp_path / "links.txt"
+    path.write_text("".join(f"pl-est-{n}\n" for n in range(lines)))
+    result = run_cli(redis_url, "bulk", str(path), PLURAL_RATE_LIMIT=rate)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == f"backlog     {says}"
 
 
 @pytest.mark.parametrize("content, args, message", [

@@ -215,7 +215,7 @@ def test_stats_show_the_malformed_messages_every_worker_dropped(system, redis_ur
 def test_stats_without_redis_exits_1(system):
     env = {**system["env"], "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
     result = cli(env, "stats")
-    assert result.returncode == 1 and "redis unreachable" in result.stderr
+    assert result.returncode == 1 and "cannot reach Redis at redis://127.0.0.1:" in result.stderr
 
 
 def test_check_says_what_is_wrong_with_its_exit_status(system):

@@ -9,7 +9,7 @@ import redis
 
 from worker.keys import Keys
 from worker.plural import PluralClient
-from worker.tokens import REFRESH_MARGIN, AccessToken, RedisTokenCache
+from worker.tokens import REFRESH_MARGIN, AccessToken, MemoryTokenStore, RedisTokenCache
 
 SECRET = "test-secret-do-not-leak"
 
@@ -88,3 +88,85 @@ def test_a_token_written_under_another_secret_is_refetched(redis_client):
     old.get(lambda: AccessToken(value="old-token", expires_at=clock.now + 3600))
     rotated = RedisTokenCache(redis_client, "cid", "new-secret", clock=clock)
     assert rotated.get(lambda: AccessToken(value="new-token", expires_at=clock.now + 3600)) == "new-token"
+
+
+# -- short-lived tokens: the refresh margin scales with the token's life (issue #11 item 7) --
+
+def token_calls(sandbox) -> list[dict]:
+    return [r for r in sandbox.requests() if r["path"].endswith("/auth/v1/token")]
+
+
+def test_a_55_second_token_serves_many_cancels_through_the_redis_cache(redis_client, redis_url, sandbox_process):
+    sandbox = sandbox_process
+    sandbox.reset_faults()
+    links = sandbox.create_links(20, prefix="pl-tok55-")
+    sandbox.clear_requests()
+    sandbox.set_faults(token_ttl=55)
+    try:
+        cache = RedisTokenCache(redis_client, "test-client", SECRET)
+        with PluralClient(sandbox.url, "test-client", SECRET, tokens=cache) as client:
+            for n, link in enumerate(links[:10]):
+                assert client.cancel_payment_link(link, f"tok55-{n}").status == "CANCELLED"
+        # Another process: it finds the token in Redis, with the life it was issued for.
+        other = RedisTokenCache(redis.Redis.from_url(redis_url), "test-client", SECRET)
+        with PluralClient(sandbox.url, "test-client", SECRET, tokens=other) as client:
+            for n, link in enumerate(links[10:], start=10):
+                assert client.cancel_payment_link(link, f"tok55-{n}").status == "CANCELLED"
+    finally:
+        sandbox.reset_faults()
+    assert len(token_calls(sandbox)) == 1
+    assert [r["status"] for r in sandbox.requests() if r["method"] == "PUT"] == [200] * 20
+
+
+def test_a_2_second_token_is_used_then_refreshed_after_a_quarter_of_its_life(redis_client, sandbox_process):
+    sandbox = sandbox_process
+    sandbox.reset_faults()
+    [link] = sandbox.create_links(1, prefix="pl-tok2-")
+    sandbox.clear_requests()
+    sandbox.set_faults(token_ttl=2)
+    try:
+        cache = RedisTokenCache(redis_client, "test-client", SECRET)
+        with PluralClient(sandbox.url, "test-client", SECRET, tokens=cache) as client:
+            # Issued after ``start``: due for refresh 1.5 s after it (2 s less a quarter), or a
+            # little later by the time its answer took (the life is counted on arrival).
+            start, calls = time.time(), 0
+            while time.time() < start + 1.0 or calls < 3:
+                client.get_payment_link(link)
+                calls += 1
+            [issued] = token_calls(sandbox)
+            assert calls > 3, calls
+            time.sleep(max(0.0, issued["timestamp"] + 1.75 - time.time()))  # due, not yet expired
+            client.get_payment_link(link)
+    finally:
+        sandbox.reset_faults()
+    assert len(token_calls(sandbox)) == 2
+    assert {r["status"] for r in sandbox.requests()} == {200}  # refreshed before Plural refused it
+
+
+def test_the_lifetime_is_kept_beside_the_token_so_every_process_refreshes_alike(redis_client):
+    clock = FakeClock(1_000_000.0)
+    calls = []
+
+    def fetch():
+        calls.append(1)
+        return AccessToken(value=f"short-{len(calls)}", expires_at=clock.now + 55)
+
+    assert RedisTokenCache(redis_client, "cid", SECRET, clock=clock).get(fetch) == "short-1"
+    # Shared until a quarter of its life is left: 41.25 s of its 55.
+    assert 41_000 <= redis_client.pttl(Keys().token("cid")) <= 41_250
+    clock.now += 41
+    assert RedisTokenCache(redis_client, "cid", SECRET, clock=clock).get(fetch) == "short-1"
+    clock.now += 0.5  # 13.5 s left: a fresh process (its Redis copy read anew) fetches
+    assert RedisTokenCache(redis_client, "cid", SECRET, clock=clock).get(fetch) == "short-2"
+    assert len(calls) == 2
+
+
+def test_the_memory_store_follows_the_same_margin():
+    clock = FakeClock(1_000_000.0)
+    store, n = MemoryTokenStore(clock=clock), iter(range(1, 10))
+    fetch = lambda: AccessToken(value=f"mem-{next(n)}", expires_at=clock.now + 55)  # noqa: E731
+    assert store.get(fetch) == "mem-1"
+    clock.now += 41
+    assert store.get(fetch) == "mem-1"
+    clock.now += 0.5
+    assert store.get(fetch) == "mem-2"

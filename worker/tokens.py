@@ -1,13 +1,16 @@
 """The Plural access token and the stores the client takes it from: in memory, or shared through Redis.
 
-In Redis: one token per client id. It is refreshed about 60 s before it expires, by one
-process at a time (a single-flight lock: N processes needing a token cause one
+In Redis: one token per client id. It is refreshed 60 s before it expires (a quarter of
+its life before, for a token that lives under 4 minutes: see :func:`refresh_margin`), by
+one process at a time (a single-flight lock: N processes needing a token cause one
 Generate Token call, the others wait briefly and reuse it), and dropped on a 401.
 
 The token is stored encrypted with Fernet (AES-128-CBC + HMAC-SHA256) under a key
 derived from the client secret, so a Redis dump or replica holds no usable bearer
 token. A fingerprint (a keyed hash) of the token sits beside the ciphertext so that
-"drop this token, if it is still the cached one" is one atomic Lua script.
+"drop this token, if it is still the cached one" is one atomic Lua script. The token's
+lifetime is stored with it (inside the ciphertext), so that every process reading it
+knows when a short-lived token is due for refresh.
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ from worker.keys import Keys
 log = logging.getLogger(__name__)
 
 REFRESH_MARGIN = 60.0
-"""Seconds before expiry at which a cached token is replaced."""
+"""Seconds before expiry at which a cached token is replaced (less for a short-lived token)."""
+
+LIFETIME_SHARE = 0.25
+"""Share of a token's lifetime kept as its refresh margin when that is under REFRESH_MARGIN."""
 
 LOCK_TTL_MS = 15_000
 """How long a refresh may hold the single-flight lock, in milliseconds (covers a slow token call)."""
@@ -47,6 +53,27 @@ class AccessToken:
 
     value: str = field(repr=False)
     expires_at: float
+
+
+def refresh_margin(lifetime: float, margin: float = REFRESH_MARGIN) -> float:
+    """Seconds before expiry to replace a token that lived ``lifetime`` seconds when fetched.
+
+    ``margin`` (60 s) for ordinary tokens; a quarter of the life for one shorter than four
+    margins, so that a 55-s token serves about 41 s of cancels between Generate Token calls
+    instead of none. The margin only has to cover a request in flight and ordinary clock
+    skew between this host and Plural (seconds for a token of any useful life); should a
+    token still run out on the way, Plural's 401 costs one retry with a fresh token
+    (``PluralClient._bearer``), not a failed cancel.
+    """
+    return min(margin, max(lifetime, 0.0) * LIFETIME_SHARE)
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A token and the time it is to be replaced at (epoch seconds)."""
+
+    token: AccessToken
+    refresh_at: float
 
 
 class TokenStore(Protocol):
@@ -77,8 +104,7 @@ class MemoryTokenStore:
                 return self._token.value
             token = fetch()
             lifetime = token.expires_at - self._clock()
-            # A token shorter-lived than the margin is still used, for half its life.
-            self._refresh_at = token.expires_at - min(self._margin, max(lifetime, 0.0) / 2)
+            self._refresh_at = token.expires_at - refresh_margin(lifetime, self._margin)
             self._token = token
             return token.value
 
@@ -127,31 +153,32 @@ class RedisTokenCache:
         self._release = client.register_script(RELEASE_LOCK)
         # A per-process memo saves a Redis round trip and a decryption per cancel;
         # it follows the same refresh deadline as the shared copy.
-        self._local: AccessToken | None = None
+        self._local: _Held | None = None
         self._local_lock = threading.Lock()
 
     def get(self, fetch: Callable[[], AccessToken]) -> str:
-        """A token valid for at least REFRESH_MARGIN seconds; calls ``fetch`` in at most one process."""
+        """A token with at least its refresh margin (:func:`refresh_margin`) left; calls ``fetch``
+        in at most one process."""
         local = self._local
         if local is not None and self._fresh(local):
-            return local.value
+            return local.token.value
         with self._local_lock:  # one thread per process goes to Redis
             local = self._local
             if local is not None and self._fresh(local):
-                return local.value
-            token = self._get_shared(fetch)
-            self._local = token
-            return token.value
+                return local.token.value
+            held = self._get_shared(fetch)
+            self._local = held
+            return held.token.value
 
     def invalidate(self, token: str) -> None:
         """Drop ``token`` here and in Redis, unless a newer one has replaced it already."""
         with self._local_lock:
-            if self._local is not None and self._local.value == token:
+            if self._local is not None and self._local.token.value == token:
                 self._local = None
         self._drop(keys=[self._key], args=[self._fingerprint(token)])
         log.info("plural token dropped after a 401")
 
-    def _get_shared(self, fetch: Callable[[], AccessToken]) -> AccessToken:
+    def _get_shared(self, fetch: Callable[[], AccessToken]) -> _Held:
         deadline = time.monotonic() + self._wait_timeout
         while True:
             cached = self._read()
@@ -164,39 +191,45 @@ class RedisTokenCache:
                     cached = self._read()
                     if cached is not None and self._fresh(cached):
                         return cached
-                    token = fetch()
-                    self._write(token)
-                    return token
+                    return self._write(fetch())
                 finally:
                     self._release(keys=[self._lock_key], args=[owner])
             if time.monotonic() >= deadline:
                 raise TokenUnavailable("timed out waiting for another process to fetch the Plural token")
             time.sleep(WAIT_STEP)
 
-    def _fresh(self, token: AccessToken) -> bool:
-        return token.expires_at - self._clock() > REFRESH_MARGIN
+    def _fresh(self, held: _Held) -> bool:
+        return self._clock() < held.refresh_at
 
-    def _read(self) -> AccessToken | None:
+    def _read(self) -> _Held | None:
         blob = self._redis.hget(self._key, "blob")
         if blob is None:
             return None
         try:
             data = json.loads(self._fernet.decrypt(blob))
-            return AccessToken(value=data["t"], expires_at=float(data["exp"]))
+            token = AccessToken(value=data["t"], expires_at=float(data["exp"]))
+            # "life": seconds the token had when fetched. A copy written before it was kept
+            # has none and keeps the fixed margin.
+            life = float(data["life"]) if "life" in data else float("inf")
         except (InvalidToken, ValueError, KeyError, TypeError):
             # Written under another secret (rotated credentials) or damaged: refetch.
             log.warning("cached plural token unreadable; fetching a new one")
             return None
+        return _Held(token, token.expires_at - refresh_margin(life))
 
-    def _write(self, token: AccessToken) -> None:
-        ttl = int(token.expires_at - self._clock() - REFRESH_MARGIN)
-        if ttl <= 0:
-            return  # too short-lived to be worth sharing
-        blob = self._fernet.encrypt(json.dumps({"t": token.value, "exp": token.expires_at}).encode())
+    def _write(self, token: AccessToken) -> _Held:
+        """Share ``token`` until its refresh time (Redis expires the copy then); returns it held."""
+        life = token.expires_at - self._clock()
+        held = _Held(token, token.expires_at - refresh_margin(life))
+        ttl_ms = int((held.refresh_at - self._clock()) * 1000)
+        if ttl_ms <= 0:
+            return held  # expired by this host's clock already: used once, not shared
+        blob = self._fernet.encrypt(json.dumps({"t": token.value, "exp": token.expires_at, "life": life}).encode())
         pipe = self._redis.pipeline(transaction=True)
         pipe.hset(self._key, mapping={"blob": blob, "fp": self._fingerprint(token.value)})
-        pipe.expire(self._key, ttl)
+        pipe.pexpire(self._key, ttl_ms)
         pipe.execute()
+        return held
 
     def _fingerprint(self, token: str) -> str:
         return hmac.new(self._fp_key, token.encode(), hashlib.sha256).hexdigest()[:32]

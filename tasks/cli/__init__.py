@@ -1,6 +1,7 @@
 """``plural-cancel``: the operator's command line. Thin: it parses, calls the API, prints.
 
-Exit status: 0 on success, 2 on bad input (one line on stderr), 1 otherwise.
+Exit status: 0 on success, 2 on bad input (one line on stderr), 1 otherwise; a Redis that
+is away or refuses writes is one line and 1 for every command (``base.Commands``).
 Each module of this package holds a few commands; this one gathers them.
 """
 
@@ -12,9 +13,10 @@ import click
 
 from tasks.cli import cancels, ops
 from tasks.cli import schedule as scheduling
+from tasks.cli.base import Commands
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def cli():
     """Cancel Pine Labs Plural payment links through the background worker."""
 

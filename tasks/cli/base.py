@@ -1,10 +1,16 @@
-"""What every ``plural-cancel`` command shares: its errors (with their exit statuses) and settings."""
+"""What every ``plural-cancel`` command shares: its errors (with their exit statuses), settings,
+and the one place where a Redis that is away or refuses writes becomes one line on stderr."""
 
 from __future__ import annotations
 
 import click
+import redis
+from kombu.exceptions import OperationalError
 
 from config.settings import ConfigError, Settings
+
+_SETTINGS = "plural_cancel.settings"
+"""Where :func:`load_settings` leaves the settings in the click context, for the error line."""
 
 
 class UsageFailure(click.ClickException):
@@ -25,11 +31,71 @@ class Failure(click.ClickException):
         click.echo(f"plural-cancel: {self.format_message()}", err=True)
 
 
+class Commands(click.Group):
+    """The ``plural-cancel`` group: a Redis error from any command (subgroups too) ends it with
+    one line naming what failed and exit status 1, never a traceback.
+
+    A command adds what the operator needs to know about work done before the error with
+    ``exc.add_note(...)`` and re-raises; the note is put in brackets at the end of the line.
+    """
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (redis.RedisError, OperationalError) as exc:  # kombu wraps redis-py's errors when publishing
+            settings = ctx.meta.get(_SETTINGS)
+            url = settings.describe()["redis_url"] if settings is not None else None
+            raise Failure(describe_redis_error(exc, url)) from None
+
+
+def describe_redis_error(exc: BaseException, url: str | None) -> str:
+    """One line saying what Redis did: not reachable, refused the write (OOM, READONLY),
+    refused the credentials, or another error. ``url`` must already have its password masked."""
+    notes = "; ".join(getattr(exc, "__notes__", ()))
+    if isinstance(exc, OperationalError) and isinstance(exc.__context__, redis.RedisError):
+        exc = exc.__context__
+    where = f"Redis at {url}" if url else "Redis"
+    text = str(exc)
+    if isinstance(exc, (redis.AuthenticationError, redis.AuthenticationWrongNumberOfArgsError)) \
+            or text.startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
+        line = f"{where} refused the credentials: {text}"
+    elif isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) and not isinstance(exc, redis.BusyLoadingError):
+        line = f"cannot reach {where}: {_reason(exc)}"
+    elif isinstance(exc, (redis.ReadOnlyError, redis.OutOfMemoryError)) \
+            or "command not allowed when used memory" in text or "read only replica" in text:
+        # A pipeline's error names its command and arguments first; the reason is what matters.
+        reason = text.split(" caused error: ", 1)[-1]
+        if isinstance(exc, redis.OutOfMemoryError) and not reason.startswith("OOM"):
+            reason = f"OOM {reason}"
+        line = f"{where} refused the write: {reason}"
+    else:
+        line = f"{where} failed: {type(exc).__name__}: {text}"
+    return f"{line} ({notes})" if notes else line
+
+
+def _reason(exc: BaseException) -> str:
+    """The operating system's words for a failed connection ("Connection refused"), else redis-py's."""
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        if isinstance(cause, TimeoutError):
+            return "timed out"
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, redis.TimeoutError):
+        return "timed out"
+    return str(exc).rstrip(".") or type(exc).__name__
+
+
 def load_settings() -> Settings:
     try:
-        return Settings.from_env()
+        settings = Settings.from_env()
     except ConfigError as exc:
         raise UsageFailure(f"configuration error: {exc}") from None
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta[_SETTINGS] = settings
+    return settings
 
 
 def configured_app():

@@ -12,6 +12,7 @@ import json
 
 import click
 import redis
+from kombu.exceptions import OperationalError
 
 from config.settings import ConfigError
 from tasks.cli.base import Failure, UsageFailure, configured_app, load_settings
@@ -33,10 +34,7 @@ def failed():
 def failed_list(as_json: bool, limit: int):
     """List failed cancels, latest first."""
     app = configured_app()
-    try:
-        records = app.runtime.ledger.failed(limit)
-    except redis.RedisError as exc:
-        raise Failure(f"redis unreachable: {type(exc).__name__}") from None
+    records = app.runtime.ledger.failed(limit)
     if as_json:
         click.echo(json.dumps(records, indent=2))
         return
@@ -84,8 +82,10 @@ def failed_retry(request_id: str | None, retry_all: bool):
             skipped += [(rid, verdict) for rid, verdict, _ in results if verdict not in ("requeued", "following")]
             publish(app, pairs)
             requeued += sum(verdict in ("requeued", "following") for _, verdict, _ in results)
-    except redis.RedisError as exc:
-        raise Failure(f"redis unreachable: {type(exc).__name__} ({requeued} requeued before it)") from None
+    except (redis.RedisError, OperationalError) as exc:  # base.Commands makes it one line
+        if requeued:
+            exc.add_note(f"{requeued} requeued before it")
+        raise
     if request_id:
         if skipped:
             why = "unknown or expired" if skipped[0][1] == "missing" else "not failed"
@@ -108,10 +108,7 @@ def stats(as_json: bool):
     from worker.metrics import snapshot
 
     app = configured_app()
-    try:
-        snap = snapshot(app.runtime)
-    except redis.RedisError as exc:
-        raise Failure(f"redis unreachable: {type(exc).__name__}") from None
+    snap = snapshot(app.runtime)
     states, outcomes, breaker = snap["states"], snap["outcomes"], snap["breaker"]
     reopens_at = breaker["reopens_at"]
     figures = {

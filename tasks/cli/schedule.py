@@ -4,12 +4,15 @@
 skipped), or a CSV with a ``payment_link_id`` column. Every line is checked before
 anything is sent; each bad one is named on stderr with its line number and reason.
 The valid ones are enqueued (each distinct id once) unless ``--strict``; the exit
-status is then 2 when any line was bad, so a script notices, and 0 otherwise.
+status is then 2 when any line was bad, so a script notices, and 0 otherwise. The
+summary ends with the time the backlog needs at ``PLURAL_RATE_LIMIT``: every cancel
+not yet finished, the file's and any other producer's, over the one global limit.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import sys
 import time
 from collections import Counter
@@ -104,9 +107,11 @@ def bulk(file: TextIO, wait: bool, timeout: float | None, output: TextIO | None,
 
     One id per line (blank lines and # comments skipped), or a CSV with a
     payment_link_id column. Bad lines are named with their line numbers; the rest are
-    enqueued. Exit status 2 when any line was bad, 1 on other errors, 0 otherwise.
+    enqueued. The summary says how long every waiting cancel takes at PLURAL_RATE_LIMIT.
+    Exit status 2 when any line was bad, 1 on other errors, 0 otherwise.
     """
     import redis
+    from kombu.exceptions import OperationalError
 
     from tasks.producer import enqueue_many
 
@@ -124,7 +129,7 @@ def bulk(file: TextIO, wait: bool, timeout: float | None, output: TextIO | None,
     app = configured_app()
     request_ids: list[str] = []
     try:
-        with click.progressbar(length=len(parsed.links), label="enqueueing", file=sys.stderr) as bar:
+        with _progressbar(len(parsed.links), "enqueueing") as bar:
             for start in range(0, len(parsed.links), CHUNK):
                 chunk = parsed.links[start:start + CHUNK]
                 ids = enqueue_many(chunk, app=app)
@@ -132,13 +137,17 @@ def bulk(file: TextIO, wait: bool, timeout: float | None, output: TextIO | None,
                 if output is not None:
                     output.writelines(f"{link},{rid}\n" for link, rid in zip(chunk, ids))
                 bar.update(len(chunk))
-    except redis.RedisError as exc:
-        raise Failure(f"redis error after {len(request_ids)} of {len(parsed.links)} were enqueued: "
-                      f"{type(exc).__name__}: {exc}") from None
+        waiting = backlog(app)
+    except (redis.RedisError, OperationalError) as exc:  # base.Commands makes it one line
+        exc.add_note(f"{len(request_ids)} of {len(parsed.links)} enqueued before it")
+        raise
 
+    rate = app.settings.rate_limit
     click.echo(f"accepted    {len(request_ids)}")
     click.echo(f"duplicates  {parsed.duplicates}")
     click.echo(f"invalid     {len(parsed.invalid)}")
+    click.echo(f"backlog     {len(request_ids):,} enqueued; with {waiting:,} waiting in all, "
+               f"about {_duration(waiting / rate)} at {rate:g}/s")
     if wait:
         outcomes, pending = _follow(app, request_ids, timeout)
         for outcome, count in sorted(outcomes.items()):
@@ -148,6 +157,28 @@ def bulk(file: TextIO, wait: bool, timeout: float | None, output: TextIO | None,
     if parsed.invalid:
         raise UsageFailure(f"{name}: {_lines(len(parsed.invalid))} bad, skipped; "
                            f"the other {len(request_ids)} links were enqueued")
+
+
+def backlog(app) -> int:
+    """Cancels not yet finished (queued, running or retrying), every producer's: what the
+    workers must send through the one global rate limit before the queue is empty."""
+    return sum(app.runtime.ledger.stats()["active"].values())
+
+
+def _duration(seconds: float) -> str:
+    """``40 s``, ``17 min``, ``1 h 40 min``: as precise as an estimate deserves."""
+    if seconds < 90:
+        return f"{math.ceil(seconds)} s"
+    minutes = round(seconds / 60)
+    if minutes < 90:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
+def _progressbar(length: int, label: str):
+    # On a terminal only: elsewhere (cron, a pipe) click would print just the label, a
+    # line that says nothing and would stand before a one-line error.
+    return click.progressbar(length=length, label=label, file=sys.stderr, hidden=not sys.stderr.isatty())
 
 
 def _lines(n: int) -> str:
@@ -161,7 +192,7 @@ def _follow(app, request_ids: list[str], timeout: float | None) -> tuple[Counter
     outcomes: Counter = Counter()
     pending = list(request_ids)
     deadline = None if timeout is None else time.monotonic() + timeout
-    with click.progressbar(length=len(pending), label="cancelling", file=sys.stderr) as bar:
+    with _progressbar(len(pending), "cancelling") as bar:
         while pending:
             still = []
             for request_id, status in zip(pending, get_statuses(pending, app=app)):

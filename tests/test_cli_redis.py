@@ -1,0 +1,118 @@
+"""``plural-cancel`` when Redis is away or refuses writes: one line on stderr, exit status 1.
+
+Each command runs as the operator runs it (the console script in a subprocess). Redis is
+real: a port where nothing listens, or a redis-server of its own that is made to refuse
+writes (``maxmemory`` below its use: OOM; a replica of a master that is not there: READONLY).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support.redis_server import RedisServer, free_port
+from tests.support.workers import ROOT
+
+PLURAL_CANCEL = str(Path(sys.executable).with_name("plural-cancel"))
+PASSWORD = "s3cret-redis-pw"
+
+
+def run_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PLURAL_", "SENTRY_", "CANCEL_"))}
+    env.update(REDIS_URL=redis_url, PLURAL_CLIENT_ID="test-client", PLURAL_CLIENT_SECRET="test-secret-do-not-leak")
+    return subprocess.run([PLURAL_CANCEL, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def link_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("bulk") / "links.txt"
+    path.write_text("pl-down-1\npl-down-2\npl-down-3\n")
+    return str(path)
+
+
+COMMANDS = [
+    ("enqueue", "pl-down-1"),
+    ("enqueue", "pl-down-1", "--request-id", "order-1-expiry"),
+    ("status", "order-1-expiry"),
+    ("status", "order-1-expiry", "--json"),
+    ("bulk", "{file}"),
+    ("schedule", "pl-down-1", "--at", "2031-01-01T00:00:00Z"),
+    ("unschedule", "pl-down-1"),
+    ("failed", "list"),
+    ("failed", "list", "--json"),
+    ("failed", "retry", "order-1-expiry"),
+    ("failed", "retry", "--all"),
+    ("stats",),
+    ("stats", "--json"),
+    ("check",),
+]
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=" ".join)
+def test_every_command_without_redis_says_so_in_one_line(args, link_file):
+    port = free_port()  # nothing listens there
+    url = f"redis://operator:{PASSWORD}@127.0.0.1:{port}/0"
+    result = run_cli(url, *(a.format(file=link_file) for a in args))
+
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert PASSWORD not in result.stdout + result.stderr
+    if args[0] != "check":  # check reports Redis on its own line of a report
+        assert lines[0].startswith(f"plural-cancel: cannot reach Redis at redis://operator:***@127.0.0.1:{port}/0: ")
+        assert "Connection refused" in lines[0]
+
+
+def test_a_password_in_the_query_is_masked_too():
+    port = free_port()
+    result = run_cli(f"redis://127.0.0.1:{port}/0?socket_timeout=5&password={PASSWORD}", "status", "some-id")
+    assert result.returncode == 1 and PASSWORD not in result.stderr
+    assert result.stderr == (f"plural-cancel: cannot reach Redis at redis://127.0.0.1:{port}/0?socket_timeout=5"
+                             f"&password=***: Connection refused\n")
+
+
+@pytest.fixture
+def refusing_redis():
+    """A redis-server of this test's own, to be made to refuse writes; yields (server, client)."""
+    server = RedisServer(prefix="pc-redis-refusing-")
+    client = redis.Redis.from_url(server.url)
+    try:
+        yield server, client
+    finally:
+        client.close()
+        server.stop()
+
+
+WRITES = [("enqueue", "pl-full-1"), ("bulk", "{file}")]
+# Not schedule under OOM: its script deletes first, and Redis lets a script that has
+# written go on writing past maxmemory (so that it stays atomic). A replica refuses it.
+READ_ONLY_WRITES = [*WRITES, ("schedule", "pl-full-1", "--at", "2031-01-01T00:00:00Z")]
+
+
+def test_a_redis_that_refuses_writes_is_one_line_too(refusing_redis, link_file):
+    server, client = refusing_redis
+    client.config_set("maxmemory", "1")  # already above it: every write is refused (noeviction)
+    for args in WRITES:
+        result = run_cli(server.url, *(a.format(file=link_file) for a in args))
+        assert result.returncode == 1, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith(f"plural-cancel: Redis at {server.url} refused the write: OOM command not allowed"), line
+
+    client.config_set("maxmemory", "0")
+    client.replicaof("127.0.0.1", free_port())  # a replica of nothing: read-only, reads still answered
+    for args in READ_ONLY_WRITES:
+        result = run_cli(server.url, *(a.format(file=link_file) for a in args))
+        assert result.returncode == 1, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith(f"plural-cancel: Redis at {server.url} refused the write: "), line
+        assert "read only replica" in line
+    assert run_cli(server.url, "status", "no-such-request").stderr.strip() == (
+        "plural-cancel: no cancel with request_id 'no-such-request' (unknown, or expired after RESULT_TTL)")
