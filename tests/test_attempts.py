@@ -35,7 +35,7 @@ def test_a_fresh_cancel_is_claimed_let_through_and_given_a_slot(parts, redis_cli
     assert ledger.create_many([("req-a", LINK)]) == [1]
     admission = admit(attempts)
     assert admission.claim.verdict == "claimed" and admission.claim.attempts == 0
-    assert admission.claim.budget_left == pytest.approx(600.0, abs=1)  # counted from the first claim
+    assert admission.claim.budget_left == pytest.approx(600.0, abs=1)  # counted from the first attempt
     assert admission.gate == (True, False, 0.0)
     assert admission.slot.granted and admission.slot.wait == 0.0
     assert ledger.status("req-a")["state"] == "running"
@@ -187,3 +187,26 @@ def test_a_probe_held_by_the_limiter_frees_the_probe_slot(parts):
     attempts.defer("req-a", LINK, "owner-1", health=Health(NO_NEWS, probe=True), delay=5, attempted=False)
     assert not breaker.state()["probing"]
     assert breaker.allow("owner-3").probe
+
+
+def test_the_budget_starts_with_the_first_attempt_not_while_held(parts, redis_client):
+    """Held by the breaker or the limiter, a cancel has not failed yet: its budget waits for
+    the admission that lets its first call go."""
+    ledger, breaker, limiter, attempts = parts
+    ledger.create_many([("req-a", LINK), ("req-b", "pl-attempts-2")])
+    breaker.record(FAILURE, "pl-down-1")
+    breaker.record(FAILURE, "pl-down-2")
+    assert not admit(attempts).gate.allowed
+    attempts.defer("req-a", LINK, "owner-1", delay=0, attempted=False)
+    assert redis_client.hget(ledger.keys.record("req-a"), "deadline") is None
+    for _ in range(3):
+        assert limiter.reserve(max_wait=10).granted  # the next free slot is seconds away
+    redis_client.delete(*breaker.keys)  # closed again
+    assert not admit(attempts, "req-b", "owner-2", "pl-attempts-2").slot.granted
+    assert redis_client.hget(ledger.keys.record("req-b"), "deadline") is None
+    redis_client.delete(limiter.key)
+    admission = admit(attempts, owner="owner-3")
+    assert admission.slot.granted and admission.claim.budget_left == pytest.approx(600.0, abs=1)
+    seconds, micros = redis_client.time()
+    deadline = float(redis_client.hget(ledger.keys.record("req-a"), "deadline"))
+    assert deadline == pytest.approx(seconds + micros / 1e6 + 600.0, abs=1)

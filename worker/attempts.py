@@ -6,6 +6,7 @@ through it, and nothing else writes a cancel's state from a worker.
 - ``admit``, before the call: may this delivery take the cancel (the ledger's claim),
   is its retry budget left (if not, the cancel ends ``gave_up`` right here), may
   anyone call Plural now (the breaker), and which rate-limit slot is ours (the limiter).
+  The budget starts when the first call is let through.
 - ``settle``, after it (or after a hold): the ledger's finish or defer, fenced on the
   owner token of the claim, and what the call showed of Plural's health (the breaker's
   success or failure, the limiter's 429 slow-down), written only when the fence holds.
@@ -58,7 +59,12 @@ if g[1] ~= 'closed' and g[1] ~= 'probe' then return {c, g} end
 local a = slice(ARGV, 18, 20)
 -- The probe must go through (nobody else calls Plural meanwhile), so it may wait longer.
 if g[1] == 'probe' then a[3] = ARGV[21] end
-return {c, g, reserve(slice(KEYS, 20, 21), a)}
+local slot = reserve(slice(KEYS, 20, 21), a)
+-- A call goes: the retry budget starts now if this is the cancel's first attempt.
+if slot[1] == 1 and not redis.call('HGET', KEYS[1], 'deadline') then
+  redis.call('HSET', KEYS[1], 'deadline', fmt(redis_now() + tonumber(ARGV[7])))
+end
+return {c, g, slot}
 """
 
 # KEYS: the ledger's finish or defer keys (ARGV[2] of them), then the breaker's 4 when

@@ -65,7 +65,8 @@ CREATE = CREATE_FN + "return create(KEYS, ARGV)\n"
 
 # KEYS: CREATE_FN's eight (a message sent by name creates its record here)
 # ARGV: [1-4] CREATE_FN's  [5] owner  [6] lease seconds  [7] retry budget seconds
-# Returns {verdict, ...}: claimed/attempts/budget seconds left, terminal/state,
+# Returns {verdict, ...}: claimed/attempts/budget seconds left (the whole budget before the
+# first attempt), terminal/state,
 # following/leader, held/seconds the holder's lease still runs, early/seconds until its
 # due time, mismatch/the record's link. Every verdict but ``claimed`` drops the copy:
 # the due index carries the cancel, so a duplicate message has nothing to do.
@@ -81,12 +82,9 @@ local function claim(K, A)
   if state == 'running' and lease_until and lease_until > now then return {'held', fmt(lease_until - now)} end
   local next_at = tonumber(r[3] or '')
   if next_at and next_at > now + 1 then return {'early', fmt(next_at - now)} end
-  -- The retry budget counts from the first claim: time spent waiting in line is not failing.
-  local deadline = tonumber(r[4] or '')
-  if not deadline then
-    deadline = now + tonumber(A[7])
-    redis.call('HSET', K[1], 'deadline', fmt(deadline))
-  end
+  -- The retry budget counts from the first attempt (``worker.attempts`` sets the deadline
+  -- when a call is let through): waiting in line, or held by the breaker, is not failing.
+  local deadline = tonumber(r[4] or '') or now + tonumber(A[7])
   local lease_end = now + tonumber(A[6])
   redis.call('HSET', K[1], 'state', 'running', 'owner', A[5], 'lease_until', fmt(lease_end), 'updated_at', fmt(now),
              'next_attempt_at', '')
