@@ -107,6 +107,20 @@ def test_token_is_reused_and_get_and_create_use_their_paths(plural, client):
     assert created.status == "CREATED" and fetched.extra == {"new": 1} and fetched.customer is None
 
 
+def test_put_and_create_carry_the_request_id_as_idempotency_key_get_and_token_do_not(plural, client):
+    plural.answers.extend([Answer(200, {"status": "CREATED", "payment_link_id": LINK_ID}),
+                           Answer(200, {"status": "CREATED", "payment_link_id": LINK_ID}),
+                           Answer(200, SEED_200)])
+    client.create_payment_link(5000, "order_43", request_id="req-create")
+    client.get_payment_link(LINK_ID, "req-get")
+    client.cancel_payment_link(LINK_ID, "req-put")
+    (token,) = plural.token_calls()
+    post, get, put = plural.calls()
+    assert post.headers["Idempotency-Key"] == post.headers["Request-ID"] == "req-create"
+    assert put.headers["Idempotency-Key"] == put.headers["Request-ID"] == "req-put"
+    assert get.headers.get("Idempotency-Key") is None and token.headers.get("Idempotency-Key") is None
+
+
 def test_model_tolerates_spellings_numbers_offsets_and_absent_fields():
     link = PaymentLink.from_dict({
         "status": "EXPIRED", "amount": {"value": 100.0, "currency": "INR"}, "amount_due": {"currency": "INR"},
@@ -262,6 +276,7 @@ def test_401_drops_the_token_and_retries_once_with_the_same_request_id(plural, c
     assert store.invalidated == [plural.issued[0]]
     assert len(plural.token_calls()) == 2
     assert first.headers["Request-ID"] == second.headers["Request-ID"] == "req-401"
+    assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"] == "req-401"
     assert first.headers["Authorization"] == f"Bearer {plural.issued[0]}"
     assert second.headers["Authorization"] == f"Bearer {plural.issued[1]}"
 

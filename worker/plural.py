@@ -245,14 +245,18 @@ class PluralClient:
 
     def _bearer(self, method: str, path: str, request_id: str, json_body: Any = None) -> Any:
         """One bearer call, re-tried once with a fresh token after a 401; returns the parsed JSON."""
+        # Plural's own client sends an Idempotency-Key on every PUT and POST. The same key on
+        # every attempt may let Plural drop a repeat; nothing public promises it, so the
+        # ledger stays the guarantee.
+        key = request_id if method in ("PUT", "POST") else None
         token = self._token(request_id, sent=False)
-        answer = self._send(method, path, request_id, token=token, json_body=json_body)
+        answer = self._send(method, path, request_id, token=token, json_body=json_body, idempotency_key=key)
         if answer.status == 401:
             # Expired early, revoked, or rotated by another process: drop it and try once more
             # with the same Request-ID; a second 401 is a real authentication failure.
             self._tokens.invalidate(token)
             token = self._token(request_id, sent=True)
-            answer = self._send(method, path, request_id, token=token, json_body=json_body)
+            answer = self._send(method, path, request_id, token=token, json_body=json_body, idempotency_key=key)
         return self._read(answer, request_id, token)
 
     def _token(self, request_id: str, *, sent: bool) -> str:
@@ -270,7 +274,7 @@ class PluralClient:
             raise
 
     def _send(self, method: str, path: str, request_id: str, *, token: str | None = None,
-              json_body: Any = None) -> Answer:
+              json_body: Any = None, idempotency_key: str | None = None) -> Answer:
         connect, read = self._connect_timeout, self._read_timeout
         deadline = getattr(self._local, "deadline", None)
         if deadline is not None:
@@ -282,6 +286,8 @@ class PluralClient:
         headers = {"Request-ID": request_id, "Request-Timestamp": format_timestamp(self._clock())}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
         # No body on GET and the cancel's PUT: the seed defines none, and "{}" could be read
         # by a strict validator as an (empty) update. requests sends "Content-Length: 0" on a
         # body-less PUT, which keeps proxies that refuse a length-less PUT (411) happy.
