@@ -295,6 +295,37 @@ def test_401_twice_is_an_auth_error(plural, client, store, caplog):
     assert "PUT /pay/v1/paymentlink/" in caplog.text and "req-401x2" in caplog.text
 
 
+@pytest.mark.parametrize("status, code", [(422, "USER_AUTHENTICATION_FAILED"), (403, "UNAUTHORIZED"),
+                                          (400, "USER_AUTHENTICATION_FAILED")])
+def test_an_auth_code_in_any_4xx_is_a_rejected_token(plural, client, store, status, code):
+    plural.answers.extend([Answer(status, {"code": code, "message": "token not valid"}), Answer(200, SEED_200)])
+    assert client.cancel_payment_link(LINK_ID, "req-422").status == "CANCELLED"
+    first, second = plural.calls()
+    assert store.invalidated == [plural.issued[0]] and len(plural.token_calls()) == 2
+    assert first.headers["Request-ID"] == second.headers["Request-ID"] == "req-422"
+    assert second.headers["Idempotency-Key"] == "req-422"
+    assert second.headers["Authorization"] == f"Bearer {plural.issued[1]}"
+
+
+def test_an_auth_code_twice_is_an_auth_error(plural, client, store):
+    plural.answers.extend([Answer(422, {"code": "USER_AUTHENTICATION_FAILED", "message": "no"}),
+                           Answer(422, {"code": "USER_AUTHENTICATION_FAILED", "message": "still no"})])
+    with pytest.raises(PluralAuthError) as caught:
+        client.cancel_payment_link(LINK_ID, "req-422x2")
+    err = caught.value
+    assert (err.http_status, err.code, err.retryable, err.sent) == (422, "USER_AUTHENTICATION_FAILED", False, True)
+    assert len(plural.calls()) == 2 and len(plural.token_calls()) == 2
+
+
+def test_an_account_problem_is_not_fixed_by_a_new_token(plural, client, store):
+    """INVALID_USER_ACCOUNT names the merchant's account, not the token: one call, final."""
+    plural.answers.append(Answer(422, {"code": "INVALID_USER_ACCOUNT", "message": "account disabled"}))
+    with pytest.raises(PluralAuthError) as caught:
+        client.cancel_payment_link(LINK_ID, "req-acct")
+    assert caught.value.code == "INVALID_USER_ACCOUNT" and not caught.value.retryable
+    assert len(plural.calls()) == 1 and len(plural.token_calls()) == 1 and store.invalidated == []
+
+
 # -- input validation -----------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", "pl 1", "x" * 51, "", "pl\n", None, 42])

@@ -22,6 +22,10 @@ MAX_MESSAGE = 300
 
 # Codes Plural uses for refused credentials; documented with HTTP 422, not 401.
 AUTH_CODES = frozenset({"USER_AUTHENTICATION_FAILED", "INVALID_USER_ACCOUNT", "UNAUTHORIZED"})
+# Those of them that say the bearer token was not accepted, which a fresh token can mend.
+# INVALID_USER_ACCOUNT is left out: it names the merchant's account (disabled, unknown),
+# and no new token for the same account changes that.
+TOKEN_CODES = frozenset({"USER_AUTHENTICATION_FAILED", "UNAUTHORIZED"})
 
 
 class PluralError(Exception):
@@ -108,7 +112,7 @@ class PluralRateLimited(PluralError):
 
 
 class PluralAuthError(PluralError):
-    """The bearer token was rejected (401), or the credentials were refused by Generate Token."""
+    """The bearer token was rejected twice (401 or an auth code), the account refused, or the credentials refused by Generate Token."""
 
 
 class PluralRequestError(PluralError):

@@ -31,7 +31,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError, ReadTimeoutError
 
 from config.settings import plain_http_allowed
-from worker.errors import (PluralAuthError, PluralBadResponse, PluralConnectionError, PluralError,
+from worker.errors import (TOKEN_CODES, PluralAuthError, PluralBadResponse, PluralConnectionError, PluralError,
                            PluralTimeout, PluralTLSError, classify_http)
 from worker.links import LinkFormatError, PaymentLink, format_timestamp, parse_timestamp
 from worker.tokens import AccessToken, MemoryTokenStore, TokenStore
@@ -244,16 +244,16 @@ class PluralClient:
     # -- Machinery --------------------------------------------------------------------
 
     def _bearer(self, method: str, path: str, request_id: str, json_body: Any = None) -> Any:
-        """One bearer call, re-tried once with a fresh token after a 401; returns the parsed JSON."""
+        """One bearer call, re-tried once with a fresh token after a rejected one; returns the parsed JSON."""
         # Plural's own client sends an Idempotency-Key on every PUT and POST. The same key on
         # every attempt may let Plural drop a repeat; nothing public promises it, so the
         # ledger stays the guarantee.
         key = request_id if method in ("PUT", "POST") else None
         token = self._token(request_id, sent=False)
         answer = self._send(method, path, request_id, token=token, json_body=json_body, idempotency_key=key)
-        if answer.status == 401:
+        if _token_refused(answer):
             # Expired early, revoked, or rotated by another process: drop it and try once more
-            # with the same Request-ID; a second 401 is a real authentication failure.
+            # with the same Request-ID; a second refusal is a real authentication failure.
             self._tokens.invalidate(token)
             token = self._token(request_id, sent=True)
             answer = self._send(method, path, request_id, token=token, json_body=json_body, idempotency_key=key)
@@ -401,6 +401,17 @@ def _parse_json(answer: Answer) -> tuple[Any, str]:
         media = (answer.headers.get("Content-Type") or "no content type").split(";")[0].strip()
         media = re.sub(r"[^A-Za-z0-9.+/-]", "", media)[:60] or "no content type"
         return None, f"body is not JSON ({media}, {len(raw)} bytes)"
+
+
+def _token_refused(answer: Answer) -> bool:
+    """Whether ``answer`` says the bearer token was not accepted: a 401, or any 4xx whose Plural
+    code says so (Plural documents USER_AUTHENTICATION_FAILED with 422)."""
+    if answer.status == 401:
+        return True
+    if not 400 <= answer.status < 500:
+        return False
+    body, _ = _parse_json(answer)
+    return isinstance(body, dict) and body.get("code") in TOKEN_CODES
 
 
 _NOT_SENT = (requests.exceptions.InvalidURL, requests.exceptions.InvalidHeader,
