@@ -205,6 +205,14 @@ def test_a_deadline_past_before_the_put_is_not_sent(plural):
     assert caught.value.sent is False and plural.seen == []
 
 
+def test_a_token_that_would_split_the_headers_is_never_sent(plural, client):
+    plural.token_answers.append(Answer(200, {"access_token": "tkn\r\nX-Injected: 1", "expires_in": 3600}))
+    with pytest.raises(Exception) as caught:
+        client.cancel_payment_link(LINK_ID, "req-crlf")
+    assert type(caught.value).__name__ == "PluralError" and caught.value.sent is False
+    assert "tkn" not in str(caught.value) and plural.calls() == []
+
+
 def test_a_server_that_accepts_and_never_answers_was_sent():
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
