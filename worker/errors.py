@@ -112,7 +112,7 @@ class PluralRateLimited(PluralError):
 
 
 class PluralAuthError(PluralError):
-    """The bearer token was rejected twice (401 or an auth code), the account refused, or the credentials refused by Generate Token."""
+    """A token rejected twice (401 or an auth code), the account refused, or Generate Token refusing the credentials."""
 
 
 class PluralRequestError(PluralError):
@@ -120,7 +120,7 @@ class PluralRequestError(PluralError):
 
 
 class PluralUnexpectedAnswer(PluralError):
-    """A 4xx without Plural's error body (a WAF's page, a proxy's 407, a wrong path's 404): not Plural's word, retried."""
+    """A 4xx without Plural's error body (a WAF's page, a proxy's 407, a wrong path's 404): retried."""
 
     retryable = True
 
