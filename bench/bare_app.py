@@ -9,9 +9,10 @@ with ``BENCH_PLURAL_URL`` (the API base, ``http://127.0.0.1:N/api``) and
 ``/api/auth/v1/token``) in the environment.
 
 The task does what the product's task must do at the least, and nothing else: one
-``PUT /pay/v1/paymentlink/{id}/cancel`` with the product's headers on one urllib3
-connection pool shared by the process's threads (as the product's client: 128 connections,
-no retries, the same timeouts), a check that the answer is a 200 whose JSON says ``CANCELLED``, and one
+``PUT /pay/v1/paymentlink/{id}/cancel`` with the product's headers through one
+``requests.Session`` shared by the process's threads (as the product's client: one
+HTTPAdapter of 128 connections, no retries, no environment look-ups, the same timeouts,
+redirects not followed), a check that the answer is a 200 whose JSON says ``CANCELLED``, and one
 pipelined ``INCR`` in Redis (``done`` or ``bad``) so that the driver sees it finish. No
 ledger, no lease, no limiter, no breaker, no token cache. The Celery settings that shape
 delivery are the product's: late acks, prefetch 1, no results, JSON. Logging is Celery's
@@ -30,15 +31,16 @@ import time
 from datetime import datetime, timezone
 
 import redis
-import urllib3
+import requests
 from celery import Celery
+from requests.adapters import HTTPAdapter
 
 QUEUE = "bench-bare"
 DONE_KEY = "bench:bare:done"
 BAD_KEY = "bench:bare:bad"
 POOL_SIZE = 128  # the product's DEFAULT_CONCURRENCY and its client's POOL_SIZE
-TIMEOUT = urllib3.Timeout(connect=3.05, read=10.0)  # the product's default timeouts
-USER_AGENT = f"plural-cancel/0.1.0 urllib3/{urllib3.__version__}"
+TIMEOUT = (3.05, 10.0)  # the product's default connect and read timeouts, seconds
+USER_AGENT = f"plural-cancel/0.1.0 python-requests/{requests.__version__}"
 
 # The broker URL comes from the command line (`celery -b URL`), which Celery puts in
 # CELERY_BROKER_URL before importing this module.
@@ -61,9 +63,13 @@ app.conf.update(
 # Built on first use by the worker's threads (after the broker URL is known); two threads
 # racing there build one spare, which is dropped.
 @functools.cache
-def _pool() -> urllib3.HTTPConnectionPool:
-    return urllib3.connection_from_url(os.environ["BENCH_PLURAL_URL"], maxsize=POOL_SIZE, block=False,
-                                       retries=False)
+def _session() -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False  # as the product's: no proxy or CA look-up in the environment per call
+    adapter = HTTPAdapter(pool_maxsize=POOL_SIZE, max_retries=0, pool_block=False)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
 
 
 @functools.cache
@@ -82,14 +88,12 @@ def bare_cancel(payment_link_id: str, request_id: str) -> None:
         "User-Agent": USER_AGENT,
         "Authorization": f"Bearer {os.environ['BENCH_PLURAL_TOKEN']}",
     }
-    path = urllib3.util.parse_url(os.environ["BENCH_PLURAL_URL"]).path
+    url = f"{os.environ['BENCH_PLURAL_URL']}/pay/v1/paymentlink/{payment_link_id}/cancel"
     ok = False
     try:
-        response = _pool().urlopen("PUT", f"{path}/pay/v1/paymentlink/{payment_link_id}/cancel",
-                                   headers={**headers, "Content-Length": "0"}, timeout=TIMEOUT,
-                                   retries=False, redirect=False)
-        ok = response.status == 200 and json.loads(response.data).get("status") == "CANCELLED"
-    except (urllib3.exceptions.HTTPError, ValueError):
+        response = _session().put(url, headers=headers, timeout=TIMEOUT, allow_redirects=False)
+        ok = response.status_code == 200 and json.loads(response.content).get("status") == "CANCELLED"
+    except (requests.RequestException, ValueError):
         pass
     pipe = _redis().pipeline(transaction=False)
     pipe.incr(DONE_KEY if ok else BAD_KEY)

@@ -21,8 +21,8 @@ sandbox latency (``PUT /_admin/faults``):
     is the latest record's ``updated_at``). ``ok`` counts ``succeeded/cancelled`` records.
 (b) **bare** (``bench/bare_app.py``): one ``celery -A bench.bare_app worker`` with the same
     pool, concurrency, log level, late acks and prefetch 1, whose task makes only the same
-    ``PUT`` (the same headers, a bearer token fetched once by this driver) on a urllib3
-    connection pool, as the product's client does, and counts itself done in Redis. ``N`` fresh links, enqueued with
+    ``PUT`` (the same headers, a bearer token fetched once by this driver) through one
+    ``requests.Session``, as the product's client does, and counts itself done in Redis. ``N`` fresh links, enqueued with
     ``apply_async`` in a loop inside kombu's ``Producer.batch`` (pipelined like
     ``enqueue_many``, so the driver's enqueue pace does not hold the bare worker back);
     the clock runs from the first enqueue to the last task's finish.

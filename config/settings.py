@@ -6,11 +6,13 @@ This is the only module that reads ``os.environ``. Every other module receives a
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Mapping
 from urllib.parse import urlsplit
-from urllib.request import proxy_bypass_environment
+
+from requests.utils import should_bypass_proxies
 
 PLURAL_BASES = {
     "uat": "https://pluraluat.v2.pinepg.in/api",
@@ -22,6 +24,26 @@ MAX_ATTEMPT_TIMEOUT = 300.0
 """Seconds: the longest an attempt (and so each of its timeouts) may be set to take."""
 MAX_LIMITER_WAIT = 30.0
 """Seconds: the longest a cancel may be set to wait in-line for a rate-limit slot."""
+
+
+def plain_http_allowed(url: str) -> bool:
+    """True when ``url`` is https, or http to this host's loopback (127.0.0.0/8, ::1, ``localhost``).
+
+    The token call carries the client secret and every other call a bearer token: in
+    clear text they may only cross the loopback interface (a local sandbox), whatever
+    ``PLURAL_ENV`` says.
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return True
+    if parts.scheme != "http" or not parts.hostname:
+        return False
+    if parts.hostname.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:
+        return False
 
 
 class ConfigError(ValueError):
@@ -108,7 +130,8 @@ class Settings:
     """Seconds to wait for Plural's answer once connected."""
     plural_proxy: str | None = None
     """Proxy for calls to Plural: ``HTTPS_PROXY`` (``HTTP_PROXY`` for an http base URL)
-    unless ``NO_PROXY`` names Plural's host, as curl and requests read them."""
+    unless ``NO_PROXY`` names Plural's host, as requests reads them. Credentials in it
+    (``http://user:pw@proxy:3128``) are sent as ``Proxy-Authorization``; ``repr`` masks them."""
     ca_bundle: str | None = None
     """CA bundle that verifies Plural's certificate (``REQUESTS_CA_BUNDLE`` or
     ``SSL_CERT_FILE``); unset means certifi's bundle."""
@@ -147,8 +170,9 @@ class Settings:
             parts = urlsplit(base_url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ConfigError("PLURAL_BASE_URL", "an http(s) URL such as https://host/api", base_url)
-            if plural_env == "prod" and parts.scheme != "https":
-                raise ConfigError("PLURAL_BASE_URL", "an https URL when PLURAL_ENV=prod", base_url)
+            if not plain_http_allowed(base_url):
+                raise ConfigError("PLURAL_BASE_URL", "an https URL (plain http only to a loopback host: "
+                                  "127.0.0.1, ::1, localhost)", base_url)
             if parts.username or parts.password:
                 raise ConfigError("PLURAL_BASE_URL", "a URL without credentials in it")
             base_url = base_url.rstrip("/")
@@ -213,17 +237,23 @@ class Settings:
         """A copy with some fields changed (tests and the command line use this)."""
         return replace(self, **changes)
 
+    def __repr__(self) -> str:
+        # The dataclass's own repr would show the proxy's and Redis's passwords.
+        shown = ", ".join(f"{f.name}={self._shown(f.name)!r}" for f in fields(self))
+        return f"Settings({shown})"
+
     def describe(self) -> dict[str, str]:
         """Every setting as text, secrets masked, for ``plural-cancel check`` and start-up logs."""
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("redis_url", "plural_proxy") and value:
-                value = _mask_url_password(value)
-            elif f.name == "sentry_dsn" and value:
-                value = _mask_url_password(value, mask_user=True)
-            out[f.name] = "" if value is None else str(value)
-        return out
+        return {f.name: "" if self._shown(f.name) is None else str(self._shown(f.name)) for f in fields(self)}
+
+    def _shown(self, name: str):
+        """A field's value with any password in it masked (``client_secret`` masks itself)."""
+        value = getattr(self, name)
+        if name in ("redis_url", "plural_proxy") and value:
+            return _mask_url_password(value)
+        if name == "sentry_dsn" and value:
+            return _mask_url_password(value, mask_user=True)
+        return value
 
 
 def _number(get, name: str, default: float, *, positive: bool = False, integer: bool = False,
@@ -251,13 +281,19 @@ def _number(get, name: str, default: float, *, positive: bool = False, integer: 
 def _proxy_for(base_url: str, get) -> str | None:
     """The proxy the environment names for ``base_url``, or None (none set, or NO_PROXY matches)."""
     scheme = "https" if base_url.startswith("https://") else "http"
-    proxy = get(f"{scheme.upper()}_PROXY") or get(f"{scheme}_proxy")
+    # Lower case first, as requests (urllib's getproxies) and curl read them.
+    proxy = get(f"{scheme}_proxy") or get(f"{scheme.upper()}_PROXY")
     if proxy is None:
         return None
     if urlsplit(proxy).scheme not in ("http", "https") or not urlsplit(proxy).hostname:
         raise ConfigError(f"{scheme.upper()}_PROXY", "an http(s) URL such as http://proxy.internal:3128")
-    no_proxy = get("NO_PROXY") or get("no_proxy")
-    if no_proxy and proxy_bypass_environment(urlsplit(base_url).hostname or "", {"no": no_proxy}):
+    no_proxy = get("no_proxy") or get("NO_PROXY")
+    # requests' own rule (the client's session no longer reads the environment), so that
+    # NO_PROXY means here what it means to requests: host suffixes with or without a
+    # leading dot, host:port, CIDR blocks for IP hosts, "*". Where its own matching finds
+    # nothing it asks urllib, with our value put in os.environ's no_proxy for the moment of
+    # the call: harmless here, once, at start-up.
+    if no_proxy and should_bypass_proxies(base_url, no_proxy=no_proxy):
         return None
     return proxy
 

@@ -89,9 +89,14 @@ def test_compose_has_redis_with_aof_the_sandbox_a_worker_and_beat():
     settings = Settings()
     assert int(services["worker"]["stop_grace_period"].rstrip("s")) >= (
         settings.shutdown_grace + settings.connect_timeout + settings.read_timeout)
-    # Without credentials the worker talks to the sandbox service.
-    assert "http://sandbox:8800/api" in worker_env["PLURAL_BASE_URL"]
+    # Without credentials the worker talks to the sandbox service, over the loopback of the
+    # network namespace they share: plain http is refused to any other host.
+    assert "http://127.0.0.1:8800/api" in worker_env["PLURAL_BASE_URL"]
     assert services["sandbox"]["command"][-2:] == ["--port", "8800"]
+    for name in ("worker", "beat"):
+        assert services[name]["network_mode"] == "service:sandbox"
+        default = services[name]["environment"]["PLURAL_BASE_URL"].split(":-", 1)[1].rstrip("}")
+        assert Settings.from_env({"PLURAL_BASE_URL": default}).plural_base_url == default
     assert services["beat"]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from worker.errors import (PluralAuthError, PluralBadResponse, PluralConnectionError, PluralError,
                            PluralRateLimited, PluralRequestError, PluralServerError, PluralTimeout,
-                           PluralTLSError, classify_http, parse_retry_after)
+                           PluralTLSError, PluralUnexpectedAnswer, classify_http, parse_retry_after)
 
 NOW = 1_720_511_828.0
 OMS = {"source": "OMS", "step": "PAYMENT_CREATION"}
@@ -99,15 +99,52 @@ def test_server_hint_is_kept(status, cls):
 
 
 def test_a_hint_on_a_final_error_changes_nothing():
-    err = classify_http(400, None, retry_after="7")
+    err = classify_http(400, {"code": "INVALID_REQUEST", "message": "bad"}, retry_after="7")
     assert err.retry_after is None and not err.retryable
+
+
+# -- a 4xx is final only when Plural says so -------------------------------------------
+
+@pytest.mark.parametrize("status, body, note", [
+    (403, None, "body is not JSON (text/html, 1234 bytes)"),  # a WAF's page
+    (404, None, "body is not JSON (text/plain, 9 bytes)"),     # a path nobody serves
+    (407, None, "body is empty"),                              # a proxy wanting a login
+    (400, None, "body is empty"),
+    (422, ["INVALID_REQUEST"], ""),                            # JSON, but not Plural's error shape
+    (400, {"error": "bad", "status": 400}, ""),                # a gateway's own JSON
+    (404, {"code": 404, "message": None}, ""),                 # neither field a string
+])
+def test_a_4xx_without_plurals_error_body_is_retryable(status, body, note):
+    err = classify_http(status, body, request_id="r", body_note=note)
+    assert type(err) is PluralUnexpectedAnswer and err.retryable and err.sent
+    assert (err.http_status, err.code, err.request_id) == (status, None, "r")
+    assert f"HTTP {status}" in err.message
+    assert (note or "not Plural's error shape") in err.message
+
+
+@pytest.mark.parametrize("body", [
+    {"code": "NOT_FOUND"},
+    {"message": "no such link"},
+    {"code": "INVALID_REQUEST", "message": "bad", "additionalErrorPayload": OMS},
+    {"code": "INVALID_REQUEST", "message": "bad", "additional_error_details": OMS},
+])
+def test_plurals_error_body_in_any_of_its_shapes_keeps_a_4xx_final(body):
+    err = classify_http(404, body)
+    assert type(err) is PluralRequestError and not err.retryable
+
+
+def test_401_408_and_429_keep_their_meaning_whatever_the_body():
+    assert type(classify_http(401, None, body_note="body is empty")) is PluralAuthError
+    assert type(classify_http(408, None)) is PluralTimeout
+    assert type(classify_http(429, None)) is PluralRateLimited
 
 
 # -- the hierarchy ---------------------------------------------------------------------
 
 def test_hierarchy_and_defaults():
     assert issubclass(PluralTimeout, PluralConnectionError)
-    for cls in (PluralConnectionError, PluralTimeout, PluralServerError, PluralRateLimited):
+    for cls in (PluralConnectionError, PluralTimeout, PluralServerError, PluralRateLimited,
+                PluralUnexpectedAnswer):
         assert cls("x").retryable
     for cls in (PluralTLSError, PluralAuthError, PluralRequestError, PluralBadResponse, PluralError):
         assert not cls("x").retryable
@@ -128,4 +165,11 @@ def test_pickle_keeps_every_attribute():
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is PluralServerError
     assert (back.message, back.http_status, back.code, back.details, back.request_id, back.retry_after,
-            back.retryable) == ("m", 500, "INTERNAL_ERROR", OMS, "r", 3.0, True)
+            back.retryable, back.sent) == ("m", 500, "INTERNAL_ERROR", OMS, "r", 3.0, True, True)
+    unsent = pickle.loads(pickle.dumps(PluralConnectionError("refused", request_id="r", sent=False)))
+    assert type(unsent) is PluralConnectionError and unsent.sent is False and unsent.retryable
+
+
+def test_an_error_was_sent_unless_it_says_otherwise():
+    assert PluralError("x").sent and classify_http(500, None).sent
+    assert PluralTimeout("x", sent=False).sent is False

@@ -19,7 +19,7 @@ import pytest
 
 from tests.support.scripted_plural import (CLIENT_ID, LINK_ID, NOW, NOW_STAMP, SECRET, SEED_200, UTC, Answer)
 from worker.errors import (PluralAuthError, PluralBadResponse, PluralError, PluralRateLimited,
-                           PluralRequestError, PluralServerError)
+                           PluralRequestError, PluralServerError, PluralUnexpectedAnswer)
 from worker.links import LINK_STATUSES, PaymentLink
 from worker.plural import PluralClient
 from worker.tokens import AccessToken, MemoryTokenStore
@@ -53,7 +53,7 @@ def test_cancel_sends_the_seed_request_and_parses_the_seed_answer(plural, client
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", put.headers["Request-Timestamp"])
     assert put.headers["Request-Timestamp"] == NOW_STAMP
     assert put.headers["Request-ID"] == "req-1"
-    assert put.headers["User-Agent"].startswith("plural-cancel/")
+    assert re.fullmatch(r"plural-cancel/\S+ python-requests/\S+", put.headers["User-Agent"])
     assert put.body == b"" and put.headers["Content-Length"] == "0"
 
     assert link.status == "CANCELLED" and link.status in LINK_STATUSES
@@ -105,6 +105,20 @@ def test_token_is_reused_and_get_and_create_use_their_paths(plural, client):
     assert (get.method, get.path, get.body) == ("GET", f"/api/pay/v1/paymentlink/{LINK_ID}", b"")
     assert uuid.UUID(get.headers["Request-ID"])
     assert created.status == "CREATED" and fetched.extra == {"new": 1} and fetched.customer is None
+
+
+def test_put_and_create_carry_the_request_id_as_idempotency_key_get_and_token_do_not(plural, client):
+    plural.answers.extend([Answer(200, {"status": "CREATED", "payment_link_id": LINK_ID}),
+                           Answer(200, {"status": "CREATED", "payment_link_id": LINK_ID}),
+                           Answer(200, SEED_200)])
+    client.create_payment_link(5000, "order_43", request_id="req-create")
+    client.get_payment_link(LINK_ID, "req-get")
+    client.cancel_payment_link(LINK_ID, "req-put")
+    (token,) = plural.token_calls()
+    post, get, put = plural.calls()
+    assert post.headers["Idempotency-Key"] == post.headers["Request-ID"] == "req-create"
+    assert put.headers["Idempotency-Key"] == put.headers["Request-ID"] == "req-put"
+    assert get.headers.get("Idempotency-Key") is None and token.headers.get("Idempotency-Key") is None
 
 
 def test_model_tolerates_spellings_numbers_offsets_and_absent_fields():
@@ -192,12 +206,64 @@ def test_unreadable_200_is_a_bad_response(plural, client, body, headers, words):
     assert not err.retryable and "kevin" not in str(err) and "payment_li" not in str(err)
 
 
+@pytest.mark.parametrize("status, body, headers, words", [
+    (204, "", {}, "body is empty"),
+    (201, "", {}, "body is empty"),
+    (202, "accepted", {"Content-Type": "text/plain"}, "not JSON (text/plain, 8 bytes)"),
+    (200, "   ", {"Content-Type": "application/json"}, "body is empty"),
+])
+def test_a_2xx_without_json_is_a_bad_response_with_its_status(plural, client, status, body, headers, words):
+    """The cancel task reads a link's state from a GET when the PUT's 2xx cannot be read."""
+    plural.answers.append(Answer(status, body, headers))
+    with pytest.raises(PluralBadResponse) as caught:
+        client.cancel_payment_link(LINK_ID, "req-2xx")
+    err = caught.value
+    assert words in err.message and err.http_status == status and not err.retryable and err.sent
+
+
 def test_a_redirect_is_not_followed(plural, client):
     plural.answers.append(Answer(302, "", {"Location": f"{plural.base_url}/elsewhere"}))
     with pytest.raises(PluralBadResponse) as caught:
         client.cancel_payment_link(LINK_ID, "req-302")
     assert caught.value.http_status == 302 and "redirect" in caught.value.message
     assert len(plural.calls()) == 1
+
+
+WAF_PAGE = "<html><body>Request blocked kevin.bob@example.com</body></html>"
+
+
+@pytest.mark.parametrize("method", ["PUT", "GET"])
+@pytest.mark.parametrize("status, body, headers, note", [
+    (403, WAF_PAGE, {"Content-Type": "text/html"}, f"body is not JSON (text/html, {len(WAF_PAGE)} bytes)"),
+    (404, "404 page not found", {"Content-Type": "text/plain; charset=utf-8"}, "body is not JSON (text/plain, 18 bytes)"),
+    (407, "", {"Proxy-Authenticate": 'Basic realm="corp"'}, "body is empty"),
+    (400, {"error": "Bad Request", "path": "/pay"}, {}, "not Plural's error shape"),
+])
+def test_a_4xx_that_is_not_plurals_word_is_retryable(plural, client, method, status, body, headers, note):
+    """A WAF's page, a misrouted path's 404 or a proxy's 407 says nothing about the link."""
+    plural.answers.append(Answer(status, body, headers))
+    call = client.cancel_payment_link if method == "PUT" else client.get_payment_link
+    with pytest.raises(PluralUnexpectedAnswer) as caught:
+        call(LINK_ID, "req-waf")
+    err = caught.value
+    assert err.retryable and err.sent and (err.http_status, err.code, err.request_id) == (status, None, "req-waf")
+    assert f"HTTP {status}" in err.message and note in err.message
+    assert "kevin" not in str(err) and "blocked" not in str(err) and "page not found" not in str(err)
+    assert [c.method for c in plural.calls()] == [method]
+
+
+@pytest.mark.parametrize("method", ["PUT", "GET"])
+@pytest.mark.parametrize("status, body", [
+    (400, {"code": "INVALID_REQUEST", "message": "link cannot be cancelled"}),
+    (404, {"code": "NOT_FOUND", "message": "no such link", "additional_error_details": OMS}),
+    (422, {"code": "DUPLICATE_REQUEST", "message": "already processed", "additionalErrorPayload": OMS}),
+])
+def test_a_4xx_in_plurals_error_shape_stays_final(plural, client, method, status, body):
+    plural.answers.append(Answer(status, body))
+    call = client.cancel_payment_link if method == "PUT" else client.get_payment_link
+    with pytest.raises(PluralRequestError) as caught:
+        call(LINK_ID, "req-final")
+    assert not caught.value.retryable and caught.value.code == body["code"]
 
 
 # -- the 401 dance ----------------------------------------------------------------------
@@ -210,6 +276,7 @@ def test_401_drops_the_token_and_retries_once_with_the_same_request_id(plural, c
     assert store.invalidated == [plural.issued[0]]
     assert len(plural.token_calls()) == 2
     assert first.headers["Request-ID"] == second.headers["Request-ID"] == "req-401"
+    assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"] == "req-401"
     assert first.headers["Authorization"] == f"Bearer {plural.issued[0]}"
     assert second.headers["Authorization"] == f"Bearer {plural.issued[1]}"
 
@@ -226,6 +293,37 @@ def test_401_twice_is_an_auth_error(plural, client, store, caplog):
     assert store.invalidated == [plural.issued[0]]
     leak_free(str(err), repr(err), caplog.text, repr(client), tokens=plural.issued)
     assert "PUT /pay/v1/paymentlink/" in caplog.text and "req-401x2" in caplog.text
+
+
+@pytest.mark.parametrize("status, code", [(422, "USER_AUTHENTICATION_FAILED"), (403, "UNAUTHORIZED"),
+                                          (400, "USER_AUTHENTICATION_FAILED")])
+def test_an_auth_code_in_any_4xx_is_a_rejected_token(plural, client, store, status, code):
+    plural.answers.extend([Answer(status, {"code": code, "message": "token not valid"}), Answer(200, SEED_200)])
+    assert client.cancel_payment_link(LINK_ID, "req-422").status == "CANCELLED"
+    first, second = plural.calls()
+    assert store.invalidated == [plural.issued[0]] and len(plural.token_calls()) == 2
+    assert first.headers["Request-ID"] == second.headers["Request-ID"] == "req-422"
+    assert second.headers["Idempotency-Key"] == "req-422"
+    assert second.headers["Authorization"] == f"Bearer {plural.issued[1]}"
+
+
+def test_an_auth_code_twice_is_an_auth_error(plural, client, store):
+    plural.answers.extend([Answer(422, {"code": "USER_AUTHENTICATION_FAILED", "message": "no"}),
+                           Answer(422, {"code": "USER_AUTHENTICATION_FAILED", "message": "still no"})])
+    with pytest.raises(PluralAuthError) as caught:
+        client.cancel_payment_link(LINK_ID, "req-422x2")
+    err = caught.value
+    assert (err.http_status, err.code, err.retryable, err.sent) == (422, "USER_AUTHENTICATION_FAILED", False, True)
+    assert len(plural.calls()) == 2 and len(plural.token_calls()) == 2
+
+
+def test_an_account_problem_is_not_fixed_by_a_new_token(plural, client, store):
+    """INVALID_USER_ACCOUNT names the merchant's account, not the token: one call, final."""
+    plural.answers.append(Answer(422, {"code": "INVALID_USER_ACCOUNT", "message": "account disabled"}))
+    with pytest.raises(PluralAuthError) as caught:
+        client.cancel_payment_link(LINK_ID, "req-acct")
+    assert caught.value.code == "INVALID_USER_ACCOUNT" and not caught.value.retryable
+    assert len(plural.calls()) == 1 and len(plural.token_calls()) == 1 and store.invalidated == []
 
 
 # -- input validation -----------------------------------------------------------------
@@ -286,6 +384,25 @@ def test_token_outage_is_retryable_and_no_put_is_sent(plural, client):
     err = caught.value
     assert err.retryable and err.retry_after == 5.0 and err.request_id == "req-tok503"
     assert err.message.startswith("Generate Token failed") and plural.calls() == []
+    assert err.sent is False  # the cancel's PUT never left: the task does not count an attempt
+
+
+def test_a_token_failure_after_a_401_was_sent(plural, client):
+    """The PUT reached Plural (and got a 401) before the new token failed."""
+    plural.answers.append(Answer(401, {"code": "UNAUTHORIZED", "message": "expired"}))
+    plural.token_answers.extend([Answer(200, {"access_token": "t1", "expires_in": 3600}),
+                                 Answer(503, {"code": "INTERNAL_ERROR", "message": "down"})])
+    with pytest.raises(PluralServerError) as caught:
+        client.cancel_payment_link(LINK_ID, "req-401-503")
+    assert caught.value.message.startswith("Generate Token failed") and caught.value.sent is True
+    assert len(plural.calls()) == 1
+
+
+def test_a_token_answer_that_is_not_plurals_word_is_retryable(plural, client):
+    plural.token_answers.append(Answer(403, "<html>blocked</html>", {"Content-Type": "text/html"}))
+    with pytest.raises(PluralUnexpectedAnswer) as caught:
+        client.cancel_payment_link(LINK_ID, "req-tok403")
+    assert caught.value.retryable and caught.value.sent is False and plural.calls() == []
 
 
 def test_token_without_access_token_is_a_bad_response(plural, client):

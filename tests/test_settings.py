@@ -33,10 +33,56 @@ def test_the_proxy_and_ca_bundle_come_from_the_usual_variables():
     assert (s.plural_proxy, s.ca_bundle) == ("http://user:pw@proxy.internal:3128", "/etc/ca.pem")
     assert "pw" not in s.describe()["plural_proxy"]
     assert Settings.from_env({"https_proxy": "http://p:1", "NO_PROXY": ".pinepg.in"}).plural_proxy is None
-    # An http base URL takes HTTP_PROXY, not HTTPS_PROXY.
-    s = Settings.from_env({"PLURAL_BASE_URL": "http://sandbox:8800/api", "HTTPS_PROXY": "http://p:1",
+    # An http base URL (loopback only) takes HTTP_PROXY, not HTTPS_PROXY.
+    s = Settings.from_env({"PLURAL_BASE_URL": "http://127.0.0.1:8800/api", "HTTPS_PROXY": "http://p:1",
                            "HTTP_PROXY": "http://q:2"})
     assert s.plural_proxy == "http://q:2"
+
+
+@pytest.mark.parametrize("no_proxy, base, bypassed", [
+    (".pinepg.in", "https://pluraluat.v2.pinepg.in/api", True),
+    ("pinepg.in", "https://pluraluat.v2.pinepg.in/api", True),
+    ("other.example, pluraluat.v2.pinepg.in", "https://pluraluat.v2.pinepg.in/api", True),
+    ("pluraluat.v2.pinepg.in:443", "https://pluraluat.v2.pinepg.in:443/api", True),
+    ("10.0.0.0/8", "https://10.20.30.40/api", True),   # a CIDR block, as requests reads NO_PROXY
+    ("10.0.0.0/8", "https://11.20.30.40/api", False),
+    ("*", "https://api.pluralpay.in/api", True),
+    ("example.com", "https://api.pluralpay.in/api", False),
+])
+def test_no_proxy_is_read_as_requests_reads_it(no_proxy, base, bypassed):
+    s = Settings.from_env({"PLURAL_BASE_URL": base, "HTTPS_PROXY": "http://p:1", "NO_PROXY": no_proxy})
+    assert s.plural_proxy == (None if bypassed else "http://p:1")
+
+
+def test_the_proxy_password_never_shows():
+    s = Settings.from_env({"HTTPS_PROXY": "http://user:pr0xy-pw@proxy.internal:3128",
+                           "REDIS_URL": "redis://:redispass@host:6379/0"})
+    assert s.plural_proxy == "http://user:pr0xy-pw@proxy.internal:3128"  # the client needs it whole
+    for text in (repr(s), str(s), str(s.describe())):
+        assert "pr0xy-pw" not in text and "redispass" not in text
+    assert "user:***@proxy.internal:3128" in repr(s)
+
+
+@pytest.mark.parametrize("base", [
+    "http://127.0.0.1:8800/api", "http://127.9.8.7/api", "http://[::1]:8800/api", "http://localhost:8800/api",
+    "http://LOCALHOST/api", "https://sandbox:8800/api", "https://10.1.2.3/api",
+])
+@pytest.mark.parametrize("env", ["uat", "prod"])
+def test_plain_http_is_for_loopback_only(base, env):
+    assert Settings.from_env({"PLURAL_ENV": env, "PLURAL_BASE_URL": base}).plural_base_url == base
+
+
+@pytest.mark.parametrize("base", [
+    "http://sandbox:8800/api", "http://10.1.2.3/api", "http://pluraluat.v2.pinepg.in/api",
+    "http://localhost.example.com/api", "http://128.0.0.1/api", "http://[::2]/api",
+])
+@pytest.mark.parametrize("env", ["uat", "prod"])
+def test_plain_http_to_another_host_is_refused(base, env):
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"PLURAL_ENV": env, "PLURAL_BASE_URL": base})
+    assert info.value.variable == "PLURAL_BASE_URL"
+    assert str(info.value).startswith("PLURAL_BASE_URL: must be ") and "\n" not in str(info.value)
+    assert "https" in str(info.value) and "loopback" in str(info.value)
 
 
 def test_prod_picks_the_production_base():

@@ -22,6 +22,10 @@ MAX_MESSAGE = 300
 
 # Codes Plural uses for refused credentials; documented with HTTP 422, not 401.
 AUTH_CODES = frozenset({"USER_AUTHENTICATION_FAILED", "INVALID_USER_ACCOUNT", "UNAUTHORIZED"})
+# Those of them that say the bearer token was not accepted, which a fresh token can mend.
+# INVALID_USER_ACCOUNT is left out: it names the merchant's account (disabled, unknown),
+# and no new token for the same account changes that.
+TOKEN_CODES = frozenset({"USER_AUTHENTICATION_FAILED", "UNAUTHORIZED"})
 
 
 class PluralError(Exception):
@@ -31,7 +35,7 @@ class PluralError(Exception):
 
     def __init__(self, message: str, *, http_status: int | None = None, code: str | None = None,
                  details: Mapping[str, Any] | None = None, request_id: str | None = None,
-                 retry_after: float | None = None, retryable: bool | None = None):
+                 retry_after: float | None = None, retryable: bool | None = None, sent: bool = True):
         super().__init__(message)
         self.message = message
         self.http_status = http_status
@@ -42,6 +46,11 @@ class PluralError(Exception):
         """Seconds Plural asked us to wait (from ``Retry-After``), or None."""
         if retryable is not None:
             self.retryable = retryable
+        self.sent = sent
+        """False when the call certainly never left this host (refused, unresolvable, connect
+        timeout, TLS handshake, proxy, the deadline passed first, or the token step failed
+        before the call was made), so Plural cannot have acted on it; True whenever it may
+        have (a read timeout, a reset mid-answer, any HTTP answer)."""
 
     def __str__(self) -> str:
         bits = [self.message]
@@ -63,7 +72,8 @@ class PluralError(Exception):
 
     def _state(self) -> dict[str, Any]:
         return dict(http_status=self.http_status, code=self.code, details=self.details,
-                    request_id=self.request_id, retry_after=self.retry_after, retryable=self.retryable)
+                    request_id=self.request_id, retry_after=self.retry_after, retryable=self.retryable,
+                    sent=self.sent)
 
     def as_dict(self) -> dict[str, Any]:
         """What a status record keeps of this error (no secrets, no personal data)."""
@@ -102,11 +112,17 @@ class PluralRateLimited(PluralError):
 
 
 class PluralAuthError(PluralError):
-    """The bearer token was rejected (401), or the credentials were refused by Generate Token."""
+    """A token rejected twice (401 or an auth code), the account refused, or Generate Token refusing the credentials."""
 
 
 class PluralRequestError(PluralError):
-    """Any other 4xx: Plural understood the request and refused it."""
+    """A 4xx with Plural's error body: Plural understood the request and refused it."""
+
+
+class PluralUnexpectedAnswer(PluralError):
+    """A 4xx without Plural's error body (a WAF's page, a proxy's 407, a wrong path's 404): retried."""
+
+    retryable = True
 
 
 class PluralBadResponse(PluralError):
@@ -153,13 +169,18 @@ def classify_http(status: int, body: Any, *, request_id: str | None = None,
     5xx, 429 and 408 (a :class:`PluralTimeout`) are retryable, keeping any ``Retry-After``
     hint; 401, and a 4xx whose code says the credentials were refused, are
     :class:`PluralAuthError`; a 3xx is a :class:`PluralBadResponse` (redirects are not
-    followed); every other 4xx is a final :class:`PluralRequestError`.
+    followed). Any other 4xx is final (:class:`PluralRequestError`) only when its body is
+    Plural's error object (a string ``code`` or ``message``); without one it came from
+    something between us and Plural, or from a path Plural does not serve, and says
+    nothing about the link: a retryable :class:`PluralUnexpectedAnswer`.
     """
     code = message = None
     details: Mapping[str, Any] = {}
+    plurals = False
     if isinstance(body, Mapping):
         code = body.get("code") if isinstance(body.get("code"), str) else None
         message = body.get("message") if isinstance(body.get("message"), str) else None
+        plurals = code is not None or message is not None
         # Plural names its details object both ways in different responses.
         for name in ("additionalErrorPayload", "additional_error_details"):
             if isinstance(body.get(name), Mapping):
@@ -187,6 +208,19 @@ def classify_http(status: int, body: Any, *, request_id: str | None = None,
     if status == 401 or code in AUTH_CODES:
         return PluralAuthError(message, **kwargs)
     if 400 <= status < 500:
-        return PluralRequestError(message, **kwargs)
+        if plurals:
+            return PluralRequestError(message, **kwargs)
+        # Only Plural's own error object is Plural's word on the link. Anything else (an
+        # HTML page from a firewall, a proxy's 407, a load balancer's 404, a gateway's own
+        # JSON) means the request may never have reached Plural's API: try again later.
+        shape = body_note or f"the body is not Plural's error shape ({_json_kind(body)})"
+        return PluralUnexpectedAnswer(f"HTTP {status} that is not Plural's error answer; {shape}",
+                                      retry_after=parse_retry_after(retry_after, now), **kwargs)
     # 1xx or 2xx handed here by mistake, or a status outside HTTP's range.
     return PluralBadResponse(message, **kwargs)
+
+
+def _json_kind(body: Any) -> str:
+    """What kind of JSON value ``body`` is (``JSON object``, ``JSON list``...), never its content."""
+    kinds = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return "JSON " + kinds.get(type(body), "number")

@@ -1,9 +1,11 @@
 """The HTTP client for Plural (Pine Labs online): Generate Token and the payment-link calls.
 
-One urllib3 connection pool, explicit connect and read timeouts on every call,
-certificates always verified, redirects never followed, and no retries here:
-retrying (with the same Request-ID) is the cancel task's job, so this client makes
-each attempt exactly once, except for the single re-try after a rejected token.
+One ``requests.Session`` with one sized connection pool, explicit connect and read
+timeouts on every call, certificates always verified, redirects never followed, and
+no retries here: retrying (with the same Request-ID) is the cancel task's job, so this
+client makes each attempt exactly once, except for the single re-try after a rejected
+token. Proxy and CA bundle come from :class:`config.settings.Settings`; the session
+never reads the environment itself.
 
 Every failure is a :class:`worker.errors.PluralError` carrying the Request-ID; no
 message, log line or ``repr`` holds the token, the client secret or a response body.
@@ -23,12 +25,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import quote, urlsplit
 
-import certifi
+import requests
 import urllib3
-from urllib3.exceptions import (ConnectTimeoutError, DecodeError, NewConnectionError, ProtocolError, ProxyError,
-                                ReadTimeoutError, SSLError)
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import NewConnectionError, ReadTimeoutError
 
-from worker.errors import (PluralAuthError, PluralBadResponse, PluralConnectionError, PluralError,
+from config.settings import plain_http_allowed
+from worker.errors import (TOKEN_CODES, PluralAuthError, PluralBadResponse, PluralConnectionError, PluralError,
                            PluralTimeout, PluralTLSError, classify_http)
 from worker.links import LinkFormatError, PaymentLink, format_timestamp, parse_timestamp
 from worker.tokens import AccessToken, MemoryTokenStore, TokenStore
@@ -37,7 +40,7 @@ from worker.validation import validate_payment_link_id, validate_request_id
 
 log = logging.getLogger(__name__)
 
-USER_AGENT = f"plural-cancel/0.1.0 urllib3/{urllib3.__version__}"
+USER_AGENT = f"plural-cancel/0.1.0 python-requests/{requests.__version__}"
 POOL_SIZE = 128
 """Connections kept open per host: one per thread of a worker process (``config.celery``)."""
 MAX_BODY = 1 << 20
@@ -54,24 +57,30 @@ def new_request_id() -> str:
     return str(uuid.uuid4())
 
 
-def new_pool(base_url: str, *, pool_maxsize: int = POOL_SIZE, proxy_url: str | None = None,
-             ca_bundle: str | None = None) -> urllib3.PoolManager | urllib3.HTTPConnectionPool:
-    """A keep-alive connection pool for Plural's host (through ``proxy_url`` when given).
+def new_session(base_url: str, *, pool_maxsize: int = POOL_SIZE, proxy_url: str | None = None,
+                ca_bundle: str | None = None) -> requests.Session:
+    """A keep-alive session for Plural's host (through ``proxy_url`` when given).
 
-    urllib3 itself rather than a ``requests.Session`` over it: the session's layers
-    (cookies, hooks, environment look-ups, adapters) cost about 0.45 ms of CPU a call,
-    a tenth of what a whole cancel costs a worker, which is CPU-bound (``bench/README.md``).
-    Certificates are verified against ``ca_bundle``, else certifi's bundle (as requests does).
+    Certificates are verified against ``ca_bundle``, else certifi's bundle (requests'
+    default). Credentials in ``proxy_url`` are sent as ``Proxy-Authorization``.
     """
-    tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": ca_bundle or certifi.where()}
-    # retries=False: urllib3 must not silently resend a PUT; the task retries with backoff,
-    # a rate-limit slot and the ledger's knowledge, which urllib3 does not have.
-    options = {"maxsize": pool_maxsize, "block": False, "retries": False}
+    session = requests.Session()
+    # Settings read HTTPS_PROXY, NO_PROXY and the CA bundle once, at start-up; the session
+    # must not look again (and differently) on every call.
+    session.trust_env = False
+    session.verify = ca_bundle or True
     if proxy_url:
-        return urllib3.ProxyManager(proxy_url, num_pools=4, **options, **tls)
-    if base_url.startswith("https://"):
-        return urllib3.connection_from_url(base_url, **options, **tls)
-    return urllib3.connection_from_url(base_url, **options)
+        session.proxies = {urlsplit(base_url).scheme: proxy_url}
+    session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json",
+                            "Content-Type": "application/json"})
+    # max_retries=0: urllib3 must not silently resend a PUT; the task retries with backoff,
+    # a rate-limit slot and the ledger's knowledge, which urllib3 does not have.
+    # pool_block=False: a thread never waits for a connection; past pool_maxsize one is
+    # opened and dropped after use.
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_maxsize, max_retries=0, pool_block=False)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,10 @@ class PluralClient:
                  clock: Callable[[], float] = time.time):
         if not base_url.startswith(("https://", "http://")):
             raise ValueError("base_url must be an http(s) URL such as https://pluraluat.v2.pinepg.in/api")
+        if not plain_http_allowed(base_url):
+            # The secret and the bearer token must not cross a network in clear text.
+            raise ValueError("base_url must be https (plain http only to a loopback host: 127.0.0.1, ::1, "
+                             "localhost)")
         self.base_url = base_url.rstrip("/")
         self.client_id = client_id
         self._client_secret = client_secret
@@ -105,9 +118,9 @@ class PluralClient:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._local = threading.local()  # each worker thread's attempt deadline (see ``within``)
-        self._pool = new_pool(self.base_url, proxy_url=proxy_url, ca_bundle=ca_bundle)
-        # A pool for Plural's host takes paths; a proxy takes whole URLs.
-        self._target = self.base_url if proxy_url else urlsplit(self.base_url).path
+        self._session = new_session(self.base_url, proxy_url=proxy_url, ca_bundle=ca_bundle)
+        self._adapter = self._session.get_adapter(self.base_url)
+        self._url = requests.Request("GET", self.base_url).prepare().url.rstrip("/")  # InvalidURL here, once
 
     @classmethod
     def from_settings(cls, settings, tokens: TokenStore | None = None, *,
@@ -128,11 +141,8 @@ class PluralClient:
         self.close()
 
     def close(self) -> None:
-        """Close the connection pool."""
-        if isinstance(self._pool, urllib3.PoolManager):
-            self._pool.clear()
-        else:
-            self._pool.close()
+        """Close the session's connections."""
+        self._session.close()
 
     @contextmanager
     def within(self, seconds: float) -> Iterator[None]:
@@ -235,18 +245,24 @@ class PluralClient:
     # -- Machinery --------------------------------------------------------------------
 
     def _bearer(self, method: str, path: str, request_id: str, json_body: Any = None) -> Any:
-        """One bearer call, re-tried once with a fresh token after a 401; returns the parsed JSON."""
-        token = self._token(request_id)
-        answer = self._send(method, path, request_id, token=token, json_body=json_body)
-        if answer.status == 401:
+        """One bearer call, re-tried once with a fresh token after a rejected one; returns the parsed JSON."""
+        # Plural's own client sends an Idempotency-Key on every PUT and POST. The same key on
+        # every attempt may let Plural drop a repeat; nothing public promises it, so the
+        # ledger stays the guarantee.
+        key = request_id if method in ("PUT", "POST") else None
+        token = self._token(request_id, sent=False)
+        answer = self._send(method, path, request_id, token=token, json_body=json_body, idempotency_key=key)
+        if _token_refused(answer):
             # Expired early, revoked, or rotated by another process: drop it and try once more
-            # with the same Request-ID; a second 401 is a real authentication failure.
+            # with the same Request-ID; a second refusal is a real authentication failure.
             self._tokens.invalidate(token)
-            token = self._token(request_id)
-            answer = self._send(method, path, request_id, token=token, json_body=json_body)
+            token = self._token(request_id, sent=True)
+            answer = self._send(method, path, request_id, token=token, json_body=json_body, idempotency_key=key)
         return self._read(answer, request_id, token)
 
-    def _token(self, request_id: str) -> str:
+    def _token(self, request_id: str, *, sent: bool) -> str:
+        """The bearer token; a failure is reported under ``request_id``, ``sent`` saying
+        whether this call already reached Plural (the try before a rejected token did)."""
         try:
             return self._tokens.get(self.generate_token)
         except PluralError as exc:
@@ -255,53 +271,73 @@ class PluralClient:
                 exc.message = f"Generate Token failed: {exc.message}"
                 exc.args = (exc.message,)
             exc.request_id = request_id
+            exc.sent = sent
             raise
 
     def _send(self, method: str, path: str, request_id: str, *, token: str | None = None,
-              json_body: Any = None) -> Answer:
-        timeout = urllib3.Timeout(connect=self._connect_timeout, read=self._read_timeout)
+              json_body: Any = None, idempotency_key: str | None = None) -> Answer:
+        connect, read = self._connect_timeout, self._read_timeout
         deadline = getattr(self._local, "deadline", None)
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PluralTimeout(f"the attempt's time ran out before {method} {path} was sent",
-                                    request_id=request_id)
-            timeout = urllib3.Timeout(connect=min(self._connect_timeout, left), read=min(self._read_timeout, left))
-        headers = {
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-            "Request-ID": request_id,
-            "Request-Timestamp": format_timestamp(self._clock()),
-            "User-Agent": USER_AGENT,
-        }
+                                    request_id=request_id, sent=False)
+            connect, read = min(connect, left), min(read, left)
+        headers = {"Request-ID": request_id, "Request-Timestamp": format_timestamp(self._clock())}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
-        if json_body is None:
-            # No body: the seed defines none, and "{}" could be read by a strict validator
-            # as an (empty) update. "Content-Length: 0" keeps proxies that refuse a
-            # length-less PUT (411 Length Required) happy.
-            data = None
-            if method not in ("GET", "HEAD"):
-                headers["Content-Length"] = "0"
-        else:
-            data = json.dumps(json_body, separators=(",", ":")).encode()
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
+        # No body on GET and the cancel's PUT: the seed defines none, and "{}" could be read
+        # by a strict validator as an (empty) update. requests sends "Content-Length: 0" on a
+        # body-less PUT, which keeps proxies that refuse a length-less PUT (411) happy.
+        data = None if json_body is None else json.dumps(json_body, separators=(",", ":")).encode()
         started = time.monotonic()
         try:
-            response = self._pool.urlopen(method, self._target + path, body=data, headers=headers,
-                                          timeout=timeout, retries=False, redirect=False, preload_content=False)
-            answer = Answer(response.status, response.headers, _read_body(response, deadline, self._read_timeout))
-        except urllib3.exceptions.HTTPError as exc:
-            elapsed = (time.monotonic() - started) * 1000
-            log.debug("plural %s %s failed (%s) in %.0f ms request_id=%s", method, path,
-                      type(exc).__name__, elapsed, request_id)
-            raise _transport_error(exc, method, path, request_id) from exc
+            request = self._prepare(method, path, headers, data)
+            # The adapter, not Session.send: even with allow_redirects=False, Session.send
+            # reads a 3xx's whole body (to offer response.next) past the size cap and the
+            # deadline, and it would keep cookies a load balancer sets for every later call.
+            response = self._adapter.send(request, stream=True, timeout=(connect, read),
+                                          verify=self._session.verify, proxies=self._session.proxies)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._failed(exc, method, path, request_id, started, answered=False) from exc
+        try:
+            answer = Answer(response.status_code, response.headers,
+                            _read_body(response.raw, deadline, self._read_timeout))
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._failed(exc, method, path, request_id, started, answered=True) from exc
         except _BodyTooLarge:
             raise PluralBadResponse(f"Plural's answer to {method} {path} is larger than {MAX_BODY} bytes; "
-                                    "not read", request_id=request_id) from None
+                                    "not read", http_status=response.status_code, request_id=request_id) from None
         elapsed = (time.monotonic() - started) * 1000
         log.debug("plural %s %s -> %s in %.0f ms request_id=%s", method, path,
                   answer.status, elapsed, request_id)
         return answer
+
+    def _prepare(self, method: str, path: str, headers: dict[str, str], data: bytes | None) -> requests.PreparedRequest:
+        """The request as requests' adapter takes it, with the session's headers.
+
+        Built from PreparedRequest's own steps rather than Session.prepare_request, which
+        merges cookies, auth, hooks and settings this client never uses: 0.3 ms of CPU a call
+        (``bench/README.md``). The URL is the base checked once in ``__init__`` plus a path of
+        quoted, validated parts, so it is not parsed again.
+        """
+        request = requests.PreparedRequest()
+        request.prepare_method(method)
+        request.url = self._url + path
+        request.prepare_headers({**self._session.headers, **headers})  # refuses CR/LF in a value
+        request.body = data
+        request.prepare_content_length(data)
+        return request
+
+    def _failed(self, exc: BaseException, method: str, path: str, request_id: str, started: float, *,
+                answered: bool) -> PluralError:
+        elapsed = (time.monotonic() - started) * 1000
+        log.debug("plural %s %s failed (%s) in %.0f ms request_id=%s", method, path,
+                  type(exc).__name__, elapsed, request_id)
+        return _transport_error(exc, method, path, request_id, answered=answered)
 
     def _read(self, answer: Answer, request_id: str, token: str | None = None) -> Any:
         """The parsed JSON of a 2xx answer; any other answer raises what :func:`classify_http` says."""
@@ -337,12 +373,13 @@ class _BodyTooLarge(Exception):
     """An answer's body went past :data:`MAX_BODY` (decompressed)."""
 
 
-def _read_body(response: urllib3.BaseHTTPResponse, deadline: float | None, read_timeout: float) -> bytes:
-    """The whole body of ``response`` (decompressed), at most :data:`MAX_BODY` bytes, read by
+def _read_body(raw: urllib3.BaseHTTPResponse, deadline: float | None, read_timeout: float) -> bytes:
+    """The whole body of ``raw`` (decompressed), at most :data:`MAX_BODY` bytes, read by
     ``deadline`` (monotonic seconds; None: only the per-read timeout applies).
 
     Each read waits at most the time left: the socket's timeout is cut before every read,
-    so neither a trickled body nor a gzip bomb can hold the call or the memory.
+    so neither a trickled body nor a gzip bomb can hold the call or the memory. urllib3
+    inflates at most the bytes asked for per read, so a bomb is stopped a chunk past the cap.
     """
     chunks, size = [], 0
     try:
@@ -351,10 +388,11 @@ def _read_body(response: urllib3.BaseHTTPResponse, deadline: float | None, read_
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise ReadTimeoutError(None, None, "the attempt's deadline passed while reading the answer")
-                sock = getattr(response.connection, "sock", None)
+                sock = getattr(raw.connection, "sock", None)
                 if sock is not None:
                     sock.settimeout(min(read_timeout, left))
-            chunk = response.read1(65536)
+            # requests asks urllib3 not to decode (it decodes in iter_content); read here, it must.
+            chunk = raw.read1(65536, decode_content=True)
             if not chunk:
                 return b"".join(chunks)
             size += len(chunk)
@@ -362,10 +400,10 @@ def _read_body(response: urllib3.BaseHTTPResponse, deadline: float | None, read_
                 raise _BodyTooLarge()
             chunks.append(chunk)
     except BaseException:
-        response.close()  # a half-read connection must never go back to the pool
+        raw.close()  # a half-read connection must never go back to the pool
         raise
     finally:
-        response.release_conn()
+        raw.release_conn()
 
 
 def _parse_json(answer: Answer) -> tuple[Any, str]:
@@ -381,40 +419,97 @@ def _parse_json(answer: Answer) -> tuple[Any, str]:
         return None, f"body is not JSON ({media}, {len(raw)} bytes)"
 
 
-def _transport_error(exc: urllib3.exceptions.HTTPError, method: str, path: str,
-                     request_id: str) -> PluralError:
-    """The :class:`PluralError` for a failure below HTTP (no answer, or a broken one)."""
+def _token_refused(answer: Answer) -> bool:
+    """Whether ``answer`` says the bearer token was not accepted: a 401, or any 4xx whose Plural
+    code says so (Plural documents USER_AUTHENTICATION_FAILED with 422)."""
+    if answer.status == 401:
+        return True
+    if not 400 <= answer.status < 500:
+        return False
+    body, _ = _parse_json(answer)
+    return isinstance(body, dict) and body.get("code") in TOKEN_CODES
+
+
+_NOT_SENT = (requests.exceptions.InvalidURL, requests.exceptions.InvalidHeader,
+             requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema,
+             requests.exceptions.InvalidProxyURL, urllib3.exceptions.LocationValueError)
+
+
+def _transport_error(exc: BaseException, method: str, path: str, request_id: str, *,
+                     answered: bool) -> PluralError:
+    """The :class:`PluralError` for a failure below HTTP (no answer, or a broken one).
+
+    ``answered``: the failure came while reading an answer's body, so the request was
+    sent. Before that, ``sent`` is False only where the request certainly never left:
+    the connection (to Plural or the proxy), the TLS handshake or the URL failed.
+    """
     where = f"{method} {path}"
-    if isinstance(exc, SSLError):
-        return PluralTLSError(f"TLS failed on {where} ({_tls_reason(exc)}): check the certificate, "
-                              "the host name and any proxy", request_id=request_id)
-    # NewConnectionError (refused, unresolvable) is a ConnectTimeoutError to urllib3: test it first.
-    if isinstance(exc, (NewConnectionError, ProxyError, ProtocolError, DecodeError)):
-        return PluralConnectionError(f"connection to Plural failed on {where} ({_root_cause(exc)})",
+    chain = _chain(exc)
+    root = chain[-1]
+    if answered:
+        if any(isinstance(e, (ReadTimeoutError, requests.exceptions.ReadTimeout, TimeoutError)) for e in chain):
+            return PluralTimeout(f"the answer to {where} did not arrive in time; it may have been processed",
+                                 request_id=request_id)
+        return PluralConnectionError(f"the answer to {where} broke off ({type(root).__name__})",
                                      request_id=request_id)
-    if isinstance(exc, ConnectTimeoutError):
-        return PluralTimeout(f"connecting for {where} timed out", request_id=request_id)
-    if isinstance(exc, ReadTimeoutError):
+    if isinstance(exc, requests.exceptions.ProxyError):
+        return PluralConnectionError(f"the proxy failed {where} ({_proxy_reason(root)})", request_id=request_id,
+                                     sent=False)
+    if isinstance(exc, requests.exceptions.SSLError):
+        # Only the handshake raises this: once it is done, Python's ssl reads a hang-up as the
+        # end of the stream (suppress_ragged_eofs), which urllib3 reports as a ProtocolError.
+        return PluralTLSError(f"TLS failed on {where} ({_tls_reason(root)}): check the certificate, "
+                              "the host name and any proxy", request_id=request_id, sent=False)
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return PluralTimeout(f"connecting for {where} timed out", request_id=request_id, sent=False)
+    if isinstance(exc, requests.exceptions.ReadTimeout):
         return PluralTimeout(f"no answer to {where} within the read timeout; it may have been "
                              "processed", request_id=request_id)
-    # LocationParseError and the like: a bug or a bad setting, not worth retrying.
-    return PluralError(f"request {where} could not be sent ({type(exc).__name__})", request_id=request_id)
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        # Refused or unresolvable: urllib3's NewConnectionError (NameResolutionError is one).
+        unsent = any(isinstance(e, NewConnectionError) for e in chain)
+        return PluralConnectionError(f"connection to Plural failed on {where} ({type(root).__name__})",
+                                     request_id=request_id, sent=not unsent)
+    if isinstance(exc, (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError)):
+        return PluralConnectionError(f"the answer to {where} broke off ({type(root).__name__})",
+                                     request_id=request_id)
+    if isinstance(exc, _NOT_SENT):
+        # A bug or a bad setting, not worth retrying.
+        return PluralError(f"request {where} could not be sent ({type(exc).__name__})", request_id=request_id,
+                           sent=False)
+    if isinstance(exc, OSError) and not isinstance(exc, requests.RequestException):
+        # Raised before any connection: requests found no CA bundle at the configured path.
+        return PluralTLSError(f"TLS could not be set up for {where} ({type(exc).__name__}): check "
+                              "REQUESTS_CA_BUNDLE / SSL_CERT_FILE", request_id=request_id, sent=False)
+    return PluralError(f"request {where} failed ({type(exc).__name__})", request_id=request_id)
 
 
-def _root_cause(exc: BaseException, *, name: bool = True) -> Any:
-    """The innermost error under urllib3's wrappers, or its class name (e.g. ConnectionResetError)."""
-    for _ in range(8):
-        if exc.args and isinstance(exc.args[-1], BaseException):
-            exc = exc.args[-1]
-        elif exc.__cause__ is not None:
-            exc = exc.__cause__
-        else:
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the errors it wraps (requests' over urllib3's over the socket's), outermost first."""
+    chain = [exc]
+    for _ in range(12):
+        inner = getattr(exc, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = next((a for a in reversed(exc.args) if isinstance(a, BaseException)), None)
+        if inner is None:
+            inner = exc.__cause__ or exc.__context__
+        if inner is None or inner in chain:
             break
-    return type(exc).__name__ if name else exc
+        chain.append(inner)
+        exc = inner
+    return chain
 
 
-def _tls_reason(exc: BaseException) -> str:
-    root = _root_cause(exc, name=False)
+def _proxy_reason(root: BaseException) -> str:
+    # http.client's "Tunnel connection failed: 407 Proxy Authentication Required" names the
+    # proxy's answer; it never holds the proxy URL or its credentials.
+    text = str(root)
+    if text.startswith("Tunnel connection failed"):
+        return text[:80]
+    return type(root).__name__
+
+
+def _tls_reason(root: BaseException) -> str:
     # OpenSSL's verify message ("self-signed certificate") names the fault, not any secret.
     if isinstance(root, ssl.SSLCertVerificationError) and root.verify_message:
         return str(root.verify_message)[:80]

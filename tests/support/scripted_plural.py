@@ -44,14 +44,16 @@ SEED_200 = (json.loads(OPENAPI.read_text())["paths"]["/pay/v1/paymentlink/{payme
 
 @dataclass
 class Answer:
-    """One scripted answer: a status and body, or a stall (``delay`` seconds), or a reset;
-    ``trickle`` sends the body one byte every that many seconds."""
+    """One scripted answer: a status and body, or a stall (``delay`` seconds), or a reset, or a
+    hang-up (``close``: the connection closed with no answer, a FIN rather than a reset; over
+    TLS without a close_notify); ``trickle`` sends the body one byte every that many seconds."""
 
     status: int = 200
     body: Any = None
     headers: dict = field(default_factory=dict)
     delay: float = 0.0
     reset: bool = False
+    close: bool = False
     trickle: float = 0.0
 
 
@@ -114,6 +116,14 @@ class ScriptedPlural:
             handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             handler.rfile.close()
             handler.wfile.close()
+            handler.connection.close()
+            handler.close_connection = True
+            return
+        if answer.close:
+            handler.rfile.close()
+            handler.wfile.close()
+            # shutdown() sends the FIN now; an SSLSocket's close() sends no close_notify.
+            handler.connection.shutdown(socket.SHUT_RDWR)
             handler.connection.close()
             handler.close_connection = True
             return
