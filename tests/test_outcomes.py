@@ -122,3 +122,25 @@ def test_plurals_message_is_masked_before_it_is_stored(runtime, plural, redis_cl
     for key in redis_client.scan_iter("*"):
         if redis_client.type(key) == b"hash":
             assert b"priya.sharma" not in b"".join(redis_client.hgetall(key).values())
+
+
+def test_a_cancel_that_could_not_reach_plural_is_not_an_attempt(runtime, plural):
+    """Plural's host refuses connections: the PUT never left, so the cancel is retried
+    without counting an attempt, and the breaker hears of a failure (Plural is unreachable)."""
+    plural.token_answers.append(Answer(200, {"access_token": "tkn-long-lived", "expires_at": "2099-01-01T00:00:00Z"}))
+    plural.answers.append(Answer(200, CANCELLED, JSON))
+    assert run(runtime, "req-first")["outcome"] == "cancelled"  # a token is cached, the pool warm
+    plural.close()  # nothing listens on Plural's port any more...
+    runtime.plural.close()  # ...and the kept-alive connection is gone with it
+    status = run(runtime, "req-unreachable")
+    assert (status["state"], status["attempts"]) == ("queued", 0)  # never attempted
+    assert status["last_error"]["code"] == "PluralConnectionError"
+    assert "PUT" in status["last_error"]["message"]  # the cached token was used: the PUT itself failed
+    assert runtime.breaker.state()["links_failing"] == 1
+
+
+def test_a_token_endpoint_that_cannot_be_reached_is_not_an_attempt(runtime, plural):
+    plural.close()
+    status = run(runtime)
+    assert (status["state"], status["attempts"]) == ("queued", 0)  # never attempted
+    assert "Generate Token" in status["last_error"]["message"]
