@@ -42,7 +42,8 @@ used as follows, both carrying ``source`` and ``step``:
 
 Faults (``PUT /_admin/faults``, see :class:`sandbox.faults.Faults`) apply to /api only
 (and spare the token call when ``faults_skip_token``): an outage answers 503
-``INTERNAL_ERROR``; 502/504 come as a proxy's HTML page; an injected status or a reset
+``INTERNAL_ERROR``; 502/504 come as a proxy's HTML page; ``link_errors`` makes one link
+fail with a status on every call (a "poison" link); an injected status or a reset
 (TCP RST, no answer) means the call was *not* processed. Latency and timeouts hold the
 answer *after* processing: the call is logged and applied on arrival, so a client that
 gives up, or dies, while waiting has still cancelled the link.
