@@ -32,11 +32,11 @@ def runtime(redis_url, plural):
     rt.close()
 
 
-def run(runtime, request_id: str = "req-outcome") -> dict:
+def run(runtime, request_id: str = "req-outcome", link_id: str = LINK_ID) -> dict:
     from tasks.cancel import execute
 
-    runtime.ledger.create_many([(request_id, LINK_ID)])
-    execute(runtime, LINK_ID, request_id)
+    runtime.ledger.create_many([(request_id, link_id)])
+    execute(runtime, link_id, request_id)
     return runtime.ledger.status(request_id)
 
 
@@ -144,3 +144,21 @@ def test_a_token_endpoint_that_cannot_be_reached_is_not_an_attempt(runtime, plur
     status = run(runtime)
     assert (status["state"], status["attempts"]) == ("queued", 0)  # never attempted
     assert "Generate Token" in status["last_error"]["message"]
+
+
+def test_a_waf_page_on_every_link_is_retried_and_reported_once_as_an_outage(runtime, plural, caplog):
+    """A 403 that is not Plural's word (a firewall's HTML page) is no refusal: each cancel is
+    retried, and when it lasts across links the breaker opens, which is reported once."""
+    import logging
+
+    html = Answer(403, "<html><body>Request blocked</body></html>", {"Content-Type": "text/html"})
+    caplog.set_level(logging.ERROR, logger="tasks.cancel")
+    statuses = []
+    for n in range(runtime.settings.breaker_min_links + 2):
+        plural.answers.append(html)
+        statuses.append(run(runtime, f"req-waf-{n}", f"pl-waf-{n}"))
+    assert {(s["state"], s["last_error"]["http_status"]) for s in statuses[:5]} == {("retrying", 403)}
+    assert runtime.breaker.state()["state"] == "open"
+    assert [s["attempts"] for s in statuses[5:]] == [0, 0]  # held by the breaker, not sent
+    assert len([r for r in caplog.records if "circuit breaker opened" in r.getMessage()]) == 1
+    assert len(plural.calls("/cancel")) == 5
