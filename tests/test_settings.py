@@ -166,6 +166,17 @@ def test_a_worker_without_credentials_stops_with_one_line():
     assert "PLURAL_CLIENT_ID" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", [["beat"], ["inspect", "ping"], ["--app", "worker", "control", "shutdown"]])
+def test_only_the_worker_needs_credentials(command):
+    """``-A worker`` names the app, not the sub-command: beat and remote control start without them."""
+    celery = str(__import__("pathlib").Path(sys.executable).with_name("celery"))
+    args = command if command[0] == "--app" else ["-A", "worker", *command]
+    result = subprocess.run([celery, *args, "--help"], cwd=ROOT, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin"}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "Usage: celery" in result.stdout
+
+
 @pytest.mark.parametrize("env, variable", [
     ({"CANCEL_ATTEMPT_TIMEOUT": "5"}, "CANCEL_ATTEMPT_TIMEOUT"),  # cannot fit a wait and one call (14.05 s)
     ({"LIMITER_MAX_WAIT": "120"}, "LIMITER_MAX_WAIT"),
