@@ -142,6 +142,10 @@ class Settings:
     shutdown_grace: float = 15.0
     """Seconds a worker told to stop (SIGTERM) lets its cancels in flight finish before it
     hands their messages back to Redis (Celery's ``worker_soft_shutdown_timeout``)."""
+    health_dir: str = "/tmp"
+    """Directory where a worker and beat write their heartbeat files, and where
+    ``plural-cancel health`` reads them (``worker.health``): one worker and one beat per
+    directory."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -214,6 +218,7 @@ class Settings:
             sentry_environment=get("SENTRY_ENVIRONMENT"),
             metrics_port=int(_number(get, "METRICS_PORT", cls.metrics_port, integer=True, maximum=65535)),
             shutdown_grace=_number(get, "WORKER_SHUTDOWN_GRACE", cls.shutdown_grace),
+            health_dir=get("HEALTH_DIR") or cls.health_dir,
         )
         # An attempt that cannot fit one wait and one call in its time would outlive its
         # lease on every call: refuse it rather than let two deliveries run at once.

@@ -21,6 +21,7 @@ from config.celery import PUMP_INTERVAL, celery_config
 from config.settings import ConfigError, Settings
 from worker import malformed
 from worker.broker import message_dropped
+from worker.health import BrokerReady, WorkerHeartbeat
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,8 @@ def _celery_command(args: list[str]) -> str | None:
 
 app = CancelApp()
 app.steps["worker"].add(DuePump)
+app.steps["worker"].add(WorkerHeartbeat)  # liveness and readiness files (worker.health)
+app.steps["consumer"].add(BrokerReady)
 _check_settings_under_celery(app)
 
 
