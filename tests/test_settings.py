@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from config.settings import PLURAL_BASES, ConfigError, Settings
+from config.settings import PLURAL_BASES, VARIABLES, ConfigError, Settings, exports
 from tests.support.workers import ROOT
 
 
@@ -197,3 +197,42 @@ def test_the_lease_is_derived_from_the_attempts_bound():
     assert celery_config(settings)["broker_transport_options"]["visibility_timeout"] > lease_seconds(settings)
     # A result TTL shorter than the budget is fine: a live record never expires (tests/test_ledger.py).
     assert Settings.from_env({"RESULT_TTL": "2"}).result_ttl == 2
+
+
+class Recording(dict):
+    """An environment that remembers every name asked of it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.asked = set()
+
+    def get(self, name, default=None):
+        self.asked.add(name)
+        return super().get(name, default)
+
+
+def test_variables_names_every_variable_the_settings_read():
+    asked = set()
+    # Each branch that reads a variable of its own: https and http bases, a proxy (then NO_PROXY).
+    for env in ({}, {"PLURAL_BASE_URL": "http://127.0.0.1:8800/api"}, {"HTTPS_PROXY": "http://proxy:3128"}):
+        recording = Recording(env)
+        Settings.from_env(recording)
+        asked |= recording.asked
+    assert asked == set(VARIABLES) | {"BREAKER_THRESHOLD"}  # read only to be refused
+    assert len(VARIABLES) == len(set(VARIABLES))
+
+
+def test_exports_are_shell_lines_and_keep_real_secrets_back():
+    env = {"REDIS_URL": "redis://127.0.0.1:6380/0", "PLURAL_CLIENT_ID": "id with space",
+           "PLURAL_CLIENT_SECRET": "s3cret", "HTTPS_PROXY": "http://user:pw@proxy:3128", "PATH": "/bin",
+           "PLURAL_RATE_LIMIT": "", "HEALTH_DIR": "/run/pc"}
+    lines = exports(env)
+    assert lines == [
+        "export PLURAL_CLIENT_ID='id with space'",
+        "# PLURAL_CLIENT_SECRET is set here but not shown (it holds a secret): export the same value there",
+        "export REDIS_URL=redis://127.0.0.1:6380/0",
+        "# HTTPS_PROXY is set here but not shown (it holds a secret): export the same value there",
+        "export HEALTH_DIR=/run/pc",
+    ]
+    assert "export PLURAL_CLIENT_SECRET=s3cret" in exports(env, reveal=["PLURAL_CLIENT_SECRET"])
+    assert not any("pw" in line or "s3cret" in line for line in lines)
