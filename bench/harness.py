@@ -78,13 +78,14 @@ class Worker:
     """A Celery worker process in its own process group, logging to a temporary file."""
 
     def __init__(self, app: str, env: dict[str, str], pool: str | None, concurrency: int, extra: list[str],
-                 loglevel: str, celery_app) -> None:
-        """Start ``celery -A app worker`` and return once it answers a ping sent through ``celery_app``."""
+                 loglevel: str, celery_app, options: tuple[str, ...] = ()) -> None:
+        """Start ``celery -A app [extra] worker [options]`` and return once it answers a ping sent
+        through ``celery_app``."""
         self.log_path = Path(tempfile.mkstemp(prefix=f"bench-{pool or 'default'}-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")
         name = f"bench-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
         args = [CELERY, "-A", app, *extra, "worker", f"--loglevel={loglevel}", *(["--pool", pool] if pool else []),
-                f"--concurrency={concurrency}", "-n", name, "--without-mingle", "--without-gossip"]
+                f"--concurrency={concurrency}", "-n", name, "--without-mingle", "--without-gossip", *options]
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + 60

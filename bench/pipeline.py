@@ -3,7 +3,7 @@
 Run from the repository root (about 12 minutes as the README runs it)::
 
     .venv/bin/python bench/pipeline.py [--count0 3000] [--count200 3000] [--rounds 1]
-        [--modes product,bare[,sleep]] [--latencies 0,200] [--pool-count 2000]
+        [--modes product,bare[,sleep][,events]] [--latencies 0,200] [--pool-count 2000]
         [--prefork-count 200] [--two-processes] [--no-pools] [--commandstats]
         [--py-spy DIR] [--loglevel INFO] [--switch-interval S] [--concurrency 128] [--warmup 500]
 
@@ -28,6 +28,8 @@ sandbox latency (``PUT /_admin/faults``):
     the clock runs from the first enqueue to the last task's finish.
 (c) **sleep** (only with ``--modes ...,sleep``): the bare worker with a task that makes no
     call and sleeps for the latency: Celery's own ceiling on this machine.
+(d) **events** (only with ``--modes ...,events``): (a) with task events on (``-E``, what
+    Flower needs), rated against (a) in a table of its own.
 
 Each run compares the sandbox's count of successful cancels with ``ok``; a difference, a
 run cut off unfinished and any error the worker logged are noted under its row, and the
@@ -190,7 +192,7 @@ class Bench:
     # -- (a) the product ---------------------------------------------------------------
 
     def product(self, n: int, latency_ms: float, pool: str = "threads", concurrency: int = DEFAULT_CONCURRENCY,
-                processes: int = 1) -> Run:
+                processes: int = 1, *, events: bool = False) -> Run:
         from tasks import enqueue_many
         from worker import app
 
@@ -198,8 +200,10 @@ class Bench:
         env = self._site(service_env(self.redis_url, self.sandbox.url, PLURAL_RATE_LIMIT=100000))
         # "threads" is the product's default pool (no --pool): Celery's threads pool that can
         # hand its cancels back on shutdown (worker.pool), the same at work.
-        workers = [Worker("worker", env, None if pool == "threads" else pool, concurrency, [], self.loglevel, app)
+        workers = [Worker("worker", env, None if pool == "threads" else pool, concurrency, [], self.loglevel, app,
+                          options=("-E",) if events else ())
                    for _ in range(processes)]
+        mode = "product" if processes == 1 else f"product×{processes}"
 
         def run():
             t0 = time.time()
@@ -209,8 +213,12 @@ class Bench:
             finished, ok = self._finish_time(request_ids)
             return enqueue_s, finished - t0, ok
 
-        return self._measure(workers, run, mode="product" if processes == 1 else f"product×{processes}",
+        return self._measure(workers, run, mode=f"{mode}-E" if events else mode,
                              pool=pool, concurrency=concurrency, latency_ms=latency_ms, n=n)
+
+    def events(self, n: int, latency_ms: float, pool: str = "threads", concurrency: int = DEFAULT_CONCURRENCY) -> Run:
+        """The product's worker with task events on (``-E``, what Flower needs), otherwise the same."""
+        return self.product(n, latency_ms, pool, concurrency, events=True)
 
     def _wait_ledger(self, request_ids: list[str], timeout: float) -> None:
         """Until every record's ``state`` is terminal; reads pending records in order, a chunk at a time."""
@@ -321,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run two threads workers at 200 ms: one per core")
     parser.add_argument("--latencies", default="0,200", help="comma-separated sandbox latencies, ms")
     parser.add_argument("--modes", default="product,bare",
-                        help="comma-separated: product, bare, sleep (the bare worker, no HTTP: Celery's ceiling)")
+                        help="comma-separated: product, bare, sleep (the bare worker, no HTTP: Celery's ceiling), "
+                             "events (the product's worker with task events on, -E)")
     parser.add_argument("--loglevel", default="INFO", help="the workers' --loglevel (the Procfile's is INFO)")
     parser.add_argument("--switch-interval", type=float, metavar="SECONDS",
                         help="experiment: the workers' sys.setswitchinterval (Python's default is 0.005)")
@@ -378,6 +387,17 @@ def main(argv: list[str] | None = None) -> int:
             pc, bc = cheapest[latency]["product"], cheapest[latency]["bare"]
             print(f"{latency:>6.0f}ms{p:>11.1f}{b:>9.1f}{p / b:>14.2f}{pc:>18.2f}{bc:>6.2f}{bc / pc:>14.2f}"
                   f"   {aim}: {'met' if met else 'NOT met'}")
+
+        if any("events" in best and "product" in best for best in results.values()):
+            print()
+            print("task events (-E) against the same worker without them:")
+            print(f"{'latency':>8}{'product/s':>11}{'-E/s':>7}{'-E/product':>12}"
+                  f"{'CPU ms/N product':>18}{'-E':>6}{'-E/product':>12}")
+            for latency, best in results.items():
+                if "events" in best and "product" in best:
+                    p, e = best["product"].rate, best["events"].rate
+                    pc, ec = cheapest[latency]["product"], cheapest[latency]["events"]
+                    print(f"{latency:>6.0f}ms{p:>11.1f}{e:>7.1f}{e / p:>12.2f}{pc:>18.2f}{ec:>6.2f}{ec / pc:>12.2f}")
 
         if not args.no_pools:
             print()

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shlex
 from dataclasses import dataclass, field, fields, replace
-from typing import Mapping
+from typing import Iterable, Mapping
 from urllib.parse import urlsplit
 
 from requests.utils import should_bypass_proxies
@@ -19,6 +20,18 @@ PLURAL_BASES = {
     "prod": "https://api.pluralpay.in/api",
 }
 
+
+VARIABLES = (
+    "PLURAL_ENV", "PLURAL_BASE_URL", "PLURAL_CLIENT_ID", "PLURAL_CLIENT_SECRET", "REDIS_URL",
+    "PLURAL_RATE_LIMIT", "PLURAL_RATE_BURST", "CANCEL_RETRY_BUDGET", "CANCEL_RETRY_BASE", "CANCEL_RETRY_CAP",
+    "RESULT_TTL", "PLURAL_CONNECT_TIMEOUT", "PLURAL_READ_TIMEOUT", "BREAKER_WINDOW", "BREAKER_MIN_LINKS",
+    "BREAKER_FAILURE_RATE", "BREAKER_COOLDOWN", "LIMITER_MAX_WAIT", "CANCEL_ATTEMPT_TIMEOUT",
+    "CANCEL_STALL_TIMEOUT", "SENTRY_DSN", "SENTRY_ENVIRONMENT", "METRICS_PORT", "https_proxy", "HTTPS_PROXY",
+    "http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE",
+    "WORKER_SHUTDOWN_GRACE", "HEALTH_DIR",
+)
+"""Every environment variable :meth:`Settings.from_env` reads, in the README's order
+(and ``BREAKER_THRESHOLD``, read only to be refused)."""
 
 MAX_ATTEMPT_TIMEOUT = 300.0
 """Seconds: the longest an attempt (and so each of its timeouts) may be set to take."""
@@ -142,6 +155,10 @@ class Settings:
     shutdown_grace: float = 15.0
     """Seconds a worker told to stop (SIGTERM) lets its cancels in flight finish before it
     hands their messages back to Redis (Celery's ``worker_soft_shutdown_timeout``)."""
+    health_dir: str = "/tmp"
+    """Directory where a worker and beat write their heartbeat files, and where
+    ``plural-cancel health`` reads them (``worker.health``): one worker and one beat per
+    directory."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -214,6 +231,7 @@ class Settings:
             sentry_environment=get("SENTRY_ENVIRONMENT"),
             metrics_port=int(_number(get, "METRICS_PORT", cls.metrics_port, integer=True, maximum=65535)),
             shutdown_grace=_number(get, "WORKER_SHUTDOWN_GRACE", cls.shutdown_grace),
+            health_dir=get("HEALTH_DIR") or cls.health_dir,
         )
         # An attempt that cannot fit one wait and one call in its time would outlive its
         # lease on every call: refuse it rather than let two deliveries run at once.
@@ -254,6 +272,37 @@ class Settings:
         if name == "sentry_dsn" and value:
             return _mask_url_password(value, mask_user=True)
         return value
+
+
+def exports(environ: Mapping[str, str], reveal: Iterable[str] = ()) -> list[str]:
+    """``export NAME=value`` lines, shell-quoted, for each of :data:`VARIABLES` set in ``environ``:
+    what another shell needs to act on the same system (``make run`` prints them).
+
+    A value that holds a secret (``PLURAL_CLIENT_SECRET``, a URL with a password) is
+    written only when ``reveal`` names it (a made-up one, such as the local sandbox's);
+    otherwise a comment line says it is set but not shown.
+    """
+    lines = []
+    for name in VARIABLES:
+        value = environ.get(name)
+        if value is None or value.strip() == "":
+            continue
+        if secret_value(name, value) and name not in reveal:
+            lines.append(f"# {name} is set here but not shown (it holds a secret): export the same value there")
+        else:
+            lines.append(f"export {name}={shlex.quote(value)}")
+    return lines
+
+
+def secret_value(name: str, value: str) -> bool:
+    """Whether an environment variable's value holds a secret: the client secret, or a URL
+    with a password in it (``REDIS_URL``, a proxy's)."""
+    if name == "PLURAL_CLIENT_SECRET":
+        return True
+    try:
+        return urlsplit(value.strip()).password is not None
+    except ValueError:  # not a URL urlsplit can read: keep it back if it could hold credentials
+        return "@" in value
 
 
 def _number(get, name: str, default: float, *, positive: bool = False, integer: bool = False,

@@ -31,10 +31,12 @@ if [ -z "${REDIS_URL:-}" ]; then
   echo "redis: project-local redis-server with AOF in var/redis, $REDIS_URL"
 fi
 
+reveal=()  # secrets this script made up, shown in the printout below
 if [ -z "${PLURAL_CLIENT_ID:-}" ] && [ -z "${PLURAL_BASE_URL:-}" ]; then
   sport=${SANDBOX_PORT:-8800}
   while ! port_free "$sport"; do sport=$((sport + 1)); done
   export PLURAL_CLIENT_ID=sandbox-client PLURAL_CLIENT_SECRET=sandbox-secret
+  reveal=(PLURAL_CLIENT_SECRET)
   "$VENV/bin/plural-cancel" sandbox --port "$sport" &
   pids+=($!)
   export PLURAL_BASE_URL="http://127.0.0.1:$sport/api"
@@ -47,10 +49,17 @@ pids+=($!)
 "$VENV/bin/celery" -A worker beat --loglevel=INFO &
 pids+=($!)
 
+# Every setting set here (config/settings.py names them), as lines to paste into another
+# terminal; a secret is printed only when this script made it up (the sandbox's).
+exports=$("$VENV/bin/python" -c 'import os, sys; from config.settings import exports
+print("\n".join("  " + line for line in exports(os.environ, sys.argv[1:])))' ${reveal[@]+"${reveal[@]}"})
+
 cat <<MSG
 
-Running. In another terminal, with the same environment:
-  export REDIS_URL=$REDIS_URL
+Running. In another terminal, in this directory, first:
+$exports
+then:
+  .venv/bin/plural-cancel check                             # settings, Redis, a Plural token
   .venv/bin/plural-cancel enqueue pl-demo-created-01        # prints a Request-ID
   .venv/bin/plural-cancel status REQUEST_ID
 or from Python:  from tasks import enqueue_cancel; enqueue_cancel("pl-demo-created-01")

@@ -100,6 +100,19 @@ def test_compose_has_redis_with_aof_the_sandbox_a_worker_and_beat():
     assert services["beat"]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
 
 
+def test_compose_checks_the_health_of_the_worker_and_beat_without_redis():
+    """Their healthchecks are liveness (``plural-cancel health``, tests/test_health.py): a Redis
+    restart must not make them unhealthy, for whatever restarts unhealthy containers."""
+    services = compose()["services"]
+    for name in ("worker", "beat"):
+        check = services[name]["healthcheck"]
+        assert check["test"] == ["CMD", "plural-cancel", "health", f"--{name}"]
+        check_command(check["test"][1:])
+        seconds = {key: int(check[key].rstrip("s")) for key in ("interval", "timeout", "start_period")}
+        assert seconds["timeout"] < seconds["interval"] and seconds["start_period"] >= 10
+        assert check["retries"] >= 2
+
+
 def test_dockerfile_copies_every_package_and_installs_the_project():
     text = (ROOT / "Dockerfile").read_text()
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from config.settings import PLURAL_BASES, ConfigError, Settings
+from config.settings import PLURAL_BASES, VARIABLES, ConfigError, Settings, exports
 from tests.support.workers import ROOT
 
 
@@ -166,6 +166,17 @@ def test_a_worker_without_credentials_stops_with_one_line():
     assert "PLURAL_CLIENT_ID" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", [["beat"], ["inspect", "ping"], ["--app", "worker", "control", "shutdown"]])
+def test_only_the_worker_needs_credentials(command):
+    """``-A worker`` names the app, not the sub-command: beat and remote control start without them."""
+    celery = str(__import__("pathlib").Path(sys.executable).with_name("celery"))
+    args = command if command[0] == "--app" else ["-A", "worker", *command]
+    result = subprocess.run([celery, *args, "--help"], cwd=ROOT, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin"}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "Usage: celery" in result.stdout
+
+
 @pytest.mark.parametrize("env, variable", [
     ({"CANCEL_ATTEMPT_TIMEOUT": "5"}, "CANCEL_ATTEMPT_TIMEOUT"),  # cannot fit a wait and one call (14.05 s)
     ({"LIMITER_MAX_WAIT": "120"}, "LIMITER_MAX_WAIT"),
@@ -186,3 +197,42 @@ def test_the_lease_is_derived_from_the_attempts_bound():
     assert celery_config(settings)["broker_transport_options"]["visibility_timeout"] > lease_seconds(settings)
     # A result TTL shorter than the budget is fine: a live record never expires (tests/test_ledger.py).
     assert Settings.from_env({"RESULT_TTL": "2"}).result_ttl == 2
+
+
+class Recording(dict):
+    """An environment that remembers every name asked of it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.asked = set()
+
+    def get(self, name, default=None):
+        self.asked.add(name)
+        return super().get(name, default)
+
+
+def test_variables_names_every_variable_the_settings_read():
+    asked = set()
+    # Each branch that reads a variable of its own: https and http bases, a proxy (then NO_PROXY).
+    for env in ({}, {"PLURAL_BASE_URL": "http://127.0.0.1:8800/api"}, {"HTTPS_PROXY": "http://proxy:3128"}):
+        recording = Recording(env)
+        Settings.from_env(recording)
+        asked |= recording.asked
+    assert asked == set(VARIABLES) | {"BREAKER_THRESHOLD"}  # read only to be refused
+    assert len(VARIABLES) == len(set(VARIABLES))
+
+
+def test_exports_are_shell_lines_and_keep_real_secrets_back():
+    env = {"REDIS_URL": "redis://127.0.0.1:6380/0", "PLURAL_CLIENT_ID": "id with space",
+           "PLURAL_CLIENT_SECRET": "s3cret", "HTTPS_PROXY": "http://user:pw@proxy:3128", "PATH": "/bin",
+           "PLURAL_RATE_LIMIT": "", "HEALTH_DIR": "/run/pc"}
+    lines = exports(env)
+    assert lines == [
+        "export PLURAL_CLIENT_ID='id with space'",
+        "# PLURAL_CLIENT_SECRET is set here but not shown (it holds a secret): export the same value there",
+        "export REDIS_URL=redis://127.0.0.1:6380/0",
+        "# HTTPS_PROXY is set here but not shown (it holds a secret): export the same value there",
+        "export HEALTH_DIR=/run/pc",
+    ]
+    assert "export PLURAL_CLIENT_SECRET=s3cret" in exports(env, reveal=["PLURAL_CLIENT_SECRET"])
+    assert not any("pw" in line or "s3cret" in line for line in lines)

@@ -21,6 +21,7 @@ from config.celery import PUMP_INTERVAL, celery_config
 from config.settings import ConfigError, Settings
 from worker import malformed
 from worker.broker import message_dropped
+from worker.health import BrokerReady, WorkerHeartbeat
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -111,15 +112,37 @@ def _check_settings_under_celery(app: CancelApp) -> None:
         return
     try:
         settings = app.settings
-        if "worker" in sys.argv[1:]:
-            settings.require_credentials()  # beat never calls Plural; the worker cannot without them
+        if _celery_command(sys.argv[1:]) == "worker":
+            # The worker cannot work without them; beat, inspect, control and the rest
+            # never call Plural (an operator's shell asks the workers with REDIS_URL alone).
+            settings.require_credentials()
     except ConfigError as exc:
         sys.stderr.write(f"plural-cancel: configuration error: {exc}\n")
         raise SystemExit(2) from None
 
 
+_CELERY_OPTIONS_WITH_VALUES = {"-A", "--app", "-b", "--broker", "--result-backend", "--loader", "--config",
+                               "--workdir"}
+"""The ``celery`` command's own options that take a value (as a separate argument)."""
+
+
+def _celery_command(args: list[str]) -> str | None:
+    """The sub-command of a ``celery`` command line (``worker``, ``beat``, ``inspect``...):
+    its first argument that is neither an option nor an option's value, so that
+    ``-A worker`` is never taken for it."""
+    args = iter(args)
+    for arg in args:
+        if arg in _CELERY_OPTIONS_WITH_VALUES:
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
 app = CancelApp()
 app.steps["worker"].add(DuePump)
+app.steps["worker"].add(WorkerHeartbeat)  # liveness and readiness files (worker.health)
+app.steps["consumer"].add(BrokerReady)
 _check_settings_under_celery(app)
 
 

@@ -1,0 +1,153 @@
+"""``plural-cancel health --worker|--beat [--ready]``: liveness and readiness without Redis.
+
+End to end: a real worker and two real beats (one holds RedBeat's lock, one stands by),
+each writing its heartbeat in a ``HEALTH_DIR`` of its own; a Redis of the test's own,
+killed for longer than the health check's max age and started again; the command run
+as a container's healthcheck runs it. Then the judgement itself, on facts.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.support.redis_server import RedisServer
+from tests.support.workers import ROOT, CeleryProcess, service_env, start_beat, start_worker
+from worker.health import BEAT, LOOP_STALL_LIMIT, WORKER, Heartbeat, heartbeat_path, judge, read
+
+CLI = str(Path(sys.executable).with_name("plural-cancel"))
+MAX_AGE = 10.0
+"""The command's default ``--max-age``: Redis stays away longer than this."""
+
+
+def health(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, "health", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def code(env: dict[str, str], *args: str) -> int:
+    return health(env, *args).returncode
+
+
+@pytest.fixture
+def redis_server_of_our_own():
+    server = RedisServer(prefix="pc-redis-health-")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def services():
+    started = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+@pytest.mark.slow
+def test_worker_and_beat_stay_live_while_redis_is_away_and_not_after_they_die(
+        redis_server_of_our_own, healthy_sandbox, services, tmp_path):
+    redis_server = redis_server_of_our_own
+    envs = {name: service_env(redis_server.url, healthy_sandbox.url, HEALTH_DIR=str(tmp_path / name))
+            for name in ("worker", "beat1", "beat2")}
+    worker = start_worker(envs["worker"], concurrency=4)
+    services.append(worker)
+    services.append(start_beat(envs["beat1"]))
+    wait_for(lambda: "beat: Acquired lock" in services[-1].log(), 15, message="the first beat holds the lock")
+    standby = CeleryProcess("beat", envs["beat2"], ["--loglevel=INFO"]).wait_ready(marker="beat: Starting")
+    services.append(standby)
+    worker_env, beat_env, standby_env = envs["worker"], envs["beat1"], envs["beat2"]
+
+    wait_for(lambda: code(worker_env, "--worker", "--ready") == 0, 10, message="the worker ready")
+    live = health(worker_env, "--worker")
+    assert live.returncode == 0 and "live" in live.stdout and "connected to the broker" in live.stdout
+    wait_for(lambda: code(beat_env, "--beat", "--ready") == 0, 10, message="the lock holder ready")
+    assert code(standby_env, "--beat") == 0
+    waiting = health(standby_env, "--beat", "--ready")
+    assert waiting.returncode == 1 and "no tick yet" in waiting.stderr
+    assert len(waiting.stderr.strip().splitlines()) == 1 and waiting.stdout == ""
+
+    # Redis goes away: nobody is ready, everybody stays live, for longer than the max age.
+    redis_server.kill()
+    down_at = time.monotonic()
+    not_ready = wait_for(lambda: (r := health(worker_env, "--worker", "--ready")).returncode == 1 and r, 10,
+                         message="the worker not ready")
+    assert "not connected to the broker" in not_ready.stderr
+    wait_for(lambda: code(beat_env, "--beat", "--ready") == 1, MAX_AGE + 5, message="beat not ready")
+    samples = []
+    while time.monotonic() - down_at < MAX_AGE + 3:
+        samples.append((code(worker_env, "--worker"), code(beat_env, "--beat"), code(standby_env, "--beat")))
+    assert samples and set(samples) == {(0, 0, 0)}, samples
+
+    # Redis is back (empty: the lock is gone): the worker is ready again, and one beat of the two.
+    redis_server.restart()
+    wait_for(lambda: code(worker_env, "--worker", "--ready") == 0, 40, message="the worker ready again")
+    wait_for(lambda: code(beat_env, "--beat", "--ready") + code(standby_env, "--beat", "--ready") == 1, 40,
+             message="one beat ready again")
+    assert (code(worker_env, "--worker"), code(beat_env, "--beat"), code(standby_env, "--beat")) == (0, 0, 0)
+
+    # Killed (the whole process group, no shutdown): not live once the heartbeat is older than the max age.
+    for process in services:
+        process.kill_group()
+    killed_at = time.monotonic()
+    for env, kind in ((worker_env, "--worker"), (beat_env, "--beat"), (standby_env, "--beat")):
+        dead = wait_for(lambda: (r := health(env, kind, "--max-age", "3")).returncode == 1 and r, 10,
+                        message=f"{kind} not live")
+        assert "not live: heartbeat" in dead.stderr and "(max 3 s)" in dead.stderr
+    assert time.monotonic() - killed_at >= 1.0  # the last heartbeat, at most 2 s old, had to age past 3 s
+
+
+def test_the_command_needs_a_kind_and_says_where_it_looked(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HEALTH_DIR": str(tmp_path)}
+    env.update({k: v for k, v in __import__("os").environ.items() if k == "PYTHONPATH"})
+    neither = health(env)
+    assert neither.returncode == 2 and "--worker or --beat" in neither.stderr
+    missing = health(env, "--beat")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == (f"plural-cancel: beat not live: no heartbeat file at "
+                                      f"{heartbeat_path(str(tmp_path), BEAT)} (not started here, or another HEALTH_DIR)")
+
+
+NOW = 1_800_000_000.0
+
+
+@pytest.mark.parametrize("kind, facts, ready, ok, says", [
+    (WORKER, {"pid": 7, "at": NOW - 1, "connected": True, "loop_at": NOW - 1}, False, True, "live"),
+    (WORKER, {"pid": 7, "at": NOW - 1, "connected": True, "loop_at": NOW - 1}, True, True, "ready"),
+    (WORKER, {"pid": 7, "at": NOW - 11, "connected": True, "loop_at": NOW - 11}, False, False, "11.0 s old"),
+    # waiting for Redis: live however long, never ready
+    (WORKER, {"pid": 7, "at": NOW - 1, "connected": False, "loop_at": NOW - 3600}, False, True, "waiting"),
+    (WORKER, {"pid": 7, "at": NOW - 1, "connected": False, "loop_at": NOW - 1}, True, False, "not connected"),
+    # connected, but the event loop stopped turning: not ready soon, not live once it is wedged
+    (WORKER, {"pid": 7, "at": NOW - 1, "connected": True, "loop_at": NOW - 30}, True, False, "turned 30.0 s ago"),
+    (WORKER, {"pid": 7, "at": NOW - 1, "connected": True, "loop_at": NOW - 30}, False, True, "live"),
+    (WORKER, {"pid": 7, "at": NOW - 1, "connected": True, "loop_at": NOW - LOOP_STALL_LIMIT - 1}, False, False,
+     "has not turned"),
+    (BEAT, {"pid": 8, "at": NOW - 1, "ticked_at": None}, False, True, "live"),
+    (BEAT, {"pid": 8, "at": NOW - 1, "ticked_at": None}, True, False, "no tick yet"),
+    (BEAT, {"pid": 8, "at": NOW - 1, "ticked_at": NOW - 2}, True, True, "ticked 2.0 s ago"),
+    (BEAT, {"pid": 8, "at": NOW - 1, "ticked_at": NOW - 20}, True, False, "last tick 20.0 s ago"),
+    (BEAT, None, False, False, "no heartbeat file"),
+])
+def test_the_judgement(kind, facts, ready, ok, says):
+    verdict = judge(kind, facts, NOW, MAX_AGE, ready)
+    assert verdict.ok is ok and says in verdict.line
+
+
+def test_a_heartbeat_is_rewritten_whole_and_at_once_on_a_change(tmp_path):
+    clock = iter(range(100, 200)).__next__
+    path = heartbeat_path(str(tmp_path / "new"), WORKER)
+    heartbeat = Heartbeat(path, interval=0.05, clock=lambda: float(clock()), connected=False).start()
+    try:
+        first = read(path)
+        assert first["connected"] is False and first["at"] >= 100
+        heartbeat.update(connected=True)
+        assert read(path)["connected"] is True
+        wait_for(lambda: read(path)["at"] > first["at"] + 2, 5, 0.01, message="rewritten by the thread")
+        assert [p.name for p in path.parent.iterdir()] == [path.name]  # no scratch file left behind
+    finally:
+        heartbeat.stop()
