@@ -7,14 +7,17 @@ import time
 
 import pytest
 
+from config.settings import Settings
 from worker.keys import Keys
 from worker.ledger import Ledger
+
+QUEUE = Settings.cancel_queue  # the queue list of every test's settings (CANCEL_QUEUE unset)
 
 LINK = "pl-ledger-1"
 
 
 def ledger_for(client, **overrides) -> Ledger:
-    options = {"result_ttl": 3600, "retry_budget": 600.0, "stall_timeout": 60.0, "rate": 10.0, "queue": "celery"}
+    options = {"result_ttl": 3600, "retry_budget": 600.0, "stall_timeout": 60.0, "rate": 10.0, "queue": QUEUE}
     return Ledger(client, keys=Keys(), **{**options, **overrides})
 
 
@@ -76,7 +79,7 @@ def test_an_index_entry_stays_until_its_cancel_ends(redis_client):
     time.sleep(0.3)
     assert ledger.take_due(10) == [("req-lost", LINK)]
     assert ledger.take_due(10) == []  # not again before another stall timeout
-    redis_client.rpush("celery", *[b"x"] * 20)  # a backlog of 20 at 10/s: 2 s more before the next try
+    redis_client.rpush(QUEUE, *[b"x"] * 20)  # a backlog of 20 at 10/s: 2 s more before the next try
     time.sleep(0.3)
     assert ledger.take_due(10) == [("req-lost", LINK)]
     now = float(redis_client.time()[0])
@@ -100,14 +103,14 @@ def test_a_skewed_worker_clock_does_not_move_a_breaker_hold(redis_url, redis_cli
         runtime.breaker.record("failure", "pl-down-1")
         assert runtime.breaker.record("failure", "pl-down-2")  # open for 0.5 s by Redis's clock
         runtime.ledger.create_many([("req-skew", LINK)])
-        redis_client.delete("celery")
+        redis_client.delete(QUEUE)
         assert execute(runtime, LINK, "req-skew") == "held"
         due = redis_client.zscore(runtime.keys.due, "req-skew")
         seconds, micros = redis_client.time()
         now = seconds + micros / 1e6
         assert now < due <= now + 1.0
         time.sleep(0.6)
-        assert pump(app) == 1 and redis_client.llen("celery") == 1
+        assert pump(app) == 1 and redis_client.llen(QUEUE) == 1
     finally:
         app.use(settings)
 
