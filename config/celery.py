@@ -56,6 +56,10 @@ PUMP_INTERVAL = 0.25
 """Seconds between moves of due cancels back to the queue (each worker): deferred ones
 whose time has come, and those whose message was lost or whose lease ran out."""
 
+CALLBACK_LEASE = 10.0
+"""Seconds a callback taken for sending is held: one whose sender did not confirm it (it
+died, or Redis failed) by then is sent again, with the same task id."""
+
 FIRE_INTERVAL = 1.0
 """Seconds between runs of the scheduled-cancel firer (beat): a scheduled cancel fires
 within about this long of its time."""

@@ -128,3 +128,123 @@ def test_the_worker_consumes_only_the_cancel_queue(system):
     replies = system["app"].control.inspect(timeout=1.0).active_queues() or {}
     assert [[q["name"] for q in queues] for queues in replies.values()] == [["plural-cancel"]]
 
+
+
+# -- callbacks: the host app hears how its cancel ended, without polling ------------------
+
+def outcomes_for(system, request_id) -> list[dict]:
+    return [o for o in runs(system, "hostapp:outcomes") if o["status"]["request_id"] == request_id]
+
+
+def called_back(system, request_id, timeout=20.0) -> dict:
+    """The one callback the host app ran for ``request_id`` (waiting a moment for any second)."""
+    wait_for(lambda: outcomes_for(system, request_id), timeout, 0.05, f"the callback of {request_id}")
+    time.sleep(1.0)  # several pump ticks: a second copy would have arrived
+    [outcome] = outcomes_for(system, request_id)
+    assert outcome["queue"] == "orders" and outcome["hostname"].startswith("host@")
+    return outcome
+
+
+def test_a_paid_link_is_told_to_the_host_app_once_by_its_callback(system):
+    from tasks import enqueue_cancel
+
+    app, sandbox = system["app"], system["sandbox"]
+    [link_id] = sandbox.create_links(1, status="PROCESSED", prefix="pl-paid-")
+    request_id = enqueue_cancel(link_id, request_id="order-77-expiry", callback="orders.on_cancel_outcome",
+                                callback_queue="orders", app=app)
+    status = called_back(system, request_id)["status"]
+    assert (status["state"], status["outcome"], status["link_status"]) == ("failed", "not_cancellable", "PROCESSED")
+    assert status == finished(app, request_id)  # the status record, as get_status returns it
+    # The same Request-ID enqueued again is the same cancel: no second callback.
+    enqueue_cancel(link_id, request_id=request_id, callback="orders.on_cancel_outcome", callback_queue="orders",
+                   app=app)
+    time.sleep(1.0)
+    assert len(outcomes_for(system, request_id)) == 1
+    assert system["redis"].zcard("plural-cancel:callbacks") == 0
+
+
+def test_followers_and_bulk_cancels_call_back_each_under_its_own_id(system):
+    from tasks import enqueue_cancel, enqueue_many, get_status
+
+    app, sandbox = system["app"], system["sandbox"]
+    [link_id] = sandbox.create_links(1, status="CREATED", prefix="pl-cb-twice-")
+    many = sandbox.create_links(3, status="CREATED", prefix="pl-cb-many-")
+    callback = {"callback": "orders.on_cancel_outcome", "callback_queue": "orders"}
+    sandbox.set_faults(latency_ms=1200)
+    try:
+        leader = enqueue_cancel(link_id, app=app)  # no callback of its own
+        wait_for(lambda: get_status(leader, app=app)["state"] == "running", 10, 0.02, message="leader running")
+        follower = enqueue_cancel(link_id, **callback, app=app)
+        bulk = enqueue_many(many, **callback, app=app)
+        assert get_status(follower, app=app)["follows"] == leader
+        status = called_back(system, follower)["status"]
+    finally:
+        sandbox.reset_faults()
+    assert (status["state"], status["outcome"], status["follows"]) == ("succeeded", "cancelled", leader)
+    assert outcomes_for(system, leader) == []
+    for request_id in bulk:
+        assert called_back(system, request_id)["status"]["outcome"] == "cancelled"
+
+
+def test_a_callback_left_unsent_by_a_dead_worker_is_sent_by_another(system):
+    """A worker ended the cancel in the ledger and died before sending its callback: the
+    pending entry, written in the same script as the end, is sent by any live worker."""
+    app = system["app"]
+    ledger, attempts = app.runtime.ledger, app.runtime.attempts
+    from worker.ledger import Callback
+
+    assert ledger.create_many([("died-before-callback", "pl-cb-dead")],
+                              callback=Callback("orders.on_cancel_outcome", "orders")) == [1]
+    assert ledger.claim("died-before-callback", "pl-cb-dead", "a-worker-that-died", lease=30).verdict == "claimed"
+    attempts.finish("died-before-callback", "pl-cb-dead", "a-worker-that-died", state="succeeded",
+                    outcome="already_cancelled", attempted=True, link_status="CANCELLED")
+    status = called_back(system, "died-before-callback")["status"]
+    assert (status["outcome"], status["link_status"]) == ("already_cancelled", "CANCELLED")
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"callback": "orders.on_cancel_outcome"}, "callback_queue"),
+    ({"callback_queue": "orders"}, "callback"),
+    ({"callback": "orders on cancel", "callback_queue": "orders"}, "callback"),
+    ({"callback": "x" * 201, "callback_queue": "orders"}, "callback"),
+    ({"callback": "orders.on_cancel_outcome", "callback_queue": "orders/1"}, "callback_queue"),
+    ({"callback": "orders.on_cancel_outcome", "callback_queue": "plural-cancel"}, "callback_queue"),
+])
+def test_a_bad_callback_is_refused_naming_the_field_and_nothing_is_written(system, options, field):
+    from tasks import enqueue_cancel, enqueue_many
+
+    client = system["redis"]
+    before = client.exists("plural-cancel:req:bad-callback"), client.llen("plural-cancel")
+    with pytest.raises(ValueError, match=field):
+        enqueue_cancel("pl-cb-bad", request_id="bad-callback", **options, app=system["app"])
+    with pytest.raises(ValueError, match=field):
+        enqueue_many(["pl-cb-bad"], **options, app=system["app"])
+    assert (client.exists("plural-cancel:req:bad-callback"), client.llen("plural-cancel")) == before
+
+
+def raw_cancel_message(payment_link_id: str, request_id: str, message_id: str, queue: str = "plural-cancel") -> str:
+    """The message the README gives for a service in another language: LPUSH it onto the queue."""
+    import base64
+
+    body = [[], {"payment_link_id": payment_link_id, "request_id": request_id},
+            {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    return json.dumps({
+        "body": base64.b64encode(json.dumps(body).encode()).decode(),
+        "content-encoding": "utf-8", "content-type": "application/json",
+        "headers": {"lang": "py", "task": "tasks.cancel_payment_link", "id": message_id, "root_id": message_id,
+                    "parent_id": None, "group": None},
+        "properties": {"correlation_id": message_id, "delivery_mode": 2, "priority": 0, "body_encoding": "base64",
+                       "delivery_info": {"exchange": "", "routing_key": queue}, "delivery_tag": message_id},
+    })
+
+
+def test_a_message_pushed_by_a_service_in_another_language_is_a_cancel(system):
+    """No Celery on the sending side: one LPUSH of the README's JSON, then HGETALL of the record."""
+    import uuid
+
+    [link_id] = system["sandbox"].create_links(1, status="CREATED", prefix="pl-raw-")
+    system["redis"].lpush("plural-cancel", raw_cancel_message(link_id, f"raw-{link_id}", str(uuid.uuid4())))
+    record = wait_for(lambda: (r := system["redis"].hgetall(f"plural-cancel:req:raw-{link_id}"))
+                      and r["state"] == "succeeded" and r, 20, 0.1, "the record succeeded")
+    assert (record["outcome"], record["link_status"], record["payment_link_id"]) == ("cancelled", "CANCELLED", link_id)
+    assert "unregistered" not in system["ours"].log().lower()

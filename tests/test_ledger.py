@@ -122,3 +122,49 @@ def test_enqueue_many_takes_no_single_string(redis_url, bad):
 
     with pytest.raises(TypeError, match="payment_link_ids"):
         enqueue_many(bad, app=use_settings(redis_url))
+
+
+def test_a_callback_is_pending_from_the_end_until_confirmed_and_taken_again_after_its_lease(redis_client):
+    """The end of a cancel makes its callback pending in the same script; a sender that takes it
+    and dies leaves it to be taken again once its lease ends, under the same task id."""
+    from worker.ledger import Callback
+
+    ledger = ledger_for(redis_client)
+    attempts = attempts_for(ledger)
+    callback = Callback("orders.on_cancel_outcome", "orders")
+    assert ledger.create_many([("cb-1", LINK)], callback=callback) == [1]
+    assert ledger.take_callbacks(10, lease=0.3) == []  # live: nothing to tell yet
+    ledger.claim("cb-1", LINK, "o1", lease=30)
+    attempts.finish("cb-1", LINK, "o1", state="failed", outcome="not_cancellable", attempted=True,
+                    link_status="PROCESSED")
+    [first] = ledger.take_callbacks(10, lease=0.3)
+    assert (first.request_id, first.callback, first.status) == ("cb-1", callback, ledger.status("cb-1"))
+    assert ledger.take_callbacks(10, lease=0.3) == []  # held by its sender
+    time.sleep(0.4)  # ... which died before confirming it
+    [again] = ledger.take_callbacks(10, lease=0.3)
+    assert again.task_id == first.task_id and again.lease != first.lease
+    assert ledger.callbacks_sent([first]) == 0  # a late confirmation of the first take removes nothing
+    assert ledger.callbacks_sent([again]) == 1
+    assert redis_client.zcard(ledger.keys.callbacks) == 0
+
+    # A dead letter retried and ended again is another ending: a callback of its own.
+    assert ledger.requeue(["cb-1"]) == [("cb-1", "requeued", LINK)]
+    ledger.claim("cb-1", LINK, "o2", lease=30)
+    attempts.finish("cb-1", LINK, "o2", state="succeeded", outcome="cancelled", attempted=True)
+    [second_end] = ledger.take_callbacks(10, lease=0.3)
+    assert second_end.status["outcome"] == "cancelled" and second_end.task_id != first.task_id
+
+
+def test_a_cancel_whose_budget_is_spent_ends_with_its_callback_pending(redis_client):
+    """``gave_up`` is decided at admission (``worker.attempts``): the same end, the same callback."""
+    from worker.ledger import Callback
+
+    ledger = ledger_for(redis_client, retry_budget=0.2)
+    attempts = attempts_for(ledger)
+    ledger.create_many([("cb-budget", LINK)], callback=Callback("orders.on_cancel_outcome", "orders"))
+    assert attempts.admit("cb-budget", LINK, "o1", 30, max_wait=1.0, probe_max_wait=1.0).claim.verdict == "claimed"
+    attempts.defer("cb-budget", LINK, "o1", delay=0.0, attempted=True)
+    time.sleep(0.3)
+    assert attempts.admit("cb-budget", LINK, "o2", 30, max_wait=1.0, probe_max_wait=1.0).claim.verdict == "gave_up"
+    [pending] = ledger.take_callbacks(10, lease=5)
+    assert (pending.request_id, pending.status["outcome"]) == ("cb-budget", "gave_up")

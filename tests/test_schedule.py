@@ -285,3 +285,21 @@ def test_a_skewed_host_clock_cannot_unschedule_a_cancel_being_fired(redis_url, r
         assert redis_client.zscore("plural-cancel:schedule", "pl-skewed") is not None  # still there to fire
     finally:
         the_app.use(settings)
+
+
+def test_a_scheduled_cancel_carries_its_callback_when_it_fires(app, redis_client):
+    """The callback given with the latest schedule_cancel of a link is the one its cancel carries."""
+    from tasks import schedule_cancel
+    from tasks.periodic import fire_schedules
+
+    callback = {"callback": "orders.on_cancel_outcome", "callback_queue": "orders"}
+    with_callback = schedule_cancel("pl-cb-at", soon(-1), **callback, app=app)
+    moved_without = schedule_cancel("pl-cb-moved", soon(600), **callback, app=app)
+    assert schedule_cancel("pl-cb-moved", soon(-1), app=app) == moved_without  # moved, and no callback now
+    with pytest.raises(ValueError, match="callback_queue"):
+        schedule_cancel("pl-cb-bad", soon(60), callback="orders.on_cancel_outcome", app=app)
+    assert fire_schedules(app) == 2
+    record = redis_client.hgetall(f"plural-cancel:req:{with_callback}")
+    assert (record[b"callback"], record[b"callback_queue"]) == (b"orders.on_cancel_outcome", b"orders")
+    assert b"callback" not in redis_client.hgetall(f"plural-cancel:req:{moved_without}")
+    assert redis_client.exists("plural-cancel:schedule:link:pl-cb-bad") == 0

@@ -50,6 +50,13 @@ class Keys:
         """Stream: one entry per terminal outcome, for downstream consumers."""
         return f"{self.prefix}:events"
 
+    @property
+    def callbacks(self) -> str:
+        """Sorted set: Request-IDs of ended cancels whose callback (a producer's Celery task)
+        is still to be sent, scored by when it is due (epoch seconds, Redis's clock): its end,
+        then the end of the lease of the worker sending it."""
+        return f"{self.prefix}:callbacks"
+
     def token(self, client_id: str) -> str:
         """Hash: the encrypted Plural access token of one client id."""
         return f"{self.prefix}:token:{client_id}"
