@@ -15,8 +15,9 @@ The product relies on at-least-once delivery over the Redis transport:
   of ours is shared with it either: kombu's unacknowledged-message bookkeeping (by
   default one ``unacked`` hash per database, swept by every app on its own visibility
   timeout, so ours, under a minute, would hand back a host's ETA task long before it is
-  due: ``worker.broker`` keeps ours under ``plural-cancel:unacked``) and the remote-control and event exchanges (by default ``celery.pidbox`` and
-  ``celeryev``: a host operator's ``celery control shutdown`` would stop our workers).
+  due: ``worker.broker`` keeps ours under ``plural-cancel:unacked``), and the
+  remote-control and event exchanges (by default ``celery.pidbox`` and ``celeryev``: a
+  host operator's ``celery control shutdown`` would stop our workers).
   No global key prefix: a service sending by name (``send_task(..., queue=...)``) must
   find the queue under its plain name.
 - shutdown: the deployment sets ``REMAP_SIGTERM=SIGQUIT`` (Celery's own switch, read
@@ -34,12 +35,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from kombu import Exchange, Queue
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
-
-from kombu import Exchange, Queue
 
 from config.settings import Settings
 
