@@ -42,10 +42,10 @@ from worker import app  # noqa: E402
 
 def check_queue(client: redis.Redis, count: int) -> None:
     """Exactly ``count`` messages queued, and one of them is a well-formed cancel message."""
-    queued = client.llen("celery")
+    queued = client.llen(app.settings.cancel_queue)
     if queued != count:
         sys.exit(f"expected {count} queued messages, found {queued}")
-    message = json.loads(client.lindex("celery", 0))
+    message = json.loads(client.lindex(app.settings.cancel_queue, 0))
     args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
     if message["headers"]["task"] != "tasks.cancel_payment_link" or set(kwargs) != {"payment_link_id",
                                                                                     "request_id"}:

@@ -10,6 +10,16 @@ The product relies on at-least-once delivery over the Redis transport:
   It must exceed the longest a cancel can legitimately run (:func:`lease_seconds`),
   and no ETA/countdown may ever be longer than it (we never use one: deferred cancels
   wait in Redis, see ``worker.ledger``), or a message is delivered twice.
+- a queue of our own (``CANCEL_QUEUE``), never Celery's default ``celery``: a merchant's
+  Celery app on the same Redis database keeps its queue and we keep ours. Nothing else
+  of ours is shared with it either: kombu's unacknowledged-message bookkeeping (by
+  default one ``unacked`` hash per database, swept by every app on its own visibility
+  timeout, so ours, under a minute, would hand back a host's ETA task long before it is
+  due: ``worker.broker`` keeps ours under ``plural-cancel:unacked``), and the
+  remote-control and event exchanges (by default ``celery.pidbox`` and ``celeryev``: a
+  host operator's ``celery control shutdown`` would stop our workers).
+  No global key prefix: a service sending by name (``send_task(..., queue=...)``) must
+  find the queue under its plain name.
 - shutdown: the deployment sets ``REMAP_SIGTERM=SIGQUIT`` (Celery's own switch, read
   from the environment by billiard), so SIGTERM is Celery's soft shutdown: no new
   message is taken, cancels in flight get ``worker_soft_shutdown_timeout`` to finish,
@@ -25,16 +35,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from kombu import Exchange, Queue
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from config.settings import Settings
-
-QUEUE = "celery"
-"""Celery's default queue: a service that enqueues with ``send_task`` by name and no
-routing configuration of ours lands here, so this is the queue the worker consumes."""
 
 DEFAULT_CONCURRENCY = 128
 """Threads per worker process: a cancel spends nearly all its time waiting on Plural. At
@@ -48,6 +55,10 @@ RESTORE_INTERVAL = 5
 PUMP_INTERVAL = 0.25
 """Seconds between moves of due cancels back to the queue (each worker): deferred ones
 whose time has come, and those whose message was lost or whose lease ran out."""
+
+CALLBACK_LEASE = 10.0
+"""Seconds a callback taken for sending is held: one whose sender did not confirm it (it
+died, or Redis failed) by then is sent again, with the same task id."""
 
 FIRE_INTERVAL = 1.0
 """Seconds between runs of the scheduled-cancel firer (beat): a scheduled cancel fires
@@ -80,6 +91,7 @@ def visibility_timeout(settings: Settings) -> int:
 
 def celery_config(settings: Settings) -> dict:
     """The whole Celery configuration, for one ``app.conf.update``."""
+    queue = settings.cancel_queue
     transport_options = {
         "visibility_timeout": visibility_timeout(settings),
         "unacked_restore_interval": RESTORE_INTERVAL,
@@ -101,7 +113,15 @@ def celery_config(settings: Settings) -> dict:
         "task_ignore_result": True,  # results live in the ledger, where producers read them
         "task_serializer": "json",
         "accept_content": ["json"],
-        "task_default_queue": QUEUE,
+        # The one queue, as Celery would build it from task_default_queue, declared so that
+        # it is the only one: the worker consumes it alone, and no send can add one that it
+        # would consume after a reconnect. Every task of ours takes the default queue, so no
+        # task_routes (which, set here, would also recurse: Celery reads the routes back on update).
+        "task_default_queue": queue,
+        "task_queues": (Queue(queue, Exchange(queue, "direct"), routing_key=queue),),
+        "task_create_missing_queues": False,
+        "control_exchange": queue,  # remote control: "<queue>.pidbox", not the "celery.pidbox" every app shares
+        "event_exchange": f"{queue}.ev",
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,

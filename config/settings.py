@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import shlex
 from dataclasses import dataclass, field, fields, replace
 from typing import Iterable, Mapping
@@ -28,7 +29,7 @@ VARIABLES = (
     "BREAKER_FAILURE_RATE", "BREAKER_COOLDOWN", "LIMITER_MAX_WAIT", "CANCEL_ATTEMPT_TIMEOUT",
     "CANCEL_STALL_TIMEOUT", "SENTRY_DSN", "SENTRY_ENVIRONMENT", "METRICS_PORT", "https_proxy", "HTTPS_PROXY",
     "http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE",
-    "WORKER_SHUTDOWN_GRACE", "HEALTH_DIR",
+    "WORKER_SHUTDOWN_GRACE", "HEALTH_DIR", "CANCEL_QUEUE",
 )
 """Every environment variable :meth:`Settings.from_env` reads, in the README's order
 (and ``BREAKER_THRESHOLD``, read only to be refused)."""
@@ -37,6 +38,13 @@ MAX_ATTEMPT_TIMEOUT = 300.0
 """Seconds: the longest an attempt (and so each of its timeouts) may be set to take."""
 MAX_LIMITER_WAIT = 30.0
 """Seconds: the longest a cancel may be set to wait in-line for a rate-limit slot."""
+
+QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,99}")
+"""A Celery queue name as this product accepts one (``CANCEL_QUEUE``, a callback's queue):
+1-100 of ``A-Za-z0-9._:-``, starting with a letter or digit."""
+
+CELERY_DEFAULT_QUEUE = "celery"
+"""Celery's default queue: a merchant's own Celery app on the same Redis consumes it."""
 
 
 def plain_http_allowed(url: str) -> bool:
@@ -105,6 +113,10 @@ class Settings:
     client_id: str | None = None
     client_secret: Secret | None = field(default=None)
     redis_url: str = "redis://127.0.0.1:6379/0"
+    cancel_queue: str = "plural-cancel"
+    """The Celery queue (a Redis list of that name) the product's messages travel on and its
+    workers consume; never Celery's default ``celery``, which a host app on the same Redis
+    consumes."""
     rate_limit: float = 10.0
     """Cancels per second to Plural, across every worker process and host."""
     rate_burst: int = 0
@@ -199,6 +211,12 @@ class Settings:
             # Never echo the URL: it may carry a password.
             raise ConfigError("REDIS_URL", "a redis://, rediss:// or unix:// URL")
 
+        cancel_queue = get("CANCEL_QUEUE") or cls.cancel_queue
+        if not QUEUE_NAME.fullmatch(cancel_queue) or cancel_queue == CELERY_DEFAULT_QUEUE:
+            raise ConfigError("CANCEL_QUEUE", "a queue name of 1-100 characters of A-Z a-z 0-9 . _ : - other than "
+                              "Celery's default 'celery' (which a host app on the same Redis consumes)",
+                              cancel_queue[:100])
+
         secret = get("PLURAL_CLIENT_SECRET")
         settings = cls(
             plural_env=plural_env,
@@ -206,6 +224,7 @@ class Settings:
             client_id=get("PLURAL_CLIENT_ID"),
             client_secret=Secret(secret) if secret else None,
             redis_url=redis_url,
+            cancel_queue=cancel_queue,
             rate_limit=_number(get, "PLURAL_RATE_LIMIT", cls.rate_limit, positive=True),
             rate_burst=int(_number(get, "PLURAL_RATE_BURST", cls.rate_burst, integer=True)),
             retry_budget=_number(get, "CANCEL_RETRY_BUDGET", cls.retry_budget, positive=True),

@@ -1,5 +1,6 @@
 """Periodic work: send live cancels whose time has come back to the queue (a retry due,
-a message lost, a lease run out), and fire scheduled cancels whose time has come."""
+a message lost, a lease run out), send the callbacks of ended cancels, and fire
+scheduled cancels whose time has come."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import math
 import uuid
 
 from celery import Celery
-from kombu import serialization
+from kombu import Exchange, Queue, serialization
 from kombu.entity import maybe_delivery_mode
 from kombu.transport.redis import Channel as RedisChannel
 
-from config.celery import PUMP_INTERVAL
+from config.celery import CALLBACK_LEASE, PUMP_INTERVAL
 from worker import app
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,9 @@ PUMP_MIN_BATCH = 4
 HOLD = 60.0
 """Seconds a scheduled cancel taken for firing stays out of reach while it is fired."""
 
+
+CALLBACK_BATCH = 200
+"""Most callbacks sent per pump tick."""
 
 PUBLISH_CHUNK = 1000
 """Messages sent to Redis per round trip when a batch is published."""
@@ -130,6 +134,39 @@ def pump(app_: Celery) -> int:
     return len(pairs)
 
 
+def send_callbacks(app_: Celery) -> int:
+    """Send the callbacks of cancels that have ended (run by every worker, with the pump);
+    returns how many were sent.
+
+    Each is one Celery message to the producer's own task and queue, ``status=<status
+    record>``, with a task id the same for every copy of one ending. Taking holds an entry
+    for ``CALLBACK_LEASE`` seconds; it leaves the index once its message is pushed. A
+    sender that dies (or a Redis that fails) in between leaves it to be sent again when
+    the lease ends: at least once, and a copy more only then.
+    """
+    ledger = app_.runtime.ledger
+    taken = ledger.take_callbacks(CALLBACK_BATCH, CALLBACK_LEASE)
+    if not taken:
+        return 0
+    sent = []
+    try:
+        with app_.producer_or_acquire() as producer:
+            for pending in taken:
+                name, queue = pending.callback.task, pending.callback.queue
+                # A Queue object, not a name: the app never adds the host's queue to its own
+                # (which a worker would then consume), and declare=[] leaves the host's
+                # bindings to the host. A direct queue is published through the default
+                # exchange: a push onto the list named ``queue``.
+                app_.send_task(name, kwargs={"status": pending.status}, task_id=pending.task_id,
+                               queue=Queue(queue, Exchange(queue, "direct"), routing_key=queue), declare=[],
+                               producer=producer, ignore_result=True)
+                sent.append(pending)
+    finally:
+        ledger.callbacks_sent(sent)
+    log.debug("sent %d callbacks", len(sent))
+    return len(sent)
+
+
 def fire_schedules(app_: Celery) -> int:
     """Move scheduled cancels whose time has come into the pipeline; returns how many fired.
 
@@ -145,9 +182,14 @@ def fire_schedules(app_: Celery) -> int:
         due = store.take_due(limit=FIRE_BATCH, hold=HOLD)
         if not due:
             break
-        codes = submit(app_, [(d.request_id, d.payment_link_id) for d in due])
         verdicts = {1: "enqueued", 2: "following", 0: "already_enqueued", -1: "conflict"}
-        results = [(d, verdicts[code]) for d, code in zip(due, codes)]
+        by_callback: dict = {}
+        for d in due:
+            by_callback.setdefault(d.callback, []).append(d)
+        results = []
+        for callback, group in by_callback.items():  # one submit per callback (most: one, None)
+            codes = submit(app_, [(d.request_id, d.payment_link_id) for d in group], callback)
+            results += [(d, verdicts[code]) for d, code in zip(group, codes)]
         for d, result in results:
             if result == "conflict":
                 log.error("scheduled cancel of %s not fired: request_id %s is used for another link",
@@ -167,4 +209,4 @@ def fire_schedules_task() -> int:
     return fire_schedules(app)
 
 
-__all__ = ["pump", "fire_schedules", "publish", "PUMP_INTERVAL"]
+__all__ = ["pump", "send_callbacks", "fire_schedules", "publish", "PUMP_INTERVAL"]

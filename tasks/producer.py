@@ -8,6 +8,11 @@ writes, or the message is lost later, the ledger's due index sends it again afte
 stall timeout (``CANCEL_STALL_TIMEOUT``).
 A scheduled cancel waits in Redis (``worker.schedule``) until beat's
 ``tasks.fire_schedules`` sends it down that same path.
+
+A cancel may name a callback: a task of the producer's own Celery app (``callback``)
+and a queue its workers consume (``callback_queue``). When the cancel ends, that task is
+sent one message with the status record as its one argument, ``status``
+(``tasks.periodic.send_callbacks``).
 """
 
 from __future__ import annotations
@@ -20,42 +25,54 @@ from celery import Celery
 
 from tasks.periodic import publish
 from worker import app as default_app
-from worker.ledger import RequestIdConflict
+from worker.ledger import Callback, RequestIdConflict
 from worker.schedule import Schedule
-from worker.validation import validate_payment_link_id, validate_request_id
+from worker.validation import validate_callback, validate_payment_link_id, validate_request_id
 
 
-def enqueue_cancel(payment_link_id: str, request_id: str | None = None, *, app: Celery | None = None) -> str:
+def enqueue_cancel(payment_link_id: str, request_id: str | None = None, *, callback: str | None = None,
+                   callback_queue: str | None = None, app: Celery | None = None) -> str:
     """Enqueue one cancel; returns its Request-ID (a new UUID4 unless given).
+
+    ``callback`` and ``callback_queue`` (both or neither): a task of your Celery app, by
+    name, and the queue your workers consume; when the cancel ends it is sent one message,
+    ``callback(status=<status record>)``, with a task id that is the same for every copy
+    (a receiver dedupes by it). A Request-ID enqueued again keeps the callback it was
+    first enqueued with.
 
     Raises ValueError naming the field on bad input, and :class:`RequestIdConflict`
     (a ValueError) when ``request_id`` already belongs to a cancel of another link.
     """
+    app_ = app or default_app
     validate_payment_link_id(payment_link_id)
     request_id = str(uuid.uuid4()) if request_id is None else validate_request_id(request_id)
-    _enqueue(app or default_app, [(request_id, payment_link_id)])
+    _enqueue(app_, [(request_id, payment_link_id)], _callback(app_, callback, callback_queue))
     return request_id
 
 
-def enqueue_many(payment_link_ids: Iterable[str], *, app: Celery | None = None) -> list[str]:
+def enqueue_many(payment_link_ids: Iterable[str], *, callback: str | None = None, callback_queue: str | None = None,
+                 app: Celery | None = None) -> list[str]:
     """Enqueue one cancel per link id, pipelined; returns their new Request-IDs in order.
 
     Every id is validated first: one bad id raises ValueError (naming it and its
     position) and nothing is written or sent. A link named twice gets two Request-IDs,
     the second following the first (one call to Plural). A single string raises
-    TypeError: it is not a list of ids.
+    TypeError: it is not a list of ids. ``callback`` and ``callback_queue``: as for
+    :func:`enqueue_cancel`, one message per cancel.
     """
     if isinstance(payment_link_ids, (str, bytes)):
         raise TypeError("payment_link_ids: must be an iterable of link ids, not a single string "
                         "(use enqueue_cancel for one link)")
+    app_ = app or default_app
     links = list(payment_link_ids)
     for position, link_id in enumerate(links):
         try:
             validate_payment_link_id(link_id)
         except ValueError as exc:
             raise ValueError(f"{exc} at position {position}") from None
+    on_end = _callback(app_, callback, callback_queue)
     pairs = [(str(uuid.uuid4()), link_id) for link_id in links]
-    _enqueue(app or default_app, pairs)
+    _enqueue(app_, pairs, on_end)
     return [request_id for request_id, _ in pairs]
 
 
@@ -66,7 +83,7 @@ def get_status(request_id: str, *, app: Celery | None = None) -> dict | None:
 
 
 def schedule_cancel(payment_link_id: str, at: datetime, request_id: str | None = None, *,
-                    app: Celery | None = None) -> str:
+                    callback: str | None = None, callback_queue: str | None = None, app: Celery | None = None) -> str:
     """Cancel a link at ``at`` (a timezone-aware datetime); returns the Request-ID it will carry.
 
     Kept in Redis until it fires (no expiry); beat fires it within about a second of
@@ -75,19 +92,22 @@ def schedule_cancel(payment_link_id: str, at: datetime, request_id: str | None =
     unless ``request_id`` names a new one; once it is firing or has fired, scheduling
     the link again starts a new one. Fired, it goes the way of :func:`enqueue_cancel`:
     a Request-ID that already carried a cancel of this link makes it a no-op.
+    ``callback`` and ``callback_queue``: as for :func:`enqueue_cancel`; each call sets
+    the link's (scheduling it again without them drops the callback).
 
     Raises ValueError naming the field on bad input (a naive ``at`` included), and
     :class:`RequestIdConflict` (a ValueError) when ``request_id`` belongs to another link.
     """
+    app_ = app or default_app
     validate_payment_link_id(payment_link_id)
     if request_id is not None:
         validate_request_id(request_id)
     if not isinstance(at, datetime) or at.utcoffset() is None:
         raise ValueError(f"at: must be a timezone-aware datetime, e.g. datetime.now(timezone.utc) "
                          f"(got {at!r:.60})")
-    store = schedule_store(app or default_app)
-    _, kept = store.put(payment_link_id, at.timestamp(), request_id or str(uuid.uuid4()),
-                        replace=request_id is not None)
+    on_end = _callback(app_, callback, callback_queue)
+    _, kept = schedule_store(app_).put(payment_link_id, at.timestamp(), request_id or str(uuid.uuid4()),
+                                       replace=request_id is not None, callback=on_end)
     return kept
 
 
@@ -129,20 +149,25 @@ def schedule_store(app_: Celery) -> Schedule:
     return Schedule(rt.redis, fired_ttl=rt.settings.result_ttl, keys=rt.keys)
 
 
-def submit(app_: Celery, pairs: list[tuple[str, str]]) -> list[int]:
-    """Create ledger records for (request_id, payment_link_id) pairs and publish the new ones.
+def submit(app_: Celery, pairs: list[tuple[str, str]], callback: Callback | None = None) -> list[int]:
+    """Create ledger records for (request_id, payment_link_id) pairs, each with ``callback``,
+    and publish the new ones.
 
     Returns one code per pair: 1 created and published, 2 created following its link's
     live cancel (nothing sent), 0 already there (nothing sent), -1 the Request-ID belongs
     to another link (nothing written or sent for it).
     """
-    codes = app_.runtime.ledger.create_many(pairs)
+    codes = app_.runtime.ledger.create_many(pairs, callback)
     publish(app_, [pair for pair, code in zip(pairs, codes) if code == 1])
     return codes
 
 
-def _enqueue(app_: Celery, pairs: list[tuple[str, str]]) -> None:
-    codes = submit(app_, pairs)
+def _callback(app_: Celery, task: str | None, queue: str | None) -> Callback | None:
+    return validate_callback(task, queue, cancel_queue=app_.conf.task_default_queue)
+
+
+def _enqueue(app_: Celery, pairs: list[tuple[str, str]], callback: Callback | None = None) -> None:
+    codes = submit(app_, pairs, callback)
     for (request_id, _), code in zip(pairs, codes):
         if code < 0:
             raise RequestIdConflict(

@@ -6,11 +6,14 @@ import time
 
 import pytest
 
+from config.settings import Settings
 from worker.attempts import Attempts, Health
 from worker.breaker import FAILURE, NO_NEWS, SUCCESS, RedisCircuitBreaker
 from worker.keys import Keys
 from worker.ledger import Ledger
 from worker.ratelimit import RedisRateLimiter
+
+QUEUE = Settings.cancel_queue  # the queue list of every test's settings (CANCEL_QUEUE unset)
 
 LINK = "pl-attempts-1"
 LEASE = 30.0
@@ -20,7 +23,7 @@ LEASE = 30.0
 def parts(redis_client):
     keys = Keys()
     ledger = Ledger(redis_client, result_ttl=3600, retry_budget=600.0, stall_timeout=60.0, rate=10.0,
-                    queue="celery", keys=keys)
+                    queue=QUEUE, keys=keys)
     breaker = RedisCircuitBreaker(redis_client, keys.breaker, window=10, min_links=2, failure_rate=0.5, cooldown=0.2)
     limiter = RedisRateLimiter(redis_client, keys.ratelimit, rate=1.0)
     return ledger, breaker, limiter, Attempts(ledger, breaker, limiter)

@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from config.settings import Settings
 from tests.conftest import use_settings
 from tests.support.workers import ROOT
+
+QUEUE = Settings.cancel_queue  # the queue list of every test's settings (CANCEL_QUEUE unset)
 
 PLURAL_CANCEL = str(Path(sys.executable).with_name("plural-cancel"))
 
@@ -76,7 +79,7 @@ def test_bulk_of_10000_lines_names_the_3_bad_ones_and_enqueues_the_rest(redis_ur
     assert result.stdout.splitlines() == ["accepted    9997", "duplicates  0", "invalid     3",
                                           "backlog     9,997 enqueued; with 9,997 waiting in all, "
                                           "about 17 min at 10/s"]
-    assert redis_client.llen("celery") == 9997
+    assert redis_client.llen(QUEUE) == 9997
     assert record_count(redis_client) == 9997
     written = [row.split(",") for row in out.read_text().splitlines()]
     assert len(written) == 9997 and {link for link, _ in written} == set(lines) - set(bad.values())
@@ -90,7 +93,7 @@ def test_duplicates_are_enqueued_once_and_a_clean_file_exits_0(redis_url, redis_
     result = run_cli(redis_url, "bulk", str(path))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[:3] == ["accepted    2", "duplicates  1", "invalid     0"]
-    assert redis_client.llen("celery") == 2 and record_count(redis_client) == 2
+    assert redis_client.llen(QUEUE) == 2 and record_count(redis_client) == 2
 
 
 @pytest.mark.parametrize("waiting, lines, rate, says", [

@@ -7,14 +7,17 @@ import time
 
 import pytest
 
+from config.settings import Settings
 from worker.keys import Keys
 from worker.ledger import Ledger
+
+QUEUE = Settings.cancel_queue  # the queue list of every test's settings (CANCEL_QUEUE unset)
 
 LINK = "pl-ledger-1"
 
 
 def ledger_for(client, **overrides) -> Ledger:
-    options = {"result_ttl": 3600, "retry_budget": 600.0, "stall_timeout": 60.0, "rate": 10.0, "queue": "celery"}
+    options = {"result_ttl": 3600, "retry_budget": 600.0, "stall_timeout": 60.0, "rate": 10.0, "queue": QUEUE}
     return Ledger(client, keys=Keys(), **{**options, **overrides})
 
 
@@ -76,7 +79,7 @@ def test_an_index_entry_stays_until_its_cancel_ends(redis_client):
     time.sleep(0.3)
     assert ledger.take_due(10) == [("req-lost", LINK)]
     assert ledger.take_due(10) == []  # not again before another stall timeout
-    redis_client.rpush("celery", *[b"x"] * 20)  # a backlog of 20 at 10/s: 2 s more before the next try
+    redis_client.rpush(QUEUE, *[b"x"] * 20)  # a backlog of 20 at 10/s: 2 s more before the next try
     time.sleep(0.3)
     assert ledger.take_due(10) == [("req-lost", LINK)]
     now = float(redis_client.time()[0])
@@ -100,14 +103,14 @@ def test_a_skewed_worker_clock_does_not_move_a_breaker_hold(redis_url, redis_cli
         runtime.breaker.record("failure", "pl-down-1")
         assert runtime.breaker.record("failure", "pl-down-2")  # open for 0.5 s by Redis's clock
         runtime.ledger.create_many([("req-skew", LINK)])
-        redis_client.delete("celery")
+        redis_client.delete(QUEUE)
         assert execute(runtime, LINK, "req-skew") == "held"
         due = redis_client.zscore(runtime.keys.due, "req-skew")
         seconds, micros = redis_client.time()
         now = seconds + micros / 1e6
         assert now < due <= now + 1.0
         time.sleep(0.6)
-        assert pump(app) == 1 and redis_client.llen("celery") == 1
+        assert pump(app) == 1 and redis_client.llen(QUEUE) == 1
     finally:
         app.use(settings)
 
@@ -119,3 +122,49 @@ def test_enqueue_many_takes_no_single_string(redis_url, bad):
 
     with pytest.raises(TypeError, match="payment_link_ids"):
         enqueue_many(bad, app=use_settings(redis_url))
+
+
+def test_a_callback_is_pending_from_the_end_until_confirmed_and_taken_again_after_its_lease(redis_client):
+    """The end of a cancel makes its callback pending in the same script; a sender that takes it
+    and dies leaves it to be taken again once its lease ends, under the same task id."""
+    from worker.ledger import Callback
+
+    ledger = ledger_for(redis_client)
+    attempts = attempts_for(ledger)
+    callback = Callback("orders.on_cancel_outcome", "orders")
+    assert ledger.create_many([("cb-1", LINK)], callback=callback) == [1]
+    assert ledger.take_callbacks(10, lease=0.3) == []  # live: nothing to tell yet
+    ledger.claim("cb-1", LINK, "o1", lease=30)
+    attempts.finish("cb-1", LINK, "o1", state="failed", outcome="not_cancellable", attempted=True,
+                    link_status="PROCESSED")
+    [first] = ledger.take_callbacks(10, lease=0.3)
+    assert (first.request_id, first.callback, first.status) == ("cb-1", callback, ledger.status("cb-1"))
+    assert ledger.take_callbacks(10, lease=0.3) == []  # held by its sender
+    time.sleep(0.4)  # ... which died before confirming it
+    [again] = ledger.take_callbacks(10, lease=0.3)
+    assert again.task_id == first.task_id and again.lease != first.lease
+    assert ledger.callbacks_sent([first]) == 0  # a late confirmation of the first take removes nothing
+    assert ledger.callbacks_sent([again]) == 1
+    assert redis_client.zcard(ledger.keys.callbacks) == 0
+
+    # A dead letter retried and ended again is another ending: a callback of its own.
+    assert ledger.requeue(["cb-1"]) == [("cb-1", "requeued", LINK)]
+    ledger.claim("cb-1", LINK, "o2", lease=30)
+    attempts.finish("cb-1", LINK, "o2", state="succeeded", outcome="cancelled", attempted=True)
+    [second_end] = ledger.take_callbacks(10, lease=0.3)
+    assert second_end.status["outcome"] == "cancelled" and second_end.task_id != first.task_id
+
+
+def test_a_cancel_whose_budget_is_spent_ends_with_its_callback_pending(redis_client):
+    """``gave_up`` is decided at admission (``worker.attempts``): the same end, the same callback."""
+    from worker.ledger import Callback
+
+    ledger = ledger_for(redis_client, retry_budget=0.2)
+    attempts = attempts_for(ledger)
+    ledger.create_many([("cb-budget", LINK)], callback=Callback("orders.on_cancel_outcome", "orders"))
+    assert attempts.admit("cb-budget", LINK, "o1", 30, max_wait=1.0, probe_max_wait=1.0).claim.verdict == "claimed"
+    attempts.defer("cb-budget", LINK, "o1", delay=0.0, attempted=True)
+    time.sleep(0.3)
+    assert attempts.admit("cb-budget", LINK, "o2", 30, max_wait=1.0, probe_max_wait=1.0).claim.verdict == "gave_up"
+    [pending] = ledger.take_callbacks(10, lease=5)
+    assert (pending.request_id, pending.status["outcome"]) == ("cb-budget", "gave_up")

@@ -11,8 +11,11 @@ from __future__ import annotations
 import pytest
 import redis
 
+from config.settings import Settings
 from tests.conftest import use_settings, wait_for
 from tests.support.workers import service_env, start_worker
+
+QUEUE = Settings.cancel_queue  # the queue list of every test's settings (CANCEL_QUEUE unset)
 
 TERMINAL = ("succeeded", "failed")
 STALL = 3
@@ -64,14 +67,14 @@ def busy_worker(system, prefix):
     running = enqueue_cancel(links[0], app=app)
     wait_for(lambda: status(app, running)["state"] == "running", 10, 0.02, message="first cancel running")
     waiting = enqueue_cancel(links[1], app=app)
-    assert admin.llen("celery") == 1  # the second message waits: the worker's one thread is busy
+    assert admin.llen(QUEUE) == 1  # the second message waits: the worker's one thread is busy
     return running, waiting, links
 
 
 def test_a_message_deleted_from_the_queue_is_sent_again(system):
     app, sandbox, admin, worker = system["app"], system["sandbox"], system["admin"], system["worker"]
     running, lost, links = busy_worker(system, "pl-deleted-")
-    admin.delete("celery")  # the message vanishes (an operator's mistake, a failover...)
+    admin.delete(QUEUE)  # the message vanishes (an operator's mistake, a failover...)
     sandbox.reset_faults()
     assert finished(app, running)["outcome"] == "cancelled"
     result = finished(app, lost, timeout=STALL + 15)
@@ -89,7 +92,7 @@ def test_redis_refusing_writes_around_a_delivery_loses_nothing_and_stops_no_work
     admin.config_set("maxmemory", 1)  # every write is refused from now on
     try:
         wait_for(lambda: "a delivered message was lost" in worker.log(), 15, message="the lost delivery logged")
-        assert admin.llen("celery") == 0  # popped, and held nowhere: only the ledger knows of it
+        assert admin.llen(QUEUE) == 0  # popped, and held nowhere: only the ledger knows of it
         assert status(app, running)["state"] == "running"  # its answer could not be written
     finally:
         admin.config_set("maxmemory", 0)
@@ -113,7 +116,7 @@ def test_an_exception_before_the_claim_loses_nothing(system):
     try:
         request_id = enqueue_cancel(link_id, app=app)
         wait_for(lambda: "NoPermissionError" in worker.log(), 10, message="the task failing before its claim")
-        assert admin.llen("celery") == 0  # taken, failed, acknowledged (task_acks_on_failure_or_timeout)
+        assert admin.llen(QUEUE) == 0  # taken, failed, acknowledged (task_acks_on_failure_or_timeout)
         assert status(app, request_id)["state"] == "queued"
     finally:
         admin.acl_setuser(USER, enabled=True, commands=["+@all"])

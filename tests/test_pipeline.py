@@ -11,8 +11,11 @@ import time
 import pytest
 import redis
 
+from config.settings import Settings
 from tests.conftest import use_settings, wait_for
 from tests.support.workers import service_env, start_worker
+
+QUEUE = Settings.cancel_queue  # the queue list of every test's settings (CANCEL_QUEUE unset)
 
 TERMINAL = ("succeeded", "failed")
 
@@ -168,7 +171,7 @@ def test_bad_input_writes_nothing_and_sends_nothing(system, link_id, request_id,
     client = redis.Redis.from_url(system["redis_url"])
 
     def written():  # records and messages; the worker may be finishing other cancels
-        return set(client.scan_iter("plural-cancel:req:*")), client.llen("celery")
+        return set(client.scan_iter("plural-cancel:req:*")), client.llen(QUEUE)
 
     before = written()
     with pytest.raises(ValueError, match=field):
@@ -201,7 +204,8 @@ def test_send_task_by_name_from_a_process_that_never_imported_tasks(system):
         from celery import Celery
         other = Celery("another-service", broker={system['redis_url']!r})
         other.send_task("tasks.cancel_payment_link",
-                        kwargs={{"payment_link_id": {link_id!r}, "request_id": "byname-{link_id}"}})
+                        kwargs={{"payment_link_id": {link_id!r}, "request_id": "byname-{link_id}"}},
+                        queue={QUEUE!r})
         assert not any(m == "tasks" or m.startswith(("tasks.", "worker")) for m in sys.modules), "imported our code"
     """)
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/", timeout=60)

@@ -11,9 +11,14 @@ import pytest
 import redis
 
 from config.celery import DEFAULT_CONCURRENCY
+from config.settings import Settings
 from tests.conftest import use_settings, wait_for
 from tests.support.redis_server import RedisServer
 from tests.support.workers import CeleryProcess, service_env, start_beat, start_worker
+from worker.keys import Keys
+
+QUEUE = Settings.cancel_queue  # the queue list of every test's settings (CANCEL_QUEUE unset)
+UNACKED = Keys().unacked  # kombu's hash of the messages our workers hold (worker.broker)
 
 CANCELS = 300
 LIMIT = 50
@@ -56,8 +61,8 @@ def whereabouts(app, request_id: str) -> dict:
     keys, client = app.runtime.ledger.keys, app.runtime.redis
     found = {"record": app.runtime.ledger.status(request_id)}
     found["due"] = client.zscore(keys.due, request_id)
-    found["queued_messages"] = sum(request_id.encode() in m for m in client.lrange("celery", 0, -1))
-    found["unacked_messages"] = sum(request_id.encode() in m for m in client.hvals("unacked"))
+    found["queued_messages"] = sum(request_id.encode() in m for m in client.lrange(QUEUE, 0, -1))
+    found["unacked_messages"] = sum(request_id.encode() in m for m in client.hvals(UNACKED))
     return found
 
 

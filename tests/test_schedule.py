@@ -14,7 +14,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from config.settings import Settings
 from tests.conftest import use_settings
+
+QUEUE = Settings.cancel_queue  # the queue list of every test's settings (CANCEL_QUEUE unset)
 
 
 @pytest.fixture
@@ -107,7 +110,7 @@ def test_unscheduled_in_time_never_fires(app, redis_client):
     assert unschedule_cancel("pl-paid", app=app) is False  # nothing left
     assert fire_schedules(app) == 0
     assert get_schedule("pl-paid", app=app) is None
-    assert redis_client.llen("celery") == 0 and records(redis_client) == []
+    assert redis_client.llen(QUEUE) == 0 and records(redis_client) == []
     assert redis_client.hlen("plural-cancel:schedule:ids") == 0
 
 
@@ -120,7 +123,7 @@ def test_firing_goes_through_the_ledger_and_unschedule_then_reports_it(app, redi
     assert fire_schedules(app) == 1
     status = get_status(request_id, app=app)
     assert (status["payment_link_id"], status["state"]) == ("pl-due", "queued")
-    assert redis_client.llen("celery") == 1
+    assert redis_client.llen(QUEUE) == 1
     assert redis_client.zscore("plural-cancel:due", request_id)  # carried by the due index until it ends
     info = get_schedule("pl-due", app=app)
     assert info["state"] == "fired" and info["request_id"] == request_id and info["fired_at"]
@@ -140,7 +143,7 @@ def test_a_request_id_that_already_cancelled_this_link_fires_as_a_no_op(app, red
     schedule_cancel("pl-again", soon(-1), request_id="order-1-expiry", app=app)
     assert fire_schedules(app) == 1
     assert get_schedule("pl-again", app=app)["result"] == "already_enqueued"
-    assert redis_client.llen("celery") == 1  # only enqueue_cancel's message
+    assert redis_client.llen(QUEUE) == 1  # only enqueue_cancel's message
     assert len(records(redis_client)) == 1
 
 
@@ -160,7 +163,7 @@ def test_an_entry_being_fired_cannot_be_unscheduled_and_a_dead_firer_is_replaced
     time.sleep(0.6)
     assert fire_schedules(app) == 1  # the hold ran out: fired, under the same Request-ID
     assert [r.decode() for r in records(redis_client)] == [f"plural-cancel:req:{request_id}"]
-    assert redis_client.llen("celery") == 1
+    assert redis_client.llen(QUEUE) == 1
 
 
 def test_rescheduled_under_a_new_request_id_while_firing_is_a_new_schedule(app, redis_client):
@@ -198,13 +201,13 @@ def test_firers_running_at_once_fire_each_cancel_once(app, redis_client):
     for t in threads:
         t.join()
     assert sum(counts) == 300
-    assert redis_client.llen("celery") == 300
+    assert redis_client.llen(QUEUE) == 300
     assert len(records(redis_client)) == 300
     assert redis_client.zcard("plural-cancel:schedule") == 0
 
 
 def _stored(redis_client) -> dict:
-    message = json.loads(redis_client.rpop("celery"))
+    message = json.loads(redis_client.rpop(QUEUE))
     message["body"] = json.loads(base64.b64decode(message["body"]))
     return message
 
@@ -236,10 +239,10 @@ def test_publish_pushes_a_large_batch_in_order(app, redis_client):
 
     pairs = [(f"rid-{i}", f"pl-{i}") for i in range(PUBLISH_CHUNK * 2 + 7)]
     publish(app, pairs)
-    assert redis_client.llen("celery") == len(pairs)
+    assert redis_client.llen(QUEUE) == len(pairs)
     first = _stored(redis_client)  # BRPOP takes from the right: the oldest
     assert first["body"][1] == {"payment_link_id": "pl-0", "request_id": "rid-0"}
-    ids = {json.loads(m)["headers"]["id"] for m in redis_client.lrange("celery", 0, -1)}
+    ids = {json.loads(m)["headers"]["id"] for m in redis_client.lrange(QUEUE, 0, -1)}
     assert len(ids) == len(pairs) - 1
 
 
@@ -254,7 +257,7 @@ def test_a_request_id_scheduled_for_one_link_is_refused_for_another_at_once(app,
     assert redis_client.exists("plural-cancel:req:taken-later") == 0  # nothing written for pl-theirs
     assert fire_schedules(app) == 1
     assert get_schedule("pl-mine", app=app)["result"] == "enqueued"
-    assert redis_client.llen("celery") == 1  # only pl-mine
+    assert redis_client.llen(QUEUE) == 1  # only pl-mine
     assert redis_client.hget("plural-cancel:req:taken-later", "payment_link_id") == b"pl-mine"
     # And the other way round: a Request-ID enqueued for one link cannot be scheduled for another.
     enqueue_cancel("pl-first", request_id="enqueued-first", app=app)
@@ -282,3 +285,21 @@ def test_a_skewed_host_clock_cannot_unschedule_a_cancel_being_fired(redis_url, r
         assert redis_client.zscore("plural-cancel:schedule", "pl-skewed") is not None  # still there to fire
     finally:
         the_app.use(settings)
+
+
+def test_a_scheduled_cancel_carries_its_callback_when_it_fires(app, redis_client):
+    """The callback given with the latest schedule_cancel of a link is the one its cancel carries."""
+    from tasks import schedule_cancel
+    from tasks.periodic import fire_schedules
+
+    callback = {"callback": "orders.on_cancel_outcome", "callback_queue": "orders"}
+    with_callback = schedule_cancel("pl-cb-at", soon(-1), **callback, app=app)
+    moved_without = schedule_cancel("pl-cb-moved", soon(600), **callback, app=app)
+    assert schedule_cancel("pl-cb-moved", soon(-1), app=app) == moved_without  # moved, and no callback now
+    with pytest.raises(ValueError, match="callback_queue"):
+        schedule_cancel("pl-cb-bad", soon(60), callback="orders.on_cancel_outcome", app=app)
+    assert fire_schedules(app) == 2
+    record = redis_client.hgetall(f"plural-cancel:req:{with_callback}")
+    assert (record[b"callback"], record[b"callback_queue"]) == (b"orders.on_cancel_outcome", b"orders")
+    assert b"callback" not in redis_client.hgetall(f"plural-cancel:req:{moved_without}")
+    assert redis_client.exists("plural-cancel:schedule:link:pl-cb-bad") == 0

@@ -27,6 +27,22 @@ def test_the_shutdown_grace_is_celerys_soft_shutdown_timeout():
     assert celery_config(settings)["worker_pool"] == "worker.pool:TaskPool"
 
 
+def test_cancels_travel_on_a_queue_of_their_own():
+    """CANCEL_QUEUE (``plural-cancel``): the default queue, the only one declared (so the only
+    one a worker consumes), and the remote-control exchange; never Celery's ``celery``."""
+    from config.celery import celery_config
+
+    config = celery_config(Settings.from_env({}))
+    assert config["task_default_queue"] == "plural-cancel"
+    assert [q.name for q in config["task_queues"]] == ["plural-cancel"] and not config["task_create_missing_queues"]
+    assert config["control_exchange"] == "plural-cancel"
+    assert "global_keyprefix" not in config["broker_transport_options"]  # send_task by name finds the plain list
+    assert celery_config(Settings.from_env({"CANCEL_QUEUE": "payments.cancel"}))["task_default_queue"] == "payments.cancel"
+    for bad in ("celery", "has space", "x" * 101, "-dash-first", "q/1"):
+        with pytest.raises(ConfigError, match="CANCEL_QUEUE"):
+            Settings.from_env({"CANCEL_QUEUE": bad})
+
+
 def test_the_proxy_and_ca_bundle_come_from_the_usual_variables():
     assert Settings.from_env({}).plural_proxy is None
     s = Settings.from_env({"HTTPS_PROXY": "http://user:pw@proxy.internal:3128", "REQUESTS_CA_BUNDLE": "/etc/ca.pem"})

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import time
 
+from config.settings import Settings
 from tests.conftest import use_settings, wait_for
 from tests.support.workers import service_env, start_worker
+from worker.keys import Keys
+
+QUEUE = Settings.cancel_queue  # the queue list of every test's settings (CANCEL_QUEUE unset)
+UNACKED = Keys().unacked  # kombu's hash of the messages our workers hold (worker.broker)
 
 
 def test_a_cancel_in_flight_on_a_killed_worker_completes_on_another(module_redis_url, sandbox_process, capsys):
@@ -53,7 +58,7 @@ def queued_ids(client) -> set[str]:
     import json
 
     ids = set()
-    for raw in client.lrange("celery", 0, -1):
+    for raw in client.lrange(QUEUE, 0, -1):
         _, kwargs, _ = json.loads(base64.b64decode(json.loads(raw)["body"]))
         ids.add(kwargs.get("request_id"))
     return ids
@@ -78,7 +83,7 @@ def test_sigterm_hands_the_cancel_in_flight_back_after_the_grace(module_redis_ur
     client = redis.Redis.from_url(module_redis_url)
     # The killed worker of the test before left its message unacknowledged (its cancel has
     # ended since, through the due index); kombu would restore it only after the visibility timeout.
-    client.delete("unacked", "unacked_index", "celery")
+    client.delete(UNACKED, f"{UNACKED}_index", QUEUE)
     [link_id] = sandbox.create_links(1, status="CREATED", prefix="pl-term-")
     later_links = sandbox.create_links(3, status="CREATED", prefix="pl-later-")
     worker = start_worker(env, concurrency=1)
@@ -92,7 +97,7 @@ def test_sigterm_hands_the_cancel_in_flight_back_after_the_grace(module_redis_ur
         sent = time.monotonic()
         # Back in the queue (4 = it and the 3 never started), nothing unacknowledged,
         # while its PUT is still waiting on the sandbox.
-        wait_for(lambda: queued_ids(client) >= {request_id, *later} and client.hlen("unacked") == 0, 20, 0.05,
+        wait_for(lambda: queued_ids(client) >= {request_id, *later} and client.hlen(UNACKED) == 0, 20, 0.05,
                  "the message of the cancel in flight going back to Redis")
         handed_back = time.monotonic() - sent
         assert get_status(request_id, app=app)["state"] == "running"
@@ -107,7 +112,7 @@ def test_sigterm_hands_the_cancel_in_flight_back_after_the_grace(module_redis_ur
 
     second = start_worker(env, concurrency=4)
     try:
-        wait_for(lambda: client.llen("celery") == 0 and client.hlen("unacked") == 0
+        wait_for(lambda: client.llen(QUEUE) == 0 and client.hlen(UNACKED) == 0
                  and all(get_status(rid, app=app)["state"] == "succeeded" for rid in later),
                  30, 0.1, "the next worker taking the 4 messages")
     finally:

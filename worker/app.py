@@ -72,7 +72,8 @@ class CancelApp(Celery):
 
 class DuePump(bootsteps.StartStopStep):
     """Sends due cancels back to the queue, from every worker, a few times a second: deferred
-    ones whose time has come, and live ones whose message was lost or whose lease ran out.
+    ones whose time has come, and live ones whose message was lost or whose lease ran out;
+    then the callbacks of cancels that have ended.
 
     A bootstep on the worker's own timer rather than a beat job: cancels then come back
     within ``PUMP_INTERVAL`` of their due time even when beat is down. Several workers
@@ -86,13 +87,14 @@ class DuePump(bootsteps.StartStopStep):
         self.tref = None
 
     def start(self, worker):
-        from tasks.periodic import pump  # registered by the app's include list
+        from tasks.periodic import pump, send_callbacks  # registered by the app's include list
 
         def tick():
-            try:
-                pump(worker.app)
-            except Exception:  # a Redis blip must not kill the timer; the next tick retries
-                log.exception("due pump failed")
+            for step in (pump, send_callbacks):  # one failing does not hold the other back
+                try:
+                    step(worker.app)
+                except Exception:  # a Redis blip must not kill the timer; the next tick retries
+                    log.exception("%s failed", step.__name__)
 
         self.tref = worker.timer.call_repeatedly(PUMP_INTERVAL, tick, priority=10)
 

@@ -39,30 +39,30 @@ local function slice(t, i, j)
 end
 """
 
-# KEYS: [1-8] the claim's  [9-17] the finish's (for gave_up)  [18-19] the breaker's
-#       [20-21] the limiter's
-# ARGV: [1-7] the claim's  [8-14] the finish's  [15-17] allow's  [18-20] reserve's (rate,
-#       burst, max_wait)  [21] max_wait for the breaker's probe
+# KEYS: [1-8] the claim's  [9-18] the finish's (for gave_up)  [19-20] the breaker's
+#       [21-22] the limiter's
+# ARGV: [1-9] the claim's  [10-16] the finish's  [17-19] allow's  [20-22] reserve's (rate,
+#       burst, max_wait)  [23] max_wait for the breaker's probe
 # Returns {claim} when the claim is refused; {{'gave_up', attempts, last_error, link_status}}
 # when the budget is spent (the record is then ended); {claim, gate} when the breaker
 # says wait; else {claim, gate, reservation}.
 ADMIT = CLAIM_FN + FINISH_FN + ALLOW_FN + RESERVE_FN + _SLICE + """
-local c = claim(slice(KEYS, 1, 8), slice(ARGV, 1, 7))
+local c = claim(slice(KEYS, 1, 8), slice(ARGV, 1, 9))
 if c[1] ~= 'claimed' then return {c} end
 if tonumber(c[3]) <= 0 then
   local r = redis.call('HMGET', KEYS[1], 'last_error', 'link_status')
-  local attempts = finish(slice(KEYS, 9, 17), slice(ARGV, 8, 14))
+  local attempts = finish(slice(KEYS, 9, 18), slice(ARGV, 10, 16))
   return {{'gave_up', attempts, r[1] or '', r[2] or ''}}
 end
-local g = allow(slice(KEYS, 18, 19), slice(ARGV, 15, 17))
+local g = allow(slice(KEYS, 19, 20), slice(ARGV, 17, 19))
 if g[1] ~= 'closed' and g[1] ~= 'probe' then return {c, g} end
-local a = slice(ARGV, 18, 20)
+local a = slice(ARGV, 20, 22)
 -- The probe must go through (nobody else calls Plural meanwhile), so it may wait longer.
-if g[1] == 'probe' then a[3] = ARGV[21] end
-local slot = reserve(slice(KEYS, 20, 21), a)
+if g[1] == 'probe' then a[3] = ARGV[23] end
+local slot = reserve(slice(KEYS, 21, 22), a)
 -- A call goes: the retry budget starts now if this is the cancel's first attempt.
 if slot[1] == 1 and not redis.call('HGET', KEYS[1], 'deadline') then
-  redis.call('HSET', KEYS[1], 'deadline', fmt(redis_now() + tonumber(ARGV[7])))
+  redis.call('HSET', KEYS[1], 'deadline', fmt(redis_now() + tonumber(ARGV[9])))
 end
 return {c, g, slot}
 """

@@ -15,6 +15,10 @@ that is not the base64 it claims) is dropped here with one ERROR line and
 and stop the worker (``Unrecoverable error: JSONDecodeError``): one bad push onto the
 queue would then stop every worker in turn.
 
+It keeps kombu's bookkeeping of the messages our workers hold unacknowledged under our
+own keys (:attr:`worker.keys.Keys.unacked`), not the ``unacked`` hash that every Celery
+app on the database shares and sweeps on its own visibility timeout.
+
 It also keeps a worker alive when Redis goes away (:meth:`Channel._get_pool`): kombu's
 teardown of a lost connection could raise an AttributeError that ended the worker; and
 when Redis refuses writes (:class:`QoS`, :meth:`Channel._brpop_read`).
@@ -34,6 +38,7 @@ from celery.utils.dispatch import Signal
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 
+from worker.keys import Keys
 from worker.malformed import NOT_A_TASK_MESSAGE, UNDECODABLE
 
 log = logging.getLogger(__name__)
@@ -107,6 +112,16 @@ class Channel(kombu_redis.Channel):
 
     QoS = QoS
     _shared_client = None
+
+    # kombu's defaults are "unacked", "unacked_index" and "unacked_mutex", one set per
+    # database: every app's worker sweeps that index and hands back whatever it finds
+    # older than its own visibility timeout. Ours is under a minute; a host app's ETA task
+    # held for an hour would be handed back (and run twice) by our sweep. With keys of our
+    # own, each app sweeps only its own messages. Producers never touch these keys, so a
+    # service sending by name needs no setting of ours.
+    unacked_key = Keys().unacked
+    unacked_index_key = f"{Keys().unacked}_index"
+    unacked_mutex_key = f"{Keys().unacked}_mutex"
 
     # kombu decodes a popped item in the middle of _brpop_read (BRPOP, the worker's path)
     # and _get (RPOP, basic_get), with no setting, hook or error handler around that

@@ -1,8 +1,10 @@
 """Every Redis key this product uses, in one place.
 
 All keys share one prefix so that an operator can find (and a test can scan) them all.
-The Celery broker's own keys (the ``celery`` list, ``unacked``...) are kombu's and
-live beside these in the same database.
+The Celery broker's own keys are kombu's and live beside these in the same database:
+the queue list (``CANCEL_QUEUE``, ``plural-cancel`` by default) and the
+``_kombu.binding.*`` sets; kombu's bookkeeping of unacknowledged messages is ours
+(:attr:`Keys.unacked`, used by ``worker.broker``), apart from a host app's ``unacked`` hash.
 """
 
 from __future__ import annotations
@@ -47,6 +49,13 @@ class Keys:
     def events(self) -> str:
         """Stream: one entry per terminal outcome, for downstream consumers."""
         return f"{self.prefix}:events"
+
+    @property
+    def callbacks(self) -> str:
+        """Sorted set: Request-IDs of ended cancels whose callback (a producer's Celery task)
+        is still to be sent, scored by when it is due (epoch seconds, Redis's clock): its end,
+        then the end of the lease of the worker sending it."""
+        return f"{self.prefix}:callbacks"
 
     def token(self, client_id: str) -> str:
         """Hash: the encrypted Plural access token of one client id."""
@@ -104,6 +113,16 @@ class Keys:
         """Hash: outcome -> records that reached it in the hour starting at ``bucket``
         (epoch seconds); it expires with the records it counts. ``finished("")`` is the prefix."""
         return f"{self.prefix}:finished:{bucket}"
+
+    @property
+    def unacked(self) -> str:
+        """Hash: delivery tag -> message our workers hold unacknowledged (kombu's Redis
+        ``unacked_key``). Beside it: ``_index`` (sorted set: delivery tag by delivery time,
+        which kombu's restore sweeps past the visibility timeout) and ``_mutex`` (the sweep's
+        lock). Ours, not kombu's default ``unacked``, which every other Celery app on the
+        database shares: a sweep then restores only our own messages, on our own
+        visibility timeout (``config.celery``)."""
+        return f"{self.prefix}:unacked"
 
     def pattern(self) -> str:
         """A SCAN pattern matching every key above."""

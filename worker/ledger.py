@@ -5,10 +5,13 @@ so a crash between two Redis writes can never leave a cancel half-recorded:
 
 - ``create``: the record appears and enters the due index, or follows its link's live cancel.
 - ``claim``: a delivery takes the cancel for one attempt, under a lease (its owner token).
-- ``finish``: outcome, dead-letter set, outcome stream, the link freed and its followers ended.
+- ``finish``: outcome, dead-letter set, outcome stream, the link freed and its followers ended,
+  and each ended record's callback, if it names one, pending in the callbacks index.
 - ``defer``: the record waits for its due time in the index.
 - ``pump``: cancels whose time has come (or whose message vanished) go back to the queue.
 - ``requeue``: a dead letter turns ``queued`` with a fresh budget.
+- ``take_callbacks`` / ``callbacks_sent``: pending callbacks out to their senders, under a
+  lease, and out of the index once sent (``tasks.periodic.send_callbacks``).
 
 Only the delivery that holds a cancel (its owner token, set by the claim) can finish
 or defer it: a delivery whose lease ran out and was taken over writes nothing.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -32,7 +36,8 @@ from typing import Any, Callable, Iterable
 import redis
 
 from worker.keys import Keys
-from worker.ledger_lua import CLAIM, CREATE, DEFER, FINISH, PUMP, REJECT, REQUEUE
+from worker.ledger_lua import (CALLBACKS_SENT, CLAIM, CREATE, DEFER, FINISH, PUMP, REJECT, REQUEUE,
+                               TAKE_CALLBACKS)
 from worker.links import format_timestamp
 from worker.redaction import Redactor
 
@@ -50,6 +55,31 @@ STALE = -1
 
 class RequestIdConflict(ValueError):
     """The Request-ID is already used for a cancel of another payment link."""
+
+
+@dataclass(frozen=True)
+class Callback:
+    """A producer's own Celery task, sent one message when its cancel ends."""
+
+    task: str
+    """The task's registered name, e.g. ``orders.on_cancel_outcome``."""
+    queue: str
+    """The queue the producer's workers consume, e.g. ``orders``."""
+
+
+@dataclass(frozen=True)
+class PendingCallback:
+    """A callback taken for sending (:meth:`Ledger.take_callbacks`)."""
+
+    request_id: str
+    callback: Callback
+    status: dict[str, Any]
+    """The ended cancel's status record (:meth:`Ledger.status`): its one argument, ``status``."""
+    task_id: str
+    """The same for every copy of this ending (a receiver dedupes by it); another ending of
+    the same Request-ID (a dead letter retried) has another."""
+    lease: str
+    """Redis's time the entry is due again unless confirmed sent (:meth:`Ledger.callbacks_sent`)."""
 
 
 @dataclass(frozen=True)
@@ -99,21 +129,26 @@ class Ledger:
         self._pump = client.register_script(PUMP)
         self._requeue = client.register_script(REQUEUE)
         self._reject = client.register_script(REJECT)
+        self._take_callbacks = client.register_script(TAKE_CALLBACKS)
+        self._callbacks_sent = client.register_script(CALLBACKS_SENT)
 
     def _error_json(self, error: dict) -> str:
         return json.dumps(self.redactor.walk(error), separators=(",", ":"))
 
     # -- producers -------------------------------------------------------------------
 
-    def create_call(self, request_id: str, payment_link_id: str) -> tuple[list[str], list[Any]]:
+    def create_call(self, request_id: str, payment_link_id: str,
+                    callback: Callback | None = None) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of the create script (``CREATE_FN``)."""
         k = self.keys
         return ([k.record(request_id), k.link(payment_link_id), k.due, k.stats, k.schedule_ids, self.queue,
                  k.record(""), k.followers("")],
-                [request_id, payment_link_id, repr(self.stall_timeout), repr(self.rate)])
+                [request_id, payment_link_id, repr(self.stall_timeout), repr(self.rate),
+                 callback.task if callback else "", callback.queue if callback else ""])
 
-    def create_many(self, items: Iterable[tuple[str, str]]) -> list[int]:
-        """Create records for (request_id, payment_link_id) pairs in one pipeline.
+    def create_many(self, items: Iterable[tuple[str, str]], callback: Callback | None = None) -> list[int]:
+        """Create records for (request_id, payment_link_id) pairs in one pipeline, each with
+        ``callback`` (a record created already keeps the callback it was created with).
 
         Returns one code per pair: 1 created (publish it), 2 created, following the
         link's live cancel (publish nothing), 0 already there (publish nothing), -1 the
@@ -121,7 +156,7 @@ class Ledger:
         """
         pipe = self.redis.pipeline(transaction=False)
         for request_id, link_id in items:
-            keys, args = self.create_call(request_id, link_id)
+            keys, args = self.create_call(request_id, link_id, callback)
             self._create(keys=keys, args=args, client=pipe)
         return [int(code) for code in pipe.execute()]
 
@@ -154,7 +189,7 @@ class Ledger:
             fields["last_error"] = self._error_json(last_error)
         k = self.keys
         keys = [k.record(request_id), k.link(payment_link_id), k.due, k.failed, k.events, k.stats,
-                k.finished(""), k.followers(request_id), k.record("")]
+                k.finished(""), k.followers(request_id), k.record(""), k.callbacks]
         return keys, [request_id, owner, self.result_ttl, int(attempted), STREAM_MAXLEN,
                       json.dumps(fields), STATS_BUCKET]
 
@@ -189,6 +224,26 @@ class Ledger:
                           args=[limit, repr(self.stall_timeout), repr(self.rate)])
         pairs = [as_text(x) for x in flat]
         return list(zip(pairs[0::2], pairs[1::2]))
+
+    def take_callbacks(self, limit: int, lease: float) -> list[PendingCallback]:
+        """Up to ``limit`` callbacks due, each held ``lease`` seconds: sent again after that
+        unless :meth:`callbacks_sent` confirms it first."""
+        flat = self._take_callbacks(keys=[self.keys.callbacks, self.keys.record("")], args=[limit, repr(lease)])
+        taken = []
+        for request_id, lease_end, fields in zip(flat[0::3], flat[1::3], flat[2::3]):
+            raw = {as_text(k): as_text(v) for k, v in zip(fields[0::2], fields[1::2])}
+            request_id = as_text(request_id)
+            # One id per ending: the Request-ID and the time it ended (its last update).
+            task_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"plural-cancel:callback:{request_id}:{raw['updated_at']}"))
+            taken.append(PendingCallback(request_id, Callback(raw["callback"], raw.get("callback_queue", "")),
+                                         format_record(raw), task_id, as_text(lease_end)))
+        return taken
+
+    def callbacks_sent(self, sent: Iterable[PendingCallback]) -> int:
+        """Out of the pending index: callbacks sent (each only while it holds the lease it was
+        taken with). Returns how many were removed."""
+        args = [x for pending in sent for x in (pending.request_id, pending.lease)]
+        return int(self._callbacks_sent(keys=[self.keys.callbacks], args=args)) if args else 0
 
     # -- dead letters and counts ------------------------------------------------------
 

@@ -32,6 +32,7 @@ end
 # KEYS: [1] record  [2] link (the Request-ID of its live cancel)  [3] due  [4] stats
 #       [5] schedule ids  [6] the queue (list)  [7] record key prefix  [8] followers key prefix
 # ARGV: [1] request_id  [2] payment_link_id  [3] stall timeout (seconds)  [4] rate (per second)
+#       [5] callback task name ('' for none)  [6] callback queue
 # Returns 1 created (publish its message), 2 created following the link's live cancel
 # (publish nothing), 0 the same cancel exists already, -1 the Request-ID belongs to
 # another link (in the ledger or in the schedule).
@@ -48,6 +49,7 @@ local function create(K, A)
   -- No EXPIRE: a live record never expires; RESULT_TTL starts when it ends.
   redis.call('HSET', K[1], 'request_id', A[1], 'payment_link_id', A[2], 'state', 'queued',
              'attempts', 0, 'created_at', fmt(now), 'updated_at', fmt(now))
+  if A[5] ~= '' then redis.call('HSET', K[1], 'callback', A[5], 'callback_queue', A[6]) end
   count_move(K[4], nil, 'queued')
   local leader = redis.call('GET', K[2])
   if leader and ACTIVE[redis.call('HGET', K[7] .. leader, 'state') or ''] then
@@ -64,7 +66,7 @@ end
 CREATE = CREATE_FN + "return create(KEYS, ARGV)\n"
 
 # KEYS: CREATE_FN's eight (a message sent by name creates its record here)
-# ARGV: [1-4] CREATE_FN's  [5] owner  [6] lease seconds  [7] retry budget seconds
+# ARGV: [1-6] CREATE_FN's  [7] owner  [8] lease seconds  [9] retry budget seconds
 # Returns {verdict, ...}: claimed/attempts/budget seconds left (the whole budget before the
 # first attempt), terminal/state,
 # following/leader, held/seconds the holder's lease still runs, early/seconds until its
@@ -84,9 +86,9 @@ local function claim(K, A)
   if next_at and next_at > now + 1 then return {'early', fmt(next_at - now)} end
   -- The retry budget counts from the first attempt (``worker.attempts`` sets the deadline
   -- when a call is let through): waiting in line, or held by the breaker, is not failing.
-  local deadline = tonumber(r[4] or '') or now + tonumber(A[7])
-  local lease_end = now + tonumber(A[6])
-  redis.call('HSET', K[1], 'state', 'running', 'owner', A[5], 'lease_until', fmt(lease_end), 'updated_at', fmt(now),
+  local deadline = tonumber(r[4] or '') or now + tonumber(A[9])
+  local lease_end = now + tonumber(A[8])
+  redis.call('HSET', K[1], 'state', 'running', 'owner', A[7], 'lease_until', fmt(lease_end), 'updated_at', fmt(now),
              'next_attempt_at', '')
   redis.call('PERSIST', K[1])
   redis.call('SET', K[2], A[1], 'NX')
@@ -100,14 +102,15 @@ CLAIM = CLAIM_FN + "return claim(KEYS, ARGV)\n"
 
 # KEYS: [1] record  [2] link  [3] due  [4] failed  [5] events  [6] stats
 #       [7] finished-hash prefix (the hour's start is appended)  [8] this record's followers
-#       [9] record key prefix
+#       [9] record key prefix  [10] callbacks (pending index)
 # ARGV: [1] request_id  [2] owner  [3] ttl seconds  [4] attempted (0/1)  [5] stream maxlen
 #       [6] JSON object of fields to set (state, outcome, link_status, ...)  [7] bucket seconds
 # Returns the attempts made, or -1 when ``owner`` no longer holds the cancel (its lease
 # ran out and another delivery took it): a stale delivery writes nothing.
 FINISH_FN = _PRELUDE + """
--- Ends one record: its fields, its expiry (RESULT_TTL from now), its counts, its event.
-local function close(K, A, key, before, fields, now, event)
+-- Ends one record: its fields, its expiry (RESULT_TTL from now), its counts, its event,
+-- and its callback, if it has one, pending (sent by a worker's pump: tasks.periodic).
+local function close(K, A, key, rid, before, fields, now, event)
   table.insert(event, 'at')
   table.insert(event, fmt(now))
   for k, v in pairs(fields) do
@@ -124,6 +127,7 @@ local function close(K, A, key, before, fields, now, event)
   redis.call('HINCRBY', K[7] .. bucket, fields['outcome'], 1)
   redis.call('EXPIREAT', K[7] .. bucket, bucket + tonumber(A[7]) + tonumber(A[3]))
   redis.call('XADD', K[5], 'MAXLEN', '~', A[5], '*', unpack(event))
+  if redis.call('HEXISTS', key, 'callback') == 1 then redis.call('ZADD', K[10], fmt(now), rid) end
 end
 
 local function finish(K, A)
@@ -132,7 +136,7 @@ local function finish(K, A)
   local fields = cjson.decode(A[6])
   local now = redis_now()
   local attempts = redis.call('HINCRBY', K[1], 'attempts', tonumber(A[4]))
-  close(K, A, K[1], r[1], fields, now,
+  close(K, A, K[1], A[1], r[1], fields, now,
         {'request_id', A[1], 'payment_link_id', r[3], 'attempts', tostring(attempts)})
   redis.call('ZREM', K[3], A[1])
   if fields['state'] == 'failed' then
@@ -150,7 +154,7 @@ local function finish(K, A)
     local key = K[9] .. f
     local fr = redis.call('HMGET', key, 'state', 'payment_link_id', 'follows')
     if fr[3] == A[1] and ACTIVE[fr[1] or ''] then
-      close(K, A, key, fr[1], shared, now, {'request_id', f, 'payment_link_id', fr[2], 'follows', A[1]})
+      close(K, A, key, f, fr[1], shared, now, {'request_id', f, 'payment_link_id', fr[2], 'follows', A[1]})
     end
   end
   redis.call('DEL', K[8])
@@ -159,7 +163,7 @@ end
 """
 FINISH = FINISH_FN + "return finish(KEYS, ARGV)\n"
 
-# KEYS: FINISH_FN's nine (the link, due and followers are not used)
+# KEYS: FINISH_FN's ten (the link, due and followers are not used)
 # ARGV: FINISH_FN's seven (owner unused, attempted 0, fields state=failed, outcome=rejected,
 #       last_error), then [8] the payment link id ('' when the message had no valid one)
 # A message too malformed to run that still carries a usable Request-ID: its record is
@@ -170,7 +174,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local now = redis_now()
 redis.call('HSET', KEYS[1], 'request_id', ARGV[1], 'payment_link_id', ARGV[8], 'attempts', 0,
            'created_at', fmt(now))
-close(KEYS, ARGV, KEYS[1], nil, cjson.decode(ARGV[6]), now,
+close(KEYS, ARGV, KEYS[1], ARGV[1], nil, cjson.decode(ARGV[6]), now,
       {'request_id', ARGV[1], 'payment_link_id', ARGV[8], 'attempts', '0'})
 return 1
 """
@@ -253,4 +257,47 @@ end
 redis.call('SET', link, ARGV[1])
 redis.call('ZADD', KEYS[3], recheck_at(now, KEYS[9], ARGV[3], ARGV[4]), ARGV[1])
 return {'requeued', r[2]}
+"""
+
+# KEYS: [1] callbacks (pending index)  [2] record key prefix
+# ARGV: [1] how many at most  [2] lease (seconds)
+# Takes the callbacks due by now: each stays in the index, due again when the lease
+# ends (its new score), so one whose sender dies before confirming it is sent again.
+# Returns {request_id, lease end, {record field, value, ...}, ...}. An entry whose record
+# has expired, names no callback, or is live again (a dead letter retried: its next end
+# adds it anew) has nothing to send: dropped.
+TAKE_CALLBACKS = REDIS_NOW + """
+local now = redis_now()
+local lease_end = fmt(now + tonumber(ARGV[2]))
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local out = {}
+for _, rid in ipairs(due) do
+  local key = KEYS[2] .. rid
+  local r = redis.call('HMGET', key, 'state', 'callback')
+  if r[2] and (r[1] == 'succeeded' or r[1] == 'failed') then
+    redis.call('ZADD', KEYS[1], lease_end, rid)
+    table.insert(out, rid)
+    table.insert(out, lease_end)
+    table.insert(out, redis.call('HGETALL', key))
+  else
+    redis.call('ZREM', KEYS[1], rid)
+  end
+end
+return out
+"""
+
+# KEYS: [1] callbacks (pending index)
+# ARGV: pairs of request_id, the lease end TAKE_CALLBACKS gave it
+# Removes the callbacks sent, each only if its entry still carries that lease: one taken
+# again since (its lease ran out) or added anew (a retried dead letter ended again) stays.
+# Returns how many were removed.
+CALLBACKS_SENT = """
+local removed = 0
+for i = 1, #ARGV, 2 do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) == tonumber(ARGV[i + 1]) then
+    removed = removed + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return removed
 """

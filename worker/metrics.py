@@ -37,7 +37,6 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, s
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from config.celery import QUEUE
 from worker import malformed
 
 log = logging.getLogger(__name__)
@@ -82,7 +81,7 @@ def snapshot(rt) -> dict[str, Any]:
                         "succeeded": sum(n for k, n in finished.items() if k in SUCCEEDED),
                         "failed": sum(n for k, n in finished.items() if k not in SUCCEEDED)}
     # The Celery queue is kombu's list in the same database; its length is the backlog.
-    shared["queue_depth"] = rt.redis.llen(QUEUE)
+    shared["queue_depth"] = rt.redis.llen(rt.settings.cancel_queue)
     shared["breaker"] = rt.breaker.state()
     shared["rate"] = rt.limiter.effective_rate()
     shared["malformed"] = malformed.counts(rt.redis, rt.keys)

@@ -14,7 +14,6 @@ from typing import Callable
 
 import redis
 
-from config.celery import QUEUE
 from config.settings import Settings
 from worker.attempts import Attempts
 from worker.breaker import RedisCircuitBreaker
@@ -51,7 +50,7 @@ class Runtime:
     def ledger(self) -> Ledger:
         return Ledger(self.redis, result_ttl=self.settings.result_ttl, retry_budget=self.settings.retry_budget,
                       stall_timeout=self.settings.stall_timeout, rate=self.settings.rate_limit * PACING,
-                      queue=QUEUE, keys=self.keys, clock=self.clock, redactor=redactor_for(self.settings))
+                      queue=self.settings.cancel_queue, keys=self.keys, clock=self.clock, redactor=redactor_for(self.settings))
 
     @cached_property
     def limiter(self) -> RedisRateLimiter:

@@ -4,7 +4,8 @@ Kept in Redis, never in a process's memory, so a restart loses nothing:
 
 - a sorted set of payment link ids scored by their due time (epoch seconds), one
   member per link, so scheduling a link again moves it instead of adding a second;
-- a hash per link with the ``request_id`` the cancel will carry and its ``at``;
+- a hash per link with the ``request_id`` the cancel will carry, its ``at`` and its
+  callback, if any (``callback``, ``callback_queue``);
 - a hash Request-ID -> link, so one Request-ID never names two links;
 - after it fires, a short-lived marker per link (``request_id``, ``at``, ``fired_at``),
   kept ``fired_ttl`` seconds, so that an unschedule that comes too late can say so.
@@ -27,12 +28,13 @@ from typing import Any
 import redis
 
 from worker.keys import Keys
-from worker.ledger import RequestIdConflict, as_text, stored_time
+from worker.ledger import Callback, RequestIdConflict, as_text, stored_time
 from worker.redis_clock import REDIS_NOW
 
 # KEYS: [1] schedule  [2] this link's hash  [3] schedule ids  [4] ledger record key prefix
 # ARGV: [1] payment_link_id  [2] request_id to use unless one is kept  [3] at
 #       [4] 1 when the caller named the Request-ID (it replaces the kept one)
+#       [5] callback task name ('' for none: a moved entry drops its old one)  [6] callback queue
 # Returns {verdict, request_id}: scheduled (new), moved (the pending one, new time)
 # or conflict (the Request-ID belongs to another link; the link is returned instead).
 # Every "now" here and below is Redis's clock: a firer's hold and an unschedule are
@@ -59,6 +61,7 @@ if rid ~= current then
 end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'request_id', rid, 'at', ARGV[3])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'callback', ARGV[5], 'callback_queue', ARGV[6]) end
 redis.call('HSET', KEYS[3], rid, link)
 redis.call('ZADD', KEYS[1], ARGV[3], link)
 return {verdict, rid}
@@ -89,7 +92,8 @@ return {'none', ''}
 # KEYS: [1] schedule  [2] link hash key prefix
 # ARGV: [1] how many at most  [2] hold (seconds)
 # Marks entries due by now firing for ARGV[2] seconds (the hold's end is also their new
-# score) and returns {link, request_id, at, ...}. A member without its hash has nothing
+# score) and returns {link, request_id, at, callback, callback queue, ...} (callback '' for
+# none). A member without its hash has nothing
 # to fire: dropped.
 TAKE_DUE = REDIS_NOW + """
 local now = redis_now()
@@ -98,13 +102,15 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumb
 local out = {}
 for _, link in ipairs(due) do
   local hash = KEYS[2] .. link
-  local fields = redis.call('HMGET', hash, 'request_id', 'at')
+  local fields = redis.call('HMGET', hash, 'request_id', 'at', 'callback', 'callback_queue')
   if fields[1] then
     redis.call('ZADD', KEYS[1], hold_until, link)
     redis.call('HSET', hash, 'firing', hold_until)
     table.insert(out, link)
     table.insert(out, fields[1])
     table.insert(out, fields[2] or '')
+    table.insert(out, fields[3] or '')
+    table.insert(out, fields[4] or '')
   else
     redis.call('ZREM', KEYS[1], link)
   end
@@ -142,6 +148,7 @@ class Due:
     request_id: str
     at: float
     """Epoch seconds it was due."""
+    callback: Callback | None = None
 
 
 class Schedule:
@@ -157,17 +164,19 @@ class Schedule:
         self._take_due = client.register_script(TAKE_DUE)
         self._mark_fired = client.register_script(MARK_FIRED)
 
-    def put(self, payment_link_id: str, at: float, request_id: str, *, replace: bool) -> tuple[str, str]:
-        """Schedule (or move) the cancel of a link to ``at`` (epoch seconds).
+    def put(self, payment_link_id: str, at: float, request_id: str, *, replace: bool,
+            callback: Callback | None = None) -> tuple[str, str]:
+        """Schedule (or move) the cancel of a link to ``at`` (epoch seconds), with ``callback``.
 
         ``request_id`` is used for a new entry; a pending one keeps its own unless
-        ``replace``. Returns (``scheduled`` or ``moved``, the Request-ID it will carry).
+        ``replace``, and takes ``callback`` (None drops the one it had). Returns (``scheduled`` or ``moved``, the Request-ID it will carry).
         Raises :class:`RequestIdConflict` when that Request-ID belongs to another link.
         """
         keys = [self.keys.schedule, self.keys.scheduled(payment_link_id), self.keys.schedule_ids,
                 self.keys.record("")]
         verdict, value = (as_text(x) for x in self._schedule(
-            keys=keys, args=[payment_link_id, request_id, repr(at), int(replace)]))
+            keys=keys, args=[payment_link_id, request_id, repr(at), int(replace),
+                             callback.task if callback else "", callback.queue if callback else ""]))
         if verdict == "conflict":
             raise RequestIdConflict(
                 f"request_id: {request_id!r} is already used for a cancel of another payment link")
@@ -212,7 +221,8 @@ class Schedule:
         """Mark up to ``limit`` entries due by now (Redis's clock) as firing for ``hold`` seconds."""
         flat = [as_text(x) for x in self._take_due(keys=[self.keys.schedule, self.keys.scheduled("")],
                                                  args=[limit, repr(hold)])]
-        return [Due(link, rid, float(at or 0)) for link, rid, at in zip(flat[0::3], flat[1::3], flat[2::3])]
+        return [Due(link, rid, float(at or 0), Callback(task, queue) if task else None)
+                for link, rid, at, task, queue in zip(*(flat[i::5] for i in range(5)))]
 
     def mark_fired(self, fired: list[tuple[Due, str]]) -> None:
         """Remove fired entries and leave their markers; each with its result.

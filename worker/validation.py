@@ -1,11 +1,16 @@
-"""The two identifiers every cancel carries, checked in one place before anything is written or sent."""
+"""The two identifiers every cancel carries, and its optional callback, checked in one place
+before anything is written or sent."""
 
 from __future__ import annotations
 
 import re
 
+from config.settings import QUEUE_NAME
+from worker.ledger import Callback
+
 _LINK_ID = re.compile(r"[A-Za-z0-9_-]{1,50}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,50}")
+_TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,199}")
 
 
 def validate_payment_link_id(value: object) -> str:
@@ -20,6 +25,28 @@ def validate_request_id(value: object) -> str:
     if not isinstance(value, str) or not _REQUEST_ID.fullmatch(value):
         raise ValueError(f"request_id: must be 1-50 characters of A-Z a-z 0-9 . _ : - (got {_shown(value)})")
     return value
+
+
+def validate_callback(task: object, queue: object, *, cancel_queue: str) -> Callback | None:
+    """The :class:`Callback` named by ``task`` and ``queue`` (both or neither; None for neither);
+    else ValueError naming the field. ``task``: a Celery task name, 1-200 of ``A-Za-z0-9._:-``
+    starting with a letter or ``_``; ``queue``: 1-100 of ``A-Za-z0-9._:-``, not
+    ``cancel_queue`` (our workers would take the message and discard it as an unknown task)."""
+    if task is None and queue is None:
+        return None
+    if task is None:
+        raise ValueError("callback: required with callback_queue (the name of the task to send)")
+    if queue is None:
+        raise ValueError("callback_queue: required with callback (a queue your app's workers consume)")
+    if not isinstance(task, str) or not _TASK_NAME.fullmatch(task):
+        raise ValueError(f"callback: must be a Celery task name, 1-200 characters of A-Z a-z 0-9 . _ : - "
+                         f"starting with a letter or _ (got {_shown(task)})")
+    if not isinstance(queue, str) or not QUEUE_NAME.fullmatch(queue):
+        raise ValueError(f"callback_queue: must be a queue name, 1-100 characters of A-Z a-z 0-9 . _ : - "
+                         f"(got {_shown(queue)})")
+    if queue == cancel_queue:
+        raise ValueError(f"callback_queue: must be a queue of your app's, not the cancel queue {cancel_queue!r}")
+    return Callback(task, queue)
 
 
 def _shown(value: object) -> str:

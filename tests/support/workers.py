@@ -30,13 +30,17 @@ def service_env(redis_url: str, plural_url: str, **extra: str) -> dict[str, str]
 
 
 class CeleryProcess:
-    """A ``celery -A worker worker|beat`` process in its own process group, logging to a file."""
+    """A ``celery -A APP worker|beat`` process in its own process group, logging to a file.
 
-    def __init__(self, kind: str, env: dict[str, str], args: list[str]):
+    ``app`` and ``cwd``: ours (``worker``, from the repository root) unless a test runs
+    another application's worker (a merchant's host app beside ours)."""
+
+    def __init__(self, kind: str, env: dict[str, str], args: list[str], *, app: str = "worker",
+                 cwd: Path | str = ROOT):
         self.kind = kind
         self.log_path = Path(tempfile.mkstemp(prefix=f"pc-{kind}-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([CELERY, "-A", "worker", kind, *args], cwd=ROOT, env=env,
+        self.proc = subprocess.Popen([CELERY, "-A", app, kind, *args], cwd=cwd, env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 30.0, marker: str = "ready.") -> "CeleryProcess":

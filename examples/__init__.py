@@ -1,0 +1,1 @@
+"""Code a merchant's application copies; the tests run it as written."""
