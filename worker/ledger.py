@@ -31,10 +31,10 @@ from typing import Any, Callable, Iterable
 
 import redis
 
-from worker.keys import Keys
-from worker.ledger_lua import CLAIM, CREATE, DEFER, FINISH, PUMP, REJECT, REQUEUE
-from worker.links import format_timestamp
-from worker.redaction import Redactor
+from plural_cancel.worker.keys import Keys
+from plural_cancel.worker.ledger_lua import CLAIM, CREATE, DEFER, FINISH, PUMP, REJECT, REQUEUE
+from plural_cancel.worker.links import format_timestamp
+from plural_cancel.worker.redaction import Redactor
 
 TERMINAL = ("succeeded", "failed")
 ACTIVE = ("queued", "running", "retrying")
