@@ -1,6 +1,7 @@
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY plural_cancel ./plural_cancel
 COPY config ./config
 COPY worker ./worker
 COPY tasks ./tasks

@@ -41,7 +41,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from config.settings import Settings
+from plural_cancel.config.settings import Settings
 
 DEFAULT_CONCURRENCY = 128
 """Threads per worker process: a cancel spends nearly all its time waiting on Plural. At
@@ -103,7 +103,7 @@ def celery_config(settings: Settings) -> dict:
     }
     return {
         "broker_url": settings.redis_url,
-        "broker_transport": "worker.broker:Transport",  # kombu's Redis transport, cheaper per message
+        "broker_transport": "plural_cancel.worker.broker:Transport",  # kombu's Redis transport, cheaper per message
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         # Celery's default gives up after 100 attempts (some 50 minutes) and the worker
@@ -127,7 +127,7 @@ def celery_config(settings: Settings) -> dict:
         "task_acks_on_failure_or_timeout": True,
         "task_track_started": False,
         "worker_prefetch_multiplier": 1,
-        "worker_pool": "worker.pool:TaskPool",
+        "worker_pool": "plural_cancel.worker.pool:TaskPool",
         "worker_concurrency": DEFAULT_CONCURRENCY,
         "worker_soft_shutdown_timeout": settings.shutdown_grace,
         # Pinned before Celery 6 turns it on: on a lost broker connection it would "cancel"
@@ -146,7 +146,7 @@ def celery_config(settings: Settings) -> dict:
         "timezone": "UTC",
         # Beat on RedBeat: two beat processes may run for availability; a lock in
         # Redis lets only one of them fire.
-        "beat_scheduler": "worker.beat:Scheduler",  # RedBeat's, taking its lock again after a failover
+        "beat_scheduler": "plural_cancel.worker.beat:Scheduler",  # RedBeat's, taking its lock again after a failover
         "redbeat_redis_url": settings.redis_url,
         # Passed to RedBeat's redis-py client. It retries every command, pipeline and lock
         # script through a connection error for as long as Redis is away (retries=-1), so

@@ -64,11 +64,16 @@ status and five CREATED, are listed in :data:`sandbox.state.DEMO_LINKS`; their
 customers' personal data is :data:`sandbox.links.DEMO_PERSONAL_DATA`.
 """
 
-from sandbox.cli import main
-from sandbox.links import DEMO_PERSONAL_DATA, STATUSES
-from sandbox.server import Sandbox, SandboxServer, serve
-from sandbox.state import DEMO_LINKS
+if __name__ == "sandbox":
+    # The short name, inside this repository: the namespaced module takes its place.
+    from plural_cancel._short_names import install
 
+    install(__name__)
+else:
+    from plural_cancel.sandbox.cli import main
+    from plural_cancel.sandbox.links import DEMO_PERSONAL_DATA, STATUSES
+    from plural_cancel.sandbox.server import Sandbox, SandboxServer, serve
+    from plural_cancel.sandbox.state import DEMO_LINKS
 
-__all__ = ["DEMO_LINKS", "DEMO_PERSONAL_DATA", "STATUSES", "Sandbox", "SandboxServer", "main",
-           "serve"]
+    __all__ = ["DEMO_LINKS", "DEMO_PERSONAL_DATA", "STATUSES", "Sandbox", "SandboxServer", "main",
+               "serve"]

@@ -1,5 +1,5 @@
 """``python -m sandbox --port N``: the local Plural."""
 
-from sandbox.cli import main
+from plural_cancel.sandbox.cli import main
 
 raise SystemExit(main())

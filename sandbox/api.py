@@ -10,14 +10,14 @@ import re
 import time
 from typing import Any, Callable, Mapping
 
-from sandbox.faults import FaultInjector
-from sandbox.links import DEFAULT_LIFETIME, ID_RE, iso_ms, parse_iso
-from sandbox.replies import (Reply, injected, invalid_request, json_reply, method_not_allowed,
-                             not_found, plural_error, unauthorized)
-from sandbox.reqlog import Entry, RequestLog
-from sandbox.state import LinkError, LinkStore
-from sandbox.tokens import TokenStore
-from sandbox.wire import Request
+from plural_cancel.sandbox.faults import FaultInjector
+from plural_cancel.sandbox.links import DEFAULT_LIFETIME, ID_RE, iso_ms, parse_iso
+from plural_cancel.sandbox.replies import (Reply, injected, invalid_request, json_reply, method_not_allowed, not_found,
+                                           plural_error, unauthorized)
+from plural_cancel.sandbox.reqlog import Entry, RequestLog
+from plural_cancel.sandbox.state import LinkError, LinkStore
+from plural_cancel.sandbox.tokens import TokenStore
+from plural_cancel.sandbox.wire import Request
 
 TOKEN_PATH = "/api/auth/v1/token"
 LINKS_PATH = "/api/pay/v1/paymentlink"

@@ -10,9 +10,9 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from sandbox.api import TOKEN_STYLES
-from sandbox.faults import Faults
-from sandbox.server import serve
+from plural_cancel.sandbox.api import TOKEN_STYLES
+from plural_cancel.sandbox.faults import Faults
+from plural_cancel.sandbox.server import serve
 
 
 def _parser() -> argparse.ArgumentParser:

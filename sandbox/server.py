@@ -21,14 +21,14 @@ import time
 import traceback
 from typing import Any, Callable, Mapping, TextIO
 
-from sandbox import wire
-from sandbox.admin import Admin
-from sandbox.api import PluralAPI
-from sandbox.faults import FaultInjector, Faults
-from sandbox.replies import Reply, plural_error
-from sandbox.reqlog import RequestLog
-from sandbox.state import LinkStore
-from sandbox.tokens import TokenStore
+from plural_cancel.sandbox import wire
+from plural_cancel.sandbox.admin import Admin
+from plural_cancel.sandbox.api import PluralAPI
+from plural_cancel.sandbox.faults import FaultInjector, Faults
+from plural_cancel.sandbox.replies import Reply, plural_error
+from plural_cancel.sandbox.reqlog import RequestLog
+from plural_cancel.sandbox.state import LinkStore
+from plural_cancel.sandbox.tokens import TokenStore
 
 _PAUSE_AT = 1024 * 1024
 """Bytes buffered from a client whose answer is held before we stop reading from it."""

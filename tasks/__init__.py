@@ -1,10 +1,18 @@
-"""Task functions and the producer API.
+"""Task functions and the producer API: the package ``plural_cancel.tasks``.
 
-    from tasks import enqueue_cancel, enqueue_many, get_status, schedule_cancel, unschedule_cancel
+    from plural_cancel import enqueue_cancel, enqueue_many, get_status, schedule_cancel, unschedule_cancel
+
+(``from tasks import ...`` is the same, inside this repository.)
 """
 
-from tasks.producer import (enqueue_cancel, enqueue_many, get_schedule, get_status, schedule_cancel,
-                            unschedule_cancel)
+if __name__ == "tasks":
+    # The short name, inside this repository: the namespaced module takes its place.
+    from plural_cancel._short_names import install
 
-__all__ = ["enqueue_cancel", "enqueue_many", "get_status", "schedule_cancel", "unschedule_cancel",
-           "get_schedule"]
+    install(__name__)
+else:
+    from plural_cancel.tasks.producer import (enqueue_cancel, enqueue_many, get_schedule, get_status, schedule_cancel,
+                                              unschedule_cancel)
+
+    __all__ = ["enqueue_cancel", "enqueue_many", "get_status", "schedule_cancel", "unschedule_cancel",
+               "get_schedule"]

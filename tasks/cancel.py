@@ -11,17 +11,18 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from config.celery import lease_seconds
-from worker import app, malformed, metrics, reporting
-from worker.attempts import Health, Settled
-from worker.breaker import FAILURE, NO_NEWS, SUCCESS
-from worker.errors import PluralAuthError, PluralBadResponse, PluralError, PluralRateLimited, PluralRequestError
-from worker.links import PaymentLink, format_timestamp
-from worker.plural import PluralClient
-from worker.retry import backoff
-from worker.runtime import Runtime
-from worker.tokens import TokenUnavailable
-from worker.validation import validate_payment_link_id, validate_request_id
+from plural_cancel.config.celery import lease_seconds
+from plural_cancel.worker import app, malformed, metrics, reporting
+from plural_cancel.worker.attempts import Health, Settled
+from plural_cancel.worker.breaker import FAILURE, NO_NEWS, SUCCESS
+from plural_cancel.worker.errors import (PluralAuthError, PluralBadResponse, PluralError, PluralRateLimited,
+                                         PluralRequestError)
+from plural_cancel.worker.links import PaymentLink, format_timestamp
+from plural_cancel.worker.plural import PluralClient
+from plural_cancel.worker.retry import backoff
+from plural_cancel.worker.runtime import Runtime
+from plural_cancel.worker.tokens import TokenUnavailable
+from plural_cancel.worker.validation import validate_payment_link_id, validate_request_id
 
 log = logging.getLogger(__name__)
 

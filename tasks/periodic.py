@@ -15,8 +15,8 @@ from kombu import Exchange, Queue, serialization
 from kombu.entity import maybe_delivery_mode
 from kombu.transport.redis import Channel as RedisChannel
 
-from config.celery import CALLBACK_LEASE, PUMP_INTERVAL
-from worker import app
+from plural_cancel.config.celery import CALLBACK_LEASE, PUMP_INTERVAL
+from plural_cancel.worker import app
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def _stored_template(app_: Celery, channel, queue: str) -> dict:
     how Celery sends to a direct queue), never by hand; a test holds it equal to what
     ``apply_async`` stores, ids aside.
     """
-    from tasks.cancel import cancel_payment_link
+    from plural_cancel.tasks.cancel import cancel_payment_link
 
     task = app_.amqp.as_task_v2("", cancel_payment_link.name, kwargs={}, ignore_result=True)
     content_type, encoding, body = serialization.dumps(task.body, serializer="json")
@@ -109,7 +109,7 @@ def _stored_template(app_: Celery, channel, queue: str) -> dict:
 
 
 def _publish_each(app_: Celery, producer, pairs: list[tuple[str, str]]) -> None:
-    from tasks.cancel import cancel_payment_link
+    from plural_cancel.tasks.cancel import cancel_payment_link
 
     for request_id, link_id in pairs:
         cancel_payment_link.apply_async(kwargs={"payment_link_id": link_id, "request_id": request_id},
@@ -174,7 +174,7 @@ def fire_schedules(app_: Celery) -> int:
     message), so a cancel fired twice (a firer that died mid-way) is still one cancel.
     Several runs at once are safe: each entry is taken atomically.
     """
-    from tasks.producer import schedule_store, submit  # tasks.producer imports this module
+    from plural_cancel.tasks.producer import schedule_store, submit  # tasks.producer imports this module
 
     store = schedule_store(app_)
     fired = 0

@@ -23,11 +23,11 @@ from typing import Iterable
 
 from celery import Celery
 
-from tasks.periodic import publish
-from worker import app as default_app
-from worker.ledger import Callback, RequestIdConflict
-from worker.schedule import Schedule
-from worker.validation import validate_callback, validate_payment_link_id, validate_request_id
+from plural_cancel.tasks.periodic import publish
+from plural_cancel.worker import app as default_app
+from plural_cancel.worker.ledger import Callback, RequestIdConflict
+from plural_cancel.worker.schedule import Schedule
+from plural_cancel.worker.validation import validate_callback, validate_payment_link_id, validate_request_id
 
 
 def enqueue_cancel(payment_link_id: str, request_id: str | None = None, *, callback: str | None = None,

@@ -38,7 +38,7 @@ def test_a_synchronous_get_skips_items_that_are_not_kombu_messages(redis_url, re
         assert message.payload == {"n": 2}
         message.ack()
         queue.close()
-    dropped = [(r.levelname, r.queue, r.reason) for r in caplog.records if r.name == "worker.broker"]
+    dropped = [(r.levelname, r.queue, r.reason) for r in caplog.records if r.name == "plural_cancel.worker.broker"]
     assert dropped == [("ERROR", "broker-test-bad", "undecodable"), ("ERROR", "broker-test-bad", "not_a_task_message")]
     assert malformed.counts(redis_client, Keys()) == {**dict.fromkeys(malformed.REASONS, 0),
                                                       "undecodable": 1, "not_a_task_message": 1}

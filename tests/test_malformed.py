@@ -74,7 +74,7 @@ def test_an_item_that_is_not_json_is_dropped_and_the_worker_keeps_consuming(syst
     assert client.llen(queue) == 0  # dropped, not put back to be read again and again
     cancel_succeeds(system, "pl-malformed-json-")
     [line] = log_lines(system, "not JSON")
-    assert line["level"] == "error" and line["logger"] == "worker.broker"
+    assert line["level"] == "error" and line["logger"] == "plural_cancel.worker.broker"
     assert (line["queue"], line["reason"]) == (queue, "undecodable")
     assert line["bytes"] == len(bad) + 2  # the one invalid byte is read as U+FFFD, three bytes
     assert "ravi" not in system["worker"].log()  # the content is never logged

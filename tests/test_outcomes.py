@@ -152,7 +152,7 @@ def test_a_waf_page_on_every_link_is_retried_and_reported_once_as_an_outage(runt
     import logging
 
     html = Answer(403, "<html><body>Request blocked</body></html>", {"Content-Type": "text/html"})
-    caplog.set_level(logging.ERROR, logger="tasks.cancel")
+    caplog.set_level(logging.ERROR, logger="plural_cancel.tasks.cancel")
     statuses = []
     for n in range(runtime.settings.breaker_min_links + 2):
         plural.answers.append(html)

@@ -24,7 +24,7 @@ def test_the_shutdown_grace_is_celerys_soft_shutdown_timeout():
     assert celery_config(Settings.from_env({}))["worker_soft_shutdown_timeout"] == 15.0
     settings = Settings.from_env({"WORKER_SHUTDOWN_GRACE": "2.5"})
     assert celery_config(settings)["worker_soft_shutdown_timeout"] == 2.5
-    assert celery_config(settings)["worker_pool"] == "worker.pool:TaskPool"
+    assert celery_config(settings)["worker_pool"] == "plural_cancel.worker.pool:TaskPool"
 
 
 def test_cancels_travel_on_a_queue_of_their_own():

@@ -1,5 +1,12 @@
-"""The Celery app and the machinery it runs (``celery -A worker worker``)."""
+"""The Celery app and the machinery it runs (``celery -A worker worker``): the package
+``plural_cancel.worker``."""
 
-from worker.app import app
+if __name__ == "worker":
+    # The short name, inside this repository: the namespaced module takes its place.
+    from plural_cancel._short_names import install
 
-__all__ = ["app"]
+    install(__name__)
+else:
+    from plural_cancel.worker.app import app
+
+    __all__ = ["app"]

@@ -17,12 +17,12 @@ import kombu.pools
 import redis
 from celery import Celery, bootsteps, signals
 
-from config.celery import PUMP_INTERVAL, celery_config
-from config.settings import ConfigError, Settings
-from worker import malformed
-from worker.broker import message_dropped
-from worker.health import BrokerReady, WorkerHeartbeat
-from worker.runtime import Runtime
+from plural_cancel.config.celery import PUMP_INTERVAL, celery_config
+from plural_cancel.config.settings import ConfigError, Settings
+from plural_cancel.worker import malformed
+from plural_cancel.worker.broker import message_dropped
+from plural_cancel.worker.health import BrokerReady, WorkerHeartbeat
+from plural_cancel.worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ class CancelApp(Celery):
     """A Celery app that carries the product's settings and its per-process runtime."""
 
     def __init__(self, settings: Settings | None = None, **kwargs):
-        super().__init__("plural-cancel", include=["tasks.cancel", "tasks.periodic"], **kwargs)
+        super().__init__("plural-cancel", include=["plural_cancel.tasks.cancel", "plural_cancel.tasks.periodic"],
+                         **kwargs)
         self._settings = settings
         self._runtime: Runtime | None = None
         self._runtime_lock = threading.Lock()
@@ -87,7 +88,7 @@ class DuePump(bootsteps.StartStopStep):
         self.tref = None
 
     def start(self, worker):
-        from tasks.periodic import pump, send_callbacks  # registered by the app's include list
+        from plural_cancel.tasks.periodic import pump, send_callbacks  # registered by the app's include list
 
         def tick():
             for step in (pump, send_callbacks):  # one failing does not hold the other back
@@ -195,7 +196,7 @@ def _count_unknown(**kwargs):
 @signals.setup_logging.connect
 def _setup_logging(loglevel=None, logfile=None, **kwargs):
     """Worker and beat log through :mod:`worker.logs` (structured, redacted), not Celery's format."""
-    from worker import logs, redaction
+    from plural_cancel.worker import logs, redaction
 
     logs.configure(redaction.redactor_for(app.settings), loglevel or logging.INFO, logfile)
 
@@ -204,7 +205,7 @@ def _setup_logging(loglevel=None, logfile=None, **kwargs):
 @signals.beat_init.connect
 def _start_reporting(**kwargs):
     """Sentry in the worker's main process (before its pool starts) and in beat; off without SENTRY_DSN."""
-    from worker import reporting
+    from plural_cancel.worker import reporting
 
     reporting.init(app.settings, app.conf.beat_schedule)
 
@@ -221,7 +222,7 @@ def _start_metrics(sender=None, **kwargs):
     """
     from celery.concurrency.prefork import TaskPool as PreforkPool
 
-    from worker import metrics
+    from plural_cancel.worker import metrics
 
     port = app.settings.metrics_port
     if not port:
@@ -245,7 +246,7 @@ def _check_shutdown_mode(sender=None, **kwargs):
     """
     from billiard.common import REMAP_SIGTERM
 
-    from worker.pool import TaskPool
+    from plural_cancel.worker.pool import TaskPool
 
     if REMAP_SIGTERM != "SIGQUIT":
         log.warning("REMAP_SIGTERM is not SIGQUIT: SIGTERM is Celery's warm shutdown, which waits for "

@@ -26,10 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from worker.breaker import ALLOW_FN, NO_NEWS, RECORD_FN, Gate, RedisCircuitBreaker, parse_gate
-from worker.ledger import STALE, Claim, Ledger, parse_claim
-from worker.ledger_lua import CLAIM_FN, DEFER_FN, FINISH_FN
-from worker.ratelimit import PENALIZE_FN, RESERVE_FN, RedisRateLimiter, Reservation, parse_reservation
+from plural_cancel.worker.breaker import ALLOW_FN, NO_NEWS, RECORD_FN, Gate, RedisCircuitBreaker, parse_gate
+from plural_cancel.worker.ledger import STALE, Claim, Ledger, parse_claim
+from plural_cancel.worker.ledger_lua import CLAIM_FN, DEFER_FN, FINISH_FN
+from plural_cancel.worker.ratelimit import PENALIZE_FN, RESERVE_FN, RedisRateLimiter, Reservation, parse_reservation
 
 _SLICE = """
 local function slice(t, i, j)

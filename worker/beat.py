@@ -27,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, LockNotOwnedError, TimeoutError
 from redis.retry import Retry
 
-from worker.health import BEAT, Heartbeat, heartbeat_path
+from plural_cancel.worker.health import BEAT, Heartbeat, heartbeat_path
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 
 import redis
 
-from worker.redis_clock import REDIS_NOW
+from plural_cancel.worker.redis_clock import REDIS_NOW
 
 MAX_COOLDOWN = 600.0
 """Seconds: a failed probe doubles the cooldown, but never beyond this."""

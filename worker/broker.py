@@ -38,8 +38,8 @@ from celery.utils.dispatch import Signal
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 
-from worker.keys import Keys
-from worker.malformed import NOT_A_TASK_MESSAGE, UNDECODABLE
+from plural_cancel.worker.keys import Keys
+from plural_cancel.worker.malformed import NOT_A_TASK_MESSAGE, UNDECODABLE
 
 log = logging.getLogger(__name__)
 

@@ -35,11 +35,11 @@ from typing import Any, Callable, Iterable
 
 import redis
 
-from worker.keys import Keys
-from worker.ledger_lua import (CALLBACKS_SENT, CLAIM, CREATE, DEFER, FINISH, PUMP, REJECT, REQUEUE,
-                               TAKE_CALLBACKS)
-from worker.links import format_timestamp
-from worker.redaction import Redactor
+from plural_cancel.worker.keys import Keys
+from plural_cancel.worker.ledger_lua import (CALLBACKS_SENT, CLAIM, CREATE, DEFER, FINISH, PUMP, REJECT, REQUEUE,
+                                             TAKE_CALLBACKS)
+from plural_cancel.worker.links import format_timestamp
+from plural_cancel.worker.redaction import Redactor
 
 TERMINAL = ("succeeded", "failed")
 ACTIVE = ("queued", "running", "retrying")

@@ -13,7 +13,7 @@ runs out (running), when it may try again (deferred). Nothing leaves the index b
 an ending, so a cancel whose message vanished is always found again (``PUMP``).
 """
 
-from worker.redis_clock import REDIS_NOW
+from plural_cancel.worker.redis_clock import REDIS_NOW
 
 # Prepended to each script: the stats hash (records per active state) and the backlog estimate.
 _PRELUDE = REDIS_NOW + """

@@ -18,8 +18,8 @@ import logging
 import sys
 from typing import Any, TextIO
 
-from worker.links import format_timestamp
-from worker.redaction import Redactor
+from plural_cancel.worker.links import format_timestamp
+from plural_cancel.worker.redaction import Redactor
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}

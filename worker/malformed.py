@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import redis
 
-from worker.keys import Keys
+from plural_cancel.worker.keys import Keys
 
 UNDECODABLE = "undecodable"
 NOT_A_TASK_MESSAGE = "not_a_task_message"

@@ -37,7 +37,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, s
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from worker import malformed
+from plural_cancel.worker import malformed
 
 log = logging.getLogger(__name__)
 

@@ -30,13 +30,13 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError, ReadTimeoutError
 
-from config.settings import plain_http_allowed
-from worker.errors import (TOKEN_CODES, PluralAuthError, PluralBadResponse, PluralConnectionError, PluralError,
-                           PluralTimeout, PluralTLSError, classify_http)
-from worker.links import LinkFormatError, PaymentLink, format_timestamp, parse_timestamp
-from worker.tokens import AccessToken, MemoryTokenStore, TokenStore
+from plural_cancel.config.settings import plain_http_allowed
+from plural_cancel.worker.errors import (TOKEN_CODES, PluralAuthError, PluralBadResponse, PluralConnectionError,
+                                         PluralError, PluralTimeout, PluralTLSError, classify_http)
+from plural_cancel.worker.links import LinkFormatError, PaymentLink, format_timestamp, parse_timestamp
+from plural_cancel.worker.tokens import AccessToken, MemoryTokenStore, TokenStore
 # The one definition of a valid id, shared with the producer API; re-exported from here.
-from worker.validation import validate_payment_link_id, validate_request_id
+from plural_cancel.worker.validation import validate_payment_link_id, validate_request_id
 
 log = logging.getLogger(__name__)
 

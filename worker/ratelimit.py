@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 
 import redis
 
-from worker.redis_clock import REDIS_NOW
+from plural_cancel.worker.redis_clock import REDIS_NOW
 
 MIN_FACTOR = 0.1
 """Repeated 429s compound the slow-down, but never below this fraction of the rate."""

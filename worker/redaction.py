@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
-from config.settings import Settings
+from plural_cancel.config.settings import Settings
 
 MASK = "[Filtered]"
 

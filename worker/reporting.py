@@ -38,8 +38,8 @@ from sentry_sdk.crons import MonitorStatus, capture_checkin
 from sentry_sdk.integrations.celery import CeleryIntegration
 from sentry_sdk.scrubber import DEFAULT_DENYLIST, EventScrubber
 
-from config.settings import Settings
-from worker.redaction import Redactor, redactor_for
+from plural_cancel.config.settings import Settings
+from plural_cancel.worker.redaction import Redactor, redactor_for
 
 log = logging.getLogger(__name__)
 

@@ -14,15 +14,15 @@ from typing import Callable
 
 import redis
 
-from config.settings import Settings
-from worker.attempts import Attempts
-from worker.breaker import RedisCircuitBreaker
-from worker.keys import Keys
-from worker.ledger import Ledger
-from worker.ratelimit import RedisRateLimiter
-from worker.redaction import redactor_for
-from worker.plural import PluralClient
-from worker.tokens import RedisTokenCache
+from plural_cancel.config.settings import Settings
+from plural_cancel.worker.attempts import Attempts
+from plural_cancel.worker.breaker import RedisCircuitBreaker
+from plural_cancel.worker.keys import Keys
+from plural_cancel.worker.ledger import Ledger
+from plural_cancel.worker.ratelimit import RedisRateLimiter
+from plural_cancel.worker.redaction import redactor_for
+from plural_cancel.worker.plural import PluralClient
+from plural_cancel.worker.tokens import RedisTokenCache
 
 
 PACING = 0.97

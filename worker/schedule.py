@@ -27,9 +27,9 @@ from typing import Any
 
 import redis
 
-from worker.keys import Keys
-from worker.ledger import Callback, RequestIdConflict, as_text, stored_time
-from worker.redis_clock import REDIS_NOW
+from plural_cancel.worker.keys import Keys
+from plural_cancel.worker.ledger import Callback, RequestIdConflict, as_text, stored_time
+from plural_cancel.worker.redis_clock import REDIS_NOW
 
 # KEYS: [1] schedule  [2] this link's hash  [3] schedule ids  [4] ledger record key prefix
 # ARGV: [1] payment_link_id  [2] request_id to use unless one is kept  [3] at

@@ -31,7 +31,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from worker.keys import Keys
+from plural_cancel.worker.keys import Keys
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 
-from config.settings import QUEUE_NAME
-from worker.ledger import Callback
+from plural_cancel.config.settings import QUEUE_NAME
+from plural_cancel.worker.ledger import Callback
 
 _LINK_ID = re.compile(r"[A-Za-z0-9_-]{1,50}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,50}")

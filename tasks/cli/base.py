@@ -7,7 +7,7 @@ import click
 import redis
 from kombu.exceptions import OperationalError
 
-from config.settings import ConfigError, Settings
+from plural_cancel.config.settings import ConfigError, Settings
 
 _SETTINGS = "plural_cancel.settings"
 """Where :func:`load_settings` leaves the settings in the click context, for the error line."""
@@ -99,7 +99,7 @@ def load_settings() -> Settings:
 
 
 def configured_app():
-    from worker import app
+    from plural_cancel.worker import app
 
     app.use(load_settings())
     return app

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from tasks.cli.base import Failure, UsageFailure, configured_app, load_settings
+from plural_cancel.tasks.cli.base import Failure, UsageFailure, configured_app, load_settings
 
 
 @click.command()
@@ -14,7 +14,7 @@ from tasks.cli.base import Failure, UsageFailure, configured_app, load_settings
 @click.option("--request-id", help="Idempotency key (1-50 of A-Za-z0-9._:-); a new UUID4 when absent.")
 def enqueue(payment_link_id: str, request_id: str | None):
     """Enqueue a cancel of PAYMENT_LINK_ID; prints its Request-ID."""
-    from tasks.producer import enqueue_cancel
+    from plural_cancel.tasks.producer import enqueue_cancel
 
     app = configured_app()
     try:
@@ -28,7 +28,7 @@ def enqueue(payment_link_id: str, request_id: str | None):
 @click.option("--json", "as_json", is_flag=True, help="Print the whole status record as JSON.")
 def status(request_id: str, as_json: bool):
     """Show the status of the cancel with REQUEST_ID."""
-    from tasks.producer import get_status
+    from plural_cancel.tasks.producer import get_status
 
     app = configured_app()
     try:
@@ -61,7 +61,7 @@ def status(request_id: str, as_json: bool):
 def sandbox(host, port, latency_ms, error_rate, outage, reset_rate, timeout_rate, token_ttl, token_style,
             client_id, client_secret):
     """Run the local Plural sandbox (Plural's paths under http://HOST:PORT/api)."""
-    from sandbox.server import serve
+    from plural_cancel.sandbox.server import serve
 
     settings = load_settings()
     client_id = client_id or settings.client_id

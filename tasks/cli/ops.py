@@ -14,10 +14,10 @@ import click
 import redis
 from kombu.exceptions import OperationalError
 
-from config.settings import ConfigError
-from tasks.cli.base import Failure, UsageFailure, configured_app, load_settings
-from worker import health as health_checks
-from worker.links import format_timestamp
+from plural_cancel.config.settings import ConfigError
+from plural_cancel.tasks.cli.base import Failure, UsageFailure, configured_app, load_settings
+from plural_cancel.worker import health as health_checks
+from plural_cancel.worker.links import format_timestamp
 
 RETRY_BATCH = 500
 """Dead letters requeued and published per round trip by ``failed retry --all``."""
@@ -61,8 +61,8 @@ def failed_retry(request_id: str | None, retry_all: bool):
 
     Same Request-ID, attempts kept, a new deadline of now + CANCEL_RETRY_BUDGET seconds.
     """
-    from tasks.periodic import publish
-    from worker.validation import validate_request_id
+    from plural_cancel.tasks.periodic import publish
+    from plural_cancel.worker.validation import validate_request_id
 
     if bool(request_id) == retry_all:
         raise UsageFailure("give either a REQUEST_ID or --all")
@@ -106,7 +106,7 @@ def stats(as_json: bool):
     Read from counters the ledger keeps (no scan of the records): succeeded, failed and
     the outcomes count the cancels finished within the last RESULT_TTL seconds.
     """
-    from worker.metrics import snapshot
+    from plural_cancel.worker.metrics import snapshot
 
     app = configured_app()
     snap = snapshot(app.runtime)
@@ -140,7 +140,7 @@ def stats(as_json: bool):
 @click.command()
 def check():
     """Check the settings, that Redis answers and that a Plural token can be had."""
-    from worker.runtime import Runtime
+    from plural_cancel.worker.runtime import Runtime
 
     settings = load_settings()
     try:

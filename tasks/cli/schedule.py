@@ -22,8 +22,8 @@ from typing import Iterable, TextIO
 
 import click
 
-from tasks.cli.base import Failure, UsageFailure, configured_app
-from worker.validation import validate_payment_link_id
+from plural_cancel.tasks.cli.base import Failure, UsageFailure, configured_app
+from plural_cancel.worker.validation import validate_payment_link_id
 
 CHUNK = 1000
 """Links per ``enqueue_many`` call (one progress-bar step, a few Redis round trips)."""
@@ -113,7 +113,7 @@ def bulk(file: TextIO, wait: bool, timeout: float | None, output: TextIO | None,
     import redis
     from kombu.exceptions import OperationalError
 
-    from tasks.producer import enqueue_many
+    from plural_cancel.tasks.producer import enqueue_many
 
     parsed = read_link_file(file)
     name = getattr(file, "name", "FILE")
@@ -187,7 +187,7 @@ def _lines(n: int) -> str:
 
 def _follow(app, request_ids: list[str], timeout: float | None) -> tuple[Counter, int]:
     """Poll until every cancel is terminal (or ``timeout`` seconds); returns (outcomes, still pending)."""
-    from tasks.producer import get_statuses
+    from plural_cancel.tasks.producer import get_statuses
 
     outcomes: Counter = Counter()
     pending = list(request_ids)
@@ -217,7 +217,7 @@ def _follow(app, request_ids: list[str], timeout: float | None) -> tuple[Counter
                                    "of the link, else a new UUID4.")
 def schedule(payment_link_id: str, at_text: str, request_id: str | None):
     """Cancel PAYMENT_LINK_ID at a given time; prints its Request-ID. Again: moves it."""
-    from tasks.producer import schedule_cancel
+    from plural_cancel.tasks.producer import schedule_cancel
 
     try:
         at = datetime.fromisoformat(at_text)
@@ -237,7 +237,7 @@ def schedule(payment_link_id: str, at_text: str, request_id: str | None):
 @click.argument("payment_link_id")
 def unschedule(payment_link_id: str):
     """Take back the scheduled cancel of PAYMENT_LINK_ID. Exit 1 when too late or none."""
-    from tasks.producer import get_schedule, unschedule_cancel
+    from plural_cancel.tasks.producer import get_schedule, unschedule_cancel
 
     app = configured_app()
     try:
