@@ -169,7 +169,8 @@ class Schedule:
         """Schedule (or move) the cancel of a link to ``at`` (epoch seconds), with ``callback``.
 
         ``request_id`` is used for a new entry; a pending one keeps its own unless
-        ``replace``, and takes ``callback`` (None drops the one it had). Returns (``scheduled`` or ``moved``, the Request-ID it will carry).
+        ``replace``, and takes ``callback`` (None drops the one it had). Returns (``scheduled`` or
+        ``moved``, the Request-ID it will carry).
         Raises :class:`RequestIdConflict` when that Request-ID belongs to another link.
         """
         keys = [self.keys.schedule, self.keys.scheduled(payment_link_id), self.keys.schedule_ids,
