@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -78,9 +79,16 @@ def test_the_repository_checkout_behind_a_host_project(host, redis_url, redis_cl
 
 def test_the_installed_distribution_behind_a_host_project(host, tmp_path, redis_url):
     """Built as a wheel and installed alone: one top-level name, ``plural_cancel``."""
-    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    wheels, target, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
+    # Built from a copy of what the distribution is made of: a checkout's build/ and
+    # *.egg-info left by earlier installs must not leak into it.
+    for name in ("pyproject.toml", "README.md"):
+        source.mkdir(exist_ok=True)
+        shutil.copy(ROOT / name, source / name)
+    for folder in ("plural_cancel", "config", "worker", "tasks", "sandbox"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(wheels), str(ROOT)], check=True, timeout=300, capture_output=True)
+                    "--wheel-dir", str(wheels), str(source)], check=True, timeout=300, capture_output=True)
     [wheel] = wheels.glob("plural_cancel-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
                     str(wheel)], check=True, timeout=300, capture_output=True)
