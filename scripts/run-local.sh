@@ -9,10 +9,14 @@ mkdir -p var/redis
 pids=()
 # Stop in reverse order of start: worker and beat hand their messages back to Redis
 # before Redis and the sandbox go away.
+# Each gets WORKER_SHUTDOWN_GRACE (15 s) and a margin, then SIGKILL: a stuck shutdown must
+# not hang the terminal, and a killed worker loses nothing (its cancels are in the ledger).
 cleanup() {
   trap - INT TERM EXIT
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
     kill -TERM "${pids[i]}" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "${pids[i]}" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL "${pids[i]}" 2>/dev/null || true
     wait "${pids[i]}" 2>/dev/null || true
   done
 }
@@ -23,7 +27,9 @@ port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 if [ -z "${REDIS_URL:-}" ]; then
   port=6379
   while ! port_free "$port"; do port=$((port + 1)); done
-  redis-server --port "$port" --bind 127.0.0.1 --dir "$PWD/var/redis" --appendonly yes \
+  # In a session of its own: Ctrl-C reaches the worker and beat, which hand their messages
+  # back to Redis; Redis must still be there then (it is stopped last, by cleanup).
+  setsid redis-server --port "$port" --bind 127.0.0.1 --dir "$PWD/var/redis" --appendonly yes \
     --appendfsync everysec --save "" --daemonize no --logfile "$PWD/var/redis/redis.log" &
   pids+=($!)
   export REDIS_URL="redis://127.0.0.1:$port/0"
