@@ -88,11 +88,13 @@ def decide_from_link(client: PluralClient, payment_link_id: str, refusal: Plural
             link = client.get_payment_link(payment_link_id, request_id=str(uuid.uuid4()))
     except PluralAuthError as exc:
         return Decision("failed", "auth_failed", error=exc)
-    except PluralRequestError:
+    except PluralRequestError as exc:
         if refusal is None:
-            # Plural said it cancelled the link and now says it does not know it: ask again later.
-            return Decision("retry", error=PluralBadResponse("Plural answered the cancel but refuses the "
-                                                             "link's status", http_status=None))
+            # Plural took the cancel (a 2xx) and now refuses to show the link: nothing is known
+            # yet, so ask again later rather than call it rejected.
+            return Decision("retry", error=PluralBadResponse(
+                f"Plural took the cancel but refused the link's GET: {exc.message}",
+                http_status=exc.http_status, code=exc.code, request_id=exc.request_id))
         # Unknown link, or a request Plural calls invalid: nothing to cancel.
         return Decision("failed", "rejected", error=refusal)
     except PluralBadResponse as exc:

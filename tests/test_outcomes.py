@@ -162,3 +162,10 @@ def test_a_waf_page_on_every_link_is_retried_and_reported_once_as_an_outage(runt
     assert [s["attempts"] for s in statuses[5:]] == [0, 0]  # held by the breaker, not sent
     assert len([r for r in caplog.records if "circuit breaker opened" in r.getMessage()]) == 1
     assert len(plural.calls("/cancel")) == 5
+
+
+def test_an_unreadable_success_and_a_refused_get_are_retried_not_rejected(runtime, plural):
+    plural.answers.extend([Answer(204), Answer(404, {"code": "NOT_FOUND", "message": "no such link"}, JSON)])
+    status = run(runtime)
+    assert (status["state"], status["attempts"]) == ("retrying", 1)
+    assert status["last_error"]["http_status"] == 404 and "took the cancel" in status["last_error"]["message"]
