@@ -176,3 +176,24 @@ def test_dockerfile_copies_every_package_and_installs_the_project():
 def test_console_script_points_at_the_cli():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"plural-cancel": "plural_cancel.tasks.cli:main"}
+
+
+def env_example() -> list[tuple[str, str, str]]:
+    """``.env.example`` as (name, value, the comment line above it)."""
+    entries, comment = [], ""
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        if line.startswith("#"):
+            comment = line
+        elif line.strip():
+            name, value = line.split("=", 1)
+            entries.append((name, value, comment))
+            comment = ""
+    return entries
+
+
+def test_env_example_lists_every_setting_with_its_default():
+    entries = env_example()
+    assert [name for name, _, _ in entries] == list(VARIABLES)
+    assert all(comment.strip("# ") for _, _, comment in entries), "each variable has a comment line above it"
+    # Copied to .env as it is, it changes nothing: each value shown is the default.
+    assert Settings.from_env({name: value for name, value, _ in entries}) == Settings.from_env({})
