@@ -6,6 +6,7 @@ configured the way the command expects, console scripts exist, options parse.
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from config.settings import Settings
+from config.celery import lease_seconds
+from config.settings import VARIABLES, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -32,6 +34,19 @@ def procfile() -> dict[str, list[str]]:
 
 def compose() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def interpolated(value: str) -> str:
+    """A compose value with each ``${NAME:-default}`` as compose resolves it when NAME is unset."""
+    return re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}", lambda m: m.group(2) or "", str(value))
+
+
+def seconds(duration: str) -> float:
+    """A compose duration (``45s``, ``1m30s``, ``1h``) in seconds."""
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?", duration)
+    assert parts and duration, f"not a compose duration: {duration!r}"
+    h, m, s = (float(x or 0) for x in parts.groups())
+    return 3600 * h + 60 * m + s
 
 
 def strip_env(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -80,15 +95,9 @@ def test_compose_has_redis_with_aof_the_sandbox_a_worker_and_beat():
     assert redis_cmd[0] == "redis-server" and "--appendonly" in redis_cmd
     assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
     assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
-    for name in ("sandbox", "worker", "beat"):
-        check_command(services[name]["command"])
     worker_env = services["worker"]["environment"]
     assert worker_env["REDIS_URL"] == "redis://redis:6379/0"
     assert worker_env["REMAP_SIGTERM"] == "SIGQUIT"
-    # The soft shutdown's grace, then one HTTP call's timeouts to record what it got.
-    settings = Settings()
-    assert int(services["worker"]["stop_grace_period"].rstrip("s")) >= (
-        settings.shutdown_grace + settings.connect_timeout + settings.read_timeout)
     # Without credentials the worker talks to the sandbox service, over the loopback of the
     # network namespace they share: plain http is refused to any other host.
     assert "http://127.0.0.1:8800/api" in worker_env["PLURAL_BASE_URL"]
@@ -98,6 +107,47 @@ def test_compose_has_redis_with_aof_the_sandbox_a_worker_and_beat():
         default = services[name]["environment"]["PLURAL_BASE_URL"].split(":-", 1)[1].rstrip("}")
         assert Settings.from_env({"PLURAL_BASE_URL": default}).plural_base_url == default
     assert services["beat"]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_compose_services_run_real_entry_points():
+    services = compose()["services"]
+    for name, service in services.items():
+        if name == "redis":
+            assert service["image"].split(":")[0] == "redis" and service["command"][0] == "redis-server"
+        else:
+            check_command(service["command"])
+
+
+def test_compose_sets_only_variables_the_settings_read():
+    """A misspelt or retired name would be ignored in silence (``BREAKER_THRESHOLD`` is refused)."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    # REMAP_SIGTERM is Celery's own (SIGTERM as its soft shutdown), read before our settings.
+    known = set(VARIABLES) | {"REMAP_SIGTERM"}
+    for name, service in compose()["services"].items():
+        unknown = set(service.get("environment") or {}) - known
+        assert not unknown, f"{name} sets {sorted(unknown)}, which config/settings.py does not read"
+    passed_through = set(re.findall(r"\$\{(\w+)", text))
+    assert passed_through and passed_through <= known, sorted(passed_through - known)
+
+
+def test_compose_redis_keeps_every_write():
+    """AOF, so a restart keeps the ledger and the queue; noeviction, so a full Redis refuses
+    writes (which the worker rides out, README) instead of evicting records, locks or messages."""
+    command = compose()["services"]["redis"]["command"]
+    options = dict(zip(command[1::2], command[2::2]))
+    assert options["--appendonly"] == "yes"
+    assert options["--appendfsync"] in ("everysec", "always")
+    assert options["--maxmemory-policy"] == "noeviction"
+
+
+def test_compose_worker_outlasts_its_longest_attempt_when_stopped():
+    """SIGTERM gives the cancels in flight the soft shutdown's grace, then hands their messages
+    back; an attempt started just before may run its whole lease. Docker's SIGKILL must come later."""
+    worker = compose()["services"]["worker"]
+    settings = Settings.from_env({k: interpolated(v) for k, v in worker["environment"].items()})
+    longest = settings.shutdown_grace + lease_seconds(settings)
+    assert seconds(worker["stop_grace_period"]) > longest, (worker["stop_grace_period"], longest)
+    assert worker["healthcheck"]["test"][1:3] == ["plural-cancel", "health"]
 
 
 def test_compose_checks_the_health_of_the_worker_and_beat_without_redis():
@@ -126,3 +176,24 @@ def test_dockerfile_copies_every_package_and_installs_the_project():
 def test_console_script_points_at_the_cli():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"plural-cancel": "plural_cancel.tasks.cli:main"}
+
+
+def env_example() -> list[tuple[str, str, str]]:
+    """``.env.example`` as (name, value, the comment line above it)."""
+    entries, comment = [], ""
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        if line.startswith("#"):
+            comment = line
+        elif line.strip():
+            name, value = line.split("=", 1)
+            entries.append((name, value, comment))
+            comment = ""
+    return entries
+
+
+def test_env_example_lists_every_setting_with_its_default():
+    entries = env_example()
+    assert [name for name, _, _ in entries] == list(VARIABLES)
+    assert all(comment.strip("# ") for _, _, comment in entries), "each variable has a comment line above it"
+    # Copied to .env as it is, it changes nothing: each value shown is the default.
+    assert Settings.from_env({name: value for name, value, _ in entries}) == Settings.from_env({})
