@@ -13,7 +13,7 @@ run: setup redis-server
 	@bash scripts/run-local.sh
 
 test: setup redis-server
-	$(VENV)/bin/pytest -q -n 2 $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 setup: $(STAMP)
 
