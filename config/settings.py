@@ -24,7 +24,7 @@ PLURAL_BASES = {
 
 VARIABLES = (
     "PLURAL_ENV", "PLURAL_BASE_URL", "PLURAL_CLIENT_ID", "PLURAL_CLIENT_SECRET", "REDIS_URL",
-    "REDIS_SENTINELS", "REDIS_SENTINEL_MASTER", "PLURAL_RATE_LIMIT", "PLURAL_RATE_BURST", "CANCEL_RETRY_BUDGET", "CANCEL_RETRY_BASE", "CANCEL_RETRY_CAP",
+    "REDIS_SENTINELS", "REDIS_SENTINEL_MASTER", "REDIS_WAIT_REPLICAS", "PLURAL_RATE_LIMIT", "PLURAL_RATE_BURST", "CANCEL_RETRY_BUDGET", "CANCEL_RETRY_BASE", "CANCEL_RETRY_CAP",
     "RESULT_TTL", "PLURAL_CONNECT_TIMEOUT", "PLURAL_READ_TIMEOUT", "BREAKER_WINDOW", "BREAKER_MIN_LINKS",
     "BREAKER_FAILURE_RATE", "BREAKER_COOLDOWN", "LIMITER_MAX_WAIT", "CANCEL_ATTEMPT_TIMEOUT",
     "CANCEL_STALL_TIMEOUT", "SENTRY_DSN", "SENTRY_ENVIRONMENT", "METRICS_PORT", "https_proxy", "HTTPS_PROXY",
@@ -121,6 +121,9 @@ class Settings:
     """(host, port) of each Redis Sentinel; empty: no Sentinel, ``redis_url`` names the server."""
     redis_sentinel_master: str | None = None
     """The master's name in the Sentinels' configuration (``sentinel monitor NAME ...``)."""
+    wait_replicas: int = 0
+    """Replicas that must hold a producer's new records (Redis ``WAIT``) before an enqueue
+    returns; 0: the enqueue returns once the master has them."""
     cancel_queue: str = "plural-cancel"
     """The Celery queue (a Redis list of that name) the product's messages travel on and its
     workers consume; never Celery's default ``celery``, which a host app on the same Redis
@@ -249,6 +252,7 @@ class Settings:
             redis_url=redis_url,
             redis_sentinels=sentinels,
             redis_sentinel_master=sentinel_master,
+            wait_replicas=int(_number(get, "REDIS_WAIT_REPLICAS", cls.wait_replicas, integer=True)),
             cancel_queue=cancel_queue,
             rate_limit=_number(get, "PLURAL_RATE_LIMIT", cls.rate_limit, positive=True),
             rate_burst=int(_number(get, "PLURAL_RATE_BURST", cls.rate_burst, integer=True)),

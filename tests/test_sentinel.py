@@ -97,10 +97,10 @@ def test_redbeats_sentinel_clients_get_the_endless_retry():
     passes none of ``redbeat_redis_options``' connection options to its clients."""
     from redbeat.schedulers import get_redis
 
-    from worker.app import CancelApp
+    from worker import app as product_app
     from worker.beat import follow_sentinel
 
-    app = CancelApp(Settings.from_env({**SENTINELS, "REDIS_URL": "redis://:pw@x/2"}))
+    app = type(product_app)(Settings.from_env({**SENTINELS, "REDIS_URL": "redis://:pw@x/2"}))  # an app of its own
     app.conf.update(celery_config(app.settings))
     assert get_redis(app).get_retry() is None  # RedBeat alone: no retry, beat ends at a failover
     follow_sentinel(app)
@@ -225,3 +225,40 @@ def test_workers_and_beat_follow_the_master_through_failovers(sentinel_group, he
               f"all succeeded {finished_at - started_at:.1f}s after enqueue; links PUT more than once "
               f"(same Request-ID): {sum(n > 1 for n in puts.values())}; "
               f"already_cancelled: {sum(s[1] == 'already_cancelled' for s in states(app, request_ids))}")
+
+
+# -- REDIS_WAIT_REPLICAS: an enqueue returns once a replica holds its records ---------------
+
+@pytest.fixture
+def master_and_replica():
+    from tests.support.redis_server import RedisServer
+
+    master = RedisServer(prefix="pc-wait-master-")
+    replica = RedisServer(prefix="pc-wait-replica-", args=("--replicaof", "127.0.0.1", str(master.port)))
+    wait_for(lambda: redis.Redis(port=replica.port).info("replication")["master_link_status"] == "up", 10, 0.1,
+             "the replica linked")
+    yield master, replica
+    replica.proc.send_signal(18)  # SIGCONT, if a test stopped it
+    replica.stop()
+    master.stop()
+
+
+def test_an_enqueue_waits_for_a_replica_and_says_when_none_acknowledged(master_and_replica):
+    import signal
+
+    from tasks import enqueue_cancel, enqueue_many
+    from worker.ledger import NotReplicated
+
+    master, replica = master_and_replica
+    app = use_settings(master.url, REDIS_WAIT_REPLICAS=1)
+    [request_id] = enqueue_many(["pl-wait-1"], app=app)
+    assert redis.Redis(port=replica.port).exists(app.runtime.keys.record(request_id))
+
+    replica.proc.send_signal(signal.SIGSTOP)  # up, but acknowledging nothing
+    started = time.monotonic()
+    with pytest.raises(NotReplicated, match="0 of REDIS_WAIT_REPLICAS=1"):
+        enqueue_cancel("pl-wait-2", request_id="rid-wait-2", app=app)
+    assert 0.9 < time.monotonic() - started < 5
+    assert app.runtime.ledger.status("rid-wait-2")["state"] == "queued"  # on the master; enqueue again to be sure
+    replica.proc.send_signal(signal.SIGCONT)
+    assert enqueue_cancel("pl-wait-2", request_id="rid-wait-2", app=app) == "rid-wait-2"

@@ -64,7 +64,7 @@ class Runtime:
         return Ledger(self.redis, result_ttl=self.settings.result_ttl, retry_budget=self.settings.retry_budget,
                       stall_timeout=self.settings.stall_timeout, rate=self.settings.rate_limit * PACING,
                       queue=self.settings.cancel_queue, keys=self.keys, clock=self.clock,
-                      redactor=redactor_for(self.settings))
+                      redactor=redactor_for(self.settings), wait_replicas=self.settings.wait_replicas)
 
     @cached_property
     def limiter(self) -> RedisRateLimiter:
