@@ -1,6 +1,6 @@
 # The README's two commands:  `make run`  and  `make test`.
 # Each does its own set-up: a virtual environment with the project installed, and
-# Debian's redis-server when it is missing (tests and `make run` start their own).
+# Debian's redis-server and redis-sentinel when missing (tests and `make run` start their own).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -29,6 +29,10 @@ redis-server:
 	  echo "installing redis-server from Debian's packages"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; \
 	  $(SUDO) systemctl disable --now redis-server >/dev/null 2>&1 || true; }
+	@command -v redis-sentinel >/dev/null 2>&1 || { \
+	  echo "installing redis-sentinel from Debian's packages (tests/test_sentinel.py)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-sentinel >/dev/null; \
+	  $(SUDO) systemctl disable --now redis-sentinel >/dev/null 2>&1 || true; }
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -41,6 +41,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from plural_cancel.config import sentinel
 from plural_cancel.config.settings import Settings
 
 DEFAULT_CONCURRENCY = 128
@@ -101,7 +102,7 @@ def celery_config(settings: Settings) -> dict:
         "socket_keepalive": True,
         "health_check_interval": 25,
     }
-    return {
+    config = {
         "broker_url": settings.redis_url,
         "broker_transport": "plural_cancel.worker.broker:Transport",  # kombu's Redis transport, cheaper per message
         "broker_transport_options": transport_options,
@@ -170,3 +171,12 @@ def celery_config(settings: Settings) -> dict:
                                "options": {"expires": FIRE_EXPIRES}},
         },
     }
+    if settings.redis_sentinels:
+        # The same transport over kombu's Sentinel channel, and RedBeat's Sentinel branch
+        # (config.sentinel); the options above still apply to the master's connections.
+        config["broker_url"] = sentinel.broker_url(settings)
+        config["broker_transport"] = "plural_cancel.worker.broker:SentinelTransport"
+        transport_options.update(sentinel.broker_transport_options(settings))
+        config["redbeat_redis_url"] = sentinel.redbeat_url(settings)
+        config["redbeat_redis_options"].update(sentinel.redbeat_options(settings))
+    return config

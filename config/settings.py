@@ -24,7 +24,7 @@ PLURAL_BASES = {
 
 VARIABLES = (
     "PLURAL_ENV", "PLURAL_BASE_URL", "PLURAL_CLIENT_ID", "PLURAL_CLIENT_SECRET", "REDIS_URL",
-    "PLURAL_RATE_LIMIT", "PLURAL_RATE_BURST", "CANCEL_RETRY_BUDGET", "CANCEL_RETRY_BASE", "CANCEL_RETRY_CAP",
+    "REDIS_SENTINELS", "REDIS_SENTINEL_MASTER", "REDIS_WAIT_REPLICAS", "PLURAL_RATE_LIMIT", "PLURAL_RATE_BURST", "CANCEL_RETRY_BUDGET", "CANCEL_RETRY_BASE", "CANCEL_RETRY_CAP",
     "RESULT_TTL", "PLURAL_CONNECT_TIMEOUT", "PLURAL_READ_TIMEOUT", "BREAKER_WINDOW", "BREAKER_MIN_LINKS",
     "BREAKER_FAILURE_RATE", "BREAKER_COOLDOWN", "LIMITER_MAX_WAIT", "CANCEL_ATTEMPT_TIMEOUT",
     "CANCEL_STALL_TIMEOUT", "SENTRY_DSN", "SENTRY_ENVIRONMENT", "METRICS_PORT", "https_proxy", "HTTPS_PROXY",
@@ -42,6 +42,9 @@ MAX_LIMITER_WAIT = 30.0
 QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,99}")
 """A Celery queue name as this product accepts one (``CANCEL_QUEUE``, a callback's queue):
 1-100 of ``A-Za-z0-9._:-``, starting with a letter or digit."""
+
+SENTINEL_MASTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+"""A Sentinel master (service) name as this product accepts one (``REDIS_SENTINEL_MASTER``)."""
 
 CELERY_DEFAULT_QUEUE = "celery"
 """Celery's default queue: a merchant's own Celery app on the same Redis consumes it."""
@@ -113,6 +116,14 @@ class Settings:
     client_id: str | None = None
     client_secret: Secret | None = field(default=None)
     redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis's URL; with ``redis_sentinels`` only its database number and credentials are used."""
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    """(host, port) of each Redis Sentinel; empty: no Sentinel, ``redis_url`` names the server."""
+    redis_sentinel_master: str | None = None
+    """The master's name in the Sentinels' configuration (``sentinel monitor NAME ...``)."""
+    wait_replicas: int = 0
+    """Replicas that must hold a producer's new records (Redis ``WAIT``) before an enqueue
+    returns; 0: the enqueue returns once the master has them."""
     cancel_queue: str = "plural-cancel"
     """The Celery queue (a Redis list of that name) the product's messages travel on and its
     workers consume; never Celery's default ``celery``, which a host app on the same Redis
@@ -210,6 +221,21 @@ class Settings:
         if urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
             # Never echo the URL: it may carry a password.
             raise ConfigError("REDIS_URL", "a redis://, rediss:// or unix:// URL")
+        sentinels = _sentinels(get("REDIS_SENTINELS"))
+        sentinel_master = get("REDIS_SENTINEL_MASTER")
+        if sentinels:
+            if sentinel_master is None:
+                raise ConfigError("REDIS_SENTINEL_MASTER", "set to the master's name in the Sentinels' "
+                                  "configuration (sentinel monitor NAME ...) when REDIS_SENTINELS is set")
+            if not SENTINEL_MASTER_NAME.fullmatch(sentinel_master):
+                raise ConfigError("REDIS_SENTINEL_MASTER", "1-100 characters of A-Z a-z 0-9 . _ -",
+                                  sentinel_master[:100])
+            if urlsplit(redis_url).scheme != "redis":
+                # kombu, RedBeat and redis-py each take TLS through Sentinel differently; not wired up.
+                raise ConfigError("REDIS_URL", "a redis:// URL when REDIS_SENTINELS is set (its database and "
+                                  "credentials are used; TLS and unix sockets are not, through Sentinel)")
+        elif sentinel_master is not None:
+            raise ConfigError("REDIS_SENTINEL_MASTER", "unset, or set with REDIS_SENTINELS")
 
         cancel_queue = get("CANCEL_QUEUE") or cls.cancel_queue
         if not QUEUE_NAME.fullmatch(cancel_queue) or cancel_queue == CELERY_DEFAULT_QUEUE:
@@ -224,6 +250,9 @@ class Settings:
             client_id=get("PLURAL_CLIENT_ID"),
             client_secret=Secret(secret) if secret else None,
             redis_url=redis_url,
+            redis_sentinels=sentinels,
+            redis_sentinel_master=sentinel_master,
+            wait_replicas=int(_number(get, "REDIS_WAIT_REPLICAS", cls.wait_replicas, integer=True)),
             cancel_queue=cancel_queue,
             rate_limit=_number(get, "PLURAL_RATE_LIMIT", cls.rate_limit, positive=True),
             rate_burst=int(_number(get, "PLURAL_RATE_BURST", cls.rate_burst, integer=True)),
@@ -288,6 +317,8 @@ class Settings:
         value = getattr(self, name)
         if name in ("redis_url", "plural_proxy") and value:
             return _mask_url_password(value)
+        if name == "redis_sentinels":
+            return ",".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in value) or None
         if name == "sentry_dsn" and value:
             return _mask_url_password(value, mask_user=True)
         return value
@@ -344,6 +375,21 @@ def _number(get, name: str, default: float, *, positive: bool = False, integer: 
     if maximum is not None and value > maximum:
         raise ConfigError(name, f"{accepts} no larger than {maximum:g}", raw)
     return value
+
+
+def _sentinels(raw: str | None) -> tuple[tuple[str, int], ...]:
+    """``host:port,host:port`` (``[::1]:26379`` for an IPv6 address) as (host, port) pairs."""
+    if raw is None:
+        return ()
+    accepts = "a comma-separated list of host:port (Redis Sentinels, e.g. 10.0.0.1:26379,10.0.0.2:26379)"
+    found = []
+    for item in raw.split(","):
+        host, _, port = item.strip().rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in "/@ "):
+            raise ConfigError("REDIS_SENTINELS", accepts, raw)
+        found.append((host, int(port)))
+    return tuple(found)
 
 
 def _proxy_for(base_url: str, get) -> str | None:

@@ -14,6 +14,11 @@ from the scheduler's creation, which beat does before it waits for the lock or f
 Redis, so a standby beat and one waiting for Redis are live; each finished tick is
 noted in it, so only a beat that fires is ready.
 
+Through Redis Sentinel (``REDIS_SENTINELS``), RedBeat builds its client from the
+Sentinels but passes it none of ``redbeat_redis_options``' connection options, the
+endless ``retry`` among them: :func:`follow_sentinel` hands them over, or beat would end
+at the first failover.
+
 Used through Celery's ``beat_scheduler`` setting.
 """
 
@@ -22,7 +27,7 @@ from __future__ import annotations
 import logging
 
 from redbeat import RedBeatScheduler
-from redbeat.schedulers import get_redis
+from redbeat.schedulers import REDBEAT_INTERNAL_OPTIONS, REDBEAT_SENTINEL_KEY, get_redis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, LockNotOwnedError, TimeoutError
 from redis.retry import Retry
@@ -38,6 +43,7 @@ class Scheduler(RedBeatScheduler):
     def __init__(self, app, *args, **kwargs):
         # Before RedBeat's own set-up, which waits for Redis.
         self.heartbeat = Heartbeat(heartbeat_path(app.settings.health_dir, BEAT), ticked_at=None).start()
+        follow_sentinel(app)
         super().__init__(app, *args, **kwargs)
 
     def tick(self, *args, **kwargs) -> float:
@@ -59,8 +65,26 @@ class Scheduler(RedBeatScheduler):
         self.heartbeat.stop()
         # Releasing the lock on the way out is a courtesy (it expires by itself): one try,
         # not the endless retries of the ticks, so a beat stopped while Redis is away stops.
-        get_redis(self.app).set_retry(Retry(NoBackoff(), 1))
+        once = Retry(NoBackoff(), 1)
+        get_redis(self.app).set_retry(once)
+        if self.lock is not None:  # through Sentinel, get_redis builds a new client each call: not the lock's
+            self.lock.redis.set_retry(once)
         try:
             super().close()
         except (ConnectionError, TimeoutError) as exc:
             log.warning("beat: could not release the lock (%s); it expires by itself", exc)
+
+
+def follow_sentinel(app) -> None:
+    """Give RedBeat's Sentinel-built clients the connection options of ``redbeat_redis_options``
+    (the endless ``retry``, timeouts, keepalive, health checks), which its Sentinel branch
+    does not pass on; nothing to do without Sentinel, where it passes them all."""
+    get_redis(app)  # builds RedBeat's Sentinel (no connection yet) when configured for one
+    manager = getattr(app, REDBEAT_SENTINEL_KEY, None)
+    if manager is None:
+        return
+    # RedBeat builds every client with ``manager.master_for`` (a new one per call), which
+    # takes the Sentinel's connection_kwargs; a guard in tests/test_sentinel.py checks they arrive.
+    options = {key: value for key, value in app.conf.redbeat_redis_options.items()
+               if key not in REDBEAT_INTERNAL_OPTIONS and key not in manager.connection_kwargs}
+    manager.connection_kwargs.update(options)

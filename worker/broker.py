@@ -24,7 +24,8 @@ teardown of a lost connection could raise an AttributeError that ended the worke
 when Redis refuses writes (:class:`QoS`, :meth:`Channel._brpop_read`).
 
 Used through Celery's ``broker_transport`` setting (``config.celery``), with the
-``redis://`` URL unchanged.
+``redis://`` URL unchanged; :class:`SentinelTransport` is the same over kombu's Sentinel
+channel (``sentinel://`` URLs, ``REDIS_SENTINELS``: ``config.sentinel``).
 """
 
 from __future__ import annotations
@@ -219,3 +220,19 @@ class Transport(kombu_redis.Transport):
         except UndecodableBody as exc:
             _drop(self, queue, UNDECODABLE, f"a kombu message with an undecodable body ({exc})",
                   bytes=len(message["body"].encode()))
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """:class:`Channel` over kombu's Sentinel channel: its pools ask the Sentinels for the
+    master at every connect, and a demoted master's ``READONLY`` fails as a connection error
+    (redis-py's ``SentinelManagedConnection``), which the consumer rides out as a restart."""
+
+    # Nothing to add: ours (drops, refused writes, _get_pool's guard, our unacked keys)
+    # comes first in the MRO, kombu's Sentinel pool and transport options after it.
+
+
+class SentinelTransport(Transport):
+    """:class:`Transport` with :class:`SentinelChannel`: the broker through Redis Sentinel."""
+
+    Channel = SentinelChannel
+    default_port = kombu_redis.SentinelTransport.default_port

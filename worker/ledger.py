@@ -49,6 +49,18 @@ STREAM_MAXLEN = 100_000
 """Outcome events kept in the stream (approximately: trimmed with ``~``)."""
 READ_CHUNK = 1000
 """Records read per round trip by :meth:`Ledger.statuses`."""
+WAIT_TIMEOUT_MS = 1000
+"""Milliseconds an enqueue waits for ``wait_replicas`` replicas to acknowledge its records
+(Redis ``WAIT``): a replica answers within a round trip, so one that has not in a second
+is away or resyncing."""
+
+
+class NotReplicated(redis.RedisError):
+    """The master took an enqueue's records but fewer replicas than ``REDIS_WAIT_REPLICAS``
+    acknowledged them in time: a failover now could lose them. Enqueue again (the same
+    Request-IDs are one cancel; a link already live is followed, never sent twice)."""
+
+
 STALE = -1
 """What finish and defer answer when the delivery no longer holds the cancel."""
 
@@ -108,8 +120,10 @@ class Ledger:
 
     def __init__(self, client: redis.Redis, *, result_ttl: int, retry_budget: float, stall_timeout: float,
                  rate: float, queue: str, keys: Keys = Keys(), clock: Callable[[], float] = time.time,
-                 redactor: Redactor = Redactor()):
+                 redactor: Redactor = Redactor(), wait_replicas: int = 0):
         self.redis = client
+        self.wait_replicas = wait_replicas
+        """Replicas that must acknowledge a producer's new records before :meth:`create_many` returns."""
         self.redactor = redactor
         """Masks secrets and personal data in an error before it is written (Plural's own
         message may quote what it was sent: a phone number, an e-mail)."""
@@ -158,7 +172,17 @@ class Ledger:
         for request_id, link_id in items:
             keys, args = self.create_call(request_id, link_id, callback)
             self._create(keys=keys, args=args, client=pipe)
-        return [int(code) for code in pipe.execute()]
+        if self.wait_replicas:
+            # In the same pipeline, so on the connection that wrote the records: WAIT
+            # counts the replicas that have everything this connection wrote.
+            pipe.execute_command("WAIT", self.wait_replicas, WAIT_TIMEOUT_MS)
+        codes = pipe.execute()
+        if self.wait_replicas:
+            acknowledged = codes.pop()
+            if acknowledged < self.wait_replicas:
+                raise NotReplicated(f"{acknowledged} of REDIS_WAIT_REPLICAS={self.wait_replicas} replicas acknowledged "
+                                    f"the new records within {WAIT_TIMEOUT_MS} ms")
+        return [int(code) for code in codes]
 
     # -- the worker (through ``worker.attempts``, which runs these in two round trips) --
 

@@ -22,10 +22,11 @@ class RedisServer:
     No persistence by default. With ``aof=True`` it writes an append-only file as
     deployed (``--appendonly yes --appendfsync everysec``, as ``make run`` and the compose
     file run it), so :meth:`kill` then :meth:`restart` plays a crash and a restart of the
-    same server: same port, same directory, the data its AOF kept.
+    same server: same port, same directory, the data its AOF kept. ``args``: more of
+    redis-server's options (``--replicaof 127.0.0.1 PORT``).
     """
 
-    def __init__(self, prefix: str = "pc-redis-", timeout: float = 10.0, aof: bool = False):
+    def __init__(self, prefix: str = "pc-redis-", timeout: float = 10.0, aof: bool = False, args: tuple[str, ...] = ()):
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: `make setup redis-server` installs it")
@@ -35,7 +36,7 @@ class RedisServer:
         self.url = f"{self.base}/0"
         persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if aof else ["--appendonly", "no"]
         self._argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
-                      "--dir", self.workdir]
+                      "--dir", self.workdir, *args]
         self._timeout = timeout
         self.proc = self._start()
 
