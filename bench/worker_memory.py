@@ -16,7 +16,6 @@ asks nothing more of it: use it with py-spy or a debugger when the growth is rea
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
