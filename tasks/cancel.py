@@ -75,8 +75,9 @@ def attempt(client: PluralClient, payment_link_id: str, request_id: str) -> Deci
 
 
 def sent(error: BaseException) -> bool:
-    """Whether the call that raised ``error`` may have reached Plural (``PluralError.sent``)."""
-    return not isinstance(error, TokenUnavailable) and getattr(error, "sent", True)
+    """Whether the call that raised ``error`` may have reached Plural (``PluralError.sent``; a
+    token that could not be had means no call was made)."""
+    return isinstance(error, PluralError) and error.sent
 
 
 def decide_from_link(client: PluralClient, payment_link_id: str, refusal: PluralRequestError | None) -> Decision:

@@ -70,6 +70,15 @@ def sandbox_process():
 
 
 @pytest.fixture
+def services():
+    """Processes a test started (workers, beats: anything with ``stop()``), stopped after it."""
+    started = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
 def healthy_sandbox(sandbox_process):
     """The module's sandbox back to its start-up faults before and after a test."""
     sandbox_process.reset_faults()

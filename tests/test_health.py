@@ -40,14 +40,6 @@ def redis_server_of_our_own():
     server.stop()
 
 
-@pytest.fixture
-def services():
-    started = []
-    yield started
-    for process in started:
-        process.stop()
-
-
 @pytest.mark.slow
 def test_worker_and_beat_stay_live_while_redis_is_away_and_not_after_they_die(
         redis_server_of_our_own, healthy_sandbox, services, tmp_path):

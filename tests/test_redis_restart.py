@@ -39,14 +39,6 @@ def redis_aof():
     server.stop()
 
 
-@pytest.fixture
-def services():
-    started = []
-    yield started
-    for process in started:
-        process.stop()
-
-
 def states(app, request_ids) -> list[str | None]:
     """The cancels' states; ``[]`` while this process's Redis connections reconnect."""
     try:

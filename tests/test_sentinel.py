@@ -130,14 +130,6 @@ def sentinel_group():
     group.stop()
 
 
-@pytest.fixture
-def services():
-    started = []
-    yield started
-    for process in started:
-        process.stop()
-
-
 def states(app, request_ids) -> list[tuple[str, str] | None]:
     """(state, outcome) of each cancel; ``[]`` while this process's connections follow the master."""
     try:

@@ -9,7 +9,7 @@ The rule, for every tracked file (``git ls-files``):
   Procfile, Dockerfile, docker-compose.yml, pyproject.toml, shell scripts, which
   ``cd`` there first), from the root too. In Markdown a ``..`` path is a link, so it
   must also land on something tracked: a README in ``tests/data`` pointing at
-  ``../shared/DESIGN.md`` stays under the root, yet leads nowhere in a clone.
+  ``../sibling/DESIGN.md`` stays under the root, yet leads nowhere in a clone.
 - **Absolute paths into a home or workspace directory** (under ``/home``, ``/Users``,
   ``/root``, ``/work``, ``/mnt``), ``file://`` URLs included: they name one machine's
   files.
@@ -125,9 +125,9 @@ def test_no_tracked_file_refers_to_a_path_outside_the_repository():
 
 
 @pytest.mark.parametrize("path, line, flagged", [
-    ("README.md", "the design: [DESIGN](../shared/DESIGN.md)", True),
-    ("tests/data/README.md", "see ../shared/DESIGN.md", True),     # under the root, but tracks nothing
-    ("scripts/run-local.sh", "source ../shared/env.sh", True),      # the script runs from the root
+    ("README.md", "the design: [DESIGN](../sibling/DESIGN.md)", True),
+    ("tests/data/README.md", "see ../sibling/DESIGN.md", True),     # under the root, but tracks nothing
+    ("scripts/run-local.sh", "source ../sibling/env.sh", True),      # the script runs from the root
     ("bench/README.md", "cd /work/main && make bench", True),
     ("tests/conftest.py", 'DATA = "/home/dev/plural/openapi.json"', True),
     ("README.md", "open file:///Users/dev/notes.md", True),

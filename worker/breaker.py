@@ -109,15 +109,17 @@ local function record(KEYS, ARGV)
   if outcome == '' then return 0 end
   local window = tonumber(ARGV[5])
   local horizon = now - window
+  -- Trimmed on every call: under steady success the window's links must not pile up.
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', horizon)
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', horizon)
   redis.call('ZADD', KEYS[3], now, ARGV[4])
   local ttl = math.ceil(window * 2000)
   redis.call('PEXPIRE', KEYS[3], ttl)
   if outcome == 'success' then
+    -- The failing set only grows on failures, so it is trimmed there (and read by ZCOUNT).
     redis.call('ZREM', KEYS[4], ARGV[4])
     return 0
   end
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', horizon)
   redis.call('ZADD', KEYS[4], now, ARGV[4])
   redis.call('PEXPIRE', KEYS[4], ttl)
   local failing = redis.call('ZCARD', KEYS[4])
