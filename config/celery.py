@@ -57,6 +57,11 @@ PUMP_INTERVAL = 0.25
 """Seconds between moves of due cancels back to the queue (each worker): deferred ones
 whose time has come, and those whose message was lost or whose lease ran out."""
 
+BACKLOG_AHEAD = 2.0
+"""Seconds of work at the rate limit kept ahead of the workers (queued, running, or due by
+then) while bulk cancels wait in the ledger's backlog: a pump tick (``PUMP_INTERVAL``)
+never finds the fleet idle, and the broker holds seconds of messages, not a clean-up."""
+
 CALLBACK_LEASE = 10.0
 """Seconds a callback taken for sending is held: one whose sender did not confirm it (it
 died, or Redis failed) by then is sent again, with the same task id."""

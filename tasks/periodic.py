@@ -15,7 +15,7 @@ from kombu import Exchange, Queue, serialization
 from kombu.entity import maybe_delivery_mode
 from kombu.transport.redis import Channel as RedisChannel
 
-from plural_cancel.config.celery import CALLBACK_LEASE, PUMP_INTERVAL
+from plural_cancel.config.celery import BACKLOG_AHEAD, CALLBACK_LEASE, PUMP_INTERVAL
 from plural_cancel.worker import app
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,9 @@ def _publish_each(app_: Celery, producer, pairs: list[tuple[str, str]]) -> None:
 
 def pump(app_: Celery) -> int:
     """Send live cancels whose time has come back to the queue (run by every worker); returns
-    how many: deferred ones now due, and any whose message was lost or whose lease ran out.
+    how many: deferred ones now due, any whose message was lost or whose lease ran out, then
+    bulk cancels from the ledger's backlog, as far as the fleet has room for them in the
+    next ``BACKLOG_AHEAD`` seconds at the current rate (none while the breaker is open).
 
     At most about two ticks' worth of the current rate limit per tick: a backlog that
     comes due at once (the breaker reopening) then reaches the queue at roughly the
@@ -129,7 +131,7 @@ def pump(app_: Celery) -> int:
     rt = app_.runtime
     rate = rt.limiter.effective_rate()
     limit = max(PUMP_MIN_BATCH, math.ceil(min(PUMP_BATCH, rate * PUMP_INTERVAL * 2)))
-    pairs = rt.ledger.take_due(limit)
+    pairs = rt.ledger.take_due(limit, ahead=BACKLOG_AHEAD, rate=rate)
     publish(app_, pairs)
     return len(pairs)
 
@@ -188,7 +190,9 @@ def fire_schedules(app_: Celery) -> int:
             by_callback.setdefault(d.callback, []).append(d)
         results = []
         for callback, group in by_callback.items():  # one submit per callback (most: one, None)
-            codes = submit(app_, [(d.request_id, d.payment_link_id) for d in group], callback)
+            # Held: a million cancels scheduled for one midnight reach the broker as the
+            # workers make room, like a bulk enqueue.
+            codes = submit(app_, [(d.request_id, d.payment_link_id) for d in group], callback, hold=True)
             results += [(d, verdicts[code]) for d, code in zip(group, codes)]
         for d, result in results:
             if result == "conflict":

@@ -1,7 +1,10 @@
 """The producer API: enqueue cancels now or schedule them for later, read their status.
 
 Each cancel is first written to the ledger (atomically, keyed by its Request-ID),
-then published as one Celery message. A repeat of a Request-ID publishes nothing, and
+then published as one Celery message: at once for :func:`enqueue_cancel`; for a batch,
+as far as the fleet can run it in the next ``BACKLOG_AHEAD`` seconds, the rest waiting
+in the ledger's backlog for the workers' pump (a million-link clean-up then costs Redis
+a compact record per link, not a Celery message). A repeat of a Request-ID publishes nothing, and
 neither does a second cancel of a link whose cancel is live: it follows that one and
 ends with it (one Request-ID per link at Plural). If the process dies between the two
 writes, or the message is lost later, the ledger's due index sends it again after the
@@ -17,12 +20,14 @@ sent one message with the status record as its one argument, ``status``
 
 from __future__ import annotations
 
+import os
 import uuid
 from datetime import datetime
 from typing import Iterable
 
 from celery import Celery
 
+from plural_cancel.config.celery import BACKLOG_AHEAD
 from plural_cancel.tasks.periodic import publish
 from plural_cancel.worker import app as default_app
 from plural_cancel.worker.ledger import Callback, RequestIdConflict
@@ -54,6 +59,10 @@ def enqueue_many(payment_link_ids: Iterable[str], *, callback: str | None = None
                  app: Celery | None = None) -> list[str]:
     """Enqueue one cancel per link id, pipelined; returns their new Request-IDs in order.
 
+    What the workers can run in the next ``BACKLOG_AHEAD`` seconds at the rate limit is
+    published at once; the rest waits in the ledger (``queued``) and is sent oldest first
+    as the workers make room. An :func:`enqueue_cancel` does not wait behind it.
+
     Every id is validated first: one bad id raises ValueError (naming it and its
     position) and nothing is written or sent. A link named twice gets two Request-IDs,
     the second following the first (one call to Plural). A single string raises
@@ -71,8 +80,8 @@ def enqueue_many(payment_link_ids: Iterable[str], *, callback: str | None = None
         except ValueError as exc:
             raise ValueError(f"{exc} at position {position}") from None
     on_end = _callback(app_, callback, callback_queue)
-    pairs = [(str(uuid.uuid4()), link_id) for link_id in links]
-    _enqueue(app_, pairs, on_end)
+    pairs = list(zip(new_request_ids(len(links)), links))
+    _enqueue(app_, pairs, on_end, hold=True)
     return [request_id for request_id, _ in pairs]
 
 
@@ -149,25 +158,47 @@ def schedule_store(app_: Celery) -> Schedule:
     return Schedule(rt.redis, fired_ttl=rt.settings.result_ttl, keys=rt.keys)
 
 
-def submit(app_: Celery, pairs: list[tuple[str, str]], callback: Callback | None = None) -> list[int]:
+def submit(app_: Celery, pairs: list[tuple[str, str]], callback: Callback | None = None, *,
+           hold: bool = False) -> list[int]:
     """Create ledger records for (request_id, payment_link_id) pairs, each with ``callback``,
-    and publish the new ones.
+    and publish the new ones; ``hold``: only as many as the workers have room for
+    (``BACKLOG_AHEAD``), the rest held in the ledger's backlog for their pump.
 
-    Returns one code per pair: 1 created and published, 2 created following its link's
-    live cancel (nothing sent), 0 already there (nothing sent), -1 the Request-ID belongs
-    to another link (nothing written or sent for it).
+    Returns one code per pair: 1 created (and published or held), 2 created following its
+    link's live cancel (nothing sent), 0 already there (nothing sent), -1 the Request-ID
+    belongs to another link (nothing written or sent for it).
     """
-    codes = app_.runtime.ledger.create_many(pairs, callback)
-    publish(app_, [pair for pair, code in zip(pairs, codes) if code == 1])
+    ledger = app_.runtime.ledger
+    codes = ledger.create_many(pairs, callback, hold=hold)
+    if hold:
+        publish(app_, ledger.take_due(0, ahead=BACKLOG_AHEAD))
+    else:
+        publish(app_, [pair for pair, code in zip(pairs, codes) if code == 1])
     return codes
+
+
+def new_request_ids(count: int) -> list[str]:
+    """``count`` new random Request-IDs: UUID4 strings, as ``str(uuid.uuid4())`` makes them.
+
+    Written out here because ``uuid.uuid4()`` reads the system's randomness once per id, a
+    system call that costs more than the rest of a bulk enqueue's Python per link; one
+    read for the whole batch does not (``bench/README.md``, backlog).
+    """
+    raw = bytearray(os.urandom(16 * count))
+    raw[6::16] = bytes((b & 0x0F) | 0x40 for b in raw[6::16])  # version 4
+    raw[8::16] = bytes((b & 0x3F) | 0x80 for b in raw[8::16])  # the RFC 4122 variant
+    h = raw.hex()
+    return [f"{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-{h[i + 20:i + 32]}"
+            for i in range(0, 32 * count, 32)]
 
 
 def _callback(app_: Celery, task: str | None, queue: str | None) -> Callback | None:
     return validate_callback(task, queue, cancel_queue=app_.conf.task_default_queue)
 
 
-def _enqueue(app_: Celery, pairs: list[tuple[str, str]], callback: Callback | None = None) -> None:
-    codes = submit(app_, pairs, callback)
+def _enqueue(app_: Celery, pairs: list[tuple[str, str]], callback: Callback | None = None, *,
+             hold: bool = False) -> None:
+    codes = submit(app_, pairs, callback, hold=hold)
     for (request_id, _), code in zip(pairs, codes):
         if code < 0:
             raise RequestIdConflict(

@@ -41,6 +41,13 @@ class Keys:
         return f"{self.prefix}:due"
 
     @property
+    def backlog(self) -> str:
+        """List: Request-IDs of bulk cancels waiting their turn (``queued``, in no other index),
+        pushed at the head when enqueued, taken from the tail by the pump when the fleet has
+        room for them; they then enter ``due`` like any published cancel."""
+        return f"{self.prefix}:backlog"
+
+    @property
     def failed(self) -> str:
         """Sorted set: request ids that ended ``failed`` (dead letters), scored by when."""
         return f"{self.prefix}:failed"

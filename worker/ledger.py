@@ -3,12 +3,14 @@
 Each change that touches more than one key is one Lua script (``worker.ledger_lua``),
 so a crash between two Redis writes can never leave a cancel half-recorded:
 
-- ``create``: the record appears and enters the due index, or follows its link's live cancel.
+- ``create``: the record appears and enters the due index (or, for a bulk enqueue, the
+  backlog), or follows its link's live cancel.
 - ``claim``: a delivery takes the cancel for one attempt, under a lease (its owner token).
 - ``finish``: outcome, dead-letter set, outcome stream, the link freed and its followers ended,
   and each ended record's callback, if it names one, pending in the callbacks index.
 - ``defer``: the record waits for its due time in the index.
-- ``pump``: cancels whose time has come (or whose message vanished) go back to the queue.
+- ``pump``: cancels whose time has come (or whose message vanished) go back to the queue,
+  and held ones from the backlog as far as the fleet has room for them.
 - ``requeue``: a dead letter turns ``queued`` with a fresh budget.
 - ``take_callbacks`` / ``callbacks_sent``: pending callbacks out to their senders, under a
   lease, and out of the index once sent (``tasks.periodic.send_callbacks``).
@@ -36,7 +38,7 @@ from typing import Any, Callable, Iterable
 import redis
 
 from plural_cancel.worker.keys import Keys
-from plural_cancel.worker.ledger_lua import (CALLBACKS_SENT, CLAIM, CREATE, DEFER, FINISH, PUMP, REJECT, REQUEUE,
+from plural_cancel.worker.ledger_lua import (CALLBACKS_SENT, CLAIM, CREATE_MANY, DEFER, FINISH, PUMP, REJECT, REQUEUE,
                                              TAKE_CALLBACKS)
 from plural_cancel.worker.links import format_timestamp
 from plural_cancel.worker.redaction import Redactor
@@ -49,6 +51,8 @@ STREAM_MAXLEN = 100_000
 """Outcome events kept in the stream (approximately: trimmed with ``~``)."""
 READ_CHUNK = 1000
 """Records read per round trip by :meth:`Ledger.statuses`."""
+CREATE_CHUNK = 1000
+"""Records created per script call by :meth:`Ledger.create_many` (a call holds Redis while it runs)."""
 WAIT_TIMEOUT_MS = 1000
 """Milliseconds an enqueue waits for ``wait_replicas`` replicas to acknowledge its records
 (Redis ``WAIT``): a replica answers within a round trip, so one that has not in a second
@@ -136,7 +140,7 @@ class Ledger:
         self.clock = clock
         """Host clock, for choosing which hourly counters to read only: every due time,
         lease and hold is decided by Redis's clock inside the scripts."""
-        self._create = client.register_script(CREATE)
+        self._create_many = client.register_script(CREATE_MANY)
         self._claim = client.register_script(CLAIM)
         self._finish = client.register_script(FINISH)
         self._defer = client.register_script(DEFER)
@@ -151,38 +155,48 @@ class Ledger:
 
     # -- producers -------------------------------------------------------------------
 
-    def create_call(self, request_id: str, payment_link_id: str,
-                    callback: Callback | None = None) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of the create script (``CREATE_FN``)."""
+    def create_call(self, request_id: str, payment_link_id: str) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of ``CREATE_FN`` for one cancel with no callback, not held (how a
+        claim creates the record of a message sent by name)."""
         k = self.keys
         return ([k.record(request_id), k.link(payment_link_id), k.due, k.stats, k.schedule_ids, self.queue,
                  k.record(""), k.followers("")],
-                [request_id, payment_link_id, repr(self.stall_timeout), repr(self.rate),
-                 callback.task if callback else "", callback.queue if callback else ""])
+                [request_id, payment_link_id, repr(self.stall_timeout), repr(self.rate), "", ""])
 
-    def create_many(self, items: Iterable[tuple[str, str]], callback: Callback | None = None) -> list[int]:
-        """Create records for (request_id, payment_link_id) pairs in one pipeline, each with
-        ``callback`` (a record created already keeps the callback it was created with).
+    def create_many(self, items: Iterable[tuple[str, str]], callback: Callback | None = None, *,
+                    hold: bool = False) -> list[int]:
+        """Create records for (request_id, payment_link_id) pairs, ``CREATE_CHUNK`` per script
+        call in one pipeline, each with ``callback`` (a record created already keeps the
+        callback it was created with).
 
-        Returns one code per pair: 1 created (publish it), 2 created, following the
-        link's live cancel (publish nothing), 0 already there (publish nothing), -1 the
+        ``hold``: the new cancels wait in the backlog until a pump has room for them
+        (:meth:`take_due`); otherwise they are due at once and their messages are the
+        caller's to publish.
+
+        Returns one code per pair: 1 created (publish it unless held), 2 created, following
+        the link's live cancel (publish nothing), 0 already there (publish nothing), -1 the
         Request-ID belongs to another link (nothing written).
         """
+        items = list(items)
+        k = self.keys
+        keys = [k.due, k.stats, k.schedule_ids, self.queue, k.record(""), k.followers(""), k.link(""), k.backlog]
+        head = [repr(self.stall_timeout), repr(self.rate), callback.task if callback else "",
+                callback.queue if callback else "", int(hold)]
         pipe = self.redis.pipeline(transaction=False)
-        for request_id, link_id in items:
-            keys, args = self.create_call(request_id, link_id, callback)
-            self._create(keys=keys, args=args, client=pipe)
+        for start in range(0, len(items), CREATE_CHUNK):
+            args = head + [x for pair in items[start:start + CREATE_CHUNK] for x in pair]
+            self._create_many(keys=keys, args=args, client=pipe)
         if self.wait_replicas:
             # In the same pipeline, so on the connection that wrote the records: WAIT
             # counts the replicas that have everything this connection wrote.
             pipe.execute_command("WAIT", self.wait_replicas, WAIT_TIMEOUT_MS)
-        codes = pipe.execute()
+        replies = pipe.execute()
         if self.wait_replicas:
-            acknowledged = codes.pop()
+            acknowledged = replies.pop()
             if acknowledged < self.wait_replicas:
                 raise NotReplicated(f"{acknowledged} of REDIS_WAIT_REPLICAS={self.wait_replicas} replicas acknowledged "
                                     f"the new records within {WAIT_TIMEOUT_MS} ms")
-        return [int(code) for code in codes]
+        return [int(code) for codes in replies for code in codes]
 
     # -- the worker (through ``worker.attempts``, which runs these in two round trips) --
 
@@ -238,14 +252,18 @@ class Ledger:
 
     # -- periodic work ---------------------------------------------------------------
 
-    def take_due(self, limit: int) -> list[tuple[str, str]]:
-        """Up to ``limit`` live cancels whose time has come, as (request_id, link) to publish.
+    def take_due(self, limit: int, *, ahead: float = 0.0, rate: float | None = None) -> list[tuple[str, str]]:
+        """Live cancels to publish now, as (request_id, link): up to ``limit`` whose time has
+        come, then, with ``ahead`` seconds, held ones from the backlog (oldest first) until
+        ``ahead`` seconds of work at ``rate`` (per second; the configured rate unless given)
+        are queued, running or due by then. None from the backlog while the breaker is open.
 
         They stay in the index, due again once the stall timeout (and the queue's
         backlog) has passed: if their message is lost too, they come back again.
         """
-        flat = self._pump(keys=[self.keys.due, self.keys.record(""), self.queue],
-                          args=[limit, repr(self.stall_timeout), repr(self.rate)])
+        k = self.keys
+        flat = self._pump(keys=[k.due, k.record(""), self.queue, k.backlog, k.stats, k.breaker],
+                          args=[limit, repr(self.stall_timeout), repr(rate or self.rate), repr(ahead)])
         pairs = [as_text(x) for x in flat]
         return list(zip(pairs[0::2], pairs[1::2]))
 
@@ -260,7 +278,7 @@ class Ledger:
             # One id per ending: the Request-ID and the time it ended (its last update).
             task_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"plural-cancel:callback:{request_id}:{raw['updated_at']}"))
             taken.append(PendingCallback(request_id, Callback(raw["callback"], raw.get("callback_queue", "")),
-                                         format_record(raw), task_id, as_text(lease_end)))
+                                         format_record(request_id, raw), task_id, as_text(lease_end)))
         return taken
 
     def callbacks_sent(self, sent: Iterable[PendingCallback]) -> int:
@@ -292,21 +310,23 @@ class Ledger:
 
     def stats(self) -> dict[str, Any]:
         """``{"active": {queued|running|retrying: n}, "outcomes": {outcome: n}, "deferred": n,
-        "dead_letters": n}`` from counters, never a scan. ``outcomes`` counts the records that
+        "backlog": n, "dead_letters": n}`` from counters, never a scan. ``backlog``: bulk cancels
+        waiting their turn in the ledger (counted among ``queued``; a few may have been taken
+        meanwhile by a message sent by name). ``outcomes`` counts the records that
         finished within the last ``result_ttl`` seconds (those still readable) in hourly
         hashes: the oldest may count up to ``STATS_BUCKET`` seconds of just-expired ones."""
         now, pipe = self.clock(), self.redis.pipeline(transaction=False)
-        pipe.hgetall(self.keys.stats).zcard(self.keys.failed)
+        pipe.hgetall(self.keys.stats).zcard(self.keys.failed).llen(self.keys.backlog)
         for bucket in range(int((now - self.result_ttl) // STATS_BUCKET) * STATS_BUCKET, int(now) + 1, STATS_BUCKET):
             pipe.hgetall(self.keys.finished(bucket))
-        active, dead, *hours = pipe.execute()
+        active, dead, backlog, *hours = pipe.execute()
         outcomes: Counter[str] = Counter()
         for hour in hours:
             outcomes.update({as_text(k): int(v) for k, v in hour.items()})
         # Counters dip below zero for records that predate them; never show that.
         return {"active": {state: max(0, int(active.get(state.encode(), 0))) for state in ACTIVE},
                 "outcomes": {k: n for k, n in sorted(outcomes.items()) if n > 0},
-                "deferred": max(0, int(active.get(b"deferred", 0))), "dead_letters": dead}
+                "deferred": max(0, int(active.get(b"deferred", 0))), "backlog": backlog, "dead_letters": dead}
 
     # -- reading ---------------------------------------------------------------------
 
@@ -321,8 +341,9 @@ class Ledger:
             pipe = self.redis.pipeline(transaction=False)
             for request_id in request_ids[start:start + READ_CHUNK]:
                 pipe.hgetall(self.keys.record(request_id))
-            out += [format_record({as_text(k): as_text(v) for k, v in raw.items()}) if raw else None
-                    for raw in pipe.execute()]
+            chunk = request_ids[start:start + READ_CHUNK]
+            out += [format_record(rid, {as_text(k): as_text(v) for k, v in raw.items()}) if raw else None
+                    for rid, raw in zip(chunk, pipe.execute())]
         return out
 
 
@@ -338,10 +359,10 @@ def parse_claim(reply: list) -> Claim:
     return Claim(verdict)
 
 
-def format_record(raw: dict[str, str]) -> dict[str, Any]:
-    """A record's hash fields as the public status dictionary."""
+def format_record(request_id: str, raw: dict[str, str]) -> dict[str, Any]:
+    """A record's hash fields (its key names ``request_id``) as the public status dictionary."""
     return {
-        "request_id": raw.get("request_id"),
+        "request_id": request_id,
         "payment_link_id": raw.get("payment_link_id"),
         "state": raw.get("state"),
         "outcome": raw.get("outcome") or None,
@@ -351,7 +372,7 @@ def format_record(raw: dict[str, str]) -> dict[str, Any]:
         "last_error": json.loads(raw["last_error"]) if raw.get("last_error") else None,
         "amount": json.loads(raw["amount"]) if raw.get("amount") else None,
         "created_at": stored_time(raw.get("created_at")),
-        "updated_at": stored_time(raw.get("updated_at")),
+        "updated_at": stored_time(raw.get("updated_at") or raw.get("created_at")),  # not updated since
         "cancelled_at": raw.get("cancelled_at") or None,
         "follows": raw.get("follows") or None,
     }

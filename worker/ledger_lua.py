@@ -11,6 +11,9 @@ The ``due`` index holds every live cancel that leads its link, scored by when it
 needs attention: when its message should have been taken by (queued), when its lease
 runs out (running), when it may try again (deferred). Nothing leaves the index but
 an ending, so a cancel whose message vanished is always found again (``PUMP``).
+The one exception waits before it: a bulk cancel held in the ``backlog`` list until the
+pump has room for it (a list entry is a fraction of a message's or an index entry's
+bytes); the pump moves it into the index as it publishes it.
 """
 
 from plural_cancel.worker.redis_clock import REDIS_NOW
@@ -31,13 +34,18 @@ end
 
 # KEYS: [1] record  [2] link (the Request-ID of its live cancel)  [3] due  [4] stats
 #       [5] schedule ids  [6] the queue (list)  [7] record key prefix  [8] followers key prefix
+#       [9] backlog (list; used only when ``hold``)
 # ARGV: [1] request_id  [2] payment_link_id  [3] stall timeout (seconds)  [4] rate (per second)
 #       [5] callback task name ('' for none)  [6] callback queue
-# Returns 1 created (publish its message), 2 created following the link's live cancel
-# (publish nothing), 0 the same cancel exists already, -1 the Request-ID belongs to
+# ``hold``: a bulk cancel waits in the backlog, not the due index, until the pump has room
+# for it (``PUMP``); it is then published like any other.
+# Returns 1 created (publish its message, unless held), 2 created following the link's live
+# cancel (publish nothing), 0 the same cancel exists already, -1 the Request-ID belongs to
 # another link (in the ledger or in the schedule).
 CREATE_FN = _PRELUDE + """
-local function create(K, A)
+-- ``now`` and ``uncounted`` are for CREATE_MANY: one clock reading per batch, and the
+-- stats counted once for the batch (Lua calls into Redis are most of a create's cost).
+local function create(K, A, hold, now, uncounted)
   local existing = redis.call('HGET', K[1], 'payment_link_id')
   if existing then
     if existing ~= A[2] then return -1 end
@@ -45,25 +53,54 @@ local function create(K, A)
   end
   local scheduled = redis.call('HGET', K[5], A[1])
   if scheduled and scheduled ~= A[2] then return -1 end
-  local now = redis_now()
-  -- No EXPIRE: a live record never expires; RESULT_TTL starts when it ends.
-  redis.call('HSET', K[1], 'request_id', A[1], 'payment_link_id', A[2], 'state', 'queued',
-             'attempts', 0, 'created_at', fmt(now), 'updated_at', fmt(now))
+  now = now or redis_now()
+  -- No EXPIRE: a live record never expires; RESULT_TTL starts when it ends. Only what a
+  -- new record cannot do without: the Request-ID is in the key, attempts start at none,
+  -- and it was last updated when created (``format_record``). A million of them waiting
+  -- in a backlog is a million of these hashes.
+  redis.call('HSET', K[1], 'payment_link_id', A[2], 'state', 'queued', 'created_at', fmt(now))
   if A[5] ~= '' then redis.call('HSET', K[1], 'callback', A[5], 'callback_queue', A[6]) end
-  count_move(K[4], nil, 'queued')
-  local leader = redis.call('GET', K[2])
-  if leader and ACTIVE[redis.call('HGET', K[7] .. leader, 'state') or ''] then
-    -- One live cancel per link: this one ends with the leader's state and outcome.
-    redis.call('HSET', K[1], 'follows', leader)
-    redis.call('SADD', K[8] .. leader, A[1])
-    return 2
+  if not uncounted then count_move(K[4], nil, 'queued') end
+  -- Lead the link unless a live cancel leads it (one GET in the usual case: none).
+  local leader = redis.call('SET', K[2], A[1], 'NX', 'GET')
+  if leader then
+    if ACTIVE[redis.call('HGET', K[7] .. leader, 'state') or ''] then
+      -- One live cancel per link: this one ends with the leader's state and outcome.
+      redis.call('HSET', K[1], 'follows', leader)
+      redis.call('SADD', K[8] .. leader, A[1])
+      return 2
+    end
+    redis.call('SET', K[2], A[1])
   end
-  redis.call('SET', K[2], A[1])
-  redis.call('ZADD', K[3], recheck_at(now, K[6], A[3], A[4]), A[1])
+  if hold then
+    redis.call('LPUSH', K[9], A[1])
+  else
+    redis.call('ZADD', K[3], recheck_at(now, K[6], A[3], A[4]), A[1])
+  end
   return 1
 end
 """
-CREATE = CREATE_FN + "return create(KEYS, ARGV)\n"
+
+# KEYS: [1] due  [2] stats  [3] schedule ids  [4] the queue (list)  [5] record key prefix
+#       [6] followers key prefix  [7] link key prefix  [8] backlog (list)
+# ARGV: [1] stall timeout (seconds)  [2] rate (per second)  [3] callback task name ('' for
+#       none)  [4] callback queue  [5] hold (0/1), then [6..] pairs: request_id, payment_link_id
+# Creates many records in one call (CREATE_FN each): a producer's batch costs one round
+# trip and one command per chunk, not one per link. Returns CREATE_FN's code per pair.
+CREATE_MANY = CREATE_FN + """
+local hold, now = ARGV[5] == '1', redis_now()
+local K = {'', '', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[8]}
+local A = {'', '', ARGV[1], ARGV[2], ARGV[3], ARGV[4]}
+local out, created = {}, 0
+for i = 6, #ARGV, 2 do
+  K[1], K[2], A[1], A[2] = KEYS[5] .. ARGV[i], KEYS[7] .. ARGV[i + 1], ARGV[i], ARGV[i + 1]
+  local code = create(K, A, hold, now, true)
+  if code > 0 then created = created + 1 end
+  out[#out + 1] = code
+end
+if created > 0 then redis.call('HINCRBY', KEYS[2], 'queued', created) end
+return out
+"""
 
 # KEYS: CREATE_FN's eight (a message sent by name creates its record here)
 # ARGV: [1-6] CREATE_FN's  [7] owner  [8] lease seconds  [9] retry budget seconds
@@ -74,7 +111,7 @@ CREATE = CREATE_FN + "return create(KEYS, ARGV)\n"
 # the due index carries the cancel, so a duplicate message has nothing to do.
 CLAIM_FN = CREATE_FN + """
 local function claim(K, A)
-  if create(K, A) == -1 then return {'mismatch', redis.call('HGET', K[1], 'payment_link_id') or ''} end
+  if create(K, A, false) == -1 then return {'mismatch', redis.call('HGET', K[1], 'payment_link_id') or ''} end
   local r = redis.call('HMGET', K[1], 'state', 'follows', 'next_attempt_at', 'deadline', 'attempts', 'lease_until')
   local state = r[1]
   if state == 'succeeded' or state == 'failed' then return {'terminal', state} end
@@ -95,7 +132,7 @@ local function claim(K, A)
   redis.call('ZADD', K[3], lease_end, A[1])
   count_move(K[4], state, 'running')
   if next_at then redis.call('HINCRBY', K[4], 'deferred', -1) end
-  return {'claimed', r[5], fmt(deadline - now)}
+  return {'claimed', r[5] or '0', fmt(deadline - now)}
 end
 """
 CLAIM = CLAIM_FN + "return claim(KEYS, ARGV)\n"
@@ -172,8 +209,7 @@ FINISH = FINISH_FN + "return finish(KEYS, ARGV)\n"
 REJECT = FINISH_FN + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local now = redis_now()
-redis.call('HSET', KEYS[1], 'request_id', ARGV[1], 'payment_link_id', ARGV[8], 'attempts', 0,
-           'created_at', fmt(now))
+redis.call('HSET', KEYS[1], 'payment_link_id', ARGV[8], 'created_at', fmt(now))
 close(KEYS, ARGV, KEYS[1], ARGV[1], nil, cjson.decode(ARGV[6]), now,
       {'request_id', ARGV[1], 'payment_link_id', ARGV[8], 'attempts', '0'})
 return 1
@@ -204,15 +240,26 @@ end
 """
 DEFER = DEFER_FN + "return defer(KEYS, ARGV)\n"
 
-# KEYS: [1] due  [2] record key prefix  [3] the queue (list)
-# ARGV: [1] how many at most  [2] stall timeout (seconds)  [3] rate (per second)
+# KEYS: [1] due  [2] record key prefix  [3] the queue (list)  [4] backlog (list)  [5] stats
+#       [6] breaker (hash)
+# ARGV: [1] how many due ones at most  [2] stall timeout (seconds)  [3] rate (per second)
+#       [4] seconds of work to keep ahead of the workers (0: take nothing from the backlog)
 # Takes the live cancels whose time has come (a retry due, a message never taken, a
 # lease run out) and returns {request_id, payment_link_id, ...} to publish. Each stays
 # in the index, due again at ``recheck_at``: a publish that fails, or a message that
 # vanishes later, is found again then. Ended, expired and following ones leave it.
+# Then, unless the breaker is open, held cancels from the backlog (oldest first) up to
+# the room: ARGV[4] seconds at the rate, less what will run in that time anyway (the
+# queue, the cancels running, the due ones, those due by then). Each enters the due
+# index as a published one does.
 PUMP = _PRELUDE + """
 local now = redis_now()
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local limit = tonumber(ARGV[1])
+local due = {}
+if limit > 0 then due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit) end
+local ahead = tonumber(ARGV[4])
+-- Counted before the due ones are taken: they are among those due by then.
+local soon = redis.call('LLEN', KEYS[3]) + redis.call('ZCOUNT', KEYS[1], '-inf', now + ahead)
 local recheck = recheck_at(now, KEYS[3], ARGV[2], ARGV[3])
 local out = {}
 for _, rid in ipairs(due) do
@@ -223,6 +270,24 @@ for _, rid in ipairs(due) do
     table.insert(out, r[2])
   else
     redis.call('ZREM', KEYS[1], rid)
+  end
+end
+if ahead <= 0 or redis.call('HGET', KEYS[6], 'state') == 'open' then return out end
+soon = soon + math.max(0, tonumber(redis.call('HGET', KEYS[5], 'running') or '0'))
+local room = math.floor(tonumber(ARGV[3]) * ahead - soon)
+local looked = 0
+-- Bounded, so a backlog of entries claimed meanwhile never holds Redis in one long call.
+while room > 0 and looked < room + 1000 do
+  looked = looked + 1
+  local rid = redis.call('RPOP', KEYS[4])
+  if not rid then break end
+  local r = redis.call('HMGET', KEYS[2] .. rid, 'state', 'payment_link_id', 'follows')
+  -- Anything else was claimed meanwhile (a message sent by name), or ended: it is not ours.
+  if r[1] == 'queued' and not r[3] and not redis.call('ZSCORE', KEYS[1], rid) then
+    redis.call('ZADD', KEYS[1], recheck, rid)
+    table.insert(out, rid)
+    table.insert(out, r[2])
+    room = room - 1
   end
 end
 return out

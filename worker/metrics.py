@@ -14,7 +14,7 @@ Counted in this process, as things happen (names as Prometheus shows them):
 Read from Redis at each scrape (shared by every worker, so each one shows the same):
 ``plural_cancel_breaker_state{state}`` (1 for the current one of closed, open,
 half_open), ``plural_cancel_records{state}`` (see ``Ledger.stats``),
-``plural_cancel_queue_depth``, ``plural_cancel_deferred``,
+``plural_cancel_queue_depth``, ``plural_cancel_backlog``, ``plural_cancel_deferred``,
 ``plural_cancel_dead_letters``, ``plural_cancel_rate_limit_per_second``, and the counter
 ``plural_cancel_malformed_messages_total{reason}`` (messages dropped as malformed by
 any worker, see ``worker.malformed``).
@@ -70,7 +70,7 @@ def plural_call(call: str) -> Iterator[None]:
 
 def snapshot(rt) -> dict[str, Any]:
     """The state every worker shares, read from Redis now (``rt`` is a ``worker.runtime.Runtime``):
-    ``{"states": {state: n}, "outcomes": {outcome: n}, "deferred": n, "dead_letters": n,
+    ``{"states": {state: n}, "outcomes": {outcome: n}, "deferred": n, "backlog": n, "dead_letters": n,
     "queue_depth": n, "breaker": {...}, "rate": calls per second, "malformed": {reason: n}}``.
     ``queued``, ``running`` and ``retrying`` are counted now; ``succeeded``, ``failed`` and
     the outcomes over the last ``RESULT_TTL`` seconds (see ``Ledger.stats``); ``malformed``
@@ -116,6 +116,8 @@ class SharedStateCollector(Collector):
         yield records
         yield GaugeMetricFamily("plural_cancel_queue_depth", "Messages waiting in the Celery queue.",
                                 value=shared["queue_depth"])
+        yield GaugeMetricFamily("plural_cancel_backlog", "Bulk cancels waiting their turn in the ledger (held "
+                                "until the workers have room for them).", value=shared["backlog"])
         yield GaugeMetricFamily("plural_cancel_deferred", "Cancels waiting in Redis for their due time.",
                                 value=shared["deferred"])
         yield GaugeMetricFamily("plural_cancel_dead_letters",

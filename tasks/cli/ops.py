@@ -100,7 +100,7 @@ def failed_retry(request_id: str | None, retry_all: bool):
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 def stats(as_json: bool):
-    """Cancels by state and outcome, the queue, deferred cancels, the breaker, the rate and
+    """Cancels by state and outcome, the queue, the backlog, deferred cancels, the breaker, the rate and
     the malformed messages dropped.
 
     Read from counters the ledger keeps (no scan of the records): succeeded, failed and
@@ -113,8 +113,8 @@ def stats(as_json: bool):
     states, outcomes, breaker = snap["states"], snap["outcomes"], snap["breaker"]
     reopens_at = breaker["reopens_at"]
     figures = {
-        "states": states, "outcomes": outcomes, "queue_depth": snap["queue_depth"], "deferred": snap["deferred"],
-        "dead_letters": snap["dead_letters"],
+        "states": states, "outcomes": outcomes, "queue_depth": snap["queue_depth"], "backlog": snap["backlog"],
+        "deferred": snap["deferred"], "dead_letters": snap["dead_letters"],
         "breaker": {"state": breaker["state"], "links_failing": breaker["links_failing"],
                     "links_called": breaker["links_called"],
                     "reopens_at": None if reopens_at is None else format_timestamp(reopens_at, "seconds")},
@@ -127,6 +127,7 @@ def stats(as_json: bool):
     click.echo("states        " + "  ".join(f"{k} {n}" for k, n in states.items()))
     click.echo("outcomes      " + ("  ".join(f"{k} {n}" for k, n in outcomes.items()) or "none yet"))
     click.echo(f"queue         {snap['queue_depth']} messages waiting")
+    click.echo(f"backlog       {snap['backlog']} bulk cancels waiting their turn in the ledger")
     click.echo(f"deferred      {snap['deferred']} cancels waiting for their time")
     click.echo(f"dead letters  {snap['dead_letters']} (plural-cancel failed list)")
     reopens = f", reopens at {figures['breaker']['reopens_at']}" if breaker["state"] != "closed" else ""
