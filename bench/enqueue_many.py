@@ -1,4 +1,4 @@
-"""Producer throughput: ``enqueue_many`` against a plain ``apply_async`` loop, same run.
+"""Producer throughput: the batch publish against a plain ``apply_async`` loop, same run.
 
 Run from the repository root::
 
@@ -9,9 +9,12 @@ It starts its own ``redis-server`` on a free port (no persistence) and, for each
 
 - ``apply_async loop``: ``cancel_payment_link.apply_async(kwargs=...)`` once per link
   on one producer, as a producer would write it by hand: one message, nothing else;
-- ``enqueue_many``: ``tasks.enqueue_many(links)``, which does more: it also creates a
-  ledger record per link (a Lua script each, pipelined), publishes the messages in
-  pipelined batches (``tasks.periodic.publish``), and clears their outbox entries.
+- ``enqueue_many``: the ledger records and every link's message published at once
+  (``tasks.producer.submit`` without ``hold``: ledger records pipelined, messages in
+  pipelined batches by ``tasks.periodic.publish``). That is how ``enqueue_many`` worked
+  before a batch waited in the ledger's backlog, and still how fired schedules' and
+  requeued dead letters' messages go out; ``bench/backlog.py`` measures today's
+  ``enqueue_many``, which publishes only what the workers have room for.
 
 After each run it checks that the ``celery`` list holds exactly ``--count`` messages
 and that one of them, decoded, names the task and carries both keyword arguments.
@@ -68,11 +71,11 @@ def run_apply_async(links: list[str]) -> float:
 
 
 def run_enqueue_many(links: list[str]) -> float:
-    """Seconds for ``enqueue_many(links)``: ledger records, messages, outbox cleared."""
-    from tasks import enqueue_many
+    """Seconds for ledger records and every link's message, published at once."""
+    from tasks.producer import new_request_ids, submit
 
     start = time.perf_counter()
-    enqueue_many(links, app=app)
+    submit(app, list(zip(new_request_ids(len(links)), links)))
     return time.perf_counter() - start
 
 
