@@ -11,7 +11,7 @@ It starts its own ``redis-server`` on a free port (no persistence) and, for each
   on one producer, as a producer would write it by hand: one message, nothing else;
 - ``enqueue_many``: the ledger records and every link's message published at once
   (``tasks.producer.submit`` without ``hold``: ledger records pipelined, messages in
-  pipelined batches by ``tasks.periodic.publish``). That is how ``enqueue_many`` worked
+  pipelined batches by ``worker.publisher.publish``). That is how ``enqueue_many`` worked
   before a batch waited in the ledger's backlog, and still how fired schedules' and
   requeued dead letters' messages go out; ``bench/backlog.py`` measures today's
   ``enqueue_many``, which publishes only what the workers have room for.

@@ -50,6 +50,9 @@ DEFAULT_CONCURRENCY = 128
 wait for the GIL, the consumer's turn to hand it the next message): 60-80 busy threads;
 64 capped one process at about 180/s, 96-128 reached 190-235/s (``bench/README.md``)."""
 
+CANCEL_TASK = "tasks.cancel_payment_link"
+"""The cancel task's registered name: producers in any language send it by this name."""
+
 RESTORE_INTERVAL = 5
 """Seconds between kombu's sweeps for unacknowledged messages past the visibility timeout."""
 

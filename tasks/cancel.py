@@ -11,7 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from plural_cancel.config.celery import lease_seconds
+from plural_cancel.config.celery import CANCEL_TASK, lease_seconds
 from plural_cancel.worker import app, malformed, metrics, reporting
 from plural_cancel.worker.attempts import Health, Settled
 from plural_cancel.worker.breaker import FAILURE, NO_NEWS, SUCCESS
@@ -358,7 +358,7 @@ def _valid(check, value) -> bool:
     return True
 
 
-@app.task(name="tasks.cancel_payment_link", bind=True, typing=False)
+@app.task(name=CANCEL_TASK, bind=True, typing=False)
 def cancel_payment_link(self, *args, **kwargs) -> str:
     """Cancel one Plural payment link: ``payment_link_id``, and ``request_id``, the idempotency
     key of this cancel (by keyword, or in that order).

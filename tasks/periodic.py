@@ -1,172 +1,28 @@
-"""Periodic work: send live cancels whose time has come back to the queue (a retry due,
-a message lost, a lease run out), send the callbacks of ended cancels, and fire
-scheduled cancels whose time has come."""
+"""Beat's periodic work: fire scheduled cancels whose time has come.
+
+(The pump and the callbacks run on every worker's own timer: ``worker.publisher``.)
+"""
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
-import math
-import uuid
 
 from celery import Celery
-from kombu import Exchange, Queue, serialization
-from kombu.entity import maybe_delivery_mode
-from kombu.transport.redis import Channel as RedisChannel
 
-from plural_cancel.config.celery import BACKLOG_AHEAD, CALLBACK_LEASE, PUMP_INTERVAL
+from plural_cancel.tasks.producer import schedule_store, submit
 from plural_cancel.worker import app
 
 log = logging.getLogger(__name__)
 
-PUMP_BATCH = 500
-"""Most due cancels moved back to the queue per pump tick."""
-
-PUMP_MIN_BATCH = 4
-"""Fewest due cancels a pump tick may move, however low the rate."""
-
 HOLD = 60.0
 """Seconds a scheduled cancel taken for firing stays out of reach while it is fired."""
 
-
-CALLBACK_BATCH = 200
-"""Most callbacks sent per pump tick."""
-
-PUBLISH_CHUNK = 1000
-"""Messages sent to Redis per round trip when a batch is published."""
 
 FIRE_BATCH = 1000
 """Most scheduled cancels taken per round of :func:`fire_schedules`."""
 
 FIRE_ROUNDS = 10
 """Most rounds per run: a run fires up to ``FIRE_BATCH * FIRE_ROUNDS`` cancels, the rest next second."""
-
-
-def publish(app_: Celery, pairs: list[tuple[str, str]]) -> None:
-    """Publish one cancel message per (request_id, payment_link_id), ``PUBLISH_CHUNK`` per round trip.
-
-    Why not ``apply_async`` in a loop: Celery has no batch publish. Each ``apply_async``
-    (``group`` too) routes, builds, reprs and signals its message on its own, then waits
-    for Redis: one round trip and a few hundred microseconds of Python per cancel.
-    Here Celery and kombu build one message per batch, exactly as ``apply_async`` would
-    have it stored (see :func:`_stored_template`); per cancel only the ids change, and
-    the LPUSHes go out in one Redis pipeline. (kombu 5.7's ``Producer.batch`` pipelines
-    too, but still spends ~0.15 ms of Python per message in ``Producer.publish``: half
-    the gain, see ``bench/README.md``.) Messages so built bypass Celery's publish
-    signals, which nothing here listens to.
-
-    A failed pipeline raises: the records stay in the due index, which sends them again
-    after the stall timeout, so nothing is lost, at worst sent twice.
-    """
-    if not pairs:
-        return
-    with app_.producer_or_acquire() as producer:
-        channel = producer.channel
-        if not isinstance(channel, RedisChannel):  # another broker: kombu's own publish, one by one
-            _publish_each(app_, producer, pairs)
-            return
-        queue = app_.conf.task_default_queue
-        template = _stored_template(app_, channel, queue)
-        # The priority-0 list of the queue, which is where an apply_async without a priority lands.
-        key = channel._q_for_pri(queue, template["properties"]["priority"])
-        args, _, embed = json.loads(base64.b64decode(template["body"]))
-        with channel.conn_or_acquire() as client:  # the client kombu's own _put would use
-            for start in range(0, len(pairs), PUBLISH_CHUNK):
-                pipe = client.pipeline(transaction=False)
-                for request_id, link_id in pairs[start:start + PUBLISH_CHUNK]:
-                    task_id = str(uuid.uuid4())
-                    kwargs = {"payment_link_id": link_id, "request_id": request_id}
-                    body = json.dumps([args, kwargs, embed]).encode()
-                    message = dict(template, body=base64.b64encode(body).decode(),
-                                   headers=dict(template["headers"], id=task_id, root_id=task_id,
-                                                kwargsrepr=repr(kwargs)),
-                                   properties=dict(template["properties"], correlation_id=task_id,
-                                                   delivery_tag=str(uuid.uuid4())))
-                    pipe.lpush(key, json.dumps(message))
-                pipe.execute()
-
-
-def _stored_template(app_: Celery, channel, queue: str) -> dict:
-    """One cancel message as kombu's Redis transport stores it (``Channel._put``: LPUSH of this, as JSON).
-
-    Built by Celery (``as_task_v2``: protocol 2 headers and body) and kombu (serialized,
-    enveloped, body base64-encoded, delivery info for the anonymous exchange, which is
-    how Celery sends to a direct queue), never by hand; a test holds it equal to what
-    ``apply_async`` stores, ids aside.
-    """
-    from plural_cancel.tasks.cancel import cancel_payment_link
-
-    task = app_.amqp.as_task_v2("", cancel_payment_link.name, kwargs={}, ignore_result=True)
-    content_type, encoding, body = serialization.dumps(task.body, serializer="json")
-    message = channel.prepare_message(body, 0, content_type, encoding, task.headers, {
-        "correlation_id": "", "reply_to": "",
-        "delivery_mode": maybe_delivery_mode(app_.conf.task_default_delivery_mode)})
-    channel._inplace_augment_message(message, "", queue)
-    if message["properties"].get("body_encoding") != "base64":
-        raise RuntimeError("kombu's Redis transport no longer base64-encodes bodies; update publish()")
-    return message
-
-
-def _publish_each(app_: Celery, producer, pairs: list[tuple[str, str]]) -> None:
-    from plural_cancel.tasks.cancel import cancel_payment_link
-
-    for request_id, link_id in pairs:
-        cancel_payment_link.apply_async(kwargs={"payment_link_id": link_id, "request_id": request_id},
-                                        producer=producer)
-
-
-def pump(app_: Celery) -> int:
-    """Send live cancels whose time has come back to the queue (run by every worker); returns
-    how many: deferred ones now due, any whose message was lost or whose lease ran out, then
-    bulk cancels from the ledger's backlog, as far as the fleet has room for them in the
-    next ``BACKLOG_AHEAD`` seconds at the current rate (none while the breaker is open).
-
-    At most about two ticks' worth of the current rate limit per tick: a backlog that
-    comes due at once (the breaker reopening) then reaches the queue at roughly the
-    pace the limiter will let it through, instead of bouncing off it in a burst.
-    Taking and publishing are two steps with nothing to undo between them: a pump that
-    dies after taking leaves each cancel in the index, due again after the stall timeout.
-    """
-    rt = app_.runtime
-    rate = rt.limiter.effective_rate()
-    limit = max(PUMP_MIN_BATCH, math.ceil(min(PUMP_BATCH, rate * PUMP_INTERVAL * 2)))
-    pairs = rt.ledger.take_due(limit, ahead=BACKLOG_AHEAD, rate=rate)
-    publish(app_, pairs)
-    return len(pairs)
-
-
-def send_callbacks(app_: Celery) -> int:
-    """Send the callbacks of cancels that have ended (run by every worker, with the pump);
-    returns how many were sent.
-
-    Each is one Celery message to the producer's own task and queue, ``status=<status
-    record>``, with a task id the same for every copy of one ending. Taking holds an entry
-    for ``CALLBACK_LEASE`` seconds; it leaves the index once its message is pushed. A
-    sender that dies (or a Redis that fails) in between leaves it to be sent again when
-    the lease ends: at least once, and a copy more only then.
-    """
-    ledger = app_.runtime.ledger
-    taken = ledger.take_callbacks(CALLBACK_BATCH, CALLBACK_LEASE)
-    if not taken:
-        return 0
-    sent = []
-    try:
-        with app_.producer_or_acquire() as producer:
-            for pending in taken:
-                name, queue = pending.callback.task, pending.callback.queue
-                # A Queue object, not a name: the app never adds the host's queue to its own
-                # (which a worker would then consume), and declare=[] leaves the host's
-                # bindings to the host. A direct queue is published through the default
-                # exchange: a push onto the list named ``queue``.
-                app_.send_task(name, kwargs={"status": pending.status}, task_id=pending.task_id,
-                               queue=Queue(queue, Exchange(queue, "direct"), routing_key=queue), declare=[],
-                               producer=producer, ignore_result=True)
-                sent.append(pending)
-    finally:
-        ledger.callbacks_sent(sent)
-    log.debug("sent %d callbacks", len(sent))
-    return len(sent)
 
 
 def fire_schedules(app_: Celery) -> int:
@@ -176,8 +32,6 @@ def fire_schedules(app_: Celery) -> int:
     message), so a cancel fired twice (a firer that died mid-way) is still one cancel.
     Several runs at once are safe: each entry is taken atomically.
     """
-    from plural_cancel.tasks.producer import schedule_store, submit  # tasks.producer imports this module
-
     store = schedule_store(app_)
     fired = 0
     for _ in range(FIRE_ROUNDS):
@@ -213,4 +67,4 @@ def fire_schedules_task() -> int:
     return fire_schedules(app)
 
 
-__all__ = ["pump", "send_callbacks", "fire_schedules", "publish", "PUMP_INTERVAL"]
+__all__ = ["fire_schedules"]

@@ -15,7 +15,7 @@ A scheduled cancel waits in Redis (``worker.schedule``) until beat's
 A cancel may name a callback: a task of the producer's own Celery app (``callback``)
 and a queue its workers consume (``callback_queue``). When the cancel ends, that task is
 sent one message with the status record as its one argument, ``status``
-(``tasks.periodic.send_callbacks``).
+(``worker.publisher.send_callbacks``).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Iterable
 from celery import Celery
 
 from plural_cancel.config.celery import BACKLOG_AHEAD
-from plural_cancel.tasks.periodic import publish
 from plural_cancel.worker import app as default_app
 from plural_cancel.worker.ledger import Callback, RequestIdConflict
+from plural_cancel.worker.publisher import publish
 from plural_cancel.worker.schedule import Schedule
 from plural_cancel.worker.validation import validate_callback, validate_payment_link_id, validate_request_id
 

@@ -91,7 +91,7 @@ def test_a_skewed_worker_clock_does_not_move_a_breaker_hold(redis_url, redis_cli
     Redis counts it, and its pump brings the cancel back on time."""
     from config.settings import Settings
     from tasks.cancel import execute
-    from tasks.periodic import pump
+    from worker.publisher import pump
     from worker import app
     from worker.runtime import Runtime
 

@@ -94,6 +94,10 @@ def test_the_metrics_endpoint_counts_what_happened(system):
     assert value(samples, "plural_cancel_deferred") == 4
     assert value(samples, "plural_cancel_records", state="retrying") + value(
         samples, "plural_cancel_records", state="queued") == 4
+    # A bulk enqueue while it is open waits in the ledger: nothing reaches the broker.
+    enqueue_many(sandbox.create_links(30, prefix="pl-metrics-held-"), app=app)
+    samples = scrape(port)
+    assert value(samples, "plural_cancel_backlog") == 30 and value(samples, "plural_cancel_queue_depth") == 0
 
 
 def test_the_malformed_messages_of_every_worker_are_one_counter(system):

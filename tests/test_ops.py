@@ -152,6 +152,7 @@ def test_stats_follow_a_running_system(system, redis_url, sandbox_process):
     figures = stats(env)
     assert figures["states"] == {"queued": 3, "running": 0, "retrying": 0, "succeeded": 0, "failed": 0}
     assert (figures["queue_depth"], figures["deferred"], figures["dead_letters"]) == (3, 0, 0)
+    assert figures["backlog"] == 0  # three fit in the two seconds' room: all sent at once
     assert figures["breaker"]["state"] == "closed"
     assert 0 < figures["rate"]["current_per_second"] <= figures["rate"]["limit_per_second"] == 10
 

@@ -22,6 +22,7 @@ from plural_cancel.config.settings import ConfigError, Settings
 from plural_cancel.worker import malformed
 from plural_cancel.worker.broker import message_dropped
 from plural_cancel.worker.health import BrokerReady, WorkerHeartbeat
+from plural_cancel.worker.publisher import pump, send_callbacks
 from plural_cancel.worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,6 @@ class DuePump(bootsteps.StartStopStep):
         self.tref = None
 
     def start(self, worker):
-        from plural_cancel.tasks.periodic import pump, send_callbacks  # registered by the app's include list
-
         def tick():
             for step in (pump, send_callbacks):  # one failing does not hold the other back
                 try:

@@ -13,7 +13,7 @@ so a crash between two Redis writes can never leave a cancel half-recorded:
   and held ones from the backlog as far as the fleet has room for them.
 - ``requeue``: a dead letter turns ``queued`` with a fresh budget.
 - ``take_callbacks`` / ``callbacks_sent``: pending callbacks out to their senders, under a
-  lease, and out of the index once sent (``tasks.periodic.send_callbacks``).
+  lease, and out of the index once sent (``worker.publisher.send_callbacks``).
 
 Only the delivery that holds a cancel (its owner token, set by the claim) can finish
 or defer it: a delivery whose lease ran out and was taken over writes nothing.

@@ -146,7 +146,7 @@ CLAIM = CLAIM_FN + "return claim(KEYS, ARGV)\n"
 # ran out and another delivery took it): a stale delivery writes nothing.
 FINISH_FN = _PRELUDE + """
 -- Ends one record: its fields, its expiry (RESULT_TTL from now), its counts, its event,
--- and its callback, if it has one, pending (sent by a worker's pump: tasks.periodic).
+-- and its callback, if it has one, pending (sent by a worker's pump: worker.publisher).
 local function close(K, A, key, rid, before, fields, now, event)
   table.insert(event, 'at')
   table.insert(event, fmt(now))

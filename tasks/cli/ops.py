@@ -61,7 +61,7 @@ def failed_retry(request_id: str | None, retry_all: bool):
 
     Same Request-ID, attempts kept, a new deadline of now + CANCEL_RETRY_BUDGET seconds.
     """
-    from plural_cancel.tasks.periodic import publish
+    from plural_cancel.worker.publisher import publish
     from plural_cancel.worker.validation import validate_request_id
 
     if bool(request_id) == retry_all:
