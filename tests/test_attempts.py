@@ -7,6 +7,7 @@ import time
 import pytest
 
 from config.settings import Settings
+from tests.support.scripts import allow, record, reserve
 from worker.attempts import Attempts, Health
 from worker.breaker import FAILURE, NO_NEWS, SUCCESS, RedisCircuitBreaker
 from worker.keys import Keys
@@ -59,8 +60,8 @@ def test_a_refused_claim_asks_neither_the_breaker_nor_the_limiter(parts, redis_c
 def test_an_open_breaker_holds_the_cancel_without_taking_a_slot(parts, redis_client):
     ledger, breaker, limiter, attempts = parts
     ledger.create_many([("req-a", LINK)])
-    breaker.record(FAILURE, "pl-down-1")
-    assert breaker.record(FAILURE, "pl-down-2")  # opened
+    record(breaker, FAILURE, "pl-down-1")
+    assert record(breaker, FAILURE, "pl-down-2")  # opened
     admission = admit(attempts)
     assert admission.claim.verdict == "claimed"
     assert not admission.gate.allowed and 0 < admission.gate.retry_in <= 0.2
@@ -71,10 +72,10 @@ def test_the_probe_may_wait_longer_for_its_slot(parts):
     ledger, breaker, limiter, attempts = parts
     ledger.create_many([("req-a", LINK), ("req-b", "pl-attempts-2")])
     for _ in range(3):  # the next free slot is now about 3 s away
-        assert limiter.reserve(max_wait=10).granted
+        assert reserve(limiter, max_wait=10).granted
     assert not admit(attempts, "req-b", link="pl-attempts-2").slot.granted  # 3 s > max_wait 1 s
-    breaker.record(FAILURE, "pl-down-1")
-    breaker.record(FAILURE, "pl-down-2")
+    record(breaker, FAILURE, "pl-down-1")
+    record(breaker, FAILURE, "pl-down-2")
     time.sleep(0.3)  # past the cooldown: the next caller probes
     admission = admit(attempts)
     assert admission.gate.allowed and admission.gate.probe
@@ -101,7 +102,7 @@ def test_settling_writes_the_outcome_and_the_breakers_success_together(parts, re
     ledger, breaker, _, attempts = parts
     ledger.create_many([("req-a", LINK)])
     admit(attempts)
-    breaker.record(FAILURE, LINK)
+    record(breaker, FAILURE, LINK)
     assert breaker.state()["links_failing"] == 1
     settled = attempts.finish("req-a", LINK, "owner-1", health=Health(SUCCESS), state="succeeded",
                               outcome="cancelled", attempted=True, link_status="CANCELLED")
@@ -147,8 +148,8 @@ def test_deferring_writes_the_due_time_by_redis_clock(parts, redis_client):
 def test_a_successful_probe_closes_the_breaker_when_settled(parts):
     ledger, breaker, _, attempts = parts
     ledger.create_many([("req-a", LINK)])
-    breaker.record(FAILURE, "pl-down-1")
-    breaker.record(FAILURE, "pl-down-2")
+    record(breaker, FAILURE, "pl-down-1")
+    record(breaker, FAILURE, "pl-down-2")
     time.sleep(0.3)
     admission = admit(attempts)
     assert admission.gate.probe
@@ -182,14 +183,14 @@ def test_a_probe_held_by_the_limiter_frees_the_probe_slot(parts):
     instead of holding the breaker half open until the probe lock's TTL."""
     ledger, breaker, limiter, attempts = parts
     ledger.create_many([("req-a", LINK), ("req-b", "pl-attempts-2")])
-    breaker.record(FAILURE, "pl-down-1")
-    breaker.record(FAILURE, "pl-down-2")
+    record(breaker, FAILURE, "pl-down-1")
+    record(breaker, FAILURE, "pl-down-2")
     time.sleep(0.3)
     assert admit(attempts).gate.probe
     assert not admit(attempts, "req-b", "owner-2", "pl-attempts-2").gate.allowed  # a probe is out
     attempts.defer("req-a", LINK, "owner-1", health=Health(NO_NEWS, probe=True), delay=5, attempted=False)
     assert not breaker.state()["probing"]
-    assert breaker.allow("owner-3").probe
+    assert allow(breaker, "owner-3").probe
 
 
 def test_the_budget_starts_with_the_first_attempt_not_while_held(parts, redis_client):
@@ -197,13 +198,13 @@ def test_the_budget_starts_with_the_first_attempt_not_while_held(parts, redis_cl
     the admission that lets its first call go."""
     ledger, breaker, limiter, attempts = parts
     ledger.create_many([("req-a", LINK), ("req-b", "pl-attempts-2")])
-    breaker.record(FAILURE, "pl-down-1")
-    breaker.record(FAILURE, "pl-down-2")
+    record(breaker, FAILURE, "pl-down-1")
+    record(breaker, FAILURE, "pl-down-2")
     assert not admit(attempts).gate.allowed
     attempts.defer("req-a", LINK, "owner-1", delay=0, attempted=False)
     assert redis_client.hget(ledger.keys.record("req-a"), "deadline") is None
     for _ in range(3):
-        assert limiter.reserve(max_wait=10).granted  # the next free slot is seconds away
+        assert reserve(limiter, max_wait=10).granted  # the next free slot is seconds away
     redis_client.delete(*breaker.keys)  # closed again
     assert not admit(attempts, "req-b", "owner-2", "pl-attempts-2").slot.granted
     assert redis_client.hget(ledger.keys.record("req-b"), "deadline") is None

@@ -13,6 +13,7 @@ import redis
 
 from config.celery import BACKLOG_AHEAD
 from config.settings import Settings
+from tests.support.scripts import claim
 from tests.conftest import use_settings, wait_for
 from tests.support.workers import service_env, start_worker
 from worker.keys import Keys
@@ -73,7 +74,7 @@ def test_a_held_cancel_that_ended_or_follows_is_skipped(redis_client):
     ledger = ledger_for(redis_client)
     assert ledger.create_many([("a", "pl-a"), ("b", "pl-b"), ("a2", "pl-a")], hold=True) == [1, 1, 2]
     # A message for "b" sent by name (send_task) claims it before the pump does.
-    assert ledger.claim("b", "pl-b", "owner", lease=30).verdict == "claimed"
+    assert claim(ledger, "b", "pl-b", "owner", lease=30).verdict == "claimed"
     assert ledger.take_due(10, ahead=2.0) == [("a", "pl-a")]
     assert ledger.stats()["backlog"] == 0
 

@@ -9,6 +9,7 @@ import time
 import pytest
 import redis
 
+from tests.support.scripts import allow, record
 from worker.breaker import FAILURE, NO_NEWS, SUCCESS, Gate, RedisCircuitBreaker
 from worker.keys import Keys
 
@@ -23,7 +24,7 @@ def breaker(client: redis.Redis, **kwargs) -> RedisCircuitBreaker:
 
 
 def open_breaker(b: RedisCircuitBreaker) -> None:
-    opened = [b.record(FAILURE, f"pl-down-{i}") for i in range(b.min_links)]
+    opened = [record(b, FAILURE, f"pl-down-{i}") for i in range(b.min_links)]
     assert opened[-1] and not any(opened[:-1])
 
 
@@ -48,10 +49,10 @@ def at_once(n: int, redis_url: str, call) -> list:
 
 def test_failures_of_enough_distinct_links_open_it(redis_client):
     b = breaker(redis_client)
-    assert b.record(FAILURE, "pl-a") is False
-    assert b.record(FAILURE, "pl-b") is False
-    assert b.allow("o") == Gate(True, False, 0.0)
-    assert b.record(FAILURE, "pl-c") is True  # the third distinct link, all failing
+    assert record(b, FAILURE, "pl-a") is False
+    assert record(b, FAILURE, "pl-b") is False
+    assert allow(b, "o") == Gate(True, False, 0.0)
+    assert record(b, FAILURE, "pl-c") is True  # the third distinct link, all failing
     state = b.state()
     assert state["state"] == "open"
     assert state["reopens_at"] == pytest.approx(state["opened_at"] + 0.5)
@@ -63,18 +64,18 @@ def test_one_poison_link_never_opens_it_at_any_traffic_level(redis_client, healt
     """Hundreds of failures of one link, alone or among any number of successes."""
     b = breaker(redis_client, min_links=2)
     for i in range(healthy_calls):
-        b.record(SUCCESS, f"pl-ok-{i}")
-    assert not any(b.record(FAILURE, "pl-poison") for _ in range(500))
+        record(b, SUCCESS, f"pl-ok-{i}")
+    assert not any(record(b, FAILURE, "pl-poison") for _ in range(500))
     state = b.state()
     assert state["state"] == "closed" and state["links_failing"] == 1
 
 
 def test_a_link_that_recovers_no_longer_counts_as_failing(redis_client):
     b = breaker(redis_client)
-    b.record(FAILURE, "pl-a")
-    b.record(FAILURE, "pl-b")
-    b.record(SUCCESS, "pl-a")  # its latest call succeeded
-    assert b.record(FAILURE, "pl-c") is False
+    record(b, FAILURE, "pl-a")
+    record(b, FAILURE, "pl-b")
+    record(b, SUCCESS, "pl-a")  # its latest call succeeded
+    assert record(b, FAILURE, "pl-c") is False
     assert b.state()["links_failing"] == 2
 
 
@@ -82,26 +83,26 @@ def test_the_failing_links_must_be_the_given_share_of_the_window(redis_client):
     """Three links failing among seven healthy ones is 30 %: under a 50 % rate it stays closed."""
     b = breaker(redis_client, failure_rate=0.5)
     for i in range(7):
-        b.record(SUCCESS, f"pl-ok-{i}")
-    assert not any(b.record(FAILURE, f"pl-down-{i}") for i in range(3))
-    assert not any(b.record(FAILURE, f"pl-down-{i}") for i in range(3, 6))  # 6 of 13: still under half
-    assert b.record(FAILURE, "pl-down-6")  # 7 of 14: half
+        record(b, SUCCESS, f"pl-ok-{i}")
+    assert not any(record(b, FAILURE, f"pl-down-{i}") for i in range(3))
+    assert not any(record(b, FAILURE, f"pl-down-{i}") for i in range(3, 6))  # 6 of 13: still under half
+    assert record(b, FAILURE, "pl-down-6")  # 7 of 14: half
     assert b.state()["state"] == "open"
 
 
 def test_failures_older_than_the_window_are_forgotten(redis_client):
     b = breaker(redis_client, window=0.3)
-    b.record(FAILURE, "pl-a")
-    b.record(FAILURE, "pl-b")
+    record(b, FAILURE, "pl-a")
+    record(b, FAILURE, "pl-b")
     time.sleep(0.4)
-    assert b.record(FAILURE, "pl-c") is False
+    assert record(b, FAILURE, "pl-c") is False
     assert b.state()["links_failing"] == 1
 
 
 def test_no_news_neither_counts_nor_opens(redis_client):
     """A 429 or a token never had: not evidence of an outage."""
     b = breaker(redis_client)
-    assert not any(b.record(NO_NEWS, f"pl-{i}") for i in range(20))
+    assert not any(record(b, NO_NEWS, f"pl-{i}") for i in range(20))
     assert b.state()["links_called"] == 0 and b.state()["state"] == "closed"
 
 
@@ -110,13 +111,13 @@ def test_while_open_nobody_is_allowed_until_the_reopening_time(redis_client):
     open_breaker(b)
     opened_at = b.state()["opened_at"]
     for _ in range(3):
-        gate = b.allow("o")
+        gate = allow(b, "o")
         assert not gate.allowed and not gate.probe
         # Seconds until the reopening time, by Redis's clock (the same host's here).
         assert gate.retry_in == pytest.approx(opened_at + 5.0 - time.time(), abs=0.1)
     # Late outcomes of calls begun before it opened neither extend nor close it.
-    assert b.record(FAILURE, "pl-late") is False
-    b.record(SUCCESS, "pl-late-ok")
+    assert record(b, FAILURE, "pl-late") is False
+    record(b, SUCCESS, "pl-late-ok")
     state = b.state()
     assert state["state"] == "open" and state["opened_at"] == opened_at
 
@@ -126,7 +127,7 @@ def test_exactly_one_of_ten_concurrent_callers_probes_after_the_cooldown(redis_u
     open_breaker(b)
     time.sleep(0.55)
     assert b.state()["state"] == "half_open"
-    gates = at_once(10, redis_url, lambda client, i: breaker(client).allow(f"owner-{i}"))
+    gates = at_once(10, redis_url, lambda client, i: allow(breaker(client), f"owner-{i}"))
     probes = [g for g in gates if g.allowed]
     assert len(probes) == 1 and probes[0].probe
     for gate in gates:
@@ -139,18 +140,18 @@ def test_a_successful_probe_closes_it_and_the_cooldown_starts_again_from_its_bas
     b = breaker(redis_client)
     open_breaker(b)
     time.sleep(0.55)
-    assert b.allow("p1").probe
-    b.record(FAILURE, "pl-probe", probe=True, owner="p1")  # the cooldown doubles to 1 s
+    assert allow(b, "p1").probe
+    record(b, FAILURE, "pl-probe", probe=True, owner="p1")  # the cooldown doubles to 1 s
     assert b.state()["cooldown"] == pytest.approx(1.0)
     time.sleep(max(0.0, b.state()["reopens_at"] - time.time() + 0.02))
-    assert b.allow("p2").probe
-    b.record(SUCCESS, "pl-probe", probe=True, owner="p2")
+    assert allow(b, "p2").probe
+    record(b, SUCCESS, "pl-probe", probe=True, owner="p2")
     assert b.state() == {"state": "closed", "opened_at": None, "reopens_at": None, "cooldown": None,
                          "probing": False, "links_called": 0, "links_failing": 0}
-    assert b.allow("o") == Gate(True, False, 0.0)
+    assert allow(b, "o") == Gate(True, False, 0.0)
     # Closed from scratch: the next opening needs the full evidence again, and its cooldown is the base.
-    assert not b.record(FAILURE, "pl-a") and not b.record(FAILURE, "pl-b")
-    assert b.record(FAILURE, "pl-c")
+    assert not record(b, FAILURE, "pl-a") and not record(b, FAILURE, "pl-b")
+    assert record(b, FAILURE, "pl-c")
     assert b.state()["cooldown"] == pytest.approx(0.5)
 
 
@@ -159,13 +160,13 @@ def test_a_failed_probe_reopens_it_with_the_cooldown_doubled_up_to_a_cap(redis_c
     open_breaker(b)
     for expected in (1.0, 1.5):  # doubled, then capped at max_cooldown
         time.sleep(max(0.0, b.state()["reopens_at"] - time.time() + 0.02))
-        assert b.allow("p").probe
-        assert b.record(FAILURE, "pl-probe", probe=True, owner="p") is False  # reported already
+        assert allow(b, "p").probe
+        assert record(b, FAILURE, "pl-probe", probe=True, owner="p") is False  # reported already
         state = b.state()
         assert state["state"] == "open" and not state["probing"]
         assert state["cooldown"] == pytest.approx(expected)
         assert state["reopens_at"] == pytest.approx(state["opened_at"] + expected)
-        assert b.allow("o").retry_in == pytest.approx(state["reopens_at"] - time.time(), abs=0.1)
+        assert allow(b, "o").retry_in == pytest.approx(state["reopens_at"] - time.time(), abs=0.1)
 
 
 def test_a_throttled_probe_frees_the_slot_and_changes_nothing_else(redis_client):
@@ -174,36 +175,36 @@ def test_a_throttled_probe_frees_the_slot_and_changes_nothing_else(redis_client)
     b = breaker(redis_client)
     open_breaker(b)
     time.sleep(0.55)
-    assert b.allow("p1").probe
-    assert not b.allow("p2").allowed  # p1 probes
-    b.record(NO_NEWS, "pl-probe", probe=True, owner="someone-else")  # not the holder: no effect
-    assert not b.allow("p2").allowed
-    b.record(NO_NEWS, "pl-probe", probe=True, owner="p1")
+    assert allow(b, "p1").probe
+    assert not allow(b, "p2").allowed  # p1 probes
+    record(b, NO_NEWS, "pl-probe", probe=True, owner="someone-else")  # not the holder: no effect
+    assert not allow(b, "p2").allowed
+    record(b, NO_NEWS, "pl-probe", probe=True, owner="p1")
     state = b.state()
     assert state["state"] == "half_open" and not state["probing"] and state["cooldown"] == pytest.approx(0.5)
-    assert b.allow("p2").probe
+    assert allow(b, "p2").probe
 
 
 def test_a_probe_that_died_frees_its_lock_after_its_ttl(redis_client):
     b = breaker(redis_client, probe_ttl=0.3)
     open_breaker(b)
     time.sleep(0.55)
-    assert b.allow("p1").probe  # ...and this caller never reports back
-    assert not b.allow("p2").allowed
+    assert allow(b, "p1").probe  # ...and this caller never reports back
+    assert not allow(b, "p2").allowed
     time.sleep(0.35)
-    assert b.allow("p2").probe
+    assert allow(b, "p2").probe
 
 
 def test_concurrent_failures_report_each_opening_exactly_once(redis_url, redis_client):
     b = breaker(redis_client, min_links=5)
     for round_ in range(3):
         results = at_once(8, redis_url, lambda client, i: [
-            breaker(client, min_links=5).record(FAILURE, f"pl-{round_}-{i}-{n}") for n in range(3)])
+            record(breaker(client, min_links=5), FAILURE, f"pl-{round_}-{i}-{n}") for n in range(3)])
         assert sum(r for per_thread in results for r in per_thread) == 1
         assert b.state()["state"] == "open"
         time.sleep(max(0.0, b.state()["reopens_at"] - time.time() + 0.02))
-        assert b.allow("p").probe
-        b.record(SUCCESS, "pl-probe", probe=True, owner="p")
+        assert allow(b, "p").probe
+        record(b, SUCCESS, "pl-probe", probe=True, owner="p")
         assert b.state()["state"] == "closed"
 
 

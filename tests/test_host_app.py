@@ -18,6 +18,7 @@ import pytest
 import redis
 from celery import Celery
 
+from tests.support.scripts import claim
 from tests.conftest import use_settings, wait_for
 from tests.support.workers import CeleryProcess, service_env, start_worker
 
@@ -195,7 +196,7 @@ def test_a_callback_left_unsent_by_a_dead_worker_is_sent_by_another(system):
 
     assert ledger.create_many([("died-before-callback", "pl-cb-dead")],
                               callback=Callback("orders.on_cancel_outcome", "orders")) == [1]
-    assert ledger.claim("died-before-callback", "pl-cb-dead", "a-worker-that-died", lease=30).verdict == "claimed"
+    assert claim(ledger, "died-before-callback", "pl-cb-dead", "a-worker-that-died", lease=30).verdict == "claimed"
     attempts.finish("died-before-callback", "pl-cb-dead", "a-worker-that-died", state="succeeded",
                     outcome="already_cancelled", attempted=True, link_status="CANCELLED")
     status = called_back(system, "died-before-callback")["status"]

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from config.settings import Settings
+from tests.support.scripts import claim, record
 from worker.keys import Keys
 from worker.ledger import Ledger
 
@@ -38,12 +39,12 @@ def test_a_live_record_never_expires_and_result_ttl_counts_from_its_end(redis_cl
     assert ledger.create_many([("req-ttl", LINK)]) == [1]
     key = ledger.keys.record("req-ttl")
     assert redis_client.ttl(key) == -1  # no expiry while queued
-    assert ledger.claim("req-ttl", LINK, "owner-1", lease=30).verdict == "claimed"
+    assert claim(ledger, "req-ttl", LINK, "owner-1", lease=30).verdict == "claimed"
     attempts = attempts_for(ledger)
     attempts.defer("req-ttl", LINK, "owner-1", delay=0.1, attempted=True)
     time.sleep(2.5)  # past RESULT_TTL, deferred
     assert redis_client.ttl(key) == -1 and ledger.status("req-ttl")["state"] == "retrying"
-    assert ledger.claim("req-ttl", LINK, "owner-2", lease=30).verdict == "claimed"
+    assert claim(ledger, "req-ttl", LINK, "owner-2", lease=30).verdict == "claimed"
     attempts.finish("req-ttl", LINK, "owner-2", state="succeeded", outcome="cancelled", attempted=True)
     assert 0 < redis_client.ttl(key) <= 2  # counted from the end
 
@@ -53,7 +54,7 @@ def test_one_live_cancel_per_link_and_followers_end_with_it(redis_client):
     assert ledger.create_many([("lead", LINK), ("again", LINK), ("lead", LINK)]) == [1, 2, 0]
     assert ledger.status("again")["follows"] == "lead"
     assert redis_client.zscore(ledger.keys.due, "again") is None  # carried by its leader
-    assert ledger.claim("again", LINK, "owner-x", lease=30).verdict == "following"  # a stray copy does nothing
+    assert claim(ledger, "again", LINK, "owner-x", lease=30).verdict == "following"  # a stray copy does nothing
     assert ledger.create_many([("lead", "pl-other")]) == [-1]  # one Request-ID, one link
 
 
@@ -61,12 +62,12 @@ def test_a_requeued_dead_letter_follows_a_cancel_started_meanwhile(redis_client)
     ledger = ledger_for(redis_client)
     attempts = attempts_for(ledger)
     ledger.create_many([("dead", LINK)])
-    ledger.claim("dead", LINK, "o1", lease=30)
+    claim(ledger, "dead", LINK, "o1", lease=30)
     attempts.finish("dead", LINK, "o1", state="failed", outcome="gave_up", attempted=True)
     assert ledger.create_many([("fresh", LINK)]) == [1]  # the link is free again: it leads
     assert ledger.requeue(["dead"]) == [("dead", "following", LINK)]
     assert ledger.status("dead")["follows"] == "fresh"
-    ledger.claim("fresh", LINK, "o2", lease=30)
+    claim(ledger, "fresh", LINK, "o2", lease=30)
     attempts.finish("fresh", LINK, "o2", state="succeeded", outcome="cancelled", attempted=True)
     assert (ledger.status("dead")["state"], ledger.status("dead")["outcome"]) == ("succeeded", "cancelled")
 
@@ -100,8 +101,8 @@ def test_a_skewed_worker_clock_does_not_move_a_breaker_hold(redis_url, redis_cli
     runtime = Runtime(settings, clock=lambda: time.time() - 3600, jitter=lambda: 0.0)
     app.use(settings, runtime)
     try:
-        runtime.breaker.record("failure", "pl-down-1")
-        assert runtime.breaker.record("failure", "pl-down-2")  # open for 0.5 s by Redis's clock
+        record(runtime.breaker, "failure", "pl-down-1")
+        assert record(runtime.breaker, "failure", "pl-down-2")  # open for 0.5 s by Redis's clock
         runtime.ledger.create_many([("req-skew", LINK)])
         redis_client.delete(QUEUE)
         assert execute(runtime, LINK, "req-skew") == "held"
@@ -134,7 +135,7 @@ def test_a_callback_is_pending_from_the_end_until_confirmed_and_taken_again_afte
     callback = Callback("orders.on_cancel_outcome", "orders")
     assert ledger.create_many([("cb-1", LINK)], callback=callback) == [1]
     assert ledger.take_callbacks(10, lease=0.3) == []  # live: nothing to tell yet
-    ledger.claim("cb-1", LINK, "o1", lease=30)
+    claim(ledger, "cb-1", LINK, "o1", lease=30)
     attempts.finish("cb-1", LINK, "o1", state="failed", outcome="not_cancellable", attempted=True,
                     link_status="PROCESSED")
     [first] = ledger.take_callbacks(10, lease=0.3)
@@ -149,7 +150,7 @@ def test_a_callback_is_pending_from_the_end_until_confirmed_and_taken_again_afte
 
     # A dead letter retried and ended again is another ending: a callback of its own.
     assert ledger.requeue(["cb-1"]) == [("cb-1", "requeued", LINK)]
-    ledger.claim("cb-1", LINK, "o2", lease=30)
+    claim(ledger, "cb-1", LINK, "o2", lease=30)
     attempts.finish("cb-1", LINK, "o2", state="succeeded", outcome="cancelled", attempted=True)
     [second_end] = ledger.take_callbacks(10, lease=0.3)
     assert second_end.status["outcome"] == "cancelled" and second_end.task_id != first.task_id

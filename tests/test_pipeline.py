@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from config.settings import Settings
+from tests.support.scripts import claim
 from tests.conftest import use_settings, wait_for
 from tests.support.workers import service_env, start_worker
 
@@ -277,7 +278,7 @@ def test_a_cancel_whose_lease_ran_out_is_sent_again(system):
     [link_id] = sandbox.create_links(1, status="CREATED", prefix="pl-stranded-")
     ledger = app.runtime.ledger
     assert ledger.create_many([("stranded-1", link_id)]) == [1]  # no message: as if taken by the dead worker
-    assert ledger.claim("stranded-1", link_id, "a-worker-that-died", lease=1.0).verdict == "claimed"
+    assert claim(ledger, "stranded-1", link_id, "a-worker-that-died", lease=1.0).verdict == "claimed"
     status = finished(app, "stranded-1", timeout=15)
     assert (status["state"], status["outcome"], status["attempts"]) == ("succeeded", "cancelled", 1)
 

@@ -9,9 +9,10 @@ import time
 import pytest
 import redis
 
+from tests.support.scripts import acquire, penalize, reserve
 from tests.support.timing import largest_window
 from worker.keys import Keys
-from worker.ratelimit import RedisRateLimiter, UnlimitedRateLimiter, acquire
+from worker.ratelimit import RedisRateLimiter
 
 KEY = Keys().ratelimit
 
@@ -79,47 +80,47 @@ def test_threads_and_processes_together_never_exceed_the_limit_yet_drain_at_it(r
 
 def test_burst_lets_that_many_go_at_once_above_the_steady_one(redis_client):
     limiter = RedisRateLimiter(redis_client, KEY, rate=2, burst=5)
-    first = [limiter.reserve(max_wait=0) for _ in range(6)]
+    first = [reserve(limiter, max_wait=0) for _ in range(6)]
     assert all(r.granted and r.wait == 0 for r in first)
-    after = limiter.reserve(max_wait=0)
+    after = reserve(limiter, max_wait=0)
     assert not after.granted and 0.4 <= after.wait <= 0.5
 
 
 def test_without_burst_only_one_goes_at_once(redis_client):
     limiter = RedisRateLimiter(redis_client, KEY, rate=2)
-    assert limiter.reserve(max_wait=0) == (True, 0.0)
-    refused = limiter.reserve(max_wait=0)
+    assert reserve(limiter, max_wait=0) == (True, 0.0)
+    refused = reserve(limiter, max_wait=0)
     assert not refused.granted and 0.4 <= refused.wait <= 0.5
 
 
 def test_a_slot_further_than_max_wait_is_not_taken(redis_client):
     limiter = RedisRateLimiter(redis_client, KEY, rate=2)
-    assert limiter.reserve(max_wait=1) == (True, 0.0)
-    granted = limiter.reserve(max_wait=1)
+    assert reserve(limiter, max_wait=1) == (True, 0.0)
+    granted = reserve(limiter, max_wait=1)
     assert granted.granted and 0.4 <= granted.wait <= 0.5
     # The next slot is ~1 s away: refused twice, and the refusals took nothing...
     for _ in range(2):
-        refused = limiter.reserve(max_wait=0.7)
+        refused = reserve(limiter, max_wait=0.7)
         assert not refused.granted and 0.9 <= refused.wait <= 1.0
     # ...so the slot a caller then reserves is still the one ~1 s away, not 2 s.
-    later = limiter.reserve(max_wait=3)
+    later = reserve(limiter, max_wait=3)
     assert later.granted and 0.9 <= later.wait <= 1.0
 
 
 def test_the_limiter_key_expires_once_idle(redis_client):
     limiter = RedisRateLimiter(redis_client, KEY, rate=100)
-    limiter.reserve(max_wait=0)
+    reserve(limiter, max_wait=0)
     assert 0 < redis_client.pttl(KEY) <= 1010
 
 
 def test_a_429_halves_the_rate_which_then_climbs_back(redis_client):
     limiter = RedisRateLimiter(redis_client, KEY, rate=20)
     assert limiter.effective_rate() == pytest.approx(20)
-    limiter.penalize(factor=0.5, seconds=2.0)
+    penalize(limiter, factor=0.5, seconds=2.0)
     assert limiter.effective_rate() == pytest.approx(10, abs=0.5)
     # The pacing itself follows: slots ~0.1 s apart instead of 0.05 s.
-    assert limiter.reserve(max_wait=0).granted
-    assert 0.07 <= limiter.reserve(max_wait=1).wait <= 0.1
+    assert reserve(limiter, max_wait=0).granted
+    assert 0.07 <= reserve(limiter, max_wait=1).wait <= 0.1
     time.sleep(1.0)
     assert limiter.effective_rate() == pytest.approx(15, abs=0.8)
     time.sleep(1.05)
@@ -129,15 +130,15 @@ def test_a_429_halves_the_rate_which_then_climbs_back(redis_client):
 
 def test_repeated_429s_compound_down_to_a_floor_but_not_within_the_holdoff(redis_client):
     limiter = RedisRateLimiter(redis_client, KEY, rate=20)
-    limiter.penalize(0.5, seconds=30)
-    limiter.penalize(0.5, seconds=30)  # in flight at the same time: the same signal
+    penalize(limiter, 0.5, seconds=30)
+    penalize(limiter, 0.5, seconds=30)  # in flight at the same time: the same signal
     assert limiter.effective_rate() == pytest.approx(10, abs=0.1)
 
     eager = RedisRateLimiter(redis_client, KEY, rate=20, penalty_holdoff=0)
-    eager.penalize(0.5, seconds=30)
+    penalize(eager, 0.5, seconds=30)
     assert eager.effective_rate() == pytest.approx(5, abs=0.1)
     for _ in range(5):
-        eager.penalize(0.5, seconds=30)
+        penalize(eager, 0.5, seconds=30)
     assert eager.effective_rate() == pytest.approx(2, abs=0.05)  # a tenth of the rate
 
 
@@ -161,17 +162,10 @@ def test_pacing_does_not_read_the_callers_clock(redis_client, monkeypatch):
     assert 0.44 <= grants[-1] - grants[0] <= 0.6
 
 
-def test_the_stub_always_grants_at_once():
-    limiter = UnlimitedRateLimiter()
-    assert limiter.reserve(max_wait=0) == (True, 0.0)
-    limiter.penalize()
-    assert limiter.effective_rate() == float("inf")
-
-
 def test_nonsense_settings_are_refused(redis_client):
     with pytest.raises(ValueError):
         RedisRateLimiter(redis_client, KEY, rate=0)
     with pytest.raises(ValueError):
         RedisRateLimiter(redis_client, KEY, rate=1, burst=-1)
     with pytest.raises(ValueError):
-        RedisRateLimiter(redis_client, KEY, rate=1).penalize(factor=0)
+        penalize(RedisRateLimiter(redis_client, KEY, rate=1), factor=0)

@@ -73,7 +73,6 @@ local function allow(KEYS, ARGV)
   return {'probing', ARGV[2]}
 end
 """
-ALLOW = ALLOW_FN + "return allow(KEYS, ARGV)\n"
 
 # KEYS: [1] breaker (hash)  [2] probe lock  [3] links called (zset: link -> time of its
 #       latest outcome)  [4] links failing (zset: link -> time, while its latest failed)
@@ -132,7 +131,6 @@ local function record(KEYS, ARGV)
   return 1
 end
 """
-RECORD = RECORD_FN + "return record(KEYS, ARGV)\n"
 
 # KEYS: [1] breaker (hash)  [2] probe lock  [3] links called  [4] links failing
 # ARGV: [1] window (seconds)
@@ -188,8 +186,6 @@ class RedisCircuitBreaker:
         self.max_cooldown = max(float(max_cooldown), self.cooldown)
         self.probe_ttl = probe_ttl
         self.probe_retry = probe_retry
-        self._allow = client.register_script(ALLOW)
-        self._record = client.register_script(RECORD)
         self._state = client.register_script(STATE)
 
     @classmethod
@@ -198,28 +194,18 @@ class RedisCircuitBreaker:
         return cls(client, key, window=settings.breaker_window, min_links=settings.breaker_min_links,
                    failure_rate=settings.breaker_failure_rate, cooldown=settings.breaker_cooldown)
 
-    def allow(self, owner: str) -> Gate:
-        """Closed: allowed. Open: not allowed until the reopening time. Half open: one
-        probe at a time (``owner`` holds the probe lock) is allowed; the others are told
-        to ask again shortly."""
-        keys, args = self.allow_call(owner)
-        return parse_gate(self._allow(keys=keys, args=args))
-
     def allow_call(self, owner: str) -> tuple[list[str], list[str]]:
-        """KEYS and ARGV of the allow script (``ALLOW_FN``), for :meth:`allow` and ``worker.attempts``."""
+        """KEYS and ARGV of the allow script (``ALLOW_FN``), for ``worker.attempts``. Closed: allowed.
+        Open: not allowed until the reopening time. Half open: one probe at a time (``owner``
+        holds the probe lock) is allowed; the others are told to ask again shortly."""
         return self.keys[:2], [repr(self.probe_ttl), repr(self.probe_retry), owner]
-
-    def record(self, outcome: str, payment_link_id: str, *, probe: bool = False, owner: str = "") -> bool:
-        """What a call to ``payment_link_id`` showed: :data:`SUCCESS`, :data:`FAILURE` or
-        :data:`NO_NEWS`. Returns True only for the one failure that opened a closed breaker
-        (a failed probe re-opens it with a doubled cooldown and returns False: the opening
-        was reported already)."""
-        keys, args = self.record_call(outcome, payment_link_id, probe=probe, owner=owner)
-        return bool(int(self._record(keys=keys, args=args)))
 
     def record_call(self, outcome: str, payment_link_id: str, *, probe: bool,
                     owner: str) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of the record script (``RECORD_FN``), for :meth:`record` and ``worker.attempts``."""
+        """KEYS and ARGV of the record script (``RECORD_FN``), for ``worker.attempts``: what a call to
+        ``payment_link_id`` showed, :data:`SUCCESS`, :data:`FAILURE` or :data:`NO_NEWS`. It
+        answers 1 only for the one failure that opened a closed breaker (a failed probe
+        re-opens it with a doubled cooldown and answers 0: the opening was reported already)."""
         if outcome not in (SUCCESS, FAILURE, NO_NEWS):
             raise ValueError(f"outcome must be success, failure or '', not {outcome!r}")
         return list(self.keys), [outcome, int(bool(probe)), owner, payment_link_id, repr(self.window),

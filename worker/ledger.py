@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable
 import redis
 
 from plural_cancel.worker.keys import Keys
-from plural_cancel.worker.ledger_lua import (CALLBACKS_SENT, CLAIM, CREATE_MANY, DEFER, FINISH, PUMP, REJECT, REQUEUE,
+from plural_cancel.worker.ledger_lua import (CALLBACKS_SENT, CREATE_MANY, PUMP, REJECT, REQUEUE,
                                              TAKE_CALLBACKS)
 from plural_cancel.worker.links import format_timestamp
 from plural_cancel.worker.redaction import Redactor
@@ -141,9 +141,6 @@ class Ledger:
         """Host clock, for choosing which hourly counters to read only: every due time,
         lease and hold is decided by Redis's clock inside the scripts."""
         self._create_many = client.register_script(CREATE_MANY)
-        self._claim = client.register_script(CLAIM)
-        self._finish = client.register_script(FINISH)
-        self._defer = client.register_script(DEFER)
         self._pump = client.register_script(PUMP)
         self._requeue = client.register_script(REQUEUE)
         self._reject = client.register_script(REJECT)
@@ -205,12 +202,6 @@ class Ledger:
         """KEYS and ARGV of the claim script (``CLAIM_FN``): ``lease`` in seconds."""
         keys, args = self.create_call(request_id, payment_link_id)
         return keys, [*args, owner, repr(lease), repr(self.retry_budget)]
-
-    def claim(self, request_id: str, payment_link_id: str, owner: str, lease: float) -> Claim:
-        """Take this cancel for one attempt under a lease of ``lease`` seconds (tests and tools;
-        the worker claims through ``worker.attempts``)."""
-        keys, args = self.claim_call(request_id, payment_link_id, owner, lease)
-        return parse_claim(self._claim(keys=keys, args=args))
 
     def finish_call(self, request_id: str, payment_link_id: str, owner: str, *, state: str, outcome: str,
                     attempted: bool, link_status: str | None = None, cancelled_at: str | None = None,

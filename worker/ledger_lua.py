@@ -135,7 +135,6 @@ local function claim(K, A)
   return {'claimed', r[5] or '0', fmt(deadline - now)}
 end
 """
-CLAIM = CLAIM_FN + "return claim(KEYS, ARGV)\n"
 
 # KEYS: [1] record  [2] link  [3] due  [4] failed  [5] events  [6] stats
 #       [7] finished-hash prefix (the hour's start is appended)  [8] this record's followers
@@ -198,7 +197,6 @@ local function finish(K, A)
   return attempts
 end
 """
-FINISH = FINISH_FN + "return finish(KEYS, ARGV)\n"
 
 # KEYS: FINISH_FN's ten (the link, due and followers are not used)
 # ARGV: FINISH_FN's seven (owner unused, attempted 0, fields state=failed, outcome=rejected,
@@ -238,7 +236,6 @@ local function defer(K, A)
   return attempts
 end
 """
-DEFER = DEFER_FN + "return defer(KEYS, ARGV)\n"
 
 # KEYS: [1] due  [2] record key prefix  [3] the queue (list)  [4] backlog (list)  [5] stats
 #       [6] breaker (hash)

@@ -19,8 +19,7 @@ so every worker slows down together.
 
 from __future__ import annotations
 
-import time
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import redis
 
@@ -66,7 +65,6 @@ local function reserve(KEYS, ARGV)
   return {1, fmt(wait)}
 end
 """
-RESERVE = RESERVE_FN + "return reserve(KEYS, ARGV)\n"
 
 # KEYS: [1] penalty (hash)
 # ARGV: [1] factor (0-1]  [2] recovery seconds  [3] floor factor  [4] holdoff seconds
@@ -86,7 +84,6 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000))
 return fmt(factor)
 end
 """
-PENALIZE = PENALIZE_FN + "return penalize(KEYS, ARGV)\n"
 
 # KEYS: [1] penalty (hash)
 # ARGV: [1] rate (per second)
@@ -97,27 +94,13 @@ return fmt(tonumber(ARGV[1]) * rate_factor(KEYS[1], redis_now()))
 
 
 class Reservation(NamedTuple):
-    """What :meth:`RateLimiter.reserve` decided."""
+    """What a reservation (``RESERVE_FN``) decided."""
 
     granted: bool
     """True: a slot is the caller's; it sleeps ``wait`` seconds, then calls Plural."""
     wait: float
     """Seconds. Granted: until the reserved slot (0 <= wait <= max_wait). Refused: until
     the next slot would be free, for deferring the cancel; nothing was taken."""
-
-
-class RateLimiter(Protocol):
-    """A limit on calls per second, shared by everyone who uses the same limiter."""
-
-    def reserve(self, max_wait: float) -> Reservation:
-        """Take the next free slot if it is at most ``max_wait`` seconds away."""
-
-    def penalize(self, factor: float = 0.5, seconds: float = 60.0) -> None:
-        """After a 429: the rate drops to ``rate * factor``, then climbs back to the full
-        rate linearly over ``seconds``."""
-
-    def effective_rate(self) -> float:
-        """Calls per second allowed right now (for stats and metrics)."""
 
 
 class RedisRateLimiter:
@@ -146,33 +129,19 @@ class RedisRateLimiter:
         self.burst = int(burst)
         self.min_factor = min_factor
         self.penalty_holdoff = penalty_holdoff
-        self._reserve = client.register_script(RESERVE)
-        self._penalize = client.register_script(PENALIZE)
         self._effective_rate = client.register_script(EFFECTIVE_RATE)
 
-    def reserve(self, max_wait: float) -> Reservation:
-        """Take the next free slot if it is at most ``max_wait`` seconds away (see :class:`Reservation`)."""
-        keys, args = self.reserve_call(max_wait)
-        return parse_reservation(self._reserve(keys=keys, args=args))
-
     def reserve_call(self, max_wait: float) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of the reserve script (``RESERVE_FN``), for :meth:`reserve` and
-        ``worker.attempts``; ``max_wait`` in seconds."""
+        """KEYS and ARGV of the reserve script (``RESERVE_FN``), for ``worker.attempts``: take the
+        next free slot if it is at most ``max_wait`` seconds away (see :class:`Reservation`)."""
         return [self.key, self.penalty_key], [repr(self.rate), self.burst, repr(max(0.0, max_wait))]
 
-    def penalize(self, factor: float = 0.5, seconds: float = 60.0) -> None:
-        """After a 429: the rate drops to ``rate * factor`` and climbs back over ``seconds``.
-
-        A 429 that comes while an earlier penalty is still recovering compounds it
-        (0.5 then 0.5 again is a quarter of the rate, down to ``min_factor``), except
-        within ``penalty_holdoff`` seconds of the last one.
-        """
-        keys, args = self.penalize_call(factor, seconds)
-        self._penalize(keys=keys, args=args)
-
     def penalize_call(self, factor: float = 0.5, seconds: float = 60.0) -> tuple[list[str], list[str]]:
-        """KEYS and ARGV of the penalty script (``PENALIZE_FN``), for :meth:`penalize` and
-        ``worker.attempts``."""
+        """KEYS and ARGV of the penalty script (``PENALIZE_FN``), for ``worker.attempts``: after a
+        429 the rate drops to ``rate * factor`` and climbs back over ``seconds``. A 429 that
+        comes while an earlier penalty is still recovering compounds it (0.5 then 0.5 again
+        is a quarter of the rate, down to ``min_factor``), except within ``penalty_holdoff``
+        seconds of the last one."""
         if not 0 < factor <= 1:
             raise ValueError("factor must be in (0, 1]")
         if not seconds > 0:
@@ -188,29 +157,3 @@ def parse_reservation(reply: list) -> Reservation:
     """The :class:`Reservation` a reserve script (``RESERVE_FN``) answered."""
     granted, wait = reply
     return Reservation(bool(int(granted)), float(wait))
-
-
-class UnlimitedRateLimiter:
-    """A stub for tests and for running without a limit: every call may go at once."""
-
-    def reserve(self, max_wait: float) -> Reservation:
-        return Reservation(True, 0.0)
-
-    def penalize(self, factor: float = 0.5, seconds: float = 60.0) -> None:
-        pass
-
-    def effective_rate(self) -> float:
-        return float("inf")
-
-
-def acquire(limiter: RateLimiter, max_wait: float,
-            sleep: Callable[[float], None] = time.sleep) -> Reservation:
-    """Reserve a slot and, when granted, sleep until it; returns the reservation.
-
-    A refused reservation returns at once: the caller defers the cancel by ``wait``
-    seconds (spread out, see :mod:`worker.breaker`) rather than holding a worker.
-    """
-    reservation = limiter.reserve(max_wait)
-    if reservation.granted and reservation.wait > 0:
-        sleep(reservation.wait)
-    return reservation
