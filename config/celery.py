@@ -45,10 +45,10 @@ from plural_cancel.config import sentinel
 from plural_cancel.config.settings import Settings
 
 DEFAULT_CONCURRENCY = 128
-"""Threads per worker process: a cancel spends nearly all its time waiting on Plural. At
-200 ms a call and 200 cancels/s a thread is taken for 0.3-0.4 s a cancel (the call, the
-wait for the GIL, the consumer's turn to hand it the next message): 60-80 busy threads;
-64 capped one process at about 180/s, 96-128 reached 190-235/s (``bench/README.md``)."""
+"""Threads per worker process: a cancel spends nearly all its time waiting on Plural, so
+threads busy = rate x the time a cancel holds one (the call, the wait for the GIL, the
+consumer's turn to hand it the next message). Chosen by measurement (``bench/README.md``,
+end to end; README, Scaling)."""
 
 CANCEL_TASK = "tasks.cancel_payment_link"
 """The cancel task's registered name: producers in any language send it by this name."""

@@ -2,8 +2,8 @@
 
 kombu builds a new ``redis.Redis`` for every acknowledgement and for the bookkeeping of
 every delivery (``Channel.conn_or_acquire``), and building one copies redis-py's table
-of some 200 response callbacks: about 8 % of a worker process's CPU, which is what
-limits a worker (``bench/README.md``). Written here because kombu has no setting for
+of some 200 response callbacks, a share of a worker process's CPU worth saving, since
+CPU is what limits a worker (``bench/README.md``). Written here because kombu has no setting for
 it. A ``redis.Redis`` is safe to share between threads (each command takes a
 connection from its pool), and this pool is the channel's for the channel's life, so
 one client serves every operation of the channel. The asynchronous client (BRPOP in

@@ -320,8 +320,8 @@ class PluralClient:
         """The request as requests' adapter takes it, with the session's headers.
 
         Built from PreparedRequest's own steps rather than Session.prepare_request, which
-        merges cookies, auth, hooks and settings this client never uses: 0.3 ms of CPU a call
-        (``bench/README.md``). The URL is the base checked once in ``__init__`` plus a path of
+        merges cookies, auth, hooks and settings this client never uses, at a cost in CPU a
+        call (``bench/README.md``). The URL is the base checked once in ``__init__`` plus a path of
         quoted, validated parts, so it is not parsed again.
         """
         request = requests.PreparedRequest()

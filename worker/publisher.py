@@ -42,12 +42,12 @@ def publish(app_: Celery, pairs: list[tuple[str, str]]) -> None:
 
     Why not ``apply_async`` in a loop: Celery has no batch publish. Each ``apply_async``
     (``group`` too) routes, builds, reprs and signals its message on its own, then waits
-    for Redis: one round trip and a few hundred microseconds of Python per cancel.
+    for Redis: one round trip and a message's worth of Python per cancel.
     Here Celery and kombu build one message per batch, exactly as ``apply_async`` would
     have it stored (see :func:`_stored_template`); per cancel only the ids change, and
     the LPUSHes go out in one Redis pipeline. (kombu 5.7's ``Producer.batch`` pipelines
-    too, but still spends ~0.15 ms of Python per message in ``Producer.publish``: half
-    the gain, see ``bench/README.md``.) Messages so built bypass Celery's publish
+    too, but still runs ``Producer.publish``'s Python per message: half the gain, see
+    ``bench/README.md``.) Messages so built bypass Celery's publish
     signals, which nothing here listens to.
 
     A failed pipeline raises: the records stay in the due index, which sends them again

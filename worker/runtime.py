@@ -71,7 +71,7 @@ class Runtime:
         """The one rate limit to Plural shared by every worker process and host."""
         # Paced a little under the limit: a granted slot still has a thread wake-up and a
         # network hop before it reaches Plural, and that jitter must not push a second
-        # past the limit there. 3 % keeps the drain above 95 % of the limit.
+        # past the limit there (``bench/README.md``, limiter precision).
         return RedisRateLimiter(self.redis, self.keys.ratelimit, self.settings.rate_limit * PACING,
                                 self.settings.rate_burst)
 
