@@ -7,13 +7,17 @@ VENV   := .venv
 STAMP  := $(VENV)/.installed-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test setup redis-server bench clean
+.PHONY: run test test-fast setup redis-server bench clean
 
 run: setup redis-server
 	@bash scripts/run-local.sh
 
 test: setup redis-server
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+
+# The edit loop: everything but the tests that start workers, beat, Sentinels or CLI processes.
+test-fast: setup redis-server
+	$(VENV)/bin/pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
 
 setup: $(STAMP)
 

@@ -12,6 +12,21 @@ from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
+SLOW_MODULES = {
+    "test_beat", "test_bulk", "test_chaos", "test_cli_redis", "test_deploy_files", "test_health", "test_host_app",
+    "test_imports", "test_inspect", "test_metrics", "test_namespace", "test_never_lose", "test_ops",
+    "test_outcome_stream", "test_pipeline", "test_procfile", "test_redis_restart", "test_reporting", "test_ride_out",
+    "test_run_local", "test_sentinel", "test_tokens", "test_worker_loss",
+}
+"""Modules whose tests start Celery workers, beat, honcho, Sentinels or command-line
+processes, or build a wheel: ``make test-fast`` (``-m "not slow"``) leaves them out."""
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def redis_server():

@@ -104,6 +104,7 @@ def draining(module_redis_url, sandbox_process):
     worker.stop()
 
 
+@pytest.mark.slow
 def test_a_worker_drains_a_backlog_with_the_queue_kept_short(draining):
     """400 links at 40/s: every one cancelled once, the broker's list never past the room
     (two seconds at the rate) plus what one pump tick per worker adds before it is read."""
