@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from requests.utils import should_bypass_proxies
 
+from plural_cancel.errors import ConfigError
+
 PLURAL_BASES = {
     "uat": "https://pluraluat.v2.pinepg.in/api",
     "prod": "https://api.pluralpay.in/api",
@@ -71,15 +73,7 @@ def plain_http_allowed(url: str) -> bool:
         return False
 
 
-class ConfigError(ValueError):
-    """A setting is missing or malformed; the message names the variable and what it accepts."""
 
-    def __init__(self, variable: str, accepts: str, got: str | None = None):
-        self.variable = variable
-        detail = f"{variable}: must be {accepts}"
-        if got is not None:
-            detail += f" (got {got!r})"
-        super().__init__(detail)
 
 
 class Secret:

@@ -11,17 +11,17 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from plural_cancel.errors import (MalformedMessage, PluralAuthError, PluralBadResponse, PluralError,
+                                  PluralRateLimited, PluralRequestError, TokenUnavailable)
 from plural_cancel.config.celery import CANCEL_TASK, lease_seconds
 from plural_cancel.worker import app, malformed, metrics, reporting
 from plural_cancel.worker.attempts import Health, Settled
 from plural_cancel.worker.breaker import FAILURE, NO_NEWS, SUCCESS
-from plural_cancel.worker.errors import (PluralAuthError, PluralBadResponse, PluralError, PluralRateLimited,
-                                         PluralRequestError)
+from plural_cancel.worker.classify import should_retry
 from plural_cancel.worker.links import PaymentLink, format_timestamp
 from plural_cancel.worker.plural import PluralClient
 from plural_cancel.worker.retry import backoff
 from plural_cancel.worker.runtime import Runtime
-from plural_cancel.worker.tokens import TokenUnavailable
 from plural_cancel.worker.validation import validate_payment_link_id, validate_request_id
 
 log = logging.getLogger(__name__)
@@ -66,17 +66,15 @@ def attempt(client: PluralClient, payment_link_id: str, request_id: str) -> Deci
             # A success we cannot read (empty, a 204, HTML, a link without a status): the
             # link's own status says whether it is cancelled.
             return decide_from_link(client, payment_link_id, None)
-        return _retry_or_reject(exc)
-    except PluralError as exc:
-        return _retry_or_reject(exc)
-    except TokenUnavailable as exc:
-        return Decision("retry", error=exc, attempted=False)
+        return _retry_or_reject(exc, attempted=sent(exc))
+    except PluralError as exc:  # TokenUnavailable too: retried, never sent
+        return _retry_or_reject(exc, attempted=sent(exc))
     return _from_status(link, None)
 
 
 def sent(error: BaseException) -> bool:
-    """Whether the call that raised ``error`` may have reached Plural (``PluralError.sent``; a
-    token that could not be had means no call was made)."""
+    """Whether the call that raised ``error`` may have reached Plural (``PluralError.sent``;
+    ``TokenUnavailable``: no call was made)."""
     return isinstance(error, PluralError) and error.sent
 
 
@@ -102,9 +100,7 @@ def decide_from_link(client: PluralClient, payment_link_id: str, refusal: Plural
         # Neither answer can be read: nothing is known, so nothing is decided yet.
         return Decision("retry", error=exc, retry_after=exc.retry_after)
     except PluralError as exc:
-        return _retry_or_reject(exc)
-    except TokenUnavailable as exc:
-        return Decision("retry", error=exc)
+        return _retry_or_reject(exc, attempted=True)  # whatever became of the GET, the PUT was sent
     return _from_status(link, refusal)
 
 
@@ -120,10 +116,10 @@ def _from_status(link: PaymentLink, refusal: PluralError | None) -> Decision:
     return Decision("failed", "rejected", link=link, error=refusal)
 
 
-def _retry_or_reject(exc: PluralError) -> Decision:
-    if exc.retryable:
-        return Decision("retry", error=exc, retry_after=exc.retry_after, attempted=sent(exc))
-    return Decision("failed", "rejected", error=exc, attempted=sent(exc))
+def _retry_or_reject(exc: PluralError, *, attempted: bool) -> Decision:
+    if should_retry(exc):
+        return Decision("retry", error=exc, retry_after=exc.retry_after, attempted=attempted)
+    return Decision("failed", "rejected", error=exc, attempted=attempted)
 
 
 def error_summary(error: PluralError | Exception | None) -> dict | None:
@@ -206,8 +202,7 @@ def health(decision: Decision, probe: bool) -> Health:
     if isinstance(error, PluralRateLimited):
         # A throttle, not an outage: the limiter slows down; the breaker hears nothing.
         return Health(NO_NEWS, probe, throttled=True)
-    if decision.state == "retry" and (isinstance(error, PluralBadResponse)
-                                      or isinstance(error, PluralError) and error.retryable):
+    if decision.state == "retry" and (isinstance(error, PluralBadResponse) or should_retry(error)):
         return Health(FAILURE, probe)  # a 5xx, no answer, or one that is not Plural's (a maintenance page)
     # Any answer that is not a Plural-side failure (including a 4xx in Plural's words) shows Plural is up.
     return Health(SUCCESS, probe)
@@ -304,8 +299,7 @@ ARGUMENTS = ("payment_link_id", "request_id")
 """The cancel task's arguments, by keyword (or in this order by position)."""
 
 
-class MalformedMessage(ValueError):
-    """A cancel message whose arguments cannot run; the message names what is wrong, never a value."""
+
 
 
 def parse_arguments(args: tuple, kwargs: dict) -> tuple[str, str]:

@@ -27,9 +27,10 @@ from typing import Iterable
 
 from celery import Celery
 
+from plural_cancel.errors import RequestIdConflict
 from plural_cancel.config.celery import BACKLOG_AHEAD
 from plural_cancel.worker import app as default_app
-from plural_cancel.worker.ledger import Callback, RequestIdConflict
+from plural_cancel.worker.ledger import Callback
 from plural_cancel.worker.publisher import publish
 from plural_cancel.worker.schedule import Schedule
 from plural_cancel.worker.validation import validate_callback, validate_payment_link_id, validate_request_id

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sandbox import DEMO_PERSONAL_DATA, SandboxServer
-from worker.errors import PluralAuthError, PluralRequestError, PluralServerError
+from plural_cancel.errors import PluralAuthError, PluralRequestError, PluralServerError
 from worker.plural import PluralClient
 
 

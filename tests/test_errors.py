@@ -7,9 +7,10 @@ import pickle
 
 import pytest
 
-from worker.errors import (PluralAuthError, PluralBadResponse, PluralConnectionError, PluralError,
-                           PluralRateLimited, PluralRequestError, PluralServerError, PluralTimeout,
-                           PluralTLSError, PluralUnexpectedAnswer, classify_http, parse_retry_after)
+from plural_cancel.errors import (PluralAuthError, PluralBadResponse, PluralConnectionError, PluralError,
+                                  PluralRateLimited, PluralRequestError, PluralServerError, PluralTLSError,
+                                  PluralTimeout, PluralUnexpectedAnswer)
+from worker.classify import classify_http, parse_retry_after
 
 NOW = 1_720_511_828.0
 OMS = {"source": "OMS", "step": "PAYMENT_CREATION"}
@@ -173,3 +174,25 @@ def test_pickle_keeps_every_attribute():
 def test_an_error_was_sent_unless_it_says_otherwise():
     assert PluralError("x").sent and classify_http(500, None).sent
     assert PluralTimeout("x", sent=False).sent is False
+
+
+def test_every_error_the_product_defines_has_the_one_base():
+    """Like stripe-python's ``error.py``: one base to catch them all. The sandbox plays Plural
+    and keeps its own; ``_private`` ones never leave their module."""
+    import ast
+    import importlib
+
+    from plural_cancel.errors import PluralCancelError
+    from tests.test_imports import product_modules
+
+    checked = []
+    for name, path in product_modules().items():
+        if name.startswith("plural_cancel.sandbox"):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                cls = getattr(importlib.import_module(name), node.name)
+                if isinstance(cls, type) and issubclass(cls, BaseException):
+                    checked.append(cls)
+                    assert issubclass(cls, PluralCancelError), f"{name}.{node.name} is not a PluralCancelError"
+    assert len(checked) >= 15  # the hierarchy, the CLI's failures, the broker's undecodable body

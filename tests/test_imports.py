@@ -23,6 +23,7 @@ def product_modules() -> dict[str, Path]:
             if parts[-1] == "__init__":
                 parts = parts[:-1]
             modules[".".join(("plural_cancel", *parts))] = path
+    modules["plural_cancel.errors"] = ROOT / "plural_cancel" / "errors.py"
     return modules
 
 

@@ -153,7 +153,7 @@ def test_one_request_id_enqueued_50_times_from_5_processes_is_one_cancel(system)
 
 def test_a_request_id_reused_for_another_link_is_refused(system):
     from tasks import enqueue_cancel
-    from worker.ledger import RequestIdConflict
+    from plural_cancel.errors import RequestIdConflict
 
     app = system["app"]
     enqueue_cancel("pl-reuse-a", request_id="reused-key", app=app)

@@ -18,8 +18,8 @@ import uuid
 import pytest
 
 from tests.support.scripted_plural import (CLIENT_ID, LINK_ID, NOW, NOW_STAMP, SECRET, SEED_200, UTC, Answer)
-from worker.errors import (PluralAuthError, PluralBadResponse, PluralError, PluralRateLimited,
-                           PluralRequestError, PluralServerError, PluralUnexpectedAnswer)
+from plural_cancel.errors import (PluralAuthError, PluralBadResponse, PluralError, PluralRateLimited,
+                                  PluralRequestError, PluralServerError, PluralUnexpectedAnswer)
 from worker.links import LINK_STATUSES, PaymentLink
 from worker.plural import PluralClient
 from worker.tokens import AccessToken, MemoryTokenStore

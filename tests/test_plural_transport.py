@@ -18,8 +18,8 @@ from config.settings import Secret, Settings
 from tests.support.forward_proxy import ForwardProxy
 from tests.support.scripted_plural import (CLIENT_ID, LINK_ID, NOW, SECRET, SEED_200, Answer, RecordingStore,
                                            ScriptedPlural, self_signed_tls)
-from worker.errors import (PluralBadResponse, PluralConnectionError, PluralServerError, PluralTimeout,
-                           PluralTLSError, PluralUnexpectedAnswer)
+from plural_cancel.errors import (PluralBadResponse, PluralConnectionError, PluralServerError, PluralTLSError,
+                                  PluralTimeout, PluralUnexpectedAnswer)
 from worker.plural import MAX_BODY, PluralClient
 
 

@@ -12,7 +12,8 @@ import pytest
 import redis
 
 from config.celery import celery_config
-from config.settings import ConfigError, Settings
+from config.settings import Settings
+from plural_cancel.errors import ConfigError
 from tests.conftest import use_settings, wait_for
 from tests.support.sentinel import SentinelGroup
 from tests.support.workers import service_env, start_beat, start_worker
@@ -239,7 +240,7 @@ def test_an_enqueue_waits_for_a_replica_and_says_when_none_acknowledged(master_a
     import signal
 
     from tasks import enqueue_cancel, enqueue_many
-    from worker.ledger import NotReplicated
+    from plural_cancel.errors import NotReplicated
 
     master, replica = master_and_replica
     app = use_settings(master.url, REDIS_WAIT_REPLICAS=1)

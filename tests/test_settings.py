@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from config.settings import PLURAL_BASES, VARIABLES, ConfigError, Settings, exports
+from config.settings import PLURAL_BASES, VARIABLES, Settings, exports
+from plural_cancel.errors import ConfigError
 from tests.support.workers import ROOT
 
 

@@ -64,7 +64,7 @@ def is_kombu_message(payload) -> bool:
     return isinstance(delivery_info, dict) and "exchange" in delivery_info and "routing_key" in delivery_info
 
 
-class UndecodableBody(Exception):
+class _UndecodableBody(Exception):
     """A kombu message whose body is not what its ``body_encoding`` says (raised while kombu builds it)."""
 
 
@@ -166,11 +166,11 @@ class Channel(kombu_redis.Channel):
         # encoding kombu does not know) raises binascii.Error / AttributeError there, out of
         # the event loop. One exception of ours lets Transport._deliver drop just that item.
         if encoding and encoding not in self.codecs:
-            raise UndecodableBody(f"unknown body_encoding {encoding!r}")
+            raise _UndecodableBody(f"unknown body_encoding {encoding!r}")
         try:
             return super().decode_body(body, encoding)
         except (ValueError, TypeError):  # binascii.Error is a ValueError
-            raise UndecodableBody(f"not valid {encoding}") from None
+            raise _UndecodableBody(f"not valid {encoding}") from None
 
     def _consumed_queue(self) -> str:
         """The queue a BRPOP popped from: kombu knows it only inside ``_brpop_read``, so this
@@ -217,7 +217,7 @@ class Transport(kombu_redis.Transport):
             return
         try:
             super()._deliver(message, queue)
-        except UndecodableBody as exc:
+        except _UndecodableBody as exc:
             _drop(self, queue, UNDECODABLE, f"a kombu message with an undecodable body ({exc})",
                   bytes=len(message["body"].encode()))
 

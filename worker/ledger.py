@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable
 
 import redis
 
+from plural_cancel.errors import NotReplicated
 from plural_cancel.worker.keys import Keys
 from plural_cancel.worker.ledger_lua import (CALLBACKS_SENT, CREATE_MANY, PUMP, REJECT, REQUEUE,
                                              TAKE_CALLBACKS)
@@ -59,18 +60,14 @@ WAIT_TIMEOUT_MS = 1000
 is away or resyncing."""
 
 
-class NotReplicated(redis.RedisError):
-    """The master took an enqueue's records but fewer replicas than ``REDIS_WAIT_REPLICAS``
-    acknowledged them in time: a failover now could lose them. Enqueue again (the same
-    Request-IDs are one cancel; a link already live is followed, never sent twice)."""
+
 
 
 STALE = -1
 """What finish and defer answer when the delivery no longer holds the cancel."""
 
 
-class RequestIdConflict(ValueError):
-    """The Request-ID is already used for a cancel of another payment link."""
+
 
 
 @dataclass(frozen=True)

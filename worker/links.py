@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
+from plural_cancel.errors import LinkFormatError
+
 LINK_STATUSES = ("CREATED", "CLICKED", "PAYMENT_INITIATED", "PROCESSED",
                  "PARTIAL_PROCESSED", "CANCELLED", "EXPIRED")
 """Every status Plural documents for a payment link (there is no PAID or ACTIVE)."""
 
 
-class LinkFormatError(ValueError):
-    """Plural's payment-link JSON has the wrong shape; the message names the field, never its value."""
+
 
 
 def parse_timestamp(value: Any, name: str = "timestamp") -> datetime | None:

@@ -7,7 +7,7 @@ client makes each attempt exactly once, except for the single re-try after a rej
 token. Proxy and CA bundle come from :class:`config.settings.Settings`; the session
 never reads the environment itself.
 
-Every failure is a :class:`worker.errors.PluralError` carrying the Request-ID; no
+Every failure is a :class:`plural_cancel.errors.PluralError` carrying the Request-ID; no
 message, log line or ``repr`` holds the token, the client secret or a response body.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import ssl
 import threading
 import time
 import uuid
@@ -28,12 +27,12 @@ from urllib.parse import quote, urlsplit
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import NewConnectionError, ReadTimeoutError
+from urllib3.exceptions import ReadTimeoutError
 
+from plural_cancel.errors import LinkFormatError, PluralAuthError, PluralBadResponse, PluralError, PluralTimeout
 from plural_cancel.config.settings import plain_http_allowed
-from plural_cancel.worker.errors import (TOKEN_CODES, PluralAuthError, PluralBadResponse, PluralConnectionError,
-                                         PluralError, PluralTimeout, PluralTLSError, classify_http)
-from plural_cancel.worker.links import LinkFormatError, PaymentLink, format_timestamp, parse_timestamp
+from plural_cancel.worker.classify import TOKEN_CODES, classify_http, classify_transport
+from plural_cancel.worker.links import PaymentLink, format_timestamp, parse_timestamp
 from plural_cancel.worker.tokens import AccessToken, MemoryTokenStore, TokenStore
 # The one definition of a valid id, shared with the producer API; re-exported from here.
 from plural_cancel.worker.validation import validate_payment_link_id, validate_request_id
@@ -337,7 +336,7 @@ class PluralClient:
         elapsed = (time.monotonic() - started) * 1000
         log.debug("plural %s %s failed (%s) in %.0f ms request_id=%s", method, path,
                   type(exc).__name__, elapsed, request_id)
-        return _transport_error(exc, method, path, request_id, answered=answered)
+        return classify_transport(exc, method, path, request_id, answered=answered)
 
     def _read(self, answer: Answer, request_id: str, token: str | None = None) -> Any:
         """The parsed JSON of a 2xx answer; any other answer raises what :func:`classify_http` says."""
@@ -428,89 +427,3 @@ def _token_refused(answer: Answer) -> bool:
         return False
     body, _ = _parse_json(answer)
     return isinstance(body, dict) and body.get("code") in TOKEN_CODES
-
-
-_NOT_SENT = (requests.exceptions.InvalidURL, requests.exceptions.InvalidHeader,
-             requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema,
-             requests.exceptions.InvalidProxyURL, urllib3.exceptions.LocationValueError)
-
-
-def _transport_error(exc: BaseException, method: str, path: str, request_id: str, *,
-                     answered: bool) -> PluralError:
-    """The :class:`PluralError` for a failure below HTTP (no answer, or a broken one).
-
-    ``answered``: the failure came while reading an answer's body, so the request was
-    sent. Before that, ``sent`` is False only where the request certainly never left:
-    the connection (to Plural or the proxy), the TLS handshake or the URL failed.
-    """
-    where = f"{method} {path}"
-    chain = _chain(exc)
-    root = chain[-1]
-    if answered:
-        if any(isinstance(e, (ReadTimeoutError, requests.exceptions.ReadTimeout, TimeoutError)) for e in chain):
-            return PluralTimeout(f"the answer to {where} did not arrive in time; it may have been processed",
-                                 request_id=request_id)
-        return PluralConnectionError(f"the answer to {where} broke off ({type(root).__name__})",
-                                     request_id=request_id)
-    if isinstance(exc, requests.exceptions.ProxyError):
-        return PluralConnectionError(f"the proxy failed {where} ({_proxy_reason(root)})", request_id=request_id,
-                                     sent=False)
-    if isinstance(exc, requests.exceptions.SSLError):
-        # Only the handshake raises this: once it is done, Python's ssl reads a hang-up as the
-        # end of the stream (suppress_ragged_eofs), which urllib3 reports as a ProtocolError.
-        return PluralTLSError(f"TLS failed on {where} ({_tls_reason(root)}): check the certificate, "
-                              "the host name and any proxy", request_id=request_id, sent=False)
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return PluralTimeout(f"connecting for {where} timed out", request_id=request_id, sent=False)
-    if isinstance(exc, requests.exceptions.ReadTimeout):
-        return PluralTimeout(f"no answer to {where} within the read timeout; it may have been "
-                             "processed", request_id=request_id)
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        # Refused or unresolvable: urllib3's NewConnectionError (NameResolutionError is one).
-        unsent = any(isinstance(e, NewConnectionError) for e in chain)
-        return PluralConnectionError(f"connection to Plural failed on {where} ({type(root).__name__})",
-                                     request_id=request_id, sent=not unsent)
-    if isinstance(exc, (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError)):
-        return PluralConnectionError(f"the answer to {where} broke off ({type(root).__name__})",
-                                     request_id=request_id)
-    if isinstance(exc, _NOT_SENT):
-        # A bug or a bad setting, not worth retrying.
-        return PluralError(f"request {where} could not be sent ({type(exc).__name__})", request_id=request_id,
-                           sent=False)
-    if isinstance(exc, OSError) and not isinstance(exc, requests.RequestException):
-        # Raised before any connection: requests found no CA bundle at the configured path.
-        return PluralTLSError(f"TLS could not be set up for {where} ({type(exc).__name__}): check "
-                              "REQUESTS_CA_BUNDLE / SSL_CERT_FILE", request_id=request_id, sent=False)
-    return PluralError(f"request {where} failed ({type(exc).__name__})", request_id=request_id)
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    """``exc`` and the errors it wraps (requests' over urllib3's over the socket's), outermost first."""
-    chain = [exc]
-    for _ in range(12):
-        inner = getattr(exc, "reason", None)
-        if not isinstance(inner, BaseException):
-            inner = next((a for a in reversed(exc.args) if isinstance(a, BaseException)), None)
-        if inner is None:
-            inner = exc.__cause__ or exc.__context__
-        if inner is None or inner in chain:
-            break
-        chain.append(inner)
-        exc = inner
-    return chain
-
-
-def _proxy_reason(root: BaseException) -> str:
-    # http.client's "Tunnel connection failed: 407 Proxy Authentication Required" names the
-    # proxy's answer; it never holds the proxy URL or its credentials.
-    text = str(root)
-    if text.startswith("Tunnel connection failed"):
-        return text[:80]
-    return type(root).__name__
-
-
-def _tls_reason(root: BaseException) -> str:
-    # OpenSSL's verify message ("self-signed certificate") names the fault, not any secret.
-    if isinstance(root, ssl.SSLCertVerificationError) and root.verify_message:
-        return str(root.verify_message)[:80]
-    return type(root).__name__

@@ -27,8 +27,9 @@ from typing import Any
 
 import redis
 
+from plural_cancel.errors import RequestIdConflict
 from plural_cancel.worker.keys import Keys
-from plural_cancel.worker.ledger import Callback, RequestIdConflict, as_text, stored_time
+from plural_cancel.worker.ledger import Callback, as_text, stored_time
 from plural_cancel.worker.redis_clock import REDIS_NOW
 
 # KEYS: [1] schedule  [2] this link's hash  [3] schedule ids  [4] ledger record key prefix

@@ -31,6 +31,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from plural_cancel.errors import TokenUnavailable
 from plural_cancel.worker.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -133,8 +134,7 @@ return 0
 """
 
 
-class TokenUnavailable(Exception):
-    """No token could be had in time: another process holds the refresh lock and produced none."""
+
 
 
 class RedisTokenCache:

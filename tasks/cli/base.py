@@ -7,13 +7,14 @@ import click
 import redis
 from kombu.exceptions import OperationalError
 
-from plural_cancel.config.settings import ConfigError, Settings
+from plural_cancel.errors import ConfigError, PluralCancelError
+from plural_cancel.config.settings import Settings
 
 _SETTINGS = "plural_cancel.settings"
 """Where :func:`load_settings` leaves the settings in the click context, for the error line."""
 
 
-class UsageFailure(click.ClickException):
+class UsageFailure(PluralCancelError, click.ClickException):
     """Bad input: one line on stderr, exit status 2."""
 
     exit_code = 2
@@ -22,7 +23,7 @@ class UsageFailure(click.ClickException):
         click.echo(f"plural-cancel: {self.format_message()}", err=True)
 
 
-class Failure(click.ClickException):
+class Failure(PluralCancelError, click.ClickException):
     """Anything else that went wrong: one line on stderr, exit status 1."""
 
     exit_code = 1

@@ -1,0 +1,179 @@
+"""Every error this product raises, under one base: catch :class:`PluralCancelError` to
+catch any of them.
+
+Bad input and settings are also ``ValueError``s, a Redis that could not keep a promise
+also a ``redis.RedisError``. The errors of talking to Plural (:class:`PluralError` and
+below) carry what an on-call engineer needs (HTTP status, Plural's code and message, its
+details, the Request-ID), whether the call may have left this host (``sent``) and whether
+trying again can help (``retryable``). Which one an answer or a failure is, and so
+whether it is retried, is decided in one module: ``plural_cancel.worker.classify``.
+
+Messages never hold a response body, a token or a secret: bodies can carry customer
+personal data, and messages end up in logs, Sentry and the status record.
+
+Kept at the top of the package, apart from ``worker``, because every layer raises them
+(``config`` too, which ``worker`` imports: this module imports nothing of the product).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import redis
+
+MAX_MESSAGE = 300
+"""Characters of Plural's own error message kept (a bound on what reaches logs and Redis)."""
+
+
+class PluralCancelError(Exception):
+    """Base of every error this product raises on purpose."""
+
+
+# -- bad input and settings: also ValueErrors -------------------------------------------
+
+
+class ConfigError(PluralCancelError, ValueError):
+    """A setting is missing or malformed; the message names the variable and what it accepts."""
+
+    def __init__(self, variable: str, accepts: str, got: str | None = None):
+        self.variable = variable
+        detail = f"{variable}: must be {accepts}"
+        if got is not None:
+            detail += f" (got {got!r})"
+        super().__init__(detail)
+
+
+class RequestIdConflict(PluralCancelError, ValueError):
+    """The Request-ID is already used for a cancel of another payment link."""
+
+
+class MalformedMessage(PluralCancelError, ValueError):
+    """A cancel message whose arguments cannot run; the message names what is wrong, never a value."""
+
+
+# -- Redis ------------------------------------------------------------------------------
+
+
+class NotReplicated(PluralCancelError, redis.RedisError):
+    """The master took an enqueue's records but fewer replicas than ``REDIS_WAIT_REPLICAS``
+    acknowledged them in time: a failover now could lose them. Enqueue again (the same
+    Request-IDs are one cancel; a link already live is followed, never sent twice)."""
+
+
+# -- Plural -----------------------------------------------------------------------------
+
+
+class PluralError(PluralCancelError):
+    """Base of every error of talking to Plural."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, http_status: int | None = None, code: str | None = None,
+                 details: Mapping[str, Any] | None = None, request_id: str | None = None,
+                 retry_after: float | None = None, retryable: bool | None = None, sent: bool = True):
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+        self.code = code
+        self.details = dict(details or {})
+        self.request_id = request_id
+        self.retry_after = retry_after
+        """Seconds Plural asked us to wait (from ``Retry-After``), or None."""
+        if retryable is not None:
+            self.retryable = retryable
+        self.sent = sent
+        """False when the call certainly never left this host (refused, unresolvable, connect
+        timeout, TLS handshake, proxy, the deadline passed first, or the token step failed
+        before the call was made), so Plural cannot have acted on it; True whenever it may
+        have (a read timeout, a reset mid-answer, any HTTP answer)."""
+
+    def __str__(self) -> str:
+        bits = [self.message]
+        if self.http_status is not None:
+            bits.append(f"http_status={self.http_status}")
+        if self.code:
+            bits.append(f"code={self.code}")
+        if self.request_id:
+            bits.append(f"request_id={self.request_id}")
+        return " ".join(bits)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r})"
+
+    def __reduce__(self):
+        # Celery and billiard pickle exceptions between processes; the default
+        # reduction would call cls(message) and lose every keyword attribute.
+        return (_rebuild, (type(self), self.message, self._state()))
+
+    def _state(self) -> dict[str, Any]:
+        return dict(http_status=self.http_status, code=self.code, details=self.details,
+                    request_id=self.request_id, retry_after=self.retry_after, retryable=self.retryable,
+                    sent=self.sent)
+
+    def as_dict(self) -> dict[str, Any]:
+        """What a status record keeps of this error (no secrets, no personal data)."""
+        return {"http_status": self.http_status, "code": self.code or type(self).__name__,
+                "message": self.message[:MAX_MESSAGE]}
+
+
+def _rebuild(cls: type[PluralError], message: str, state: dict[str, Any]) -> PluralError:
+    return cls(message, **state)
+
+
+class PluralConnectionError(PluralError):
+    """Plural could not be reached, or the connection broke mid-answer."""
+
+    retryable = True
+
+
+class PluralTimeout(PluralConnectionError):
+    """Plural did not connect or answer within the timeout (the request may have been processed)."""
+
+
+class PluralTLSError(PluralError):
+    """TLS failed (bad certificate, wrong host): a configuration problem, never retried."""
+
+
+class PluralServerError(PluralError):
+    """Plural answered 5xx."""
+
+    retryable = True
+
+
+class PluralRateLimited(PluralError):
+    """Plural answered 429; ``retry_after`` holds its hint when it gave one."""
+
+    retryable = True
+
+
+class PluralAuthError(PluralError):
+    """A token rejected twice (401 or an auth code), the account refused, or Generate Token refusing the credentials."""
+
+
+class PluralRequestError(PluralError):
+    """A 4xx with Plural's error body: Plural understood the request and refused it."""
+
+
+class PluralUnexpectedAnswer(PluralError):
+    """A 4xx without Plural's error body (a WAF's page, a proxy's 407, a wrong path's 404): retried."""
+
+    retryable = True
+
+
+class TokenUnavailable(PluralError):
+    """No token could be had in time: another process holds the refresh lock and produced
+    none. No call was made (``sent`` False); the cancel is tried again later."""
+
+    retryable = True
+
+    def __init__(self, message: str, **kwargs: Any):
+        kwargs.setdefault("sent", False)
+        super().__init__(message, **kwargs)
+
+
+class PluralBadResponse(PluralError):
+    """Plural's answer could not be read: not JSON, truncated, empty, a redirect, or the wrong shape."""
+
+
+class LinkFormatError(PluralCancelError, ValueError):
+    """Plural's payment-link JSON has the wrong shape; the message names the field, never its value."""
