@@ -40,7 +40,10 @@ if str(ROOT) not in sys.path:
 
 from config.settings import Settings  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
-from worker import app  # noqa: E402
+from worker import create_app  # noqa: E402
+
+app = None
+"""The producer's app, built in :func:`main` for the bench's own Redis."""
 
 
 def check_queue(client: redis.Redis, count: int) -> None:
@@ -88,7 +91,8 @@ def main() -> None:
     server = RedisServer(prefix="bench-redis-")
     url = server.url
     try:
-        app.use(Settings.from_env({"REDIS_URL": url}))
+        global app
+        app = create_app(Settings.from_env({"REDIS_URL": url}))
         client = redis.Redis.from_url(url)
         links = [f"pl-bench-{i:07d}" for i in range(opts.count)]
         # Warm both paths (connections, scripts, imports) before timing.

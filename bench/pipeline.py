@@ -120,11 +120,10 @@ class Bench:
         self.keys = Keys()
         self._links = 0
         self._notes: list[str] = []
-        # The producer side, once: use() closes kombu's process-wide connection pools, which
-        # the bare app's producer and either app's remote control would draw from later.
-        from worker import app
-        app.use(Settings.from_env({"REDIS_URL": redis_url, "PLURAL_BASE_URL": sandbox.url,
-                                   "PLURAL_RATE_LIMIT": "100000"}))
+        # The producer side, once, an app of its own for this bench's Redis.
+        from worker import create_app
+        self.app = create_app(Settings.from_env({"REDIS_URL": redis_url, "PLURAL_BASE_URL": sandbox.url,
+                                                 "PLURAL_RATE_LIMIT": "100000"}))
 
     def close(self) -> None:
         self.client.close()
@@ -194,8 +193,8 @@ class Bench:
     def product(self, n: int, latency_ms: float, pool: str = "threads", concurrency: int = DEFAULT_CONCURRENCY,
                 processes: int = 1, *, events: bool = False) -> Run:
         from tasks import enqueue_many
-        from worker import app
 
+        app = self.app
         ids = self._fresh(n, latency_ms)
         env = self._site(service_env(self.redis_url, self.sandbox.url, PLURAL_RATE_LIMIT=100000))
         # "threads" is the product's default pool (no --pool): Celery's threads pool that can

@@ -112,10 +112,8 @@ class Cost(Bench):
 
     def idle(self, seconds: float) -> dict[str, float]:
         """One product worker with nothing to do for ``seconds``: commands and CPU per second."""
-        from worker import app
-
         self.client.flushall()
-        worker = Worker("worker", service_env(self.redis_url, self.sandbox.url), None, 128, [], "INFO", app)
+        worker = Worker("worker", service_env(self.redis_url, self.sandbox.url), None, 128, [], "INFO", self.app)
         time.sleep(2)  # past its start-up traffic
         calls0, cpu0 = totals(self.client)
         time.sleep(seconds)

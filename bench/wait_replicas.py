@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 from config.settings import Settings  # noqa: E402
 from tasks import enqueue_cancel, enqueue_many  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
-from worker import app  # noqa: E402
+from worker import create_app  # noqa: E402
 
 
 def timed(calls) -> list[float]:
@@ -48,11 +48,12 @@ def p99(values: list[float]) -> float:
 
 def run(master: RedisServer, wait: int, args, round_: int) -> dict[str, list[float]]:
     redis.Redis.from_url(master.url).flushdb()
-    app.use(Settings.from_env({"REDIS_URL": master.url, "REDIS_WAIT_REPLICAS": str(wait)}))
+    app = create_app(Settings.from_env({"REDIS_URL": master.url, "REDIS_WAIT_REPLICAS": str(wait)}))
     tag = f"r{round_}w{wait}"
     batches = [[f"pl-{tag}-b{b}-{i}" for i in range(args.batch)] for b in range(args.batches)]
     many = timed(lambda links=links: enqueue_many(links, app=app) for links in batches)
     singles = timed(lambda n=n: enqueue_cancel(f"pl-{tag}-s{n}", app=app) for n in range(args.singles))
+    app.close()
     return {"many": many, "single": singles}
 
 
@@ -82,7 +83,6 @@ def main() -> None:
             print(f"{label}: {off * 1000:.3f} ms without WAIT, {on * 1000:.3f} ms with WAIT 1 "
                   f"(+{(on - off) * 1000:.3f} ms a call, x{on / off:.2f})")
     finally:
-        app.runtime.close()
         replica.stop()
         master.stop()
 

@@ -102,17 +102,16 @@ def healthy_sandbox(sandbox_process):
 
 
 def use_settings(redis_url: str, plural_url: str | None = None, **overrides):
-    """Point this process's Celery app (the producer side) at ``redis_url``."""
+    """A new app (the producer side) for ``redis_url`` and these settings, to pass as ``app=``."""
     from config.settings import Settings
-    from worker import app
+    from worker import create_app
 
     env = {"REDIS_URL": redis_url, "PLURAL_CLIENT_ID": "test-client",
            "PLURAL_CLIENT_SECRET": "test-secret-do-not-leak"}
     if plural_url:
         env["PLURAL_BASE_URL"] = plural_url
     env.update({k: str(v) for k, v in overrides.items()})
-    app.use(Settings.from_env(env))
-    return app
+    return create_app(Settings.from_env(env))
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.1, message: str = "condition"):

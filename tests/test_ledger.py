@@ -93,13 +93,13 @@ def test_a_skewed_worker_clock_does_not_move_a_breaker_hold(redis_url, redis_cli
     from config.settings import Settings
     from tasks.cancel import execute
     from worker.publisher import pump
-    from worker import app
+    from worker import create_app
     from worker.runtime import Runtime
 
     settings = Settings.from_env({"REDIS_URL": redis_url, "PLURAL_CLIENT_ID": "c", "PLURAL_CLIENT_SECRET": "s",
                                   "BREAKER_MIN_LINKS": "2", "BREAKER_COOLDOWN": "0.5"})
     runtime = Runtime(settings, clock=lambda: time.time() - 3600, jitter=lambda: 0.0)
-    app.use(settings, runtime)
+    app = create_app(settings, runtime)
     try:
         record(runtime.breaker, "failure", "pl-down-1")
         assert record(runtime.breaker, "failure", "pl-down-2")  # open for 0.5 s by Redis's clock
@@ -113,7 +113,7 @@ def test_a_skewed_worker_clock_does_not_move_a_breaker_hold(redis_url, redis_cli
         time.sleep(0.6)
         assert pump(app) == 1 and redis_client.llen(QUEUE) == 1
     finally:
-        app.use(settings)
+        app.close()
 
 
 @pytest.mark.parametrize("bad", ["pl-ab", b"pl-ab"])

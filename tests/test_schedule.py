@@ -221,7 +221,8 @@ def test_a_batch_published_message_is_what_apply_async_stores_ids_aside(app, red
     from worker.publisher import publish
 
     kwargs = {"payment_link_id": "pl-same", "request_id": "rid-same"}
-    cancel_payment_link.apply_async(kwargs=kwargs)
+    with app.producer_or_acquire() as producer:  # the task's own apply_async, onto this test's Redis
+        cancel_payment_link.apply_async(kwargs=kwargs, producer=producer)
     ours_pairs = [("rid-same", "pl-same")]
     publish(app, ours_pairs)
     theirs, ours = _stored(redis_client), _stored(redis_client)
@@ -275,11 +276,11 @@ def test_a_skewed_host_clock_cannot_unschedule_a_cancel_being_fired(redis_url, r
     from config.settings import Settings
     from tasks import get_schedule, schedule_cancel, unschedule_cancel
     from tasks.producer import schedule_store
-    from worker import app as the_app
+    from worker import create_app
     from worker.runtime import Runtime
 
     settings = Settings.from_env({"REDIS_URL": redis_url})
-    the_app.use(settings, Runtime(settings, clock=lambda: time.time() + 120))
+    the_app = create_app(settings, Runtime(settings, clock=lambda: time.time() + 120))
     try:
         request_id = schedule_cancel("pl-skewed", soon(-1), app=the_app)
         [due] = schedule_store(the_app).take_due(limit=10, hold=60)  # a firer stalled mid-way
@@ -288,7 +289,7 @@ def test_a_skewed_host_clock_cannot_unschedule_a_cancel_being_fired(redis_url, r
         assert unschedule_cancel("pl-skewed", app=the_app) is False
         assert redis_client.zscore("plural-cancel:schedule", "pl-skewed") is not None  # still there to fire
     finally:
-        the_app.use(settings)
+        the_app.close()
 
 
 def test_a_scheduled_cancel_carries_its_callback_when_it_fires(app, redis_client):

@@ -7,6 +7,6 @@ if __name__ == "worker":
 
     install(__name__)
 else:
-    from plural_cancel.worker.app import app
+    from plural_cancel.worker.app import app, create_app
 
-    __all__ = ["app"]
+    __all__ = ["app", "create_app"]

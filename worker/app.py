@@ -2,8 +2,8 @@
 
 ``celery -A worker worker`` and ``celery -A worker beat`` load it from the repo root.
 Settings are read from the environment the first time the app is configured, so a
-producer that imports ``tasks`` reads them once too; tests hand in their own with
-:meth:`CancelApp.use`.
+producer that imports ``tasks`` reads them once too. An app for other settings is built,
+never re-pointed: :func:`create_app` (the command line, tests, a producer with two Redis).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import sys
 import threading
 
-import kombu.pools
 import redis
 from celery import Celery, bootsteps, signals
 
@@ -32,11 +31,11 @@ log = logging.getLogger(__name__)
 class CancelApp(Celery):
     """A Celery app that carries the product's settings and its per-process runtime."""
 
-    def __init__(self, settings: Settings | None = None, **kwargs):
+    def __init__(self, settings: Settings | None = None, runtime: Runtime | None = None, **kwargs):
         super().__init__("plural-cancel", include=["plural_cancel.tasks.cancel", "plural_cancel.tasks.periodic"],
                          **kwargs)
         self._settings = settings
-        self._runtime: Runtime | None = None
+        self._runtime: Runtime | None = runtime
         self._runtime_lock = threading.Lock()
 
     @property
@@ -57,20 +56,21 @@ class CancelApp(Celery):
                     self._runtime = Runtime(self.settings)
         return self._runtime
 
-    def use(self, settings: Settings, runtime: Runtime | None = None) -> None:
-        """Switch to other settings (tests, the command line's overrides)."""
+    def close(self) -> None:
+        """Close this app's Redis connections and its broker pool (an app a producer built, when done)."""
         if self._runtime is not None:
             self._runtime.close()
-        self._settings = settings
-        self._runtime = runtime
-        self.conf.update(celery_config(settings))
-        # Drop the broker pools built for the old settings: the app's own, the producer
-        # pool it caches, and kombu's process-wide registries that producer pool came from.
-        if self._pool is not None:
-            self._pool.force_close_all()
-            self._pool = None
-        self.amqp._producer_pool = None
-        kombu.pools.reset()
+            self._runtime = None
+        super().close()
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> CancelApp:
+    """A new app for ``settings`` (read from the environment when None), for a producer, the
+    command line or a test to build and pass on (the API's ``app=``); ``runtime``: one built
+    for these settings with a clock or jitter of its own (tests). Nothing is shared with the
+    module's :data:`app`, the worker's, which never changes its settings; this one is not
+    made Celery's current app."""
+    return CancelApp(settings, runtime, set_as_current=False)
 
 
 class DuePump(bootsteps.StartStopStep):
@@ -161,31 +161,38 @@ def _close_runtime(**kwargs):
 # happened and the count in Redis is what `plural-cancel stats` and the metrics show.
 
 
-def _count_malformed(reason: str) -> None:
-    runtime = app.runtime
+def _count_malformed(client: redis.Redis, keys, reason: str) -> None:
     try:
-        malformed.count(runtime.redis, runtime.keys, reason)
+        malformed.count(client, keys, reason)
     except redis.RedisError as exc:  # the drop itself is logged already; a blip must not add a traceback
         log.warning("malformed message not counted: redis unreachable (%s)", type(exc).__name__,
                     extra={"reason": reason})
 
 
 @message_dropped.connect
-def _count_dropped(reason=None, **kwargs):
-    """A queue item that was not a kombu message (``worker.broker`` logged it)."""
-    _count_malformed(reason)
+def _count_dropped(sender=None, reason=None, client=None, **kwargs):
+    """A queue item that was not a kombu message (``worker.broker`` logged it), counted in the
+    broker's database (the product's), through the dropping channel's ``client``."""
+    _count_malformed(client if client is not None else app.runtime.redis, app.runtime.keys, reason)
+
+
+def _consumer_runtime(sender) -> Runtime:
+    """The runtime of the app whose consumer sent a signal (the worker's own, in a worker)."""
+    return getattr(sender, "app", app).runtime
 
 
 @signals.task_rejected.connect
-def _count_rejected(**kwargs):
+def _count_rejected(sender=None, **kwargs):
     """A kombu message that is not a Celery task message (Celery logged and discarded it)."""
-    _count_malformed(malformed.NOT_A_TASK_MESSAGE)
+    rt = _consumer_runtime(sender)
+    _count_malformed(rt.redis, rt.keys, malformed.NOT_A_TASK_MESSAGE)
 
 
 @signals.task_unknown.connect
-def _count_unknown(**kwargs):
+def _count_unknown(sender=None, **kwargs):
     """A task message naming a task this worker does not have (Celery logged and discarded it)."""
-    _count_malformed(malformed.UNKNOWN_TASK)
+    rt = _consumer_runtime(sender)
+    _count_malformed(rt.redis, rt.keys, malformed.UNKNOWN_TASK)
 
 
 # -- operations: logs, Sentry and metrics in the worker and beat processes --------------

@@ -44,10 +44,11 @@ from plural_cancel.worker.malformed import NOT_A_TASK_MESSAGE, UNDECODABLE
 
 log = logging.getLogger(__name__)
 
-message_dropped = Signal(name="message_dropped", providing_args={"queue", "reason"})
+message_dropped = Signal(name="message_dropped", providing_args={"queue", "reason", "client"})
 """Sent once for each queue item dropped as not a kombu message; ``sender`` is the channel or
 the transport that dropped it, ``queue`` the queue's name, ``reason`` ``worker.malformed.UNDECODABLE`` or
-``NOT_A_TASK_MESSAGE``. The worker's app counts them (``worker.app``)."""
+``NOT_A_TASK_MESSAGE``, ``client`` a Redis client of the broker's database. The worker's app
+counts them there (``worker.app``)."""
 
 
 def is_kombu_message(payload) -> bool:
@@ -71,7 +72,11 @@ class _UndecodableBody(Exception):
 def _drop(sender, queue: str, reason: str, what: str, **fields) -> None:
     # The content is never logged: a foreign producer's message may hold personal data.
     log.error("dropped a queue item that is %s", what, extra={"queue": queue, "reason": reason, **fields})
-    message_dropped.send(sender=sender, queue=queue, reason=reason)
+    # Counted in the broker's own database (the product's): the channel's client, or for
+    # the transport, any of its channels' (they share one Redis).
+    channel = sender if isinstance(sender, Channel) else next(iter(getattr(sender, "channels", ())), None)
+    message_dropped.send(sender=sender, queue=queue, reason=reason,
+                         client=channel._create_client() if channel is not None else None)
 
 
 REFUSED = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)

@@ -100,7 +100,7 @@ def load_settings() -> Settings:
 
 
 def configured_app():
-    from plural_cancel.worker import app
+    """An app built from the command line's settings (its options over the environment)."""
+    from plural_cancel.worker import create_app
 
-    app.use(load_settings())
-    return app
+    return create_app(load_settings())
