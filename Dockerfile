@@ -8,6 +8,7 @@ COPY tasks ./tasks
 COPY sandbox ./sandbox
 # SIGTERM becomes Celery's soft shutdown (README, Operations).
 ENV REMAP_SIGTERM=SIGQUIT
-RUN pip install --no-cache-dir . && useradd --system app
+# The sandbox extra: docker-compose's sandbox service runs `plural-cancel sandbox` from this image.
+RUN pip install --no-cache-dir '.[sandbox]' && useradd --system app
 USER app
 CMD ["celery", "-A", "worker", "worker", "--loglevel=INFO"]

@@ -2,7 +2,10 @@
 
 It serves Plural's own paths under ``http://HOST:PORT/api`` with the seed's shapes,
 and switchable faults under ``/_admin``. It imports nothing from ``worker``, ``tasks``
-or ``config``: clients talk to it over HTTP only.
+or ``config``: clients talk to it over HTTP only. Its server is aiohttp's (the
+``sandbox`` extra, :mod:`sandbox.server`); its command line is one click command,
+``plural-cancel sandbox`` or, inside the repository, ``python -m sandbox``
+(:mod:`sandbox.cli`).
 
 Paths (all need ``Authorization: Bearer <token>`` and ``Request-ID`` except the token call)::
 
@@ -72,8 +75,16 @@ if __name__ == "sandbox":
 else:
     from plural_cancel.sandbox.cli import main
     from plural_cancel.sandbox.links import DEMO_PERSONAL_DATA, STATUSES
-    from plural_cancel.sandbox.server import Sandbox, SandboxServer, serve
     from plural_cancel.sandbox.state import DEMO_LINKS
 
     __all__ = ["DEMO_LINKS", "DEMO_PERSONAL_DATA", "STATUSES", "Sandbox", "SandboxServer", "main",
                "serve"]
+
+    def __getattr__(name: str):
+        # The server needs aiohttp (the ``sandbox`` extra), which every ``plural-cancel``
+        # command would otherwise import, through the ``sandbox`` command, for nothing.
+        if name in ("Sandbox", "SandboxServer", "serve"):
+            from plural_cancel.sandbox import server
+
+            return getattr(server, name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,9 +9,9 @@ from plural_cancel.sandbox.faults import FaultInjector
 from plural_cancel.sandbox.links import parse_iso
 from plural_cancel.sandbox.replies import Reply, json_reply, method_not_allowed, plural_error
 from plural_cancel.sandbox.reqlog import RequestLog
+from plural_cancel.sandbox.request import Request
 from plural_cancel.sandbox.state import LinkError, LinkStore
 from plural_cancel.sandbox.tokens import TokenStore
-from plural_cancel.sandbox.wire import Request
 
 _LINK_PATH = re.compile(r"/_admin/links/([^/]+)\Z")
 

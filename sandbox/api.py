@@ -15,9 +15,9 @@ from plural_cancel.sandbox.links import DEFAULT_LIFETIME, ID_RE, iso_ms, parse_i
 from plural_cancel.sandbox.replies import (Reply, injected, invalid_request, json_reply, method_not_allowed, not_found,
                                            plural_error, unauthorized)
 from plural_cancel.sandbox.reqlog import Entry, RequestLog
+from plural_cancel.sandbox.request import Request
 from plural_cancel.sandbox.state import LinkError, LinkStore
 from plural_cancel.sandbox.tokens import TokenStore
-from plural_cancel.sandbox.wire import Request
 
 TOKEN_PATH = "/api/auth/v1/token"
 LINKS_PATH = "/api/pay/v1/paymentlink"

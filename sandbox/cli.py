@@ -1,48 +1,35 @@
-"""``python -m sandbox``: parse the options, call :func:`serve`.
+"""The sandbox's command line: one click command, two names.
 
-The sandbox reads no environment: credentials come as ``--client-id`` /
-``--client-secret`` (``plural-cancel sandbox`` fills them from the settings).
+``python -m sandbox`` (tests, benchmarks) runs :func:`main`, and ``plural-cancel
+sandbox`` (``make run``, docker-compose) is this same :func:`sandbox` command added to
+the ``plural-cancel`` group by ``tasks.cli``: one set of options, one set of defaults.
+
+Credentials: ``--client-id``/``--client-secret``, else ``PLURAL_CLIENT_ID`` /
+``PLURAL_CLIENT_SECRET`` from the environment (the pair a worker beside it is given),
+else any pair is accepted. The server and aiohttp (the ``sandbox`` extra) are imported
+only when the command runs, so the other ``plural-cancel`` commands never load them.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from typing import Any, Sequence
+
+import click
 
 from plural_cancel.sandbox.api import TOKEN_STYLES
 from plural_cancel.sandbox.faults import Faults
-from plural_cancel.sandbox.server import serve
 
+DEFAULT_PORT = 8800
+"""The port without ``--port`` (docker-compose's and ``make run``'s ``PLURAL_BASE_URL``)."""
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m sandbox",
-        description="A local Pine Labs Plural emulator with switchable faults.")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8765, help="0 picks a free port")
-    p.add_argument("--latency-ms", type=float, default=0, help="added before every /api answer")
-    p.add_argument("--error-rate", type=float, default=0, help="probability of a 500 per call")
-    p.add_argument("--outage", action="store_true", help="every /api call answers 503")
-    p.add_argument("--reset-rate", type=float, default=0, help="probability of a TCP reset")
-    p.add_argument("--timeout-rate", type=float, default=0,
-                   help="probability of holding the answer --hang-ms")
-    p.add_argument("--hang-ms", type=float, default=30000)
-    p.add_argument("--token-ttl", type=float, default=3600, help="seconds new tokens live")
-    p.add_argument("--token-style", choices=TOKEN_STYLES, default="expires_at")
-    # No environment defaults: `plural-cancel sandbox` passes the settings' credentials;
-    # `python -m sandbox` without them accepts any.
-    p.add_argument("--client-id", default=None, help="the accepted client id (default: any)")
-    p.add_argument("--client-secret", default=None, help="the accepted client secret (default: any)")
-    p.add_argument("--seed", type=int, default=None, help="repeatable fault dice and ids")
-    p.add_argument("--no-demo-links", action="store_true", help="start with no links")
-    return p
+_RATE = click.FloatRange(0, 1)
+_NON_NEGATIVE = click.FloatRange(min=0)
 
 
 def faults_from_options(*, latency_ms: float = 0, error_rate: float = 0, outage: bool = False,
                         reset_rate: float = 0, timeout_rate: float = 0, hang_ms: float = 30000,
                         token_ttl: float = 3600) -> dict[str, Any]:
-    """The faults dict :func:`serve` takes, from the command-line options.
+    """The faults dict :func:`~sandbox.server.serve` takes, from the command-line options.
 
     ``error_rate`` is the probability of a 500; ``ValueError`` names a bad field.
     """
@@ -55,24 +42,60 @@ def faults_from_options(*, latency_ms: float = 0, error_rate: float = 0, outage:
     return faults
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if (args.client_id is None) != (args.client_secret is None):
-        print("sandbox: give both --client-id and --client-secret, or neither", file=sys.stderr)
-        return 2
+@click.command(name="sandbox", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535),
+              help="0 picks a free port (the line 'sandbox listening on URL' names it).")
+@click.option("--latency-ms", default=0.0, type=_NON_NEGATIVE, help="Milliseconds added before every /api answer.")
+@click.option("--error-rate", default=0.0, type=_RATE, help="Probability of a 500 per /api call.")
+@click.option("--outage", is_flag=True, help="Every /api call answers 503.")
+@click.option("--reset-rate", default=0.0, type=_RATE,
+              help="Probability of a TCP reset and no answer (the call is not applied).")
+@click.option("--timeout-rate", default=0.0, type=_RATE,
+              help="Probability of holding the answer --hang-ms (the call is applied).")
+@click.option("--hang-ms", default=30000.0, show_default=True, type=_NON_NEGATIVE,
+              help="Milliseconds a timed-out answer is held.")
+@click.option("--token-ttl", default=3600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds new access tokens live.")
+@click.option("--token-style", default="expires_at", show_default=True, type=click.Choice(TOKEN_STYLES),
+              help="How Generate Token states the expiry.")
+@click.option("--client-id", envvar="PLURAL_CLIENT_ID", default=None,
+              help="The accepted client id [default: PLURAL_CLIENT_ID; any when unset].")
+@click.option("--client-secret", envvar="PLURAL_CLIENT_SECRET", default=None,
+              help="The accepted client secret [default: PLURAL_CLIENT_SECRET].")
+@click.option("--seed", type=int, default=None, help="Repeatable fault dice and generated ids.")
+@click.option("--no-demo-links", is_flag=True, help="Start with no links, not even the demo ones.")
+def sandbox(host: str, port: int, latency_ms: float, error_rate: float, outage: bool, reset_rate: float,
+            timeout_rate: float, hang_ms: float, token_ttl: float, token_style: str, client_id: str | None,
+            client_secret: str | None, seed: int | None, no_demo_links: bool):
+    """Run the local Plural sandbox: Plural's paths under http://HOST:PORT/api, faults under /_admin."""
+    if (client_id is None) != (client_secret is None):
+        raise click.UsageError("give both --client-id and --client-secret (or PLURAL_CLIENT_ID and "
+                               "PLURAL_CLIENT_SECRET), or neither")
     try:
-        faults = faults_from_options(latency_ms=args.latency_ms, error_rate=args.error_rate,
-                                     outage=args.outage, reset_rate=args.reset_rate,
-                                     timeout_rate=args.timeout_rate, hang_ms=args.hang_ms,
-                                     token_ttl=args.token_ttl)
+        faults = faults_from_options(latency_ms=latency_ms, error_rate=error_rate, outage=outage,
+                                     reset_rate=reset_rate, timeout_rate=timeout_rate, hang_ms=hang_ms,
+                                     token_ttl=token_ttl)
     except ValueError as err:
-        print(f"sandbox: {err}", file=sys.stderr)
-        return 2
+        raise click.UsageError(str(err)) from None
     try:
-        serve(args.host, args.port, client_id=args.client_id, client_secret=args.client_secret,
-              faults=faults, token_style=args.token_style, seed_demo=not args.no_demo_links,
-              seed=args.seed)
+        from plural_cancel.sandbox.server import serve
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("aiohttp"):
+            raise
+        raise click.ClickException("the sandbox needs aiohttp: pip install 'plural-cancel[sandbox]'") from None
+    try:
+        serve(host, port, client_id=client_id, client_secret=client_secret, faults=faults,
+              token_style=token_style, seed_demo=not no_demo_links, seed=seed)
     except OSError as err:
-        print(f"sandbox: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
-        return 1
+        raise click.ClickException(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sandbox``: :func:`sandbox` under that name; returns its exit status
+    (0 once stopped by SIGTERM or SIGINT, 2 on bad options, 1 otherwise)."""
+    try:
+        sandbox.main(args=list(argv) if argv is not None else None, prog_name="python -m sandbox")
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     return 0

@@ -1,11 +1,17 @@
-"""The HTTP server: one asyncio event loop, keep-alive connections, answers in one send.
+"""The HTTP server: aiohttp's low-level server, one handler for every path.
 
 :class:`Sandbox` holds the state and picks ``/api`` or ``/_admin`` for each request;
 :class:`SandboxServer` runs it on a background thread for tests; :func:`serve` runs it
 in the foreground until SIGTERM or SIGINT.
 
-Requests on one connection are answered in order. A held answer (latency or timeout
-fault) is an ``asyncio.sleep`` on that connection only: other connections go on.
+aiohttp (the ``sandbox`` extra) parses HTTP/1.1, keeps connections alive and answers
+the requests of one connection in order, pipelined ones included. Its low-level
+``web.Server`` with a single handler rather than an ``Application``: the sandbox routes
+by itself (:meth:`Sandbox.dispatch`), and every layer skipped (router, middlewares,
+access log) is CPU that a benchmark's sandbox does not spend (``bench/README.md``); for
+the same reason it runs on uvloop's event loop when uvloop is installed. A held answer
+(latency or timeout fault) is an ``asyncio.sleep`` in that request's handler: other
+connections go on, and a client that hangs up ends the wait.
 """
 
 from __future__ import annotations
@@ -20,18 +26,31 @@ import threading
 import time
 import traceback
 from typing import Any, Callable, Mapping, TextIO
+from urllib.parse import parse_qs
 
-from plural_cancel.sandbox import wire
+from aiohttp import HttpVersion11, web
+
 from plural_cancel.sandbox.admin import Admin
 from plural_cancel.sandbox.api import PluralAPI
 from plural_cancel.sandbox.faults import FaultInjector, Faults
 from plural_cancel.sandbox.replies import Reply, plural_error
 from plural_cancel.sandbox.reqlog import RequestLog
+from plural_cancel.sandbox.request import Request
 from plural_cancel.sandbox.state import LinkStore
 from plural_cancel.sandbox.tokens import TokenStore
 
-_PAUSE_AT = 1024 * 1024
-"""Bytes buffered from a client whose answer is held before we stop reading from it."""
+BACKLOG = 1024
+"""Connections the kernel queues before the server accepts them (a benchmark opens many)."""
+KEEPALIVE = 24 * 3600.0
+"""Seconds an idle keep-alive connection stays open. Long: a worker's pooled connection
+closed under it by the sandbox would show as a connection error the real Plural never
+caused in the tests' counters."""
+SHUTDOWN_GRACE = 0.1
+"""Seconds a stop waits for answers still held (a timeout fault holds one ``hang_ms``)
+before dropping them: a held answer is never sent after a stop."""
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
 class Sandbox:
@@ -54,7 +73,7 @@ class Sandbox:
                              log=self.log, token_style=token_style, clock=clock)
         self.admin = Admin(store=self.store, tokens=self.tokens, faults=self.faults, log=self.log)
 
-    def dispatch(self, req: wire.Request) -> Reply:
+    def dispatch(self, req: Request) -> Reply:
         path = req.path
         if path.startswith("/api/") or path == "/api":
             return self.api.handle(req)
@@ -63,134 +82,86 @@ class Sandbox:
         return plural_error(404, "NOT_FOUND", f"no such endpoint: {path}")
 
 
-class _Connection(asyncio.Protocol):
-    """One client connection: parse, dispatch, answer; one request at a time, in order."""
-
-    def __init__(self, app: Sandbox, live: set):
-        self.app = app
-        self.live = live
-        self.buf = bytearray()
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.busy = False
-        self.paused = False
-        self.continued = False
-        self.task: asyncio.Task | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-        self.live.add(self)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
+def _handler(app: Sandbox) -> Callable[[web.BaseRequest], Any]:
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        body = b""
+        if request.can_read_body:
+            if request.version == HttpVersion11 and \
+                    request.headers.get("Expect", "").lower() == "100-continue":
+                # curl waits a second for this before it sends a body of 1 KiB or more.
+                await request.writer.write(_CONTINUE)
             try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.live.discard(self)
-        if self.task is not None:
-            self.task.cancel()
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        if not self.busy:
-            self._serve()
-        elif len(self.buf) > _PAUSE_AT and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
-
-    def _serve(self) -> None:
-        while self.buf and not self.closed:
-            try:
-                req, used, wants_continue = wire.parse(self.buf)
-            except wire.BadRequest as err:
-                body = ('{"code":"INVALID_REQUEST","message":"%s"}' % err.message).encode()
-                self.transport.write(wire.render(err.status, body, close=True))
-                self._close()
-                return
-            if req is None:
-                if wants_continue and not self.continued:
-                    self.continued = True
-                    self.transport.write(wire.CONTINUE)
-                return
-            del self.buf[:used]
-            self.continued = False
-            try:
-                reply = self.app.dispatch(req)
-            except Exception:  # a sandbox bug must show as a 500, not a dead connection
-                traceback.print_exc(file=sys.stderr)
-                reply = plural_error(500, "INTERNAL_ERROR", "sandbox bug: see its stderr")
-            if reply.delay > 0:
-                self.busy = True
-                self.task = asyncio.get_running_loop().create_task(self._later(req, reply))
-                return
-            if not self._send(req, reply):
-                return
-
-    async def _later(self, req: wire.Request, reply: Reply) -> None:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge as err:
+                return _response(plural_error(413, "INVALID_REQUEST", err.text or "request body too large"))
+        query = parse_qs(request.query_string) if request.query_string else {}
         try:
+            reply = app.dispatch(Request(request.method, request.path, request.headers, body, query))
+        except Exception:  # a sandbox bug must show as a 500 in Plural's shape, and on stderr
+            traceback.print_exc(file=sys.stderr)
+            reply = plural_error(500, "INTERNAL_ERROR", "sandbox bug: see its stderr")
+        if reply.delay > 0:
             await asyncio.sleep(reply.delay)
-        except asyncio.CancelledError:
-            return
-        self.task = None
-        if self.closed:
-            return
-        self.busy = False
-        if self.paused:
-            self.paused = False
-            self.transport.resume_reading()
-        if self._send(req, reply):
-            self._serve()
-
-    def _send(self, req: wire.Request, reply: Reply) -> bool:
-        """Write the answer; False when the connection is gone afterwards."""
         if reply.reset:
-            self._reset()
-            return False
-        close = not req.keep_alive
-        self.transport.write(wire.render(reply.status, reply.body, reply.content_type,
-                                         reply.headers, close))
-        if close:
-            self._close()
-            return False
-        return True
+            _reset(request.transport)
+            # Never written: aiohttp finds the connection gone and drops it without a word.
+            return web.Response(status=500)
+        return _response(reply)
 
-    def _close(self) -> None:
-        self.closed = True
-        self.transport.close()
-
-    def _reset(self) -> None:
-        # SO_LINGER with a zero timeout makes close() send RST instead of FIN.
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass
-        self.closed = True
-        self.transport.abort()
+    return handle
 
 
-async def _open(app: Sandbox, host: str, port: int) -> tuple[asyncio.Server, set]:
-    live: set = set()
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Connection(app, live), host, port,
-                                      reuse_address=True, backlog=1024)
-    return server, live
+def _response(reply: Reply) -> web.Response:
+    headers = {"Content-Type": reply.content_type, "Server": "plural-sandbox"}
+    if reply.headers:
+        headers.update(reply.headers)
+    return web.Response(status=reply.status, body=reply.body, headers=headers)
 
 
-async def _close(server: asyncio.Server, live: set) -> None:
-    server.close()
-    tasks = [conn.task for conn in list(live) if conn.task is not None]
-    for conn in list(live):
-        conn.closed = True
-        conn.transport.abort()
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await server.wait_closed()
+def _reset(transport: asyncio.BaseTransport | None) -> None:
+    """Close the connection with a TCP RST: SO_LINGER 0 makes the kernel send RST, not FIN."""
+    if transport is None:  # the client has gone already
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        except OSError:
+            pass
+    transport.abort()
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop when it is installed (the ``sandbox`` extra brings it where it
+    builds), else asyncio's: aiohttp spends less CPU a request on it (``bench/README.md``)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on the first address ``host`` resolves to (``port`` 0: a free one)."""
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                  flags=socket.AI_PASSIVE)[0]
+    return socket.create_server(address, family=family, backlog=BACKLOG)
+
+
+async def _start(app: Sandbox, host: str, port: int) -> tuple[web.ServerRunner, int]:
+    """Listen and serve on the running loop; returns the runner (to clean up) and the port."""
+    sock = _listen(host, port)
+    server = web.Server(_handler(app), handler_cancellation=True, access_log=None,
+                        keepalive_timeout=KEEPALIVE)
+    runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
+    try:
+        await runner.setup()
+        await web.SockSite(runner, sock, backlog=BACKLOG).start()
+    except BaseException:
+        await runner.cleanup()
+        sock.close()
+        raise
+    return runner, sock.getsockname()[1]
 
 
 def _base(host: str, port: int) -> str:
@@ -214,7 +185,7 @@ class SandboxServer:
 
     @property
     def url(self) -> str:
-        """The API base, e.g. ``http://127.0.0.1:8765/api``."""
+        """The API base, e.g. ``http://127.0.0.1:8800/api``."""
         return _base(self.host, self.port) + "/api"
 
     @property
@@ -239,21 +210,21 @@ class SandboxServer:
         failure: list[BaseException] = []
 
         def run() -> None:
-            loop = asyncio.new_event_loop()
+            loop = new_event_loop()
+            asyncio.set_event_loop(loop)
             self._loop = loop
             try:
-                server, live = loop.run_until_complete(_open(self.app, self.host, self.port))
+                runner, self.port = loop.run_until_complete(_start(self.app, self.host, self.port))
             except BaseException as err:  # handed to start()'s caller
                 failure.append(err)
                 loop.close()
                 ready.set()
                 return
-            self.port = server.sockets[0].getsockname()[1]
             ready.set()
             try:
                 loop.run_forever()
             finally:
-                loop.run_until_complete(_close(server, live))
+                loop.run_until_complete(runner.cleanup())
                 loop.close()
 
         self._thread = threading.Thread(target=run, name="plural-sandbox", daemon=True)
@@ -277,7 +248,7 @@ class SandboxServer:
         self.stop()
 
 
-def serve(host: str = "127.0.0.1", port: int = 8765, *, client_id: str | None = None,
+def serve(host: str = "127.0.0.1", port: int = 8800, *, client_id: str | None = None,
           client_secret: str | None = None, faults: Mapping[str, Any] | None = None,
           token_style: str = "expires_at", seed_demo: bool = True, seed: int | None = None,
           out: TextIO | None = None) -> None:
@@ -285,11 +256,12 @@ def serve(host: str = "127.0.0.1", port: int = 8765, *, client_id: str | None = 
 
     Prints ``sandbox listening on http://HOST:PORT/api`` (flushed) once the port is open.
     ``faults`` is a partial :class:`~sandbox.faults.Faults` dict; a bad one raises
-    ``ValueError`` before anything listens.
+    ``ValueError`` before anything listens, a port that cannot be had ``OSError``.
     """
     app = Sandbox(client_id=client_id, client_secret=client_secret, faults=faults, seed=seed,
                   token_style=token_style, seed_demo=seed_demo)
-    asyncio.run(_serve_forever(app, host, port, out or sys.stdout))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(_serve_forever(app, host, port, out or sys.stdout))
 
 
 async def _serve_forever(app: Sandbox, host: str, port: int, out: TextIO) -> None:
@@ -300,10 +272,9 @@ async def _serve_forever(app: Sandbox, host: str, port: int, out: TextIO) -> Non
             loop.add_signal_handler(sig, stop.set)
         except (RuntimeError, ValueError):  # not the main thread: the caller stops us
             pass
-    server, live = await _open(app, host, port)
-    bound = server.sockets[0].getsockname()[1]
+    runner, bound = await _start(app, host, port)
     print(f"sandbox listening on {_base(host, bound)}/api", file=out, flush=True)
     try:
         await stop.wait()
     finally:
-        await _close(server, live)
+        await runner.cleanup()

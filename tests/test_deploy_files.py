@@ -168,7 +168,8 @@ def test_dockerfile_copies_every_package_and_installs_the_project():
     folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
     for folder in {f.split("/")[0] for f in folders}:  # tasks/cli comes with tasks
         assert f"COPY {folder} ./{folder}" in text
-    assert "pip install --no-cache-dir ." in text
+    # With the sandbox extra: the compose file's sandbox service runs `plural-cancel sandbox` from this image.
+    assert "pip install --no-cache-dir '.[sandbox]'" in text
     assert "ENV REMAP_SIGTERM=SIGQUIT" in text
     assert 'CMD ["celery", "-A", "worker", "worker"' in text
 

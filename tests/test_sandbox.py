@@ -515,4 +515,4 @@ def test_process_kill_and_bad_options():
     assert proc.kill() == -9
     cli = subprocess.run([sys.executable, "-m", "sandbox", "--error-rate", "2"], cwd=ROOT,
                          capture_output=True, text=True, timeout=30)
-    assert cli.returncode == 2 and "error_rates" in cli.stderr
+    assert cli.returncode == 2 and "'--error-rate'" in cli.stderr

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
 import requests
 
@@ -31,7 +31,7 @@ class SandboxProcess:
         self.port = port
         self.base = f"{host}:{port}"
         self.url = f"{self.base}/api"
-        """The API base, e.g. ``http://127.0.0.1:8765/api`` (``PLURAL_BASE_URL``)."""
+        """The API base, e.g. ``http://127.0.0.1:8800/api`` (``PLURAL_BASE_URL``)."""
         self.admin_url = f"{self.base}/_admin"
         self.log_path = log_path
         """The sandbox's stdout and stderr."""
@@ -132,19 +132,24 @@ class SandboxProcess:
 
 def start_sandbox_process(port: int | None = None, *, client_id: str | None = None,
                           client_secret: str | None = None, extra_args: Iterable[str] = (),
-                          timeout: float = 15.0) -> SandboxProcess:
+                          timeout: float = 15.0, command: Sequence[str] | None = None,
+                          env: Mapping[str, str] | None = None) -> SandboxProcess:
     """Start ``python -m sandbox`` and return once it listens.
 
     ``port=None`` lets the sandbox pick a free port (read it from ``.port``). The
     credentials are passed on the command line; without them any are accepted, whatever
-    ``PLURAL_CLIENT_ID``/``PLURAL_CLIENT_SECRET`` say in this environment.
+    ``PLURAL_CLIENT_ID``/``PLURAL_CLIENT_SECRET`` say in this environment (the command
+    would take them from there), unless ``env`` sets them. ``command`` replaces
+    ``python -m sandbox`` (``plural-cancel sandbox``, the benchmark's legacy server); it
+    must take the same options and print the same line once it listens.
     """
-    args = [sys.executable, "-m", "sandbox", "--port", str(port if port is not None else 0)]
+    args = list(command or [sys.executable, "-m", "sandbox"])
+    args += ["--port", str(port if port is not None else 0)]
     if client_id is not None or client_secret is not None:
         args += ["--client-id", client_id or "", "--client-secret", client_secret or ""]
     args += list(extra_args)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PLURAL_CLIENT_ID", "PLURAL_CLIENT_SECRET")}
+    env = {**{k: v for k, v in os.environ.items()
+              if k not in ("PLURAL_CLIENT_ID", "PLURAL_CLIENT_SECRET")}, **(env or {})}
     fd, name = tempfile.mkstemp(prefix="plural-sandbox-", suffix=".log")
     log_path = Path(name)
     with os.fdopen(fd, "wb") as log:
