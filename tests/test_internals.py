@@ -1,8 +1,8 @@
 """The Celery and kombu internals the product relies on, and the pins that hold them still.
 
 ``worker/broker.py`` and ``worker/pool.py`` override methods of kombu's Redis transport
-and Celery's threads pool, ``worker/app.py`` resets two private caches, and the batch
-publish (``tasks/periodic.py``) builds messages through kombu's Redis channel: none of it
+and Celery's threads pool, and the batch publish (``worker/publisher.py``) builds messages
+through kombu's Redis channel: none of it
 is public API, so ``pyproject.toml`` pins Celery and kombu to one minor version each.
 This is the first test an upgrade runs (README, "Upgrading Celery and kombu"): when an
 internal moves or its parameters change, it fails naming the internal and the file that
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import kombu
 import pytest
-from celery import Celery
 from celery.app.amqp import AMQP
 from celery.concurrency.thread import TaskPool as ThreadTaskPool
 from celery.utils.dispatch import Signal
@@ -34,12 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # (the file that relies on it, owner, method, the parameters it is called or overridden with,
 # in order after ``self``; "**" a **kwargs, and keyword-only names it is given after "|")
 METHODS = [
-    ("tasks/periodic.py", kombu_redis.Channel, "_q_for_pri", ["queue", "pri"]),
-    ("tasks/periodic.py", kombu_redis.Channel, "_inplace_augment_message", ["message", "exchange", "routing_key"]),
-    ("tasks/periodic.py", kombu_redis.Channel, "prepare_message",
+    ("worker/publisher.py", kombu_redis.Channel, "_q_for_pri", ["queue", "pri"]),
+    ("worker/publisher.py", kombu_redis.Channel, "_inplace_augment_message", ["message", "exchange", "routing_key"]),
+    ("worker/publisher.py", kombu_redis.Channel, "prepare_message",
      ["body", "priority", "content_type", "content_encoding", "headers", "properties"]),
-    ("tasks/periodic.py", kombu_redis.Channel, "conn_or_acquire", ["client"]),
-    ("tasks/periodic.py", AMQP, "as_task_v2", ["task_id", "name", "|", "kwargs", "ignore_result"]),
+    ("worker/publisher.py", kombu_redis.Channel, "conn_or_acquire", ["client"]),
+    ("worker/publisher.py", AMQP, "as_task_v2", ["task_id", "name", "|", "kwargs", "ignore_result"]),
     ("worker/broker.py", kombu_redis.Channel, "_brpop_read", ["**"]),
     ("worker/broker.py", kombu_redis.Channel, "_get", ["queue"]),
     ("worker/broker.py", kombu_redis.Channel, "_create_client", ["asynchronous"]),
@@ -104,9 +103,6 @@ def test_each_class_attribute_relied_on_is_there(where, owner, attribute):
 
 
 def test_the_instance_internals_are_there():
-    app = Celery("internals-check")
-    assert hasattr(app, "_pool"), _moved("Celery()._pool (the app's broker pool)", "worker/app.py", "is gone")
-    assert hasattr(app.amqp, "_producer_pool"), _moved("Celery().amqp._producer_pool", "worker/app.py", "is gone")
     pool = ThreadTaskPool(limit=1)
     executor = getattr(pool, "executor", None)
     try:
