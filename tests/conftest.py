@@ -126,6 +126,23 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, message: str = "c
         time.sleep(interval)
 
 
+FIGURES = "figures"
+"""The name under which an end-to-end test records what it measured (``record_property``)."""
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the figures tests recorded (``record_property(FIGURES, text)``) after the run,
+    passed or failed: they reach this summary under ``-q`` and from xdist's workers too,
+    where a test's own prints are not shown."""
+    figures = [value for reports in terminalreporter.stats.values() for report in reports
+               if getattr(report, "when", None) == "call"
+               for name, value in getattr(report, "user_properties", ()) if name == FIGURES]
+    if figures:
+        terminalreporter.write_sep("-", "figures measured")
+        for text in figures:
+            terminalreporter.write_line(text)
+
+
 # -- the Plural client's tests: a scripted HTTP server playing Plural --------------------
 
 @pytest.fixture
