@@ -171,6 +171,12 @@ class TokenUnavailable(PluralError):
         super().__init__(message, **kwargs)
 
 
+class SlotMissed(PluralCancelError):
+    """A cancel's PUT would have left later than its rate-limit slot allows (the ``send_by``
+    of ``PluralClient.within``): it was not sent, so Plural knows nothing of it. Not a
+    :class:`PluralError`: nothing was said to Plural; the cancel takes a new slot."""
+
+
 class PluralBadResponse(PluralError):
     """Plural's answer could not be read: not JSON, truncated, empty, a redirect, or the wrong shape."""
 

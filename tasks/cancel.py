@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 
 from plural_cancel.errors import (MalformedMessage, PluralAuthError, PluralBadResponse, PluralError,
-                                  PluralRateLimited, PluralRequestError, TokenUnavailable)
+                                  PluralRateLimited, PluralRequestError, SlotMissed, TokenUnavailable)
 from plural_cancel.config.celery import CANCEL_TASK, lease_seconds
 from plural_cancel.worker import app, malformed, metrics, reporting
 from plural_cancel.worker.attempts import Health, Settled
@@ -21,7 +21,7 @@ from plural_cancel.worker.classify import should_retry
 from plural_cancel.worker.links import PaymentLink, format_timestamp
 from plural_cancel.worker.plural import PluralClient
 from plural_cancel.worker.retry import backoff
-from plural_cancel.worker.runtime import Runtime
+from plural_cancel.worker.runtime import PACING, Runtime
 from plural_cancel.worker.validation import validate_payment_link_id, validate_request_id
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,12 @@ PROBE_MAX_WAIT = 10.0
 
 SPREAD = 2.0
 """Seconds over which cancels held back together (limiter, breaker) are spread on return."""
+
+SLOT_LATENESS = 1 - PACING
+"""Seconds after its rate-limit slot that a cancel's PUT may still leave; one that would leave
+later gives the slot up. The limiter grants ``PACING`` of the limit, so a 1-s window at Plural
+then holds the slots of at most 1 + SLOT_LATENESS seconds: ``PACING * (2 - PACING)`` of the
+limit, never more than it."""
 
 
 @dataclass(frozen=True)
@@ -182,13 +188,27 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
         log.info("cancel held: rate limit", extra={**ids, "state": waiting, "reason": "rate_limit"})
         metrics.DEFERRALS.labels("rate_limit").inc()
         return "throttled"
+    slot_at = time.monotonic() + slot.wait
     if slot.wait > 0:
         time.sleep(slot.wait)  # the slot is ours from then on
     metrics.LIMITER_WAIT.observe(slot.wait)
 
     # The attempt's calls share what is left of its bound, so it ends inside its lease.
-    with rt.plural.within(settings.attempt_timeout - (time.monotonic() - began)):
-        decision = attempt(rt.plural, payment_link_id, request_id)
+    try:
+        with rt.plural.within(settings.attempt_timeout - (time.monotonic() - began),
+                              send_by=slot_at + SLOT_LATENESS):
+            decision = attempt(rt.plural, payment_link_id, request_id)
+    except SlotMissed:
+        # The PUT would have left too late (the process stalled: CPU starvation, a GC pause,
+        # a queue for the GIL, a token being fetched), together with those of the slots after
+        # it, and crowded Plural's second past the limit. The slot is given up, nothing was
+        # sent, and the cancel takes a new one.
+        if not _accepted(rt, rt.attempts.defer(request_id, payment_link_id, owner, delay=max_wait * rt.jitter(),
+                                               attempted=False, health=Health(NO_NEWS, gate.probe)), ids):
+            return "stale"
+        log.info("cancel held: late for its rate-limit slot", extra={**ids, "state": waiting, "reason": "rate_limit"})
+        metrics.DEFERRALS.labels("rate_limit").inc()
+        return "late"
     return record(rt, decision, payment_link_id, request_id, owner,
                   attempts=claim.attempts + int(decision.attempted),
                   budget_left=claim.budget_left - (time.monotonic() - began), probe=gate.probe)

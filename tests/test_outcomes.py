@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from tests.conftest import wait_for
 from tests.support.scripted_plural import LINK_ID, SEED_200, Answer
 
 # The seed's example has tabs inside strings, which a strict JSON parser refuses.
@@ -106,6 +107,24 @@ def test_a_token_that_could_not_be_had_is_not_an_attempt_and_no_news_of_plural(r
     assert status["last_error"]["code"] == "TokenUnavailable"
     assert plural.seen == []
     assert runtime.breaker.state()["links_called"] == 0  # the breaker heard nothing
+
+
+def test_a_put_that_would_leave_late_for_its_rate_limit_slot_is_not_sent(runtime, plural):
+    """The token took longer than the slot's lateness allows (as a stalled process would):
+    the PUT is not sent, so calls bunched behind a stall never crowd Plural's second; the
+    cancel is not an attempt, the breaker hears nothing, and it takes a new slot later."""
+    from tasks.cancel import SLOT_LATENESS, execute
+
+    plural.token_answers.append(Answer(200, {"access_token": "tkn-slow", "expires_at": "2099-01-01T00:00:00Z"},
+                                       delay=SLOT_LATENESS + 0.2))
+    status = run(runtime)
+    assert (status["state"], status["attempts"]) == ("queued", 0)
+    assert status["next_attempt_at"] is not None
+    assert [seen.path for seen in plural.seen] == ["/api/auth/v1/token"]  # the token, then no PUT
+    assert runtime.breaker.state()["links_called"] == 0
+    plural.answers.append(Answer(200, CANCELLED, JSON))
+    # Due again within a second; the token is had now, so the next slot is kept.
+    wait_for(lambda: execute(runtime, LINK_ID, "req-outcome") == "cancelled", 5, 0.1, "the cancel on a new slot")
 
 
 def test_plurals_message_is_masked_before_it_is_stored(runtime, plural, redis_client):

@@ -29,7 +29,8 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ReadTimeoutError
 
-from plural_cancel.errors import LinkFormatError, PluralAuthError, PluralBadResponse, PluralError, PluralTimeout
+from plural_cancel.errors import (LinkFormatError, PluralAuthError, PluralBadResponse, PluralError, PluralTimeout,
+                                  SlotMissed)
 from plural_cancel.config.settings import plain_http_allowed
 from plural_cancel.worker.classify import TOKEN_CODES, classify_http, classify_transport
 from plural_cancel.worker.links import PaymentLink, format_timestamp, parse_timestamp
@@ -144,16 +145,22 @@ class PluralClient:
         self._session.close()
 
     @contextmanager
-    def within(self, seconds: float) -> Iterator[None]:
+    def within(self, seconds: float, send_by: float | None = None) -> Iterator[None]:
         """Every call this thread makes inside the block ends within ``seconds`` from now, all
         told: the token, the PUT and the GET share one deadline. Each call's connect and read
         timeouts are cut to the time left, and the body is read against it too, so a body
-        trickled byte by byte cannot hold the call past it (urllib3's read timeout is per read)."""
+        trickled byte by byte cannot hold the call past it (urllib3's read timeout is per read).
+
+        ``send_by`` (a ``time.monotonic()`` value): the block's first payment-link call, once
+        its token is had, is not sent later than this; ``SlotMissed`` is raised instead.
+        The calls after it (a GET, the retry with a fresh token) are not held to it."""
         self._local.deadline = time.monotonic() + seconds
+        self._local.send_by = send_by
         try:
             yield
         finally:
             self._local.deadline = None
+            self._local.send_by = None
 
     # -- Generate Token ---------------------------------------------------------------
 
@@ -250,6 +257,9 @@ class PluralClient:
         # ledger stays the guarantee.
         key = request_id if method in ("PUT", "POST") else None
         token = self._token(request_id, sent=False)
+        send_by, self._local.send_by = getattr(self._local, "send_by", None), None
+        if send_by is not None and time.monotonic() > send_by:
+            raise SlotMissed(f"{method} {path} not sent: {time.monotonic() - send_by:.3f}s past its send-by time")
         answer = self._send(method, path, request_id, token=token, json_body=json_body, idempotency_key=key)
         if _token_refused(answer):
             # Expired early, revoked, or rotated by another process: drop it and try once more
