@@ -3,7 +3,7 @@ the compose file use: ``enqueue_many`` and ``enqueue_cancel`` on each, same run.
 
 Run from the repository root::
 
-    .venv/bin/python bench/fsync_cost.py [--links 20000] [--singles 2000] [--rounds 3]
+    .venv/bin/python bench/fsync_cost.py [--links 20000] [--singles 2000] [--rounds 3] [--kills 20]
 
 It starts two ``redis-server`` processes on free ports, each with AOF in a directory of its
 own (under ``$TMPDIR``, /tmp by default: the same disk as the repository here), one with
@@ -14,11 +14,19 @@ timed one by one. It prints each round, then the medians of the rounds, their ra
 each server's ``aof_delayed_fsync`` (``everysec`` only: how often a slow fsync made Redis
 hold back the AOF write itself, when even a crash of the process alone loses what it had
 acknowledged).
+
+``--kills N`` then crashes the ``everysec`` server N times: ``enqueue_cancel`` one by one
+for a random 0.3-1.3 s (a random phase against the once-a-second fsync), SIGKILL right
+after the last acknowledgement, restart on the same AOF, and count the acknowledged
+Request-IDs that have no record. A SIGKILL ends the process only: what Redis had written
+to the AOF is in the kernel's page cache and survives, fsynced or not (a host crash would
+lose what was not fsynced, which this cannot play).
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import time
@@ -70,11 +78,38 @@ def run(server: RedisServer, mode: str, args, round_: int) -> dict[str, float]:
     return {"batch": batch, "single": statistics.median(singles), "single_p99": p99(singles)}
 
 
+def crash(server: RedisServer, trial: int) -> tuple[int, int]:
+    """Enqueue one by one, SIGKILL right after an acknowledgement, restart; returns the
+    enqueues acknowledged and how many of them have no record after the restart."""
+    redis.Redis.from_url(server.url).flushdb()
+    app.use(Settings.from_env({"REDIS_URL": server.url}))
+    acknowledged = []
+    until = time.monotonic() + random.uniform(0.3, 1.3)
+    while time.monotonic() < until:
+        acknowledged.append(enqueue_cancel(f"pl-k{trial}-{len(acknowledged)}", app=app))
+    server.kill()
+    app.runtime.close()
+    server.restart()
+    client = redis.Redis.from_url(server.url)
+    while True:  # it listens before it has loaded its AOF, answering LOADING meanwhile
+        try:
+            if client.info("persistence")["loading"] == 0:
+                break
+        except redis.BusyLoadingError:
+            pass
+        time.sleep(0.05)
+    app.use(Settings.from_env({"REDIS_URL": server.url}))
+    missing = sum(1 for status in app.runtime.ledger.statuses(acknowledged) if status is None)
+    app.runtime.close()
+    return len(acknowledged), missing
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--links", type=int, default=20000, help="links in the one enqueue_many call")
     parser.add_argument("--singles", type=int, default=2000, help="enqueue_cancel calls, one by one")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--kills", type=int, default=0, help="SIGKILLs of the everysec server, after the rounds")
     args = parser.parse_args()
     servers = {mode: RedisServer(prefix=f"pc-bench-fsync-{mode}-", aof=True, args=("--appendfsync", mode))
                for mode in MODES}
@@ -104,6 +139,11 @@ def main() -> None:
         for mode, server in servers.items():
             info = redis.Redis.from_url(server.url).info("persistence")
             print(f"{mode}: aof_delayed_fsync {info.get('aof_delayed_fsync', 0)}")
+        if args.kills:
+            trials = [crash(servers["everysec"], trial) for trial in range(args.kills)]
+            print(f"everysec, SIGKILL right after an acknowledged enqueue_cancel, {args.kills} times: "
+                  f"{sum(m for _, m in trials)} of {sum(a for a, _ in trials):,} acknowledged enqueues lost "
+                  f"(per kill: {', '.join(str(m) for _, m in trials)})")
     finally:
         for server in servers.values():
             server.stop()
