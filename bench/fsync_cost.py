@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
 from config.settings import Settings  # noqa: E402
 from tasks import enqueue_cancel, enqueue_many  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
-from worker import app  # noqa: E402
+from worker import create_app  # noqa: E402
 
 MODES = ("everysec", "always")
 
@@ -63,7 +63,7 @@ def p99(values: list[float]) -> float:
 def run(server: RedisServer, mode: str, args, round_: int) -> dict[str, float]:
     """One round on ``server``: seconds for the batch, and the single calls' median and p99."""
     redis.Redis.from_url(server.url).flushdb()
-    app.use(Settings.from_env({"REDIS_URL": server.url}))
+    app = create_app(Settings.from_env({"REDIS_URL": server.url}))
     tag = f"r{round_}{mode[:2]}"
     links = [f"pl-{tag}-b{i}" for i in range(args.links)]
     started = time.perf_counter()
@@ -74,7 +74,7 @@ def run(server: RedisServer, mode: str, args, round_: int) -> dict[str, float]:
         started = time.perf_counter()
         enqueue_cancel(f"pl-{tag}-s{n}", app=app)
         singles.append(time.perf_counter() - started)
-    app.runtime.close()
+    app.close()
     return {"batch": batch, "single": statistics.median(singles), "single_p99": p99(singles)}
 
 
@@ -82,13 +82,13 @@ def crash(server: RedisServer, trial: int) -> tuple[int, int]:
     """Enqueue one by one, SIGKILL right after an acknowledgement, restart; returns the
     enqueues acknowledged and how many of them have no record after the restart."""
     redis.Redis.from_url(server.url).flushdb()
-    app.use(Settings.from_env({"REDIS_URL": server.url}))
+    app = create_app(Settings.from_env({"REDIS_URL": server.url}))
     acknowledged = []
     until = time.monotonic() + random.uniform(0.3, 1.3)
     while time.monotonic() < until:
         acknowledged.append(enqueue_cancel(f"pl-k{trial}-{len(acknowledged)}", app=app))
     server.kill()
-    app.runtime.close()
+    app.close()
     server.restart()
     client = redis.Redis.from_url(server.url)
     while True:  # it listens before it has loaded its AOF, answering LOADING meanwhile
@@ -98,9 +98,9 @@ def crash(server: RedisServer, trial: int) -> tuple[int, int]:
         except redis.BusyLoadingError:
             pass
         time.sleep(0.05)
-    app.use(Settings.from_env({"REDIS_URL": server.url}))
+    app = create_app(Settings.from_env({"REDIS_URL": server.url}))
     missing = sum(1 for status in app.runtime.ledger.statuses(acknowledged) if status is None)
-    app.runtime.close()
+    app.close()
     return len(acknowledged), missing
 
 
