@@ -17,11 +17,11 @@ It shows, rather than asserts, whether ``everysec`` lost an acknowledged enqueue
 last batch (a record missing after the restart), and that the producer's remedy, the
 same Request-IDs enqueued again, ends those cancels with one Request-ID per link.
 
-The 429s stop when the outage starts; the 500s and timeouts go on to the end. Each
-429 halves the shared rate for a minute (``worker.ratelimit``: at most one halving a
-second, down to a tenth), so 429s drawn at random from every call hold the fleet near a
-tenth of the limit for as long as they last: kept on to the end they would stretch the
-drain from about a minute to several.
+The 429s stop when the outage starts; the 500s and timeouts come back once the breaker
+has closed after it, and go on to the end. Each 429 halves the shared rate for a minute
+(``worker.ratelimit``: at most one halving a second, down to a tenth), so 429s drawn at
+random from every call hold the fleet near a tenth of the limit for as long as they
+last: kept on to the end they would stretch the drain from about a minute to several.
 """
 
 from __future__ import annotations
@@ -52,6 +52,12 @@ LAST_BATCH = 200
 LIMIT = 50
 """``PLURAL_RATE_LIMIT``, cancels per second to Plural: 2,000 drain in about 40 s unhindered."""
 BURST = 0
+STRAGGLERS = LIMIT // 10
+"""PUTs a 1-s window at the sandbox may hold above the limit (and the one at a window's edge).
+The workers grant each PUT its slot and check it right before it goes (``SLOT_LATENESS``);
+after that check a thread can still be held back (the GIL, the OS on two shared cores,
+busiest in the seconds after Redis comes back and every thread reconnects) and land among
+later PUTs. Over 10 s the limit holds with no such allowance."""
 READ_TIMEOUT = 2
 """``PLURAL_READ_TIMEOUT``, seconds; an injected timeout holds the answer 1.5 s longer."""
 SETTINGS = {"PLURAL_RATE_LIMIT": LIMIT, "PLURAL_RATE_BURST": BURST, "PLURAL_CONNECT_TIMEOUT": 1,
@@ -63,7 +69,8 @@ The cooldown doubles per failed probe: from 5 s, probes come about 5, 15 and 35 
 breaker opens, so the last lands seconds after the 30-s outage ends (from 2 s, one would
 land on its very end, and the next come 32 s later)."""
 FAULTS = {"error_rates": {"500": 0.10, "429": 0.05}, "timeout_rate": 0.05, "hang_ms": (READ_TIMEOUT + 1.5) * 1000}
-AFTER_OUTAGE = {"outage": False, "error_rates": {"500": 0.10}}
+AFTER_OUTAGE = {"error_rates": {"500": 0.10}, "timeout_rate": 0.05}
+"""The faults once the breaker has closed again after the outage: the 500s and timeouts, no 429s."""
 OUTAGE = 30.0
 """Seconds Plural answers every call with a 503."""
 KILL_FIRST, OUTAGE_AT, KILL_SECOND, REDIS_CRASH = 100, 250, 800, 1300
@@ -175,9 +182,15 @@ def test_chaos_run(redis_aof, sandbox_process, sentry, services, record_property
     outage_from = time.time()
     say(f"outage: every call to Plural answers 503 (the limiter grants {granted:.1f}/s)")
     time.sleep(OUTAGE)  # the fault's length: Plural is down this long
-    sandbox.set_faults(**AFTER_OUTAGE)
+    # Plural back, and well until the breaker's probe has closed it: probes go one at a time and
+    # each failed one doubles the cooldown, so a probe that drew one of the random 500s or
+    # timeouts would hold the whole drain back for twice the outage, and a second for four times
+    # (a Plural recovering that still fails some calls is a case of its own, not this run's).
+    sandbox.set_faults(outage=False, error_rates={}, timeout_rate=0.0)
     outage_to = time.time()
-    say(f"outage over; faults now {AFTER_OUTAGE}")
+    wait_for(lambda: app.runtime.breaker.state()["state"] == "closed", 60, 0.2, "the breaker closing after the outage")
+    sandbox.set_faults(**AFTER_OUTAGE)
+    say(f"outage over, the breaker closed {time.time() - outage_to:.1f} s later; faults now {AFTER_OUTAGE}")
 
     # -- worker 2 dies in the drain ------------------------------------------------------------
     wait_for(lambda: ended() >= KILL_SECOND, 120, 0.5, f"{KILL_SECOND} cancels ended")
@@ -247,6 +260,7 @@ def test_chaos_run(redis_aof, sandbox_process, sentry, services, record_property
                      | {link for link in links if at_plural[link]["cancel_count"] > 1})
     strangers = [link for link, rid in zip(links, request_ids) if by_link[link] - {rid}]  # not the ledger's ID
     window, window_at = busiest_window([p["timestamp"] for p in puts])
+    ten_seconds = busiest_window([p["timestamp"] for p in puts], 10.0)[0]
     faults = Counter(r["fault"] for r in log if r["fault"])
     calls = Counter("token" if r["path"].endswith("/token") else r["method"] for r in log)
     storm = [p for p in puts if p["timestamp"] < outage_from]
@@ -277,8 +291,8 @@ def test_chaos_run(redis_aof, sandbox_process, sentry, services, record_property
         f"{1000 * (killed_at - acknowledged_at):.0f} ms after an acknowledged enqueue, back on its AOF "
         f"{back_at - killed_at:.1f} s later",
         f"[chaos] lost {len(not_ended) + len(not_cancelled)}, doubled {len(doubled)}, largest 1-s window "
-        f"{window} (limit {LIMIT}, at {window_at - enqueued_at:.1f} s); everysec: {len(lost)} of {LAST_BATCH} "
-        f"acknowledged enqueues lost, re-enqueued with their Request-IDs",
+        f"{window} (limit {LIMIT}, at {window_at - enqueued_at:.1f} s), largest 10-s window {ten_seconds}; "
+        f"everysec: {len(lost)} of {LAST_BATCH} acknowledged enqueues lost, re-enqueued with their Request-IDs",
         f"[chaos] leak scan: {len(forbidden)} values over {len(logs)} logs, {len(dump):,} bytes of Redis, "
         f"{len(sentry.envelopes())} Sentry envelopes, {len(stored_errors)} stored errors: "
         f"{sum(map(len, where.values()))} found",
@@ -292,7 +306,8 @@ def test_chaos_run(redis_aof, sandbox_process, sentry, services, record_property
     assert doubled == [], f"links that saw more than one Request-ID: {doubled[:5]}"
     assert strangers == []
     assert set(by_link) >= set(links)
-    assert window <= LIMIT + BURST + 1  # the limit, give or take one at a window's edge
+    assert ten_seconds <= 10 * LIMIT + BURST
+    assert window <= LIMIT + BURST + 1 + STRAGGLERS  # the limit, one at a window's edge, the stragglers
     assert faults["500"] > 0 and faults["429"] > 0 and faults["timeout"] > 0 and faults["503"] > 0
     assert sentry.events(), "the leak scan must see events (the breaker opened in the outage)"
     assert b"plural-cancel:req:" in dump and all(logs.values()) and stored_errors
