@@ -11,9 +11,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from plural_cancel.config.celery import CANCEL_TASK, lease_seconds
 from plural_cancel.errors import (MalformedMessage, PluralAuthError, PluralBadResponse, PluralError,
                                   PluralRateLimited, PluralRequestError, SlotMissed, TokenUnavailable)
-from plural_cancel.config.celery import CANCEL_TASK, lease_seconds
 from plural_cancel.worker import app, malformed, metrics, reporting
 from plural_cancel.worker.attempts import Health, Settled
 from plural_cancel.worker.breaker import FAILURE, NO_NEWS, SUCCESS

@@ -4,9 +4,9 @@ Each cancel is first written to the ledger (atomically, keyed by its Request-ID)
 then published as one Celery message: at once for :func:`enqueue_cancel`; for a batch,
 as far as the fleet can run it in the next ``BACKLOG_AHEAD`` seconds, the rest waiting
 in the ledger's backlog for the workers' pump (a million-link clean-up then costs Redis
-a compact record per link, not a Celery message). A repeat of a Request-ID publishes nothing, and
-neither does a second cancel of a link whose cancel is live: it follows that one and
-ends with it (one Request-ID per link at Plural). If the process dies between the two
+a compact record per link, not a Celery message). A repeat of a Request-ID publishes
+nothing, and neither does a second cancel of a link whose cancel is live: it follows
+that one and ends with it (one Request-ID per link at Plural). If the process dies between the two
 writes, or the message is lost later, the ledger's due index sends it again after the
 stall timeout (``CANCEL_STALL_TIMEOUT``).
 A scheduled cancel waits in Redis (``worker.schedule``) until beat's
@@ -27,8 +27,8 @@ from typing import Iterable
 
 from celery import Celery
 
-from plural_cancel.errors import RequestIdConflict
 from plural_cancel.config.celery import BACKLOG_AHEAD
+from plural_cancel.errors import RequestIdConflict
 from plural_cancel.worker import app as default_app
 from plural_cancel.worker.ledger import Callback
 from plural_cancel.worker.publisher import publish

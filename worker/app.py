@@ -16,9 +16,9 @@ import threading
 import redis
 from celery import Celery, bootsteps, signals
 
-from plural_cancel.errors import ConfigError
 from plural_cancel.config.celery import PUMP_INTERVAL, celery_config
 from plural_cancel.config.settings import Settings
+from plural_cancel.errors import ConfigError
 from plural_cancel.worker import malformed
 from plural_cancel.worker.broker import message_dropped
 from plural_cancel.worker.health import BrokerReady, WorkerHeartbeat

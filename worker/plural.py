@@ -29,9 +29,9 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ReadTimeoutError
 
+from plural_cancel.config.settings import plain_http_allowed
 from plural_cancel.errors import (LinkFormatError, PluralAuthError, PluralBadResponse, PluralError, PluralTimeout,
                                   SlotMissed)
-from plural_cancel.config.settings import plain_http_allowed
 from plural_cancel.worker.classify import TOKEN_CODES, classify_http, classify_transport
 from plural_cancel.worker.links import PaymentLink, format_timestamp, parse_timestamp
 from plural_cancel.worker.tokens import AccessToken, MemoryTokenStore, TokenStore

@@ -7,8 +7,8 @@ import click
 import redis
 from kombu.exceptions import OperationalError
 
-from plural_cancel.errors import ConfigError, PluralCancelError
 from plural_cancel.config.settings import Settings
+from plural_cancel.errors import ConfigError, PluralCancelError
 
 _SETTINGS = "plural_cancel.settings"
 """Where :func:`load_settings` leaves the settings in the click context, for the error line."""
