@@ -33,11 +33,16 @@ def runtime(redis_url, plural):
     rt.close()
 
 
-def run(runtime, request_id: str = "req-outcome", link_id: str = LINK_ID) -> dict:
+def run(runtime, request_id: str = "req-outcome", link_id: str = LINK_ID, *, keep_late: bool = False) -> dict:
+    """One delivery of the cancel; again if it gave up its rate-limit slot ("late": a first
+    call whose token fetch, on a busy machine, took longer than ``SLOT_LATENESS``), since
+    these tests are about what an answer makes of the cancel. ``keep_late``: never again."""
     from tasks.cancel import execute
 
     runtime.ledger.create_many([(request_id, link_id)])
-    execute(runtime, link_id, request_id)
+    for _ in range(3):
+        if execute(runtime, link_id, request_id) != "late" or keep_late:
+            break
     return runtime.ledger.status(request_id)
 
 
@@ -117,7 +122,7 @@ def test_a_put_that_would_leave_late_for_its_rate_limit_slot_is_not_sent(runtime
 
     plural.token_answers.append(Answer(200, {"access_token": "tkn-slow", "expires_at": "2099-01-01T00:00:00Z"},
                                        delay=SLOT_LATENESS + 0.2))
-    status = run(runtime)
+    status = run(runtime, keep_late=True)
     assert (status["state"], status["attempts"]) == ("queued", 0)
     assert status["next_attempt_at"] is not None
     assert [seen.path for seen in plural.seen] == ["/api/auth/v1/token"]  # the token, then no PUT
