@@ -11,7 +11,9 @@ imports the others by their ``plural_cancel.`` names only, so a host project who
 ``config``, ``tasks`` or ``worker`` package comes first on ``sys.path`` (a Django project
 built on cookiecutter-django has ``config/``) never shadows ours, and ours never shadow
 its. Inside this repository the short names (``celery -A worker``, ``from tasks import
-...``) stay the same modules (``plural_cancel._short_names``).
+...``) stay the same modules (``plural_cancel._short_names``). The command line,
+``plural-cancel``, lives here, in ``plural_cancel.cli``; every error the product raises,
+in ``plural_cancel.errors``.
 """
 
 from __future__ import annotations

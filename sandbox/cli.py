@@ -2,7 +2,7 @@
 
 ``python -m sandbox`` (tests, benchmarks) runs :func:`main`, and ``plural-cancel
 sandbox`` (``make run``, docker-compose) is this same :func:`sandbox` command added to
-the ``plural-cancel`` group by ``tasks.cli``: one set of options, one set of defaults.
+the ``plural-cancel`` group by ``plural_cancel.cli``: one set of options, one set of defaults.
 
 Credentials: ``--client-id``/``--client-secret``, else ``PLURAL_CLIENT_ID`` /
 ``PLURAL_CLIENT_SECRET`` from the environment (the pair a worker beside it is given),

@@ -35,7 +35,7 @@ def record_count(redis_client) -> int:
 
 
 def test_plain_lines_comments_blanks_duplicates_and_bad_ones():
-    from tasks.cli.schedule import read_link_file
+    from plural_cancel.cli.schedule import read_link_file
 
     parsed = read_link_file(["# nightly clean-up\n", "pl-1\n", "\n", "  pl-2  \n", "pl 3\n", "pl-1\n",
                              "   # indented comment\n", "../x\r\n", "pl-4"])
@@ -46,7 +46,7 @@ def test_plain_lines_comments_blanks_duplicates_and_bad_ones():
 
 
 def test_a_csv_with_a_payment_link_id_column():
-    from tasks.cli.schedule import read_link_file
+    from plural_cancel.cli.schedule import read_link_file
 
     parsed = read_link_file(["# exported\n", "order_id,payment_link_id,amount\n", "o-1,pl-c1,100\n",
                              "o-2,,100\n", "\n", "o-3, pl-c3 ,100\n", "o-4\n", "o-5,pl-c1,5\n"])
@@ -56,7 +56,7 @@ def test_a_csv_with_a_payment_link_id_column():
 
 
 def test_an_empty_file_holds_nothing():
-    from tasks.cli.schedule import read_link_file
+    from plural_cancel.cli.schedule import read_link_file
 
     parsed = read_link_file(["# only a comment\n", "\n"])
     assert (parsed.links, parsed.invalid, parsed.duplicates) == ([], [], 0)
@@ -131,7 +131,7 @@ def test_nothing_is_enqueued_when_refused(redis_url, redis_client, tmp_path, con
 
 def cli_in_process(monkeypatch, capsys, redis_url: str, *args: str) -> tuple[int, str, str]:
     """The console script's own entry point, in this process (a subprocess costs a second an import)."""
-    from tasks.cli import main
+    from plural_cancel.cli import main
 
     monkeypatch.setenv("REDIS_URL", redis_url)
     capsys.readouterr()

@@ -166,7 +166,7 @@ def test_compose_checks_the_health_of_the_worker_and_beat_without_redis():
 def test_dockerfile_copies_every_package_and_installs_the_project():
     text = (ROOT / "Dockerfile").read_text()
     folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
-    for folder in {f.split("/")[0] for f in folders}:  # tasks/cli comes with tasks
+    for folder in folders:  # plural_cancel/cli comes with plural_cancel
         assert f"COPY {folder} ./{folder}" in text
     # With the sandbox extra: the compose file's sandbox service runs `plural-cancel sandbox` from this image.
     assert "pip install --no-cache-dir '.[sandbox]'" in text
@@ -176,7 +176,7 @@ def test_dockerfile_copies_every_package_and_installs_the_project():
 
 def test_console_script_points_at_the_cli():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts == {"plural-cancel": "plural_cancel.tasks.cli:main"}
+    assert scripts == {"plural-cancel": "plural_cancel.cli:main"}
 
 
 def env_example() -> list[tuple[str, str, str]]:

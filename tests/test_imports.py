@@ -23,6 +23,9 @@ def product_modules() -> dict[str, Path]:
                 parts = parts[:-1]
             modules[".".join(("plural_cancel", *parts))] = path
     modules["plural_cancel.errors"] = ROOT / "plural_cancel" / "errors.py"
+    for path in sorted((ROOT / "plural_cancel" / "cli").glob("*.py")):
+        name = "plural_cancel.cli" + ("" if path.stem == "__init__" else f".{path.stem}")
+        modules[name] = path
     return modules
 
 

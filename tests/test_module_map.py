@@ -18,7 +18,7 @@ def test_the_readme_names_every_module_and_only_modules_that_exist():
                              capture_output=True, text=True, check=True).stdout.split()
     modules = {path for path in tracked if path.endswith(".py") and not path.endswith("__init__.py")}
     named = set(re.findall(r"`([a-z_]+(?:/[a-z_]+)+\.py)`", section))
-    # "tasks/cli/: ... `base.py`, `cancels.py`" names a folder's modules by their file names.
+    # "plural_cancel/cli/: ... `base.py`, `cancels.py`" names a folder's modules by their file names.
     for folder, listed in re.findall(r"`([a-z_]+/[a-z_]+/)`: [^(]*\(([^)]*)\)", section):
         named |= {folder + name for name in re.findall(r"`([a-z_]+\.py)`", listed)}
     assert modules - named == set(), f"modules the README's map leaves out: {sorted(modules - named)}"

@@ -118,7 +118,7 @@ def test_a_stop_drops_a_held_answer_and_exits_0_at_once():
 
 def test_python_m_sandbox_and_plural_cancel_sandbox_are_one_command():
     from plural_cancel.sandbox.cli import sandbox
-    from plural_cancel.tasks.cli import cli
+    from plural_cancel.cli import cli
 
     assert cli.commands["sandbox"] is sandbox
     helps = [subprocess.run(argv + ["--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -149,7 +149,7 @@ def test_half_a_credential_pair_is_refused():
 def test_without_aiohttp_only_the_sandbox_fails_and_names_the_extra():
     # aiohttp made unimportable: the other commands' imports never reach it, the sandbox says what to install.
     script = ("import sys; sys.modules['aiohttp'] = None\n"
-              "import plural_cancel.tasks.cli, sandbox\n"
+              "import plural_cancel.cli, sandbox\n"
               "from sandbox.cli import main\n"
               "raise SystemExit(main(['--port', '0']))\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)

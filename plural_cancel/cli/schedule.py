@@ -22,7 +22,7 @@ from typing import Iterable, TextIO
 
 import click
 
-from plural_cancel.tasks.cli.base import Failure, UsageFailure, configured_app
+from plural_cancel.cli.base import Failure, UsageFailure, configured_app
 from plural_cancel.worker.validation import validate_payment_link_id
 
 CHUNK = 1000

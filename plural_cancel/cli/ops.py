@@ -15,7 +15,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from plural_cancel.errors import ConfigError
-from plural_cancel.tasks.cli.base import Failure, UsageFailure, configured_app, load_settings
+from plural_cancel.cli.base import Failure, UsageFailure, configured_app, load_settings
 from plural_cancel.worker import health as health_checks
 from plural_cancel.worker.links import format_timestamp
 

@@ -11,7 +11,7 @@ import json
 import click
 
 from plural_cancel.sandbox.cli import sandbox
-from plural_cancel.tasks.cli.base import Failure, UsageFailure, configured_app
+from plural_cancel.cli.base import Failure, UsageFailure, configured_app
 
 
 @click.command()

@@ -11,9 +11,9 @@ import sys
 
 import click
 
-from plural_cancel.tasks.cli import cancels, ops
-from plural_cancel.tasks.cli import schedule as scheduling
-from plural_cancel.tasks.cli.base import Commands
+from plural_cancel.cli import cancels, ops
+from plural_cancel.cli import schedule as scheduling
+from plural_cancel.cli.base import Commands
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
