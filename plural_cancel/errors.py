@@ -53,6 +53,10 @@ class MalformedMessage(PluralCancelError, ValueError):
 
 # -- Redis ------------------------------------------------------------------------------
 
+REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
+"""redis-py's errors that say Redis is away (a restart) or no longer the master (a
+failover): no cancel failed, and the ledger carries every live one through it."""
+
 
 class NotReplicated(PluralCancelError, redis.RedisError):
     """The master took an enqueue's records but fewer replicas than ``REDIS_WAIT_REPLICAS``

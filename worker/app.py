@@ -15,10 +15,11 @@ import threading
 
 import redis
 from celery import Celery, bootsteps, signals
+from kombu.exceptions import OperationalError
 
 from plural_cancel.config.celery import PUMP_INTERVAL, celery_config
 from plural_cancel.config.settings import Settings
-from plural_cancel.errors import ConfigError
+from plural_cancel.errors import REDIS_AWAY, ConfigError
 from plural_cancel.worker import malformed
 from plural_cancel.worker.broker import message_dropped
 from plural_cancel.worker.health import BrokerReady, WorkerHeartbeat
@@ -94,7 +95,11 @@ class DuePump(bootsteps.StartStopStep):
             for step in (pump, send_callbacks):  # one failing does not hold the other back
                 try:
                     step(worker.app)
-                except Exception:  # a Redis blip must not kill the timer; the next tick retries
+                except (*REDIS_AWAY, OperationalError) as exc:
+                    # Redis away: four ticks a second would each be an error with a traceback
+                    # (and a Sentry event). The next tick after it is back does the work.
+                    log.warning("%s skipped: Redis unreachable (%s)", step.__name__, type(exc).__name__)
+                except Exception:  # anything else must not kill the timer either; the next tick retries
                     log.exception("%s failed", step.__name__)
 
         self.tref = worker.timer.call_repeatedly(PUMP_INTERVAL, tick, priority=10)
