@@ -39,6 +39,7 @@ from celery.utils.dispatch import Signal
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 
+from plural_cancel.errors import REDIS_AWAY
 from plural_cancel.worker.keys import Keys
 from plural_cancel.worker.malformed import NOT_A_TASK_MESSAGE, UNDECODABLE
 
@@ -99,6 +100,12 @@ class QoS(kombu_redis.QoS):
             super().ack(delivery_tag)
         except REFUSED as exc:
             self._refused("acknowledge", exc, delivery_tag)
+        except REDIS_AWAY as exc:
+            # Redis away (a restart): the same way out, one warning rather than Celery's
+            # CRITICAL "Couldn't ack" with a traceback (and a Sentry event) per message.
+            log.warning("could not acknowledge a message: Redis unreachable (%s); it comes back after the "
+                        "visibility timeout and the ledger skips it", type(exc).__name__)
+            kombu_virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag, requeue=False):
         try:

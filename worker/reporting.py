@@ -39,7 +39,6 @@ from sentry_sdk.integrations.celery import CeleryIntegration
 from sentry_sdk.scrubber import DEFAULT_DENYLIST, EventScrubber
 
 from plural_cancel.config.settings import Settings
-from plural_cancel.errors import REDIS_AWAY
 from plural_cancel.worker.redaction import Redactor, redactor_for
 
 log = logging.getLogger(__name__)
@@ -112,11 +111,6 @@ def _before_send(redactor: Redactor, event: dict, hint: dict) -> dict | None:
     record = hint.get("log_record")
     if record is not None and getattr(record, "sentry", None) == REPORTED:
         return None  # reported explicitly, with tags and a fingerprint; the log line is its echo
-    if record is not None and record.name == "celery.worker.request" and str(record.msg).startswith("Couldn't ack") \
-            and isinstance(record.args, tuple) and any(isinstance(arg, REDIS_AWAY) for arg in record.args):
-        # Celery's CRITICAL for each message it could not acknowledge while Redis was away:
-        # the message comes back after the visibility timeout and the ledger skips it.
-        return None
     return redactor.walk(event)
 
 
