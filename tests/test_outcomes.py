@@ -122,7 +122,14 @@ def test_a_put_that_would_leave_late_for_its_rate_limit_slot_is_not_sent(runtime
 
     plural.token_answers.append(Answer(200, {"access_token": "tkn-slow", "expires_at": "2099-01-01T00:00:00Z"},
                                        delay=SLOT_LATENESS + 0.2))
+    from prometheus_client import REGISTRY
+
+    def cancel_calls() -> float:
+        return REGISTRY.get_sample_value("plural_cancel_plural_request_seconds_count", {"call": "cancel"}) or 0.0
+
+    before = cancel_calls()
     status = run(runtime, keep_late=True)
+    assert cancel_calls() == before  # nothing was sent: not a call to Plural in the metrics
     assert (status["state"], status["attempts"]) == ("queued", 0)
     assert status["next_attempt_at"] is not None
     assert [seen.path for seen in plural.seen] == ["/api/auth/v1/token"]  # the token, then no PUT

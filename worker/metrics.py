@@ -37,6 +37,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, s
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from plural_cancel.errors import SlotMissed
 from plural_cancel.worker import malformed
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,17 @@ SUCCEEDED = ("cancelled", "already_cancelled")
 
 @contextmanager
 def plural_call(call: str) -> Iterator[None]:
-    """Time one call to Plural (``cancel`` or ``get``), whether it answers or raises."""
+    """Time one call to Plural (``cancel`` or ``get``), whether it answers or raises; not one
+    that gave up its rate-limit slot before anything was sent (``SlotMissed``)."""
     start = time.perf_counter()
     try:
         yield
-    finally:
+    except SlotMissed:
+        raise
+    except BaseException:
         PLURAL_SECONDS.labels(call).observe(time.perf_counter() - start)
+        raise
+    PLURAL_SECONDS.labels(call).observe(time.perf_counter() - start)
 
 
 def snapshot(rt) -> dict[str, Any]:
