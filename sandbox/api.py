@@ -6,6 +6,7 @@ served. See the package docstring for which 4xx answers come back when.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from typing import Any, Callable, Mapping
@@ -47,6 +48,8 @@ class PluralAPI:
         is_cancel = bool(match and match.group(2))
         entry = self.log.record(req.method, req.path, link_id or None,
                                 req.headers.get("request-id"))
+        with contextlib.suppress(ValueError):  # a bad one is answered 400 where headers are checked
+            entry.sent_at = parse_iso(req.headers.get("request-timestamp"))
         if is_cancel and req.method == "PUT" and link_id:
             self.store.note_cancel_attempt(link_id)
         decision = self.faults.decide(token_call=req.path == TOKEN_PATH, link_id=link_id)

@@ -14,7 +14,7 @@ MAX_ENTRIES = 200_000
 class Entry:
     """One request as the sandbox saw it. ``status`` is None for a reset (no answer)."""
 
-    __slots__ = ("seq", "method", "path", "link_id", "request_id", "timestamp", "status", "fault")
+    __slots__ = ("seq", "method", "path", "link_id", "request_id", "timestamp", "sent_at", "status", "fault")
 
     def __init__(self, seq: int, method: str, path: str, link_id: str | None,
                  request_id: str | None, timestamp: float):
@@ -25,13 +25,15 @@ class Entry:
         self.request_id = request_id
         self.timestamp = timestamp
         """Epoch seconds at arrival."""
+        self.sent_at: float | None = None
+        """Epoch seconds of the sending, as the caller's ``Request-Timestamp`` says; None without one."""
         self.status: int | None = None
         self.fault: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"seq": self.seq, "method": self.method, "path": self.path,
                 "link_id": self.link_id, "request_id": self.request_id,
-                "timestamp": self.timestamp, "status": self.status, "fault": self.fault}
+                "timestamp": self.timestamp, "sent_at": self.sent_at, "status": self.status, "fault": self.fault}
 
 
 class RequestLog:

@@ -38,11 +38,13 @@ PROBE_MAX_WAIT = 10.0
 SPREAD = 2.0
 """Seconds over which cancels held back together (limiter, breaker) are spread on return."""
 
-SLOT_LATENESS = 1 - PACING
-"""Seconds after its rate-limit slot that a cancel's PUT may still leave; one that would leave
-later gives the slot up. The limiter grants ``PACING`` of the limit, so a 1-s window at Plural
-then holds the slots of at most 1 + SLOT_LATENESS seconds: ``PACING * (2 - PACING)`` of the
-limit, never more than it."""
+SLOT_LATENESS = 1 / PACING - 1 - 0.006
+"""Seconds after its rate-limit slot that a cancel's PUT may still leave (its
+``Request-Timestamp``); one that would leave later gives the slot up. The limiter grants
+``PACING`` of the limit, so slots are ``1 / (PACING * limit)`` apart, and a 1-s window of
+Request-Timestamps holds the slots of ``1 + SLOT_LATENESS + 0.001`` s (the stamp is cut to
+the millisecond): under ``1 / PACING`` s, so never more than the limit. The 6 ms spare
+cover that millisecond and the slew between the clock that sleeps and the one that stamps."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
     probe_max_wait = min(PROBE_MAX_WAIT, settings.attempt_timeout - settings.connect_timeout - settings.read_timeout)
     admitted = rt.attempts.admit(request_id, payment_link_id, owner, lease_seconds(settings),
                                  max_wait=settings.limiter_max_wait, probe_max_wait=probe_max_wait)
+    answered = time.monotonic()
     claim = admitted.claim
     ids = {"request_id": request_id, "payment_link_id": payment_link_id, "attempts": claim.attempts}
     if claim.verdict == "gave_up":
@@ -190,15 +193,17 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
         log.info("cancel held: rate limit", extra={**ids, "state": waiting, "reason": "rate_limit"})
         metrics.DEFERRALS.labels("rate_limit").inc()
         return "throttled"
-    slot_at = time.monotonic() + slot.wait
-    if slot.wait > 0:
-        time.sleep(slot.wait)  # the slot is ours from then on
+    # Redis's clock put the slot ``wait`` after it ran the script, which was somewhere between
+    # the asking and the answer: sleep from the answer (never early), send by SLOT_LATENESS
+    # after the asking (never late, however long the answer took to reach this thread).
+    if (sleep := answered + slot.wait - time.monotonic()) > 0:
+        time.sleep(sleep)  # the slot is ours from then on
     metrics.LIMITER_WAIT.observe(slot.wait)
 
     # The attempt's calls share what is left of its bound, so it ends inside its lease.
     try:
         with rt.plural.within(settings.attempt_timeout - (time.monotonic() - began),
-                              send_by=slot_at + SLOT_LATENESS):
+                              send_by=began + slot.wait + SLOT_LATENESS):
             decision = attempt(rt.plural, payment_link_id, request_id)
     except SlotMissed:
         # The PUT would have left too late (the process stalled: CPU starvation, a GC pause,

@@ -92,6 +92,29 @@ def test_cancel_sends_the_seed_request_and_parses_the_seed_answer(plural, client
         assert pii not in shown
 
 
+def test_a_puts_request_timestamp_is_the_reading_held_to_its_send_by_time(plural, store):
+    """The rate limit holds a PUT to leave by its slot's send-by time; the reading checked
+    is the one sent as ``Request-Timestamp``, so Plural is told the sending the limit allowed.
+    A reading past it sends nothing (``SlotMissed``)."""
+    import time
+
+    from plural_cancel.errors import SlotMissed
+
+    readings: list[float] = []
+    with PluralClient(plural.base_url, CLIENT_ID, SECRET, tokens=store, clock=lambda: readings.pop(0)) as c:
+        store.get(lambda: AccessToken("tkn-cached", NOW + 3600))  # no token call: the readings are ours
+        plural.answers.append(Answer(200, SEED_200, {"Content-Type": "application/json"}))
+        # send_by 15 ms from the first reading; the reading before the PUT is 10 ms on.
+        readings[:] = [NOW, NOW + 0.010]
+        with c.within(5, send_by=time.monotonic() + 0.015):
+            c.cancel_payment_link(LINK_ID, "req-on-time")
+        readings[:] = [NOW, NOW + 0.020]
+        with pytest.raises(SlotMissed), c.within(5, send_by=time.monotonic() + 0.015):
+            c.cancel_payment_link(LINK_ID, "req-late")
+    assert [(seen.headers["Request-ID"], seen.headers["Request-Timestamp"]) for seen in plural.seen] == [
+        ("req-on-time", "2024-07-09T07:57:08.032Z")]  # the reading checked; nothing sent late
+
+
 def test_token_is_reused_and_get_and_create_use_their_paths(plural, client):
     plural.answers.extend([Answer(200, {"status": "CREATED", "payment_link_id": LINK_ID}),
                            Answer(200, {"status": "CREATED", "payment_link_id": LINK_ID, "new": 1})])

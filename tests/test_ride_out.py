@@ -61,9 +61,12 @@ def test_three_workers_share_one_rate_limit(redis_url, sandbox, workers):
     assert len(puts) == 600 and {p["status"] for p in puts} == {200}
     times = [p["timestamp"] for p in puts]
     drain = (len(times) - 1) / (max(times) - min(times))
-    window = largest_window(times)
-    print(f"\n[rate limit] 3 workers, limit 20/s: largest 1-s window {window}, drain {drain:.2f}/s")
-    assert window <= 21  # the limit, give or take one at a window's edge
+    # Held on the sending (Request-Timestamp, the reading the limit checked), so strictly; the
+    # arrivals, read by a sandbox on the same two cores, within one at a window's edge.
+    window, arriving = largest_window([p["sent_at"] for p in puts]), largest_window(times)
+    print(f"\n[rate limit] 3 workers, limit 20/s: largest 1-s window {window} sent, {arriving} arriving, "
+          f"drain {drain:.2f}/s")
+    assert window <= 20
     assert drain >= 0.95 * 20
 
 
@@ -115,8 +118,8 @@ def test_a_60_second_outage_during_1000_cancels(redis_url, sandbox, workers):
     # Once the breaker is open (within its first seconds), only its probes go out:
     # one at a time, so no more than one per cooldown step (2, 4, 8, 16, 32 s) and a few.
     assert len([r for r in during if r["path"].endswith("/cancel")]) <= 12
-    after = [r["timestamp"] for r in log if r["method"] == "PUT" and r["timestamp"] > outage_ended]
-    assert largest_window(after) <= limit + 1
+    after = [r["sent_at"] for r in log if r["method"] == "PUT" and r["timestamp"] > outage_ended]
+    assert largest_window(after) <= limit  # as sent: Request-Timestamp, the reading the limit checked
     by_link = defaultdict(set)
     for r in log:
         if r["method"] == "PUT":

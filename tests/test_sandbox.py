@@ -438,6 +438,8 @@ def test_request_log_records_every_api_call(sandbox, token):
         ("PUT", f"/api/pay/v1/paymentlink/{link_id}/cancel", link_id, "req-log-2", 400),
         ("POST", "/api/auth/v1/token", None, None, 200)]
     assert all(abs(e["timestamp"] - time.time()) < 60 for e in log)
+    # The caller's Request-Timestamp, the sending as it says (the rate limit is checked on it).
+    assert [e["sent_at"] for e in log] == [1720511828.022, 1720511828.022, None]
     later = requests.get(sandbox.admin_url + "/requests", params={"since": log[0]["seq"]},
                          timeout=5).json()["requests"]
     assert [e["seq"] for e in later] == [log[1]["seq"], log[2]["seq"]]

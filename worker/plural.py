@@ -153,9 +153,13 @@ class PluralClient:
 
         ``send_by`` (a ``time.monotonic()`` value): the block's first payment-link call, once
         its token is had, is not sent later than this; ``SlotMissed`` is raised instead.
-        The calls after it (a GET, the retry with a fresh token) are not held to it."""
+        The calls after it (a GET, the retry with a fresh token) are not held to it. That
+        call's ``Request-Timestamp`` is the very reading checked against ``send_by``, so what
+        Plural is told of a call's sending is what the rate limit held it to."""
         self._local.deadline = time.monotonic() + seconds
-        self._local.send_by = send_by
+        # On the client's clock, which stamps Request-Timestamp. Read before the monotonic
+        # clock, so that a pause between the two readings can only move it earlier.
+        self._local.send_by = None if send_by is None else self._clock() + (send_by - time.monotonic())
         try:
             yield
         finally:
@@ -258,9 +262,11 @@ class PluralClient:
         key = request_id if method in ("PUT", "POST") else None
         token = self._token(request_id, sent=False)
         send_by, self._local.send_by = getattr(self._local, "send_by", None), None
-        if send_by is not None and time.monotonic() > send_by:
-            raise SlotMissed(f"{method} {path} not sent: {time.monotonic() - send_by:.3f}s past its send-by time")
-        answer = self._send(method, path, request_id, token=token, json_body=json_body, idempotency_key=key)
+        stamp = self._clock()
+        if send_by is not None and stamp > send_by:
+            raise SlotMissed(f"{method} {path} not sent: {stamp - send_by:.3f}s past its send-by time")
+        answer = self._send(method, path, request_id, token=token, json_body=json_body,
+                            idempotency_key=key, stamp=stamp)
         if _token_refused(answer):
             # Expired early, revoked, or rotated by another process: drop it and try once more
             # with the same Request-ID; a second refusal is a real authentication failure.
@@ -284,7 +290,8 @@ class PluralClient:
             raise
 
     def _send(self, method: str, path: str, request_id: str, *, token: str | None = None,
-              json_body: Any = None, idempotency_key: str | None = None) -> Answer:
+              json_body: Any = None, idempotency_key: str | None = None, stamp: float | None = None) -> Answer:
+        """One call; ``stamp`` (the client's clock, epoch seconds) is its ``Request-Timestamp``, now if None."""
         connect, read = self._connect_timeout, self._read_timeout
         deadline = getattr(self._local, "deadline", None)
         if deadline is not None:
@@ -293,7 +300,8 @@ class PluralClient:
                 raise PluralTimeout(f"the attempt's time ran out before {method} {path} was sent",
                                     request_id=request_id, sent=False)
             connect, read = min(connect, left), min(read, left)
-        headers = {"Request-ID": request_id, "Request-Timestamp": format_timestamp(self._clock())}
+        headers = {"Request-ID": request_id,
+                   "Request-Timestamp": format_timestamp(self._clock() if stamp is None else stamp)}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         if idempotency_key is not None:
