@@ -53,12 +53,12 @@ def test_three_workers_share_one_rate_limit(redis_url, sandbox, workers):
     env = service_env(redis_url, sandbox.url, PLURAL_RATE_LIMIT=20, PLURAL_RATE_BURST=0)
     workers.extend(start_worker(env, concurrency=8) for _ in range(3))
     app = use_settings(redis_url, sandbox.url, PLURAL_RATE_LIMIT=20)
-    links = sandbox.create_links(600, status="CREATED", prefix="pl-rate-")
+    links = sandbox.create_links(300, status="CREATED", prefix="pl-rate-")
     request_ids = enqueue_many(links, app=app)
     wait_all_terminal(app, request_ids, 90)
 
     puts = cancel_puts(sandbox)
-    assert len(puts) == 600 and {p["status"] for p in puts} == {200}
+    assert len(puts) == 300 and {p["status"] for p in puts} == {200}
     times = [p["timestamp"] for p in puts]
     drain = (len(times) - 1) / (max(times) - min(times))
     # Held on the sending (Request-Timestamp, the reading the limit checked), so strictly; the
@@ -70,7 +70,12 @@ def test_three_workers_share_one_rate_limit(redis_url, sandbox, workers):
     assert drain >= 0.95 * 20
 
 
-def test_a_60_second_outage_during_1000_cancels(redis_url, sandbox, workers):
+OUTAGE = 20.0
+"""Seconds Plural is down in the outage test: long enough for the breaker to open, hold
+every cancel, send its probes (2, 4, 8 s apart) and outlive a worker killed in it."""
+
+
+def test_an_outage_during_1000_cancels(redis_url, sandbox, workers):
     """Every cancel succeeds; during the outage only probes reach Plural; a worker killed
     mid-outage loses nothing; afterwards the backlog drains at the limit; no link is
     cancelled twice."""
@@ -90,7 +95,7 @@ def test_a_60_second_outage_during_1000_cancels(redis_url, sandbox, workers):
 
     sandbox.set_faults(outage=True)
     outage_started = time.time()
-    time.sleep(20)
+    time.sleep(OUTAGE / 2)
     # A host dies mid-outage: its deferred cancels live in Redis, not in its memory.
     workers[0].kill_group()
     waiting = {rid for rid, s in zip(request_ids, statuses(app, request_ids)) if s not in TERMINAL}
@@ -103,7 +108,7 @@ def test_a_60_second_outage_during_1000_cancels(redis_url, sandbox, workers):
     deferred = {rid.decode() for rid in client.zrangebyscore("plural-cancel:due", time.time() + 0.5, "+inf")}
     assert len((deferred | held) & waiting) > 0.9 * len(waiting)  # nearly all parked for later, no message
     workers[0] = start_worker(env, concurrency=8)
-    time.sleep(max(0.0, 60 - (time.time() - outage_started)))
+    time.sleep(max(0.0, OUTAGE - (time.time() - outage_started)))
     sandbox.set_faults(outage=False)
     outage_ended = time.time()
 
@@ -116,8 +121,8 @@ def test_a_60_second_outage_during_1000_cancels(redis_url, sandbox, workers):
     print(f"\n[outage] {len(during)} calls reached Plural during the outage (after its first 3 s); "
           f"outcomes {dict(outcomes)}")
     # Once the breaker is open (within its first seconds), only its probes go out:
-    # one at a time, so no more than one per cooldown step (2, 4, 8, 16, 32 s) and a few.
-    assert len([r for r in during if r["path"].endswith("/cancel")]) <= 12
+    # one at a time, so no more than one per cooldown step (2, 4, 8 s) and a few.
+    assert len([r for r in during if r["path"].endswith("/cancel")]) <= 6
     after = [r["sent_at"] for r in log if r["method"] == "PUT" and r["timestamp"] > outage_ended]
     assert largest_window(after) <= limit  # as sent: Request-Timestamp, the reading the limit checked
     by_link = defaultdict(set)

@@ -11,16 +11,20 @@ from worker.keys import Keys
 
 QUEUE = Settings.cancel_queue  # the queue list of every test's settings (CANCEL_QUEUE unset)
 UNACKED = Keys().unacked  # kombu's hash of the messages our workers hold (worker.broker)
+SHORT_LEASE = {"PLURAL_CONNECT_TIMEOUT": 1, "PLURAL_READ_TIMEOUT": 3}
 
 
 def test_a_cancel_in_flight_on_a_killed_worker_completes_on_another(module_redis_url, sandbox_process, capsys):
     from tasks import enqueue_cancel, get_status
 
     sandbox = sandbox_process
-    env = service_env(module_redis_url, sandbox.url)
-    app = use_settings(module_redis_url, sandbox.url)
+    # Short timeouts make a short lease (a 9-s attempt, a 14-s lease; 32 s by default): the
+    # cancel comes back when it runs out, whatever its length.
+    env = service_env(module_redis_url, sandbox.url, **SHORT_LEASE)
+    app = use_settings(module_redis_url, sandbox.url, **SHORT_LEASE)
     [link_id] = sandbox.create_links(1, status="CREATED", prefix="pl-kill-")
-    sandbox.set_faults(latency_ms=4000)  # hold the PUT in flight long enough to kill its worker
+    # Hold the PUT in flight long enough to kill its worker (not the token: it would time out).
+    sandbox.set_faults(latency_ms=4000, faults_skip_token=True)
     first = start_worker(env, concurrency=4)
     try:
         request_id = enqueue_cancel(link_id, app=app)
@@ -31,7 +35,7 @@ def test_a_cancel_in_flight_on_a_killed_worker_completes_on_another(module_redis
         killed_at = time.monotonic()
     finally:
         first.stop()
-    sandbox.set_faults(latency_ms=0)
+    sandbox.set_faults(latency_ms=0, faults_skip_token=False)
     second = start_worker(env, concurrency=4)
     try:
         status = wait_for(lambda: (s := get_status(request_id, app=app))["state"] in ("succeeded", "failed") and s,
