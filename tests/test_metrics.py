@@ -76,7 +76,11 @@ def test_the_metrics_endpoint_counts_what_happened(system):
     assert value(samples, "plural_cancel_plural_request_seconds_count", call="get") == gets
     assert value(samples, "plural_cancel_plural_request_seconds_bucket", call="cancel", le="+Inf") == puts
     assert 0 < value(samples, "plural_cancel_plural_request_seconds_sum", call="cancel") < puts * 5
-    assert value(samples, "plural_cancel_limiter_wait_seconds_count") == puts  # one slot per attempt
+    # One slot per attempt, and one per slot given up as late (a busy machine: not sent, and
+    # counted as a rate-limit deferral).
+    slots = value(samples, "plural_cancel_limiter_wait_seconds_count")
+    late = value(samples, "plural_cancel_deferrals_total", reason="rate_limit")
+    assert puts <= slots <= puts + late
     assert value(samples, "plural_cancel_records", state="succeeded") == 4
     assert value(samples, "plural_cancel_records", state="failed") == 1
     assert value(samples, "plural_cancel_dead_letters") == 1
