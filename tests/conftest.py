@@ -22,7 +22,21 @@ SLOW_MODULES = {
 processes, or build a wheel: ``make test-fast`` (``-m "not slow"``) leaves them out."""
 
 
+LONGEST_FIRST = (
+    "test_chaos", "test_ride_out", "test_ops", "test_sentinel", "test_health", "test_host_app", "test_worker_loss",
+    "test_redis_restart", "test_cli_redis", "test_reporting", "test_beat", "test_inspect", "test_never_lose",
+    "test_pipeline", "test_backlog", "test_outcome_stream", "test_bulk", "test_namespace", "test_sandbox_http",
+    "test_imports", "test_deploy_files",
+)
+"""Modules that take longest, longest first (``--durations=0``): ``make test`` hands whole
+modules to its processes in collection order (``--dist loadfile --no-loadscope-reorder``),
+so these start first and the many short ones fill in around them. xdist's own order, by
+number of tests, started the chaos run last."""
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
     for item in items:
         if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
