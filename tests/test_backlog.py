@@ -107,7 +107,10 @@ def draining(module_redis_url, sandbox_process):
 @pytest.mark.slow
 def test_a_worker_drains_a_backlog_with_the_queue_kept_short(draining):
     """400 links at 40/s: every one cancelled once, the broker's list never past the room
-    (two seconds at the rate) plus what one pump tick per worker adds before it is read."""
+    (two seconds at the rate) plus what one pump tick per worker adds before it is read,
+    plus the batch's first room that ``enqueue_many`` publishes itself: a pump tick that
+    falls between its script and its publish does not see those yet (on a busy machine
+    the list reached 142). Twice the room, never the backlog."""
     from tasks.producer import enqueue_many
 
     redis_url, sandbox = draining
@@ -124,7 +127,7 @@ def test_a_worker_drains_a_backlog_with_the_queue_kept_short(draining):
         return all(state == "succeeded" for state in states)
 
     wait_for(ended, 60, interval=0.05, message="backlog drained")
-    assert longest <= 80 + 40, longest
+    assert longest <= 80 + 40 + 80, longest
     puts = [r for r in sandbox.requests() if r["method"] == "PUT" and r.get("link_id", "").startswith("pl-backlog-")]
     assert len({r["link_id"] for r in puts}) == 400 and len(puts) == 400
     assert all(sandbox.link(link)["status"] == "CANCELLED" for link in links[:5])
