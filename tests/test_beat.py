@@ -47,9 +47,10 @@ def test_a_scheduled_cancel_arrives_on_time_and_an_unscheduled_one_never(system)
     assert unschedule_cancel(paid, app=app) is True
 
     [put] = wait_for(lambda: puts(sandbox, kept), 8, interval=0.05, message="the scheduled PUT")
-    # Sent (its Request-Timestamp, cut to the millisecond) no earlier than its time and
-    # within two beat ticks of it.
-    assert at.timestamp() - 0.001 <= put["sent_at"] <= at.timestamp() + 2.0
+    # Sent (its Request-Timestamp, cut to the millisecond) no earlier than its time, and
+    # within a beat tick (1 s) and two messages' delivery of it: those took up to 1.1 s
+    # more with the whole suite on two cores (2.12 s seen), so the bound is 3 s.
+    assert at.timestamp() - 0.001 <= put["sent_at"] <= at.timestamp() + 3.0
     assert put["request_id"] == request_id and put["status"] == 200
     wait_for(lambda: (get_status(request_id, app=app) or {}).get("outcome") == "cancelled", 10,
              message="cancelled")
