@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Iterable, Mapping
 from urllib.parse import urlsplit
 
-from requests.utils import should_bypass_proxies
 
 from plural_cancel.errors import ConfigError
 
@@ -175,7 +174,7 @@ class Settings:
     hands their messages back to Redis (Celery's ``worker_soft_shutdown_timeout``)."""
     health_dir: str = "/tmp"
     """Directory where a worker and beat write their heartbeat files, and where
-    ``plural-cancel health`` reads them (``worker.health``): one worker and one beat per
+    ``plural-cancel health`` reads them (``plural_cancel.heartbeat``): one worker and one beat per
     directory."""
 
     @classmethod
@@ -402,9 +401,12 @@ def _proxy_for(base_url: str, get) -> str | None:
     # leading dot, host:port, CIDR blocks for IP hosts, "*". Where its own matching finds
     # nothing it asks urllib, with our value put in os.environ's no_proxy for the moment of
     # the call: harmless here, once, at start-up.
-    if no_proxy and should_bypass_proxies(base_url, no_proxy=no_proxy):
-        return None
-    return proxy
+    if not no_proxy:
+        return proxy
+    # Imported here: requests is heavy, and only a proxy with NO_PROXY set needs it.
+    from requests.utils import should_bypass_proxies
+
+    return None if should_bypass_proxies(base_url, no_proxy=no_proxy) else proxy
 
 
 def _sentry_dsn(raw: str | None) -> str | None:

@@ -25,8 +25,15 @@ if os.path.isfile(os.path.join(_ROOT, "worker", "app.py")):
     # This repository's checkout (not an installed copy): the folders sit beside this one.
     __path__.append(_ROOT)  # noqa: F821 (a package's __path__)
 
-from plural_cancel.tasks.producer import (enqueue_cancel, enqueue_many, get_schedule, get_status,  # noqa: E402
-                                          schedule_cancel, unschedule_cancel)
-
 __all__ = ["enqueue_cancel", "enqueue_many", "get_status", "schedule_cancel", "unschedule_cancel",
            "get_schedule"]
+
+
+def __getattr__(name: str):
+    # The producer API is loaded on first use (PEP 562), not with the package: it brings in
+    # Celery, which ``plural-cancel health`` (every container's healthcheck) does without.
+    if name in __all__:
+        from plural_cancel.tasks import producer
+
+        return getattr(producer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

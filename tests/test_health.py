@@ -8,6 +8,7 @@ as a container's healthcheck runs it. Then the judgement itself, on facts.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import pytest
 from tests.conftest import wait_for
 from tests.support.redis_server import RedisServer
 from tests.support.workers import ROOT, CeleryProcess, service_env, start_beat, start_worker
-from worker.health import BEAT, LOOP_STALL_LIMIT, WORKER, Heartbeat, heartbeat_path, judge, read
+from plural_cancel.heartbeat import BEAT, LOOP_STALL_LIMIT, WORKER, Heartbeat, heartbeat_path, judge, read
 
 CLI = str(Path(sys.executable).with_name("plural-cancel"))
 MAX_AGE = 5.0
@@ -146,3 +147,23 @@ def test_a_heartbeat_is_rewritten_whole_and_at_once_on_a_change(tmp_path):
         assert [p.name for p in path.parent.iterdir()] == [path.name]  # no scratch file left behind
     finally:
         heartbeat.stop()
+
+
+def test_the_health_command_loads_neither_celery_nor_requests(tmp_path):
+    """Every container's healthcheck runs it every few seconds: it must not pay for the app.
+    The other commands load theirs when called (``base.Commands``), and each command the
+    group lists lazily is one its module holds."""
+    import importlib
+
+    from plural_cancel.cli import LAZY, cli
+
+    probe = ("import sys\nfrom plural_cancel.cli import main\ncode = main(['health', '--worker'])\n"
+             "print(code, sorted(m for m in ('celery', 'kombu', 'requests', 'plural_cancel.worker') if m in sys.modules))")
+    env = {**os.environ, "HEALTH_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split("\n")[0] == "1 []", done.stdout + done.stderr  # not live (no file), nothing heavy
+    assert "worker not live: no heartbeat file" in done.stderr
+    for module in set(LAZY.values()):
+        names = {command.name for command in importlib.import_module(f"plural_cancel.cli.{module}").COMMANDS}
+        assert names == {name for name, where in LAZY.items() if where == module}, module
+    assert set(cli.list_commands(None)) == {*LAZY, "health"}

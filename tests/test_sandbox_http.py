@@ -120,7 +120,7 @@ def test_python_m_sandbox_and_plural_cancel_sandbox_are_one_command():
     from plural_cancel.sandbox.cli import sandbox
     from plural_cancel.cli import cli
 
-    assert cli.commands["sandbox"] is sandbox
+    assert cli.get_command(None, "sandbox") is sandbox
     helps = [subprocess.run(argv + ["--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
              for argv in ([sys.executable, "-m", "sandbox"], [PLURAL_CANCEL, "sandbox"])]
     assert [h.returncode for h in helps] == [0, 0], [h.stderr for h in helps]

@@ -149,7 +149,7 @@ def _celery_command(args: list[str]) -> str | None:
 
 app = CancelApp()
 app.steps["worker"].add(DuePump)
-app.steps["worker"].add(WorkerHeartbeat)  # liveness and readiness files (worker.health)
+app.steps["worker"].add(WorkerHeartbeat)  # liveness and readiness files (plural_cancel.heartbeat)
 app.steps["consumer"].add(BrokerReady)
 _check_settings_under_celery(app)
 

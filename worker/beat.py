@@ -9,7 +9,7 @@ raises ``LockNotOwnedError`` and the beat process ends; nothing in RedBeat or Ce
 takes the lock again. :class:`Scheduler` waits for it as at start-up instead, so two
 beats keep their rule: the one that holds the lock fires, the other waits.
 
-It also keeps beat's heartbeat file (``worker.health``): written by a thread of its own
+It also keeps beat's heartbeat file (``plural_cancel.heartbeat``): written by a thread of its own
 from the scheduler's creation, which beat does before it waits for the lock or for
 Redis, so a standby beat and one waiting for Redis are live; each finished tick is
 noted in it, so only a beat that fires is ready.
@@ -32,7 +32,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, LockNotOwnedError, TimeoutError
 from redis.retry import Retry
 
-from plural_cancel.worker.health import BEAT, Heartbeat, heartbeat_path
+from plural_cancel.heartbeat import BEAT, Heartbeat, heartbeat_path
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 
 Exit status: 0 on success, 2 on bad input (one line on stderr), 1 otherwise; a Redis that
 is away or refuses writes is one line and 1 for every command (``base.Commands``).
-Each module of this package holds a few commands; this one gathers them.
+Each module of this package holds a few commands; this one gathers them, and loads a
+module only when one of its commands is called (``base.Commands``).
 """
 
 from __future__ import annotations
@@ -11,20 +12,21 @@ import sys
 
 import click
 
-from plural_cancel.cli import cancels, ops
-from plural_cancel.cli import schedule as scheduling
 from plural_cancel.cli.base import Commands
+from plural_cancel.cli.health import health
+
+LAZY = {"enqueue": "cancels", "status": "cancels", "sandbox": "cancels",
+        "failed": "ops", "stats": "ops", "check": "ops",
+        "bulk": "schedule", "schedule": "schedule", "unschedule": "schedule"}
+"""Each command but ``health``, and the module of this package whose ``COMMANDS`` hold it."""
 
 
-@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, lazy=LAZY, context_settings={"help_option_names": ["-h", "--help"]})
 def cli():
     """Cancel Pine Labs Plural payment links through the background worker."""
 
 
-for command in cancels.COMMANDS + ops.COMMANDS:
-    cli.add_command(command)
-for command in scheduling.COMMANDS:
-    cli.add_command(command)
+cli.add_command(health)
 
 
 def main(argv: list[str] | None = None) -> int:

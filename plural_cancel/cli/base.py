@@ -3,9 +3,11 @@ and the one place where a Redis that is away or refuses writes becomes one line 
 
 from __future__ import annotations
 
+import importlib
+import sys
+from typing import Mapping
+
 import click
-import redis
-from kombu.exceptions import OperationalError
 
 from plural_cancel.config.settings import Settings
 from plural_cancel.errors import ConfigError, PluralCancelError
@@ -38,20 +40,52 @@ class Commands(click.Group):
 
     A command adds what the operator needs to know about work done before the error with
     ``exc.add_note(...)`` and re-raises; the note is put in brackets at the end of the line.
+
+    ``lazy`` maps a command's name to the module of this package that holds it (in its
+    ``COMMANDS``), loaded when a command of it is asked for: most commands need Celery, and
+    ``health``, run by every container's healthcheck, does not (click's documented
+    lazy-loading pattern).
     """
+
+    def __init__(self, *args, lazy: Mapping[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in self.lazy:
+            module = importlib.import_module(f"{__package__}.{self.lazy[name]}")
+            for command in module.COMMANDS:
+                self.add_command(command)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (redis.RedisError, OperationalError) as exc:  # kombu wraps redis-py's errors when publishing
+        except Exception as exc:
+            if not _from_redis(exc):
+                raise
             settings = ctx.meta.get(_SETTINGS)
             url = settings.describe()["redis_url"] if settings is not None else None
             raise Failure(describe_redis_error(exc, url)) from None
 
 
+def _from_redis(exc: BaseException) -> bool:
+    """Whether ``exc`` is redis-py's, or kombu's wrapping of one (when publishing). Neither
+    library is loaded for it: a command that never loaded one cannot have its error."""
+    redis, kombu = sys.modules.get("redis"), sys.modules.get("kombu.exceptions")
+    errors = (*((redis.RedisError,) if redis else ()), *((kombu.OperationalError,) if kombu else ()))
+    return isinstance(exc, errors)
+
+
 def describe_redis_error(exc: BaseException, url: str | None) -> str:
     """One line saying what Redis did: not reachable, refused the write (OOM, READONLY),
     refused the credentials, or another error. ``url`` must already have its password masked."""
+    import redis
+    from kombu.exceptions import OperationalError
+
     notes = "; ".join(getattr(exc, "__notes__", ()))
     if isinstance(exc, OperationalError) and isinstance(exc.__context__, redis.RedisError):
         exc = exc.__context__
@@ -76,6 +110,8 @@ def describe_redis_error(exc: BaseException, url: str | None) -> str:
 
 def _reason(exc: BaseException) -> str:
     """The operating system's words for a failed connection ("Connection refused"), else redis-py's."""
+    import redis
+
     cause = exc.__cause__ or exc.__context__
     while cause is not None:
         if isinstance(cause, OSError) and cause.strerror:

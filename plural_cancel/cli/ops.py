@@ -1,4 +1,5 @@
-"""Commands for whoever runs the system: ``failed list|retry``, ``stats``, ``check`` and ``health``.
+"""Commands for whoever runs the system: ``failed list|retry``, ``stats`` and ``check``
+(``health`` has a module of its own).
 
 ``failed retry`` sends a dead letter back the way ``enqueue`` sends a new cancel: the
 record turns ``queued`` in the ledger and enters its due index (one Lua script), then
@@ -16,7 +17,6 @@ from kombu.exceptions import OperationalError
 
 from plural_cancel.errors import ConfigError
 from plural_cancel.cli.base import Failure, UsageFailure, configured_app, load_settings
-from plural_cancel.worker import health as health_checks
 from plural_cancel.worker.links import format_timestamp
 
 RETRY_BATCH = 500
@@ -164,28 +164,4 @@ def check():
     click.echo("plural     ok (token obtained)")
 
 
-@click.command()
-@click.option("--worker", "kind", flag_value="worker", help="Judge this host's worker.")
-@click.option("--beat", "kind", flag_value="beat", help="Judge this host's beat.")
-@click.option("--ready", is_flag=True, help="Readiness (worker: connected to Redis; beat: ticking, so holding "
-                                             "the lock) instead of liveness.")
-@click.option("--max-age", default=health_checks.DEFAULT_MAX_AGE, show_default=True,
-              type=click.FloatRange(min=0, min_open=True),
-              help="Seconds: the oldest heartbeat (and, with --ready, loop turn or tick) judged fresh.")
-def health(kind: str | None, ready: bool, max_age: float):
-    """Exit 0 when this host's worker or beat is live (--ready: ready), 1 when not; one line either way.
-
-    Reads the heartbeat file the process rewrites in HEALTH_DIR every 2 s, with no
-    Redis round trip: a worker or beat waiting for Redis stays live (it carries on by
-    itself once Redis is back) but not ready. For container healthchecks and
-    liveness/readiness probes.
-    """
-    if kind is None:
-        raise UsageFailure("give --worker or --beat")
-    verdict = health_checks.check(load_settings().health_dir, kind, max_age, ready)
-    if not verdict.ok:
-        raise Failure(verdict.line)
-    click.echo(verdict.line)
-
-
-COMMANDS = [failed, stats, check, health]
+COMMANDS = [failed, stats, check]
