@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Iterable, Mapping
 from urllib.parse import urlsplit
 
-
 from plural_cancel.errors import ConfigError
 
 PLURAL_BASES = {
