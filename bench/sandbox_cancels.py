@@ -153,11 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=20000, help="cancels per client and round")
     parser.add_argument("--rounds", type=int, default=1, help="best of this many rounds")
     parser.add_argument("--no-raw", action="store_true", help="skip the http.client client")
+    parser.add_argument("--no-requests", action="store_true",
+                        help="skip the requests client (its rounds are the slow part: it is the bottleneck)")
     parser.add_argument("--compare", action="store_true",
                         help="also time the former hand-written HTTP layer (bench/legacy_sandbox_server.py)")
     args = parser.parse_args(argv)
 
-    clients = ["requests"] + ([] if args.no_raw else ["http.client"])
+    clients = ([] if args.no_requests else ["requests"]) + ([] if args.no_raw else ["http.client"])
+    if not clients:
+        parser.error("--no-raw and --no-requests leave no client")
     procs = {}
     trivial = None
     try:
