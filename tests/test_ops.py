@@ -7,14 +7,17 @@ configured by the environment, against a real Redis, worker and sandbox.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from tests.conftest import use_settings, wait_for
 from tests.support.redis_server import free_port
+from tests.support.slow_tcp import SlowRelay
 from tests.support.workers import ROOT, service_env, start_worker
 
 CLI = str(Path(sys.executable).with_name("plural-cancel"))
@@ -223,7 +226,9 @@ def test_check_says_what_is_wrong_with_its_exit_status(system):
     env = system["env"]
     ok = cli(env, "check")
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.splitlines() == ["settings   ok", "redis      ok", "plural     ok (token obtained)"]
+    settings_line, redis_line, plural_line = ok.stdout.splitlines()
+    assert (settings_line, plural_line) == ("settings   ok", "plural     ok (token obtained)")
+    assert re.fullmatch(r"redis      ok \(round trip \d+\.\d ms\)", redis_line), redis_line
 
     bad_setting = cli({**env, "PLURAL_RATE_LIMIT": "fast"}, "check")
     assert bad_setting.returncode == 2 and "PLURAL_RATE_LIMIT" in bad_setting.stderr
@@ -232,6 +237,17 @@ def test_check_says_what_is_wrong_with_its_exit_status(system):
 
     no_redis = cli({**env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, "check")
     assert no_redis.returncode == 1 and "redis      unreachable" in no_redis.stderr
+    # A Redis 40 ms away: a PUT must leave within 25 ms of asking Redis for its slot, so no
+    # cancel would ever be sent.
+    url = urlsplit(env["REDIS_URL"])
+    far = SlowRelay((url.hostname, url.port), delay=0.04)
+    try:
+        too_far = cli({**env, "REDIS_URL": f"redis://127.0.0.1:{far.port}{url.path}"}, "check")
+    finally:
+        far.close()
+    assert too_far.returncode == 1 and re.search(r"redis      answers in (\d+) ms", too_far.stderr), too_far.stderr
+    assert int(re.search(r"answers in (\d+) ms", too_far.stderr)[1]) >= 40
+    assert "every slot would be given up" in too_far.stderr and too_far.stdout == "settings   ok\n"
     wrong_secret = cli({**env, "PLURAL_CLIENT_SECRET": "not-the-secret"}, "check")
     assert wrong_secret.returncode == 1 and "no token" in wrong_secret.stderr
     assert "not-the-secret" not in wrong_secret.stdout + wrong_secret.stderr

@@ -10,6 +10,7 @@ idempotent cancel however many times it is retried.
 from __future__ import annotations
 
 import json
+import time
 
 import click
 import redis
@@ -141,6 +142,7 @@ def stats(as_json: bool):
 @click.command()
 def check():
     """Check the settings, that Redis answers and that a Plural token can be had."""
+    from plural_cancel.tasks.cancel import SLOT_LATENESS
     from plural_cancel.worker.runtime import Runtime
 
     settings = load_settings()
@@ -151,10 +153,16 @@ def check():
     click.echo("settings   ok")
     runtime = Runtime(settings)
     try:
-        runtime.redis.ping()
+        trip = min(_round_trip(runtime.redis) for _ in range(5))
     except redis.RedisError as exc:
         raise Failure(f"redis      unreachable: {type(exc).__name__}") from None
-    click.echo("redis      ok")
+    if trip >= SLOT_LATENESS:
+        # A PUT leaves within SLOT_LATENESS of its rate-limit slot, counted from when the
+        # worker asked Redis for it: a round trip this long gives every slot up.
+        raise Failure(f"redis      answers in {trip * 1000:.0f} ms, but a cancel's PUT must leave within "
+                      f"{SLOT_LATENESS * 1000:.0f} ms of asking Redis for its rate-limit slot: every slot "
+                      "would be given up. Run Redis near the workers")
+    click.echo(f"redis      ok (round trip {trip * 1000:.1f} ms)")
     try:
         runtime.plural.generate_token()
     except Exception as exc:  # every Plural error is reported the same way here: one line
@@ -162,6 +170,13 @@ def check():
     finally:
         runtime.close()
     click.echo("plural     ok (token obtained)")
+
+
+def _round_trip(client: redis.Redis) -> float:
+    """Seconds one PING takes."""
+    started = time.monotonic()
+    client.ping()
+    return time.monotonic() - started
 
 
 COMMANDS = [failed, stats, check]
