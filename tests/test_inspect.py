@@ -61,10 +61,12 @@ def test_inspect_active_lists_a_cancel_in_flight(healthy_sandbox, system):
 
     app, sandbox = system["app"], healthy_sandbox
     [link_id] = sandbox.create_links(1, prefix="pl-inspect-")
-    sandbox.set_faults(latency_ms=3000, faults_skip_token=True)
+    sandbox.set_faults(latency_ms=8000, faults_skip_token=True)
     request_id = enqueue_cancel(link_id, app=app)
-    wait_for(lambda: (get_status(request_id, app=app) or {}).get("state") == "running", 10,
-             message="the cancel running")
+    # In flight once its PUT is at the sandbox, held there 8 s ("running" comes earlier, at the
+    # claim; a delivery that then gives its rate-limit slot up as late ends at once).
+    wait_for(lambda: any(r["method"] == "PUT" and r.get("link_id") == link_id for r in sandbox.requests()), 20,
+             0.05, "the cancel's PUT at the sandbox")
 
     result = inspect(system["env"], "active")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -65,7 +65,9 @@ def busy_worker(system, prefix):
     links = sandbox.create_links(2, prefix=prefix)
     sandbox.set_faults(latency_ms=3000)
     running = enqueue_cancel(links[0], app=app)
-    wait_for(lambda: status(app, running)["state"] == "running", 10, 0.02, message="first cancel running")
+    # Busy once its PUT is at the sandbox ("running" comes earlier, at the claim; a delivery
+    # that then gives its rate-limit slot up as late frees the thread at once).
+    wait_for(lambda: puts_for(sandbox, links[0]), 20, 0.02, message="first cancel's PUT at the sandbox")
     waiting = enqueue_cancel(links[1], app=app)
     assert admin.llen(QUEUE) == 1  # the second message waits: the worker's one thread is busy
     return running, waiting, links
