@@ -48,7 +48,7 @@ class PluralAPI:
         is_cancel = bool(match and match.group(2))
         entry = self.log.record(req.method, req.path, link_id or None,
                                 req.headers.get("request-id"))
-        with contextlib.suppress(ValueError):  # a bad one is answered 400 where headers are checked
+        with contextlib.suppress(ValueError):  # a bad one is answered 400 (_header_problem)
             entry.sent_at = parse_iso(req.headers.get("request-timestamp"))
         if is_cancel and req.method == "PUT" and link_id:
             self.store.note_cancel_attempt(link_id)
@@ -71,20 +71,20 @@ class PluralAPI:
     def _route(self, req: Request, match: re.Match | None, link_id: str | None,
                is_cancel: bool, entry: Entry) -> Reply:
         if req.path == TOKEN_PATH:
-            return self._token(req) if req.method == "POST" else method_not_allowed("POST")
+            return self._token(req, entry) if req.method == "POST" else method_not_allowed("POST")
         if req.path == LINKS_PATH:
             if req.method != "POST":
                 return method_not_allowed("POST")
-            return self._guarded(req, None, lambda r, _: self._create(r, entry))
+            return self._guarded(req, entry, None, lambda r, _: self._create(r, entry))
         if match is None:
             return plural_error(404, "NOT_FOUND", f"no such endpoint: {req.path}")
         if is_cancel:
-            return self._guarded(req, link_id, self._cancel) if req.method == "PUT" \
+            return self._guarded(req, entry, link_id, self._cancel) if req.method == "PUT" \
                 else method_not_allowed("PUT")
-        return self._guarded(req, link_id, self._get) if req.method == "GET" \
+        return self._guarded(req, entry, link_id, self._get) if req.method == "GET" \
             else method_not_allowed("GET")
 
-    def _guarded(self, req: Request, link_id: str | None,
+    def _guarded(self, req: Request, entry: Entry, link_id: str | None,
                  action: Callable[[Request, str | None], Reply]) -> Reply:
         """Checks every payment-link call passes first: token, then headers, then the id."""
         auth = req.headers.get("authorization", "")
@@ -93,7 +93,7 @@ class PluralAPI:
             return unauthorized("missing bearer token in the Authorization header")
         if self.faults.current.reject_tokens or not self.tokens.valid(token.strip()):
             return unauthorized("access token is invalid or expired")
-        problem = _header_problem(req, required=True)
+        problem = _header_problem(req, entry, required=True)
         if problem:
             return invalid_request(problem)
         if link_id is not None and not ID_RE.match(link_id):
@@ -102,8 +102,8 @@ class PluralAPI:
 
     # -- calls -------------------------------------------------------------------------
 
-    def _token(self, req: Request) -> Reply:
-        problem = _header_problem(req, required=False)
+    def _token(self, req: Request, entry: Entry) -> Reply:
+        problem = _header_problem(req, entry, required=False)
         if problem:
             return invalid_request(problem)
         try:
@@ -165,20 +165,17 @@ class PluralAPI:
         return json_reply(200, link)
 
 
-def _header_problem(req: Request, *, required: bool) -> str | None:
-    """What is wrong with ``Request-ID`` / ``Request-Timestamp``, or None."""
+def _header_problem(req: Request, entry: Entry, *, required: bool) -> str | None:
+    """What is wrong with ``Request-ID`` / ``Request-Timestamp``, or None. The timestamp was
+    parsed once, on arrival, into ``entry.sent_at``."""
     request_id = req.headers.get("request-id")
     if request_id is None:
         if required:
             return "Request-ID header is required"
     elif not 1 <= len(request_id) <= 50:
         return "Request-ID must be 1-50 characters"
-    stamp = req.headers.get("request-timestamp")
-    if stamp is not None:
-        try:
-            parse_iso(stamp)
-        except ValueError:
-            return "Request-Timestamp must be an ISO 8601 UTC timestamp"
+    if entry.sent_at is None and req.headers.get("request-timestamp") is not None:
+        return "Request-Timestamp must be an ISO 8601 UTC timestamp"
     return None
 
 

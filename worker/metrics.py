@@ -63,15 +63,15 @@ SUCCEEDED = ("cancelled", "already_cancelled")
 def plural_call(call: str) -> Iterator[None]:
     """Time one call to Plural (``cancel`` or ``get``), whether it answers or raises; not one
     that gave up its rate-limit slot before anything was sent (``SlotMissed``)."""
-    start = time.perf_counter()
+    start, sent = time.perf_counter(), True
     try:
         yield
     except SlotMissed:
+        sent = False
         raise
-    except BaseException:
-        PLURAL_SECONDS.labels(call).observe(time.perf_counter() - start)
-        raise
-    PLURAL_SECONDS.labels(call).observe(time.perf_counter() - start)
+    finally:
+        if sent:
+            PLURAL_SECONDS.labels(call).observe(time.perf_counter() - start)
 
 
 def snapshot(rt) -> dict[str, Any]:
