@@ -7,6 +7,7 @@ as arguments and return plain dicts, so the store decides when and how they chan
 from __future__ import annotations
 
 import base64
+import functools
 import random
 import re
 import string
@@ -34,9 +35,14 @@ _ALNUM = string.ascii_letters + string.digits
 
 def iso_ms(ts: float) -> str:
     """Epoch seconds as ISO 8601 UTC with milliseconds, e.g. ``2025-03-06T08:27:55.881Z``."""
-    ms = int(round(ts * 1000))
-    secs, ms = divmod(ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + ".%03dZ" % ms
+    secs, ms = divmod(int(round(ts * 1000)), 1000)
+    return _iso_seconds(secs) + ".%03dZ" % ms
+
+
+@functools.lru_cache(maxsize=64)
+def _iso_seconds(secs: int) -> str:
+    # Cached: every cancel stamps the current second, and formatting it is most of a stamp's cost.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
 
 
 def iso_minutes(ts: float) -> str:

@@ -26,7 +26,7 @@ import threading
 import time
 import traceback
 from typing import Any, Callable, Mapping, TextIO
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 from aiohttp import HttpVersion11, web
 
@@ -94,9 +94,14 @@ def _handler(app: Sandbox) -> Callable[[web.BaseRequest], Any]:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge as err:
                 return _response(plural_error(413, "INVALID_REQUEST", err.text or "request body too large"))
-        query = parse_qs(request.query_string) if request.query_string else {}
+        # The request target as sent, not aiohttp's ``path``: that one goes through yarl's
+        # URL object on every call, and the sandbox needs only the path and the query.
+        path, _, query = request.raw_path.partition("?")
+        if "%" in path:
+            path = unquote(path)
         try:
-            reply = app.dispatch(Request(request.method, request.path, request.headers, body, query))
+            reply = app.dispatch(Request(request.method, path, request.headers, body,
+                                         parse_qs(query) if query else {}))
         except Exception:  # a sandbox bug must show as a 500 in Plural's shape, and on stderr
             traceback.print_exc(file=sys.stderr)
             reply = plural_error(500, "INTERNAL_ERROR", "sandbox bug: see its stderr")
