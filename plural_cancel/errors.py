@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import redis
-
 MAX_MESSAGE = 300
 """Characters of Plural's own error message kept (a bound on what reaches logs and Redis)."""
 
@@ -52,16 +50,33 @@ class MalformedMessage(PluralCancelError, ValueError):
 
 
 # -- Redis ------------------------------------------------------------------------------
+# REDIS_AWAY and NotReplicated are made of redis-py's errors, and built when first asked
+# for (PEP 562): the settings import this module, and so does the healthcheck every
+# container runs every few seconds, which must not pay for loading redis-py.
 
-REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
-"""redis-py's errors that say Redis is away (a restart) or no longer the master (a
-failover): no cancel failed, and the ledger carries every live one through it."""
+
+def _redis_errors() -> dict[str, Any]:
+    import redis
+
+    away = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
+
+    class NotReplicated(PluralCancelError, redis.RedisError):
+        """The master took an enqueue's records but fewer replicas than ``REDIS_WAIT_REPLICAS``
+        acknowledged them in time: a failover now could lose them. Enqueue again (the same
+        Request-IDs are one cancel; a link already live is followed, never sent twice)."""
+
+    NotReplicated.__qualname__ = "NotReplicated"
+    return {"REDIS_AWAY": away, "NotReplicated": NotReplicated}
 
 
-class NotReplicated(PluralCancelError, redis.RedisError):
-    """The master took an enqueue's records but fewer replicas than ``REDIS_WAIT_REPLICAS``
-    acknowledged them in time: a failover now could lose them. Enqueue again (the same
-    Request-IDs are one cancel; a link already live is followed, never sent twice)."""
+def __getattr__(name: str) -> Any:
+    """``REDIS_AWAY``: redis-py's errors that say Redis is away (a restart) or no longer the
+    master (a failover): no cancel failed, and the ledger carries every live one through it.
+    ``NotReplicated``: see :func:`_redis_errors`."""
+    if name in ("REDIS_AWAY", "NotReplicated"):
+        globals().update(_redis_errors())
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- Plural -----------------------------------------------------------------------------

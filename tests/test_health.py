@@ -37,6 +37,12 @@ def code(env: dict[str, str], *args: str) -> int:
     return health(env, *args).returncode
 
 
+POLL = 0.5
+"""Seconds between two runs of the command while a test waits for its verdict to change.
+Each run is a process (about 0.4 s of CPU) and heartbeats change every 2 s: running it
+back to back would only take CPU from the tests beside this one."""
+
+
 @pytest.fixture
 def redis_server_of_our_own():
     server = RedisServer(prefix="pc-redis-health-")
@@ -58,10 +64,10 @@ def test_worker_and_beat_stay_live_while_redis_is_away_and_not_after_they_die(
     services.append(standby)
     worker_env, beat_env, standby_env = envs["worker"], envs["beat1"], envs["beat2"]
 
-    wait_for(lambda: code(worker_env, "--worker", "--ready") == 0, 10, message="the worker ready")
+    wait_for(lambda: code(worker_env, "--worker", "--ready") == 0, 10, POLL, "the worker ready")
     live = health(worker_env, "--worker")
     assert live.returncode == 0 and "live" in live.stdout and "connected to the broker" in live.stdout
-    wait_for(lambda: code(beat_env, "--beat", "--ready") == 0, 10, message="the lock holder ready")
+    wait_for(lambda: code(beat_env, "--beat", "--ready") == 0, 10, POLL, "the lock holder ready")
     assert code(standby_env, "--beat") == 0
     waiting = health(standby_env, "--beat", "--ready")
     assert waiting.returncode == 1 and "no tick yet" in waiting.stderr
@@ -71,19 +77,20 @@ def test_worker_and_beat_stay_live_while_redis_is_away_and_not_after_they_die(
     redis_server.kill()
     down_at = time.monotonic()
     not_ready = wait_for(lambda: (r := health(worker_env, "--worker", "--ready")).returncode == 1 and r, 10,
-                         message="the worker not ready")
+                         POLL, "the worker not ready")
     assert "not connected to the broker" in not_ready.stderr
-    wait_for(lambda: code(beat_env, "--beat", "--ready") == 1, MAX_AGE + 5, message="beat not ready")
+    wait_for(lambda: code(beat_env, "--beat", "--ready") == 1, MAX_AGE + 5, POLL, "beat not ready")
     samples = []
     while time.monotonic() - down_at < MAX_AGE + 3:
         samples.append((code(worker_env, "--worker"), code(beat_env, "--beat"), code(standby_env, "--beat")))
+        time.sleep(POLL)
     assert samples and set(samples) == {(0, 0, 0)}, samples
 
     # Redis is back (empty: the lock is gone): the worker is ready again, and one beat of the two.
     redis_server.restart()
-    wait_for(lambda: code(worker_env, "--worker", "--ready") == 0, 40, message="the worker ready again")
+    wait_for(lambda: code(worker_env, "--worker", "--ready") == 0, 40, POLL, "the worker ready again")
     wait_for(lambda: code(beat_env, "--beat", "--ready") + code(standby_env, "--beat", "--ready") == 1, 40,
-             message="one beat ready again")
+             POLL, "one beat ready again")
     assert (code(worker_env, "--worker"), code(beat_env, "--beat"), code(standby_env, "--beat")) == (0, 0, 0)
 
     # Killed (the whole process group, no shutdown): not live once the heartbeat is older than the max age.
@@ -92,7 +99,7 @@ def test_worker_and_beat_stay_live_while_redis_is_away_and_not_after_they_die(
     killed_at = time.monotonic()
     for env, kind in ((worker_env, "--worker"), (beat_env, "--beat"), (standby_env, "--beat")):
         dead = wait_for(lambda: (r := health(env, kind, "--max-age", "3")).returncode == 1 and r, 10,
-                        message=f"{kind} not live")
+                        POLL, f"{kind} not live")
         assert "not live: heartbeat" in dead.stderr and "(max 3 s)" in dead.stderr
     assert time.monotonic() - killed_at >= 1.0  # the last heartbeat, at most 2 s old, had to age past 3 s
 
@@ -149,7 +156,7 @@ def test_a_heartbeat_is_rewritten_whole_and_at_once_on_a_change(tmp_path):
         heartbeat.stop()
 
 
-def test_the_health_command_loads_neither_celery_nor_requests(tmp_path):
+def test_the_health_command_loads_neither_celery_nor_redis_nor_requests(tmp_path):
     """Every container's healthcheck runs it every few seconds: it must not pay for the app.
     The other commands load theirs when called (``base.Commands``), and each command the
     group lists lazily is one its module holds."""
@@ -158,7 +165,7 @@ def test_the_health_command_loads_neither_celery_nor_requests(tmp_path):
     from plural_cancel.cli import LAZY, cli
 
     probe = ("import sys\nfrom plural_cancel.cli import main\ncode = main(['health', '--worker'])\n"
-             "print(code, sorted(m for m in ('celery', 'kombu', 'requests', 'plural_cancel.worker') if m in sys.modules))")
+             "print(code, sorted(m for m in ('celery', 'kombu', 'redis', 'requests', 'plural_cancel.worker') if m in sys.modules))")
     env = {**os.environ, "HEALTH_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.stdout.split("\n")[0] == "1 []", done.stdout + done.stderr  # not live (no file), nothing heavy
