@@ -1,4 +1,5 @@
-"""``plural-cancel bulk FILE``: parsing, and the command itself run as a subprocess.
+"""``plural-cancel bulk FILE``: parsing, and the command itself (its console script's ``main``,
+run in this process: ``tests/support/cli.py``).
 
 No worker: what ``bulk`` did is read from the ledger records and the queue's length.
 ``tests/test_beat.py`` follows a ``bulk --wait`` through a real worker.
@@ -8,26 +9,20 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 
 from config.settings import Settings
 from tests.conftest import use_settings
-from tests.support.workers import ROOT
+from tests.support import cli
 
 QUEUE = Settings.cancel_queue  # the queue list of every test's settings (CANCEL_QUEUE unset)
 
-PLURAL_CANCEL = str(Path(sys.executable).with_name("plural-cancel"))
-
-
-def run_cli(redis_url: str, *args: str, timeout: float = 120, **settings: str) -> subprocess.CompletedProcess:
+def run_cli(redis_url: str, *args: str, **settings: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PLURAL_", "SENTRY_", "CANCEL_"))}
     env.update(settings, REDIS_URL=redis_url)
-    return subprocess.run([PLURAL_CANCEL, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return cli.run(env, *args)
 
 
 def record_count(redis_client) -> int:

@@ -1,31 +1,35 @@
 """``plural-cancel`` when Redis is away or refuses writes: one line on stderr, exit status 1.
 
-Each command runs as the operator runs it (the console script in a subprocess). Redis is
-real: a port where nothing listens, or a redis-server of its own that is made to refuse
-writes (``maxmemory`` below its use: OOM; a replica of a master that is not there: READONLY).
+Each command runs its console script's ``main`` in this process (``tests/support/cli.py``);
+the last test runs some of them as processes of their own too and expects the same bytes.
+Redis is real: a port where nothing listens, or a redis-server of its own that is made to
+refuse writes (``maxmemory`` below its use: OOM; a replica of a master that is not there:
+READONLY).
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import redis
 
+from tests.support import cli
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.workers import ROOT
 
-PLURAL_CANCEL = str(Path(sys.executable).with_name("plural-cancel"))
 PASSWORD = "s3cret-redis-pw"
 
 
-def run_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess:
+def cli_env(redis_url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PLURAL_", "SENTRY_", "CANCEL_"))}
     env.update(REDIS_URL=redis_url, PLURAL_CLIENT_ID="test-client", PLURAL_CLIENT_SECRET="test-secret-do-not-leak")
-    return subprocess.run([PLURAL_CANCEL, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    return env
+
+
+def run_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess:
+    return cli.run(cli_env(redis_url), *args)
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +120,37 @@ def test_a_redis_that_refuses_writes_is_one_line_too(refusing_redis, link_file):
         assert "read only replica" in line
     assert run_cli(server.url, "status", "no-such-request").stderr.strip() == (
         "plural-cancel: no cancel with request_id 'no-such-request' (unknown, or expired after RESULT_TTL)")
+
+
+@pytest.mark.parametrize("args", [("enqueue", "pl-down-1"), ("failed", "list", "--json"), ("stats",)], ids=" ".join)
+def test_the_console_script_says_what_the_command_says_here(args):
+    """The in-process runs above stand for the console script: the same exit status and the
+    same bytes on stdout and stderr, Redis away."""
+    url = f"redis://operator:{PASSWORD}@127.0.0.1:{free_port()}/0"
+    here = run_cli(url, *args)
+    alone = cli.run_process(cli_env(url), *args, cwd=ROOT)
+    assert (alone.returncode, alone.stdout, alone.stderr) == (here.returncode, here.stdout, here.stderr)
+    assert here.returncode == 1 and here.stderr.startswith("plural-cancel: cannot reach Redis at ")
+
+
+def test_a_warning_logged_during_a_run_here_reaches_its_stderr_as_in_a_process():
+    """Python prints an unconfigured process's warnings on stderr (``logging.lastResort``);
+    runs here must show them too, or the one-line tests above could not see a stray one."""
+    import logging
+
+    import click
+
+    from plural_cancel.cli import cli as group
+
+    @click.command(name="warns")
+    def warns():
+        logging.getLogger("kombu.connection").warning("No hostname was supplied. Reverting to default")
+        logging.getLogger("kombu.connection").info("not shown: below WARNING")
+
+    group.add_command(warns)
+    try:
+        result = cli.run(dict(os.environ), "warns")
+    finally:
+        del group.commands["warns"]
+    assert (result.returncode, result.stdout) == (0, "")
+    assert result.stderr == "No hostname was supplied. Reverting to default\n"

@@ -1,31 +1,25 @@
 """The operator's commands against a running system: ``failed list|retry``, ``stats``, ``check``.
 
-Each command runs as the operator runs it: ``.venv/bin/plural-cancel`` in a subprocess,
-configured by the environment, against a real Redis, worker and sandbox.
+Each command runs its console script's ``main`` in this process, configured by the
+environment (``tests/support/cli.py``), against a real Redis, worker and sandbox; ``check``
+on a healthy system also runs as the operator runs it, the console script in a process
+of its own.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
 from tests.conftest import use_settings, wait_for
+from tests.support.cli import run as cli
+from tests.support.cli import run_process
 from tests.support.redis_server import free_port
 from tests.support.slow_tcp import SlowRelay
 from tests.support.workers import ROOT, service_env, start_worker
-
-CLI = str(Path(sys.executable).with_name("plural-cancel"))
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([CLI, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-
 
 def finished(app, request_id, timeout=30.0):
     from tasks import get_status
@@ -224,7 +218,7 @@ def test_stats_without_redis_exits_1(system):
 
 def test_check_says_what_is_wrong_with_its_exit_status(system):
     env = system["env"]
-    ok = cli(env, "check")
+    ok = run_process(env, "check", cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
     settings_line, redis_line, plural_line = ok.stdout.splitlines()
     assert (settings_line, plural_line) == ("settings   ok", "plural     ok (token obtained)")

@@ -136,7 +136,12 @@ def load_settings() -> Settings:
 
 
 def configured_app():
-    """An app built from the command line's settings (its options over the environment)."""
+    """An app built from the command line's settings (its options over the environment),
+    closed (its Redis connections and broker pool) when the command ends."""
     from plural_cancel.worker import create_app
 
-    return create_app(load_settings())
+    app = create_app(load_settings())
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(app.close)
+    return app
