@@ -20,11 +20,14 @@ TERMINAL = ("succeeded", "failed")
 
 @pytest.fixture(scope="module")
 def system(module_redis_url, sandbox_process):
-    # A short lease (2.5-s attempts: 7.5 s) and stall timeout, so a killed worker's cancels come back soon.
-    env = service_env(module_redis_url, sandbox_process.url, PLURAL_RATE_LIMIT="100", LIMITER_MAX_WAIT="0.5",
-                      PLURAL_CONNECT_TIMEOUT="0.5", PLURAL_READ_TIMEOUT="1.5", CANCEL_ATTEMPT_TIMEOUT="2.5",
-                      CANCEL_STALL_TIMEOUT="3", CANCEL_RETRY_BASE="0.2", CANCEL_RETRY_CAP="1")
-    app = use_settings(module_redis_url, sandbox_process.url, PLURAL_RATE_LIMIT="100")
+    # A short lease (2.5-s attempts: 7.5 s) and stall timeout, so a killed worker's cancels come back
+    # soon. The producer's settings too: the enqueue sets when a cancel whose message is lost (a
+    # worker killed between taking it and recording it) is sent again, the stall timeout from now.
+    settings = dict(PLURAL_RATE_LIMIT="100", LIMITER_MAX_WAIT="0.5", PLURAL_CONNECT_TIMEOUT="0.5",
+                    PLURAL_READ_TIMEOUT="1.5", CANCEL_ATTEMPT_TIMEOUT="2.5", CANCEL_STALL_TIMEOUT="3",
+                    CANCEL_RETRY_BASE="0.2", CANCEL_RETRY_CAP="1")
+    env = service_env(module_redis_url, sandbox_process.url, **settings)
+    app = use_settings(module_redis_url, sandbox_process.url, **settings)
     yield {"app": app, "sandbox": sandbox_process, "env": env, "redis": redis.Redis.from_url(module_redis_url)}
 
 

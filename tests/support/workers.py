@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.support.zygote import zygote_for
+
 ROOT = Path(__file__).resolve().parents[2]
 CELERY = str(Path(sys.executable).with_name("celery"))
 
@@ -29,6 +31,11 @@ def service_env(redis_url: str, plural_url: str, **extra: str) -> dict[str, str]
     return env
 
 
+STANDARD_ENV = service_env("redis://127.0.0.1:6379/0", "http://127.0.0.1:8800/api")
+"""The environment the zygote runs with (``tests/support/zygote.py``): a process whose own
+differs from it only in the product's settings is forked from it."""
+
+
 class CeleryProcess:
     """A ``celery -A APP worker|beat`` process in its own process group, logging to a file.
 
@@ -40,8 +47,13 @@ class CeleryProcess:
         self.kind = kind
         self.log_path = Path(tempfile.mkstemp(prefix=f"pc-{kind}-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([CELERY, "-A", app, kind, *args], cwd=cwd, env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        argv = [CELERY, "-A", app, kind, *args]
+        zygote = zygote_for(env, STANDARD_ENV, ROOT)
+        if zygote is not None:  # the same process, without a second of loading libraries
+            self.proc = zygote.spawn(argv, env, cwd, self.log_path)
+        else:
+            self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
 
     def wait_ready(self, timeout: float = 30.0, marker: str = "ready.") -> "CeleryProcess":
         deadline = time.monotonic() + timeout
