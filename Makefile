@@ -12,10 +12,10 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 run: setup redis-server
 	@bash scripts/run-local.sh
 
-# Four processes on two cores: most of the suite waits on the processes it starts. Whole
-# modules go to a process, longest first (tests/conftest.py, LONGEST_FIRST).
+# Six processes on two cores: most of the suite waits on the processes it starts. Whole
+# modules go to a process, in the order tests/conftest.py's ORDER gives.
 test: setup redis-server
-	$(VENV)/bin/pytest -q -n 4 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -n 6 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The edit loop: everything but the tests that start workers, beat, Sentinels or CLI processes.
 test-fast: setup redis-server

@@ -22,20 +22,26 @@ SLOW_MODULES = {
 processes, or build a wheel: ``make test-fast`` (``-m "not slow"``) leaves them out."""
 
 
-LONGEST_FIRST = (
-    "test_chaos", "test_ride_out", "test_ops", "test_sentinel", "test_health", "test_host_app", "test_worker_loss",
-    "test_redis_restart", "test_cli_redis", "test_reporting", "test_beat", "test_inspect", "test_never_lose",
-    "test_pipeline", "test_backlog", "test_outcome_stream", "test_bulk", "test_namespace", "test_sandbox_http",
-    "test_imports", "test_deploy_files",
+ORDER = (
+    # One module to start each of make test's six processes, the longest six:
+    "test_chaos", "test_ride_out", "test_sentinel", "test_host_app", "test_redis_restart", "test_worker_loss",
+    # xdist hands a process a second module as soon as its first has two tests or fewer to
+    # run, which the chaos run (one test) has from the start: these take no time, so nothing
+    # waits behind it for two and a half minutes.
+    "test_module_map", "test_sandbox_replies", "test_broker",
+    # Then the rest, longest first, to whichever process is free.
+    "test_health", "test_never_lose", "test_reporting", "test_beat", "test_outcome_stream", "test_pipeline",
+    "test_ops", "test_inspect", "test_namespace", "test_deploy_files", "test_backlog", "test_sandbox",
+    "test_run_local", "test_tokens", "test_settings", "test_imports", "test_ratelimit", "test_metrics",
+    "test_sandbox_http", "test_plural_transport", "test_procfile", "test_breaker",
 )
-"""Modules that take longest, longest first (``--durations=0``): ``make test`` hands whole
-modules to its processes in collection order (``--dist loadfile --no-loadscope-reorder``),
-so these start first and the many short ones fill in around them. xdist's own order, by
-number of tests, started the chaos run last."""
+"""The order ``make test`` hands whole modules to its processes in (``--dist loadfile
+--no-loadscope-reorder``), from their wall times in a full run (``--durations=0``); modules
+not named come last. xdist's own order, by number of tests, started the chaos run last."""
 
 
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    rank = {name: i for i, name in enumerate(ORDER)}
     items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
     for item in items:
         if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:

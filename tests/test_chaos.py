@@ -76,7 +76,7 @@ AFTER_OUTAGE = {"error_rates": {"500": 0.10}, "timeout_rate": 0.05}
 """The faults once the breaker has closed again after the outage: the 500s and timeouts, no 429s."""
 OUTAGE = 30.0
 """Seconds Plural answers every call with a 503."""
-KILL_FIRST, OUTAGE_AT, KILL_SECOND, REDIS_CRASH = 100, 250, 800, 1300
+KILL_FIRST, OUTAGE_AT, KILL_SECOND, REDIS_CRASH = 100, 150, 800, 1300
 """Cancels ended (of the first 1,800) when worker 1 is killed, Plural goes down, worker 2
 is killed, and Redis is killed: the first two in the storm of 429s, the last two in the drain."""
 REDIS_DOWN = 2.0
