@@ -19,6 +19,7 @@ from tests.support import cli
 
 QUEUE = Settings.cancel_queue  # the queue list of every test's settings (CANCEL_QUEUE unset)
 
+
 def run_cli(redis_url: str, *args: str, **settings: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PLURAL_", "SENTRY_", "CANCEL_"))}
     env.update(settings, REDIS_URL=redis_url)
