@@ -40,6 +40,16 @@ ORDER = (
 not named come last. xdist's own order, by number of tests, started the chaos run last."""
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """The worker and beat logs of a run that passed are removed (some fifty a run); a run
+    that failed keeps them, and its failures name them."""
+    from tests.support import workers
+
+    if exitstatus == 0:
+        for path in workers.LOGS:
+            path.unlink(missing_ok=True)
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(ORDER)}
     items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))

@@ -31,6 +31,10 @@ def service_env(redis_url: str, plural_url: str, **extra: str) -> dict[str, str]
     return env
 
 
+LOGS: list[Path] = []
+"""Every log file a :class:`CeleryProcess` of this test process wrote (``conftest`` removes
+them after a run that passed)."""
+
 STANDARD_ENV = service_env("redis://127.0.0.1:6379/0", "http://127.0.0.1:8800/api")
 """The environment the zygote runs with (``tests/support/zygote.py``): a process whose own
 differs from it only in the product's settings is forked from it."""
@@ -46,6 +50,7 @@ class CeleryProcess:
                  cwd: Path | str = ROOT):
         self.kind = kind
         self.log_path = Path(tempfile.mkstemp(prefix=f"pc-{kind}-", suffix=".log")[1])
+        LOGS.append(self.log_path)
         self._log = open(self.log_path, "wb")
         argv = [CELERY, "-A", app, kind, *args]
         zygote = zygote_for(env, STANDARD_ENV, ROOT)
