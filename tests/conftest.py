@@ -27,7 +27,7 @@ ORDER = (
     "test_chaos", "test_ride_out", "test_sentinel", "test_host_app", "test_redis_restart", "test_worker_loss",
     # xdist hands a process a second module as soon as its first has two tests or fewer to
     # run, which the chaos run (one test) has from the start: these take no time, so nothing
-    # waits behind it for two and a half minutes.
+    # waits behind it for the two minutes it takes.
     "test_module_map", "test_sandbox_replies", "test_broker",
     # Then the rest, longest first, to whichever process is free.
     "test_health", "test_never_lose", "test_reporting", "test_beat", "test_outcome_stream", "test_pipeline",
