@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from tests.support.zygote import zygote_for
@@ -53,10 +54,14 @@ class CeleryProcess:
         LOGS.append(self.log_path)
         self._log = open(self.log_path, "wb")
         argv = [CELERY, "-A", app, kind, *args]
+        self.proc = None
         zygote = zygote_for(env, STANDARD_ENV, ROOT)
         if zygote is not None:  # the same process, without a second of loading libraries
-            self.proc = zygote.spawn(argv, env, cwd, self.log_path)
-        else:
+            try:
+                self.proc = zygote.spawn(argv, env, cwd, self.log_path)
+            except (OSError, RuntimeError) as exc:  # the zygote is gone: slower, not wrong
+                warnings.warn(f"celery {kind} started by its console script: {exc}", stacklevel=2)
+        if self.proc is None:
             self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 

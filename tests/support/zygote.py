@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -45,8 +46,20 @@ FREE = frozenset(VARIABLES) | {"PYTEST_CURRENT_TEST"}
 and the name of the test running, which pytest changes for every test and nothing reads."""
 
 
+UNKNOWN = -255
+"""The exit status of a child that ended after its zygote had gone."""
+
+
 def _base(env: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in FREE}
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not ended (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
 
 
 class Child:
@@ -61,6 +74,8 @@ class Child:
     def poll(self) -> int | None:
         if self.returncode is None:
             self.returncode = self._zygote.status(self.pid)
+        if self.returncode is None and not self._zygote.alive() and not _running(self.pid):
+            self.returncode = UNKNOWN  # ended after its zygote, which alone could read its status
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -92,10 +107,20 @@ class Zygote:
         self._news = threading.Condition()
         self._spawned: list[int] = []
         self._exited: dict[int, int] = {}
+        self._mourned = False
         threading.Thread(target=self._read, name="zygote-reader", daemon=True).start()
 
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
     def accepts(self, env: Mapping[str, str]) -> bool:
-        return self._proc.poll() is None and _base(env) == self._base
+        if not self.alive():
+            if not self._mourned:
+                self._mourned = True
+                warnings.warn(f"the zygote exited {self._proc.returncode}: celery processes start by their "
+                              "console script from now on", stacklevel=3)
+            return False
+        return _base(env) == self._base
 
     def spawn(self, argv: list[str], env: Mapping[str, str], cwd: Path | str, log: Path) -> Child:
         request = json.dumps({"argv": argv, "env": dict(env), "cwd": str(cwd), "log": str(log)})
