@@ -39,7 +39,7 @@ def code(env: dict[str, str], *args: str) -> int:
 
 POLL = 0.5
 """Seconds between two runs of the command while a test waits for its verdict to change.
-Each run is a process (about 0.4 s of CPU) and heartbeats change every 2 s: running it
+Each run is a process of its own and heartbeats change every 2 s: running it
 back to back would only take CPU from the tests beside this one."""
 
 
@@ -102,6 +102,24 @@ def test_worker_and_beat_stay_live_while_redis_is_away_and_not_after_they_die(
                         POLL, f"{kind} not live")
         assert "not live: heartbeat" in dead.stderr and "(max 3 s)" in dead.stderr
     assert time.monotonic() - killed_at >= 1.0  # the last heartbeat, at most 2 s old, had to age past 3 s
+
+
+@pytest.mark.slow
+def test_a_ticking_beat_is_ready_at_every_read_of_its_heartbeat(redis_url, healthy_sandbox, services, tmp_path):
+    """One writer per beat process. Celery's banner builds a second scheduler (``lazy``) only
+    to describe it; had that one a heartbeat of its own, it would rewrite the file every 2 s
+    with no tick in it, and a ready beat would read as not ready half the time."""
+    env = service_env(redis_url, healthy_sandbox.url, HEALTH_DIR=str(tmp_path))
+    beat = start_beat(env)
+    services.append(beat)
+    path = heartbeat_path(str(tmp_path), BEAT)
+    wait_for(lambda: (read(path) or {}).get("ticked_at"), 15, 0.1, "beat's first tick in its heartbeat")
+    samples = []
+    for _ in range(40):  # 6 s: three rewrites of each writer, were there two
+        samples.append(read(path))
+        time.sleep(0.15)
+    assert all(facts and facts["ticked_at"] for facts in samples), [f and f.get("ticked_at") for f in samples]
+    assert "cannot write" not in beat.log()
 
 
 def test_the_command_needs_a_kind_and_says_where_it_looked(tmp_path):

@@ -40,11 +40,15 @@ log = logging.getLogger(__name__)
 class Scheduler(RedBeatScheduler):
     """``redbeat.RedBeatScheduler`` that takes its lock again after Redis lost it, with a heartbeat."""
 
-    def __init__(self, app, *args, **kwargs):
-        # Before RedBeat's own set-up, which waits for Redis.
-        self.heartbeat = Heartbeat(heartbeat_path(app.settings.health_dir, BEAT), ticked_at=None).start()
+    def __init__(self, app, *args, lazy: bool = False, **kwargs):
+        self.heartbeat = Heartbeat(heartbeat_path(app.settings.health_dir, BEAT), ticked_at=None)
+        # Started before RedBeat's own set-up, which waits for Redis. Not by the scheduler that
+        # beat's banner builds (``lazy``) only to describe it and never runs: its heartbeat
+        # would rewrite the file beside the real one's, with no tick in it.
+        if not lazy:
+            self.heartbeat.start()
         follow_sentinel(app)
-        super().__init__(app, *args, **kwargs)
+        super().__init__(app, *args, lazy=lazy, **kwargs)
 
     def tick(self, *args, **kwargs) -> float:
         """One pass of the schedule; returns the seconds to sleep before the next."""
