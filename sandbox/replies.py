@@ -9,8 +9,8 @@ from typing import Any, Callable
 
 def _encoder() -> Callable[[Any], bytes]:
     """Compact UTF-8 JSON: orjson's when it is installed (the ``sandbox`` extra brings it),
-    else the standard library's. A cancel's answer is a whole link (about 2 KB): orjson
-    encodes it in a tenth of the time, which ``bench/sandbox_cancels.py`` sees."""
+    else the standard library's. A cancel's answer is a whole link, and orjson encodes it
+    several times faster (``bench/README.md``, sandbox cancels per second)."""
     try:
         import orjson
     except ImportError:

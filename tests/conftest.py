@@ -41,8 +41,8 @@ not named come last. xdist's own order, by number of tests, started the chaos ru
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """The worker and beat logs of a run that passed are removed (some fifty a run); a run
-    that failed keeps them, and its failures name them."""
+    """The worker and beat logs of a run that passed are removed; a run that failed keeps
+    them, and its failures name them."""
     from tests.support import workers
 
     if exitstatus == 0:

@@ -56,7 +56,7 @@ class CeleryProcess:
         argv = [CELERY, "-A", app, kind, *args]
         self.proc = None
         zygote = zygote_for(env, STANDARD_ENV, ROOT)
-        if zygote is not None:  # the same process, without a second of loading libraries
+        if zygote is not None:  # the same process, without loading the libraries again
             try:
                 self.proc = zygote.spawn(argv, env, cwd, self.log_path)
             except (OSError, RuntimeError) as exc:  # the zygote is gone: slower, not wrong

@@ -1,8 +1,9 @@
 """Celery processes forked from a process that has already loaded Celery and its libraries.
 
-A ``celery -A worker worker`` process spends about a second of CPU loading Celery's command
-line (click-repl and prompt_toolkit among it), kombu, redis-py, requests and sentry-sdk
-before it does anything, and the suite starts some fifty of them on two cores. The zygote
+A ``celery -A worker worker`` process spends most of its start loading Celery's command
+line (click-repl and prompt_toolkit among it), kombu, redis-py, requests and sentry-sdk,
+and the suite starts many of them on two cores (the README's "How long `make test`
+takes" has the figures). The zygote
 (``_zygote_main.py``, one per test process, started on first use) loads those once and
 forks a child per process asked for; the child then runs exactly what the console script
 runs, ``celery.__main__.main()`` with the request's argv, environment and directory, in a
@@ -99,9 +100,7 @@ class Child:
 
 class Zygote:
     def __init__(self, env: Mapping[str, str], cwd: Path | str):
-        self.env = dict(env)
-        self._base = _base(env)
-        self._proc = subprocess.Popen([sys.executable, str(MAIN)], cwd=cwd, env=self.env,
+        self._proc = subprocess.Popen([sys.executable, str(MAIN)], cwd=cwd, env=dict(env),
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
         self._lock = threading.Lock()  # one request at a time: answers come in order
         self._news = threading.Condition()
@@ -113,14 +112,15 @@ class Zygote:
     def alive(self) -> bool:
         return self._proc.poll() is None
 
-    def accepts(self, env: Mapping[str, str]) -> bool:
-        if not self.alive():
-            if not self._mourned:
-                self._mourned = True
-                warnings.warn(f"the zygote exited {self._proc.returncode}: celery processes start by their "
-                              "console script from now on", stacklevel=3)
-            return False
-        return _base(env) == self._base
+    def usable(self) -> bool:
+        """Alive; the first time it is found dead, a warning says so."""
+        if self.alive():
+            return True
+        if not self._mourned:
+            self._mourned = True
+            warnings.warn(f"the zygote exited {self._proc.returncode}: celery processes start by their "
+                          "console script from now on", stacklevel=3)
+        return False
 
     def spawn(self, argv: list[str], env: Mapping[str, str], cwd: Path | str, log: Path) -> Child:
         request = json.dumps({"argv": argv, "env": dict(env), "cwd": str(cwd), "log": str(log)})
@@ -182,4 +182,4 @@ def zygote_for(env: Mapping[str, str], standard: Mapping[str, str], cwd: Path | 
             except OSError:
                 return None
             atexit.register(_zygote.close)
-    return _zygote if _zygote.accepts(env) else None
+    return _zygote if _zygote.usable() else None
