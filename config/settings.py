@@ -35,6 +35,11 @@ VARIABLES = (
 """Every environment variable :meth:`Settings.from_env` reads, in the README's order
 (and ``BREAKER_THRESHOLD``, read only to be refused)."""
 
+WAIT_AUTO = "auto"
+"""``REDIS_WAIT_REPLICAS=auto``: a producer's writes wait for one replica whenever the master has one."""
+MAX_WAIT_REPLICAS = 16
+"""The most replicas ``REDIS_WAIT_REPLICAS`` may ask to acknowledge a write."""
+
 MAX_ATTEMPT_TIMEOUT = 300.0
 """Seconds: the longest an attempt (and so each of its timeouts) may be set to take."""
 MAX_LIMITER_WAIT = 30.0
@@ -114,9 +119,11 @@ class Settings:
     """(host, port) of each Redis Sentinel; empty: no Sentinel, ``redis_url`` names the server."""
     redis_sentinel_master: str | None = None
     """The master's name in the Sentinels' configuration (``sentinel monitor NAME ...``)."""
-    wait_replicas: int = 0
-    """Replicas that must hold a producer's new records (Redis ``WAIT``) before an enqueue
-    returns; 0: the enqueue returns once the master has them."""
+    wait_replicas: int | str = "auto"
+    """Replicas that must hold a producer's writes (Redis ``WAIT``) before an enqueue,
+    schedule or unschedule returns; ``auto`` (:data:`WAIT_AUTO`): one whenever the master
+    has a replica connected, none (counted and warned about) when it has none; 0: the call
+    returns once the master has them."""
     cancel_queue: str = "plural-cancel"
     """The Celery queue (a Redis list of that name) the product's messages travel on and its
     workers consume; never Celery's default ``celery``, which a host app on the same Redis
@@ -245,7 +252,7 @@ class Settings:
             redis_url=redis_url,
             redis_sentinels=sentinels,
             redis_sentinel_master=sentinel_master,
-            wait_replicas=int(_number(get, "REDIS_WAIT_REPLICAS", cls.wait_replicas, integer=True)),
+            wait_replicas=_wait_replicas(get("REDIS_WAIT_REPLICAS")),
             cancel_queue=cancel_queue,
             rate_limit=_number(get, "PLURAL_RATE_LIMIT", cls.rate_limit, positive=True),
             rate_burst=int(_number(get, "PLURAL_RATE_BURST", cls.rate_burst, integer=True)),
@@ -349,12 +356,12 @@ def secret_value(name: str, value: str) -> bool:
 
 
 def _number(get, name: str, default: float, *, positive: bool = False, integer: bool = False,
-            minimum: float | None = None, maximum: float | None = None) -> float:
+            minimum: float | None = None, maximum: float | None = None, accepts: str | None = None) -> float:
     raw = get(name)
     if raw is None:
         return default
     kind = "an integer" if integer else "a number"
-    accepts = f"{'a positive' if positive else 'a non-negative'} {kind.split(' ', 1)[1]}"
+    stated, accepts = accepts is not None, accepts or f"{'a positive' if positive else 'a non-negative'} {kind.split(' ', 1)[1]}"
     try:
         value = int(raw) if integer else float(raw)
     except ValueError:
@@ -364,10 +371,17 @@ def _number(get, name: str, default: float, *, positive: bool = False, integer: 
     if value < 0 or (positive and value == 0):
         raise ConfigError(name, accepts, raw)
     if minimum is not None and value < minimum:
-        raise ConfigError(name, f"{accepts} no smaller than {minimum:g}", raw)
+        raise ConfigError(name, accepts if stated else f"{accepts} no smaller than {minimum:g}", raw)
     if maximum is not None and value > maximum:
-        raise ConfigError(name, f"{accepts} no larger than {maximum:g}", raw)
+        raise ConfigError(name, accepts if stated else f"{accepts} no larger than {maximum:g}", raw)
     return value
+
+
+def _wait_replicas(raw: str | None) -> int | str:
+    if raw is None or raw.lower() == WAIT_AUTO:
+        return WAIT_AUTO
+    return int(_number(lambda _: raw, "REDIS_WAIT_REPLICAS", 0, integer=True, maximum=MAX_WAIT_REPLICAS,
+                       accepts=f"auto, or an integer from 0 to {MAX_WAIT_REPLICAS}"))
 
 
 def _sentinels(raw: str | None) -> tuple[tuple[str, int], ...]:

@@ -156,7 +156,7 @@ def get_statuses(request_ids: list[str], *, app: Celery | None = None) -> list[d
 def schedule_store(app_: Celery) -> Schedule:
     """The scheduled-cancel store on this process's Redis connection and keys."""
     rt = app_.runtime
-    return Schedule(rt.redis, fired_ttl=rt.settings.result_ttl, keys=rt.keys)
+    return Schedule(rt.redis, fired_ttl=rt.settings.result_ttl, keys=rt.keys, replicas=rt.replicas)
 
 
 def submit(app_: Celery, pairs: list[tuple[str, str]], callback: Callback | None = None, *,

@@ -116,6 +116,18 @@ class Keys:
         record to fail (``worker.malformed``), counted by every worker since the key was made."""
         return f"{self.prefix}:malformed"
 
+    @property
+    def unreplicated(self) -> str:
+        """Hash: ``writes`` -> producer writes that went through with no replica connected to
+        the master (``REDIS_WAIT_REPLICAS=auto``, ``worker.replication``)."""
+        return f"{self.prefix}:unreplicated"
+
+    @property
+    def replication_mark(self) -> str:
+        """String (60-s TTL): a write made only to ``WAIT`` for, when a replica that connected
+        during a producer's write must be shown to hold it (``worker.replication``)."""
+        return f"{self.prefix}:replication-mark"
+
     def finished(self, bucket: int | str) -> str:
         """Hash: outcome -> records that reached it in the hour starting at ``bucket``
         (epoch seconds); it expires with the records it counts. ``finished("")`` is the prefix."""

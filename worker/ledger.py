@@ -37,12 +37,12 @@ from typing import Any, Callable, Iterable
 
 import redis
 
-from plural_cancel.errors import NotReplicated
 from plural_cancel.worker.keys import Keys
 from plural_cancel.worker.ledger_lua import (CALLBACKS_SENT, CREATE_MANY, PUMP, REJECT, REQUEUE,
                                              TAKE_CALLBACKS)
 from plural_cancel.worker.links import format_timestamp
 from plural_cancel.worker.redaction import Redactor
+from plural_cancel.worker.replication import ReplicaWait
 
 TERMINAL = ("succeeded", "failed")
 ACTIVE = ("queued", "running", "retrying")
@@ -54,20 +54,8 @@ READ_CHUNK = 1000
 """Records read per round trip by :meth:`Ledger.statuses`."""
 CREATE_CHUNK = 1000
 """Records created per script call by :meth:`Ledger.create_many` (a call holds Redis while it runs)."""
-WAIT_TIMEOUT_MS = 1000
-"""Milliseconds an enqueue waits for ``wait_replicas`` replicas to acknowledge its records
-(Redis ``WAIT``): a replica answers within a round trip, so one that has not in a second
-is away or resyncing."""
-
-
-
-
-
 STALE = -1
 """What finish and defer answer when the delivery no longer holds the cancel."""
-
-
-
 
 
 @dataclass(frozen=True)
@@ -121,10 +109,10 @@ class Ledger:
 
     def __init__(self, client: redis.Redis, *, result_ttl: int, retry_budget: float, stall_timeout: float,
                  rate: float, queue: str, keys: Keys = Keys(), clock: Callable[[], float] = time.time,
-                 redactor: Redactor = Redactor(), wait_replicas: int = 0):
+                 redactor: Redactor = Redactor(), replicas: ReplicaWait | None = None):
         self.redis = client
-        self.wait_replicas = wait_replicas
-        """Replicas that must acknowledge a producer's new records before :meth:`create_many` returns."""
+        self.replicas = replicas or ReplicaWait(client, 0, keys=keys)
+        """How a producer's writes (:meth:`create_many`, :meth:`requeue`) wait for replicas."""
         self.redactor = redactor
         """Masks secrets and personal data in an error before it is written (Plural's own
         message may quote what it was sent: a phone number, an e-mail)."""
@@ -180,16 +168,10 @@ class Ledger:
         for start in range(0, len(items), CREATE_CHUNK):
             args = head + [x for pair in items[start:start + CREATE_CHUNK] for x in pair]
             self._create_many(keys=keys, args=args, client=pipe)
-        if self.wait_replicas:
-            # In the same pipeline, so on the connection that wrote the records: WAIT
-            # counts the replicas that have everything this connection wrote.
-            pipe.execute_command("WAIT", self.wait_replicas, WAIT_TIMEOUT_MS)
-        replies = pipe.execute()
-        if self.wait_replicas:
-            acknowledged = replies.pop()
-            if acknowledged < self.wait_replicas:
-                raise NotReplicated(f"{acknowledged} of REDIS_WAIT_REPLICAS={self.wait_replicas} replicas acknowledged "
-                                    f"the new records within {WAIT_TIMEOUT_MS} ms")
+        # In the same pipeline, so on the connection that wrote the records: WAIT counts
+        # the replicas that have everything this connection wrote.
+        token = self.replicas.extend(pipe)
+        replies = self.replicas.check(pipe.execute(), token)
         return [int(code) for codes in replies for code in codes]
 
     # -- the worker (through ``worker.attempts``, which runs these in two round trips) --
@@ -294,7 +276,9 @@ class Ledger:
             self._requeue(keys=[k.record(rid), k.failed, k.due, k.stats, k.finished(""), k.link(""),
                                 k.record(""), k.followers(""), self.queue],
                           args=[rid, STATS_BUCKET, repr(self.stall_timeout), repr(self.rate)], client=pipe)
-        return [(rid, as_text(verdict), as_text(link)) for rid, (verdict, link) in zip(ids, pipe.execute())]
+        token = self.replicas.extend(pipe)
+        replies = self.replicas.check(pipe.execute(), token)
+        return [(rid, as_text(verdict), as_text(link)) for rid, (verdict, link) in zip(ids, replies)]
 
     def stats(self) -> dict[str, Any]:
         """``{"active": {queued|running|retrying: n}, "outcomes": {outcome: n}, "deferred": n,

@@ -22,6 +22,7 @@ from plural_cancel.worker.keys import Keys
 from plural_cancel.worker.ledger import Ledger
 from plural_cancel.worker.ratelimit import RedisRateLimiter
 from plural_cancel.worker.redaction import redactor_for
+from plural_cancel.worker.replication import ReplicaWait
 from plural_cancel.worker.plural import PluralClient
 from plural_cancel.worker.tokens import RedisTokenCache
 
@@ -64,7 +65,12 @@ class Runtime:
         return Ledger(self.redis, result_ttl=self.settings.result_ttl, retry_budget=self.settings.retry_budget,
                       stall_timeout=self.settings.stall_timeout, rate=self.settings.rate_limit * PACING,
                       queue=self.settings.cancel_queue, keys=self.keys, clock=self.clock,
-                      redactor=redactor_for(self.settings), wait_replicas=self.settings.wait_replicas)
+                      redactor=redactor_for(self.settings), replicas=self.replicas)
+
+    @cached_property
+    def replicas(self) -> ReplicaWait:
+        """How a producer's writes wait for Redis's replicas (``REDIS_WAIT_REPLICAS``)."""
+        return ReplicaWait(self.redis, self.settings.wait_replicas, keys=self.keys)
 
     @cached_property
     def limiter(self) -> RedisRateLimiter:

@@ -31,6 +31,7 @@ from plural_cancel.errors import RequestIdConflict
 from plural_cancel.worker.keys import Keys
 from plural_cancel.worker.ledger import Callback, as_text, stored_time
 from plural_cancel.worker.redis_clock import REDIS_NOW
+from plural_cancel.worker.replication import ReplicaWait
 
 # KEYS: [1] schedule  [2] this link's hash  [3] schedule ids  [4] ledger record key prefix
 # ARGV: [1] payment_link_id  [2] request_id to use unless one is kept  [3] at
@@ -155,10 +156,13 @@ class Due:
 class Schedule:
     """Scheduled cancels in Redis: schedule, unschedule, look up, and take the due ones."""
 
-    def __init__(self, client: redis.Redis, *, fired_ttl: int, keys: Keys = Keys()):
-        """``fired_ttl``: seconds the "it fired" marker of a link is kept (RESULT_TTL)."""
+    def __init__(self, client: redis.Redis, *, fired_ttl: int, keys: Keys = Keys(),
+                 replicas: ReplicaWait | None = None):
+        """``fired_ttl``: seconds the "it fired" marker of a link is kept (RESULT_TTL);
+        ``replicas``: how :meth:`put` and :meth:`remove` wait for Redis's replicas."""
         self.redis = client
         self.keys = keys
+        self.replicas = replicas or ReplicaWait(client, 0, keys=keys)
         self.fired_ttl = fired_ttl
         self._schedule = client.register_script(SCHEDULE)
         self._unschedule = client.register_script(UNSCHEDULE)
@@ -176,9 +180,9 @@ class Schedule:
         """
         keys = [self.keys.schedule, self.keys.scheduled(payment_link_id), self.keys.schedule_ids,
                 self.keys.record("")]
-        verdict, value = (as_text(x) for x in self._schedule(
-            keys=keys, args=[payment_link_id, request_id, repr(at), int(replace),
-                             callback.task if callback else "", callback.queue if callback else ""]))
+        verdict, value = (as_text(x) for x in self._replicated(self._schedule, keys, [
+            payment_link_id, request_id, repr(at), int(replace), callback.task if callback else "",
+            callback.queue if callback else ""]))
         if verdict == "conflict":
             raise RequestIdConflict(
                 f"request_id: {request_id!r} is already used for a cancel of another payment link")
@@ -192,8 +196,16 @@ class Schedule:
         """
         keys = [self.keys.schedule, self.keys.scheduled(payment_link_id), self.keys.schedule_ids,
                 self.keys.schedule_fired(payment_link_id), self.keys.record("")]
-        verdict, rid = (as_text(x) for x in self._unschedule(keys=keys, args=[payment_link_id]))
+        verdict, rid = (as_text(x) for x in self._replicated(self._unschedule, keys, [payment_link_id]))
         return verdict, rid or None
+
+    def _replicated(self, script, keys: list[str], args: list[Any]) -> Any:
+        """``script``'s reply, once the replicas ``REDIS_WAIT_REPLICAS`` asks for hold its writes."""
+        pipe = self.redis.pipeline(transaction=False)
+        script(keys=keys, args=args, client=pipe)
+        token = self.replicas.extend(pipe)
+        [reply] = self.replicas.check(pipe.execute(), token)
+        return reply
 
     def get(self, payment_link_id: str) -> dict[str, Any] | None:
         """What is known of a link's scheduled cancel, or None.
