@@ -53,9 +53,68 @@ def test_one_live_cancel_per_link_and_followers_end_with_it(redis_client):
     ledger = ledger_for(redis_client)
     assert ledger.create_many([("lead", LINK), ("again", LINK), ("lead", LINK)]) == [1, 2, 0]
     assert ledger.status("again")["follows"] == "lead"
-    assert redis_client.zscore(ledger.keys.due, "again") is None  # carried by its leader
+    # In the due index, to be checked for its leader; never sent while that one is live.
+    assert redis_client.zscore(ledger.keys.due, "again") is not None
     assert claim(ledger, "again", LINK, "owner-x", lease=30).verdict == "following"  # a stray copy does nothing
     assert ledger.create_many([("lead", "pl-other")]) == [-1]  # one Request-ID, one link
+    assert claim(ledger, "lead", LINK, "owner-1", lease=30).verdict == "claimed"
+    attempts_for(ledger).finish("lead", LINK, "owner-1", state="succeeded", outcome="cancelled", attempted=True)
+    assert ledger.status("again")["state"] == "succeeded"
+    assert redis_client.zscore(ledger.keys.due, "again") is None  # ended with its leader
+
+
+def overdue(redis_client, ledger, *request_ids):
+    """Make these cancels due now (as the stall timeout would, later)."""
+    redis_client.zadd(ledger.keys.due, {rid: 0 for rid in request_ids})
+
+
+def test_a_follower_waits_while_its_leader_is_live(redis_client):
+    ledger = ledger_for(redis_client)
+    ledger.create_many([("lead", LINK), ("again", LINK)])
+    overdue(redis_client, ledger, "again")
+    assert ledger.take_due(10) == []  # checked, and due again later
+    assert redis_client.zscore(ledger.keys.due, "again") > time.time()
+    assert ledger.status("again")["follows"] == "lead"
+
+
+@pytest.mark.parametrize("vanished", [
+    ("plural-cancel:req:lead",),  # deleted by hand
+    ("plural-cancel:req:lead", "plural-cancel:followers:lead"),  # a pattern delete: *lead*
+])
+def test_a_follower_whose_leader_vanished_leads_under_its_own_request_id(redis_client, vanished):
+    ledger = ledger_for(redis_client)
+    ledger.create_many([("lead", LINK), ("again", LINK)])
+    redis_client.delete(*vanished)
+    overdue(redis_client, ledger, "again")
+    assert ledger.take_due(10) == [("again", LINK)]  # sent: the link still needs cancelling
+    assert ledger.status("again")["follows"] is None
+    assert redis_client.get(ledger.keys.link(LINK)) == b"again"
+    assert claim(ledger, "again", LINK, "owner-1", lease=30).verdict == "claimed"
+
+
+def test_a_follower_whose_leader_ended_without_it_leads(redis_client):
+    """The followers set went (a pattern delete) and the leader ended without ending it."""
+    ledger = ledger_for(redis_client)
+    ledger.create_many([("lead", LINK), ("again", LINK)])
+    redis_client.delete(ledger.keys.followers("lead"))
+    claim(ledger, "lead", LINK, "owner-1", lease=30)
+    attempts_for(ledger).finish("lead", LINK, "owner-1", state="failed", outcome="gave_up", attempted=True)
+    assert ledger.status("again")["state"] == "queued"
+    overdue(redis_client, ledger, "again")
+    assert ledger.take_due(10) == [("again", LINK)]
+
+
+def test_a_follower_whose_leader_vanished_follows_the_links_new_live_cancel(redis_client):
+    ledger = ledger_for(redis_client)
+    ledger.create_many([("lead", LINK), ("again", LINK)])
+    redis_client.delete(ledger.keys.record("lead"), ledger.keys.link(LINK))
+    assert ledger.create_many([("newer", LINK)]) == [1]  # the link looked free: it leads
+    overdue(redis_client, ledger, "again")
+    assert ledger.take_due(10) == []
+    assert ledger.status("again")["follows"] == "newer"
+    claim(ledger, "newer", LINK, "owner-1", lease=30)
+    attempts_for(ledger).finish("newer", LINK, "owner-1", state="succeeded", outcome="cancelled", attempted=True)
+    assert ledger.status("again")["outcome"] == "cancelled"
 
 
 def test_a_requeued_dead_letter_follows_a_cancel_started_meanwhile(redis_client):

@@ -215,10 +215,11 @@ class Ledger:
 
     def reject(self, request_id: str, payment_link_id: str | None, error: dict) -> bool:
         """End a malformed message's cancel ``failed`` / ``rejected`` under its Request-ID, with
-        ``error`` as its last error; False (nothing written) when that Request-ID has a record."""
+        ``error`` as its last error; False (nothing written) when that Request-ID is taken: it
+        has a record, or a scheduled cancel will carry it."""
         keys, args = self.finish_call(request_id, payment_link_id or "", "", state="failed", outcome="rejected",
                                       attempted=False, last_error=error)
-        return bool(int(self._reject(keys=keys, args=[*args, payment_link_id or ""])))
+        return bool(int(self._reject(keys=[*keys, self.keys.schedule_ids], args=[*args, payment_link_id or ""])))
 
     # -- periodic work ---------------------------------------------------------------
 
@@ -232,7 +233,8 @@ class Ledger:
         backlog) has passed: if their message is lost too, they come back again.
         """
         k = self.keys
-        flat = self._pump(keys=[k.due, k.record(""), self.queue, k.backlog, k.stats, k.breaker],
+        flat = self._pump(keys=[k.due, k.record(""), self.queue, k.backlog, k.stats, k.breaker, k.link(""),
+                                k.followers("")],
                           args=[limit, repr(self.stall_timeout), repr(rate or self.rate), repr(ahead)])
         pairs = [as_text(x) for x in flat]
         return list(zip(pairs[0::2], pairs[1::2]))

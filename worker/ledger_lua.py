@@ -7,10 +7,11 @@ Every time in these scripts is Redis's own clock (``redis_now``): due times, lea
 holds and deadlines are decided by one clock, never by the clocks of the hosts that
 run producers and workers. Callers pass durations (seconds from now), not instants.
 
-The ``due`` index holds every live cancel that leads its link, scored by when it next
-needs attention: when its message should have been taken by (queued), when its lease
-runs out (running), when it may try again (deferred). Nothing leaves the index but
-an ending, so a cancel whose message vanished is always found again (``PUMP``).
+The ``due`` index holds every live cancel, scored by when it next needs attention: when
+its message should have been taken by (queued), when its lease runs out (running), when
+it may try again (deferred), when to check that the cancel it follows is still there
+(following). Nothing leaves the index but an ending, so a cancel whose message vanished
+is always found again (``PUMP``), and so is one whose leader's record vanished.
 The one exception waits before it: a bulk cancel held in the ``backlog`` list until the
 pump has room for it (a list entry is a fraction of a message's or an index entry's
 bytes); the pump moves it into the index as it publishes it.
@@ -65,9 +66,11 @@ local function create(K, A, hold, now, uncounted)
   local leader = redis.call('SET', K[2], A[1], 'NX', 'GET')
   if leader then
     if ACTIVE[redis.call('HGET', K[7] .. leader, 'state') or ''] then
-      -- One live cancel per link: this one ends with the leader's state and outcome.
+      -- One live cancel per link: this one ends with the leader's state and outcome. It
+      -- is in the due index too, so that it leads should its leader's record go (PUMP).
       redis.call('HSET', K[1], 'follows', leader)
       redis.call('SADD', K[8] .. leader, A[1])
+      redis.call('ZADD', K[3], recheck_at(now, K[6], A[3], A[4]), A[1])
       return 2
     end
     redis.call('SET', K[2], A[1])
@@ -107,11 +110,13 @@ return out
 # Returns {verdict, ...}: claimed/attempts/budget seconds left (the whole budget before the
 # first attempt), terminal/state,
 # following/leader, held/seconds the holder's lease still runs, early/seconds until its
-# due time, mismatch/the record's link. Every verdict but ``claimed`` drops the copy:
+# due time, mismatch/the link its Request-ID belongs to (in the ledger or the schedule). Every verdict but ``claimed`` drops the copy:
 # the due index carries the cancel, so a duplicate message has nothing to do.
 CLAIM_FN = CREATE_FN + """
 local function claim(K, A)
-  if create(K, A, false) == -1 then return {'mismatch', redis.call('HGET', K[1], 'payment_link_id') or ''} end
+  if create(K, A, false) == -1 then
+    return {'mismatch', redis.call('HGET', K[1], 'payment_link_id') or redis.call('HGET', K[5], A[1]) or ''}
+  end
   local r = redis.call('HMGET', K[1], 'state', 'follows', 'next_attempt_at', 'deadline', 'attempts', 'lease_until')
   local state = r[1]
   if state == 'succeeded' or state == 'failed' then return {'terminal', state} end
@@ -191,6 +196,7 @@ local function finish(K, A)
     local fr = redis.call('HMGET', key, 'state', 'payment_link_id', 'follows')
     if fr[3] == A[1] and ACTIVE[fr[1] or ''] then
       close(K, A, key, f, fr[1], shared, now, {'request_id', f, 'payment_link_id', fr[2], 'follows', A[1]})
+      redis.call('ZREM', K[3], f)
     end
   end
   redis.call('DEL', K[8])
@@ -198,14 +204,15 @@ local function finish(K, A)
 end
 """
 
-# KEYS: FINISH_FN's ten (the link, due and followers are not used)
+# KEYS: FINISH_FN's ten (the link, due and followers are not used), then [11] schedule ids
 # ARGV: FINISH_FN's seven (owner unused, attempted 0, fields state=failed, outcome=rejected,
 #       last_error), then [8] the payment link id ('' when the message had no valid one)
 # A message too malformed to run that still carries a usable Request-ID: its record is
-# written ended, unless a record under that Request-ID exists already (then it is left
-# alone and the caller counts the message as malformed). Returns 1 written, 0 not.
+# written ended, unless that Request-ID is taken, by a record or by a scheduled cancel
+# (then nothing is written and the caller counts the message as malformed: a message
+# never takes the Request-ID of a cancel that is to fire later). Returns 1 written, 0 not.
 REJECT = FINISH_FN + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HEXISTS', KEYS[11], ARGV[1]) == 1 then return 0 end
 local now = redis_now()
 redis.call('HSET', KEYS[1], 'payment_link_id', ARGV[8], 'created_at', fmt(now))
 close(KEYS, ARGV, KEYS[1], ARGV[1], nil, cjson.decode(ARGV[6]), now,
@@ -238,18 +245,36 @@ end
 """
 
 # KEYS: [1] due  [2] record key prefix  [3] the queue (list)  [4] backlog (list)  [5] stats
-#       [6] breaker (hash)
+#       [6] breaker (hash)  [7] link key prefix  [8] followers key prefix
 # ARGV: [1] how many due ones at most  [2] stall timeout (seconds)  [3] rate (per second)
 #       [4] seconds of work to keep ahead of the workers (0: take nothing from the backlog)
 # Takes the live cancels whose time has come (a retry due, a message never taken, a
 # lease run out) and returns {request_id, payment_link_id, ...} to publish. Each stays
 # in the index, due again at ``recheck_at``: a publish that fails, or a message that
-# vanishes later, is found again then. Ended, expired and following ones leave it.
+# vanishes later, is found again then. Ended and expired ones leave it. A follower is
+# checked for its leader: while that is live it waits on; once its record has gone
+# (deleted by hand, a pattern delete) or ended without ending it (its followers set
+# gone), the follower leads its link and is sent under its own Request-ID, because the
+# link still needs cancelling; or it follows the link's new live cancel, if it has one.
 # Then, unless the breaker is open, held cancels from the backlog (oldest first) up to
 # the room: ARGV[4] seconds at the rate, less what will run in that time anyway (the
 # queue, the cancels running, the due ones, those due by then). Each enters the due
 # index as a published one does.
 PUMP = _PRELUDE + """
+-- Whether a follower whose leader is gone leads now (true), or follows the link's live cancel.
+local function lead(rid, link, gone)
+  redis.call('HDEL', KEYS[2] .. rid, 'follows')
+  local key = KEYS[7] .. link
+  local leader = redis.call('GET', key)
+  if leader and leader ~= rid and leader ~= gone and ACTIVE[redis.call('HGET', KEYS[2] .. leader, 'state') or ''] then
+    redis.call('HSET', KEYS[2] .. rid, 'follows', leader)
+    redis.call('SADD', KEYS[8] .. leader, rid)
+    return false
+  end
+  redis.call('SET', key, rid)
+  return true
+end
+
 local now = redis_now()
 local limit = tonumber(ARGV[1])
 local due = {}
@@ -261,12 +286,22 @@ local recheck = recheck_at(now, KEYS[3], ARGV[2], ARGV[3])
 local out = {}
 for _, rid in ipairs(due) do
   local r = redis.call('HMGET', KEYS[2] .. rid, 'state', 'payment_link_id', 'follows')
-  if ACTIVE[r[1] or ''] and not r[3] then
-    redis.call('ZADD', KEYS[1], recheck, rid)
-    table.insert(out, rid)
-    table.insert(out, r[2])
-  else
+  if not ACTIVE[r[1] or ''] then
     redis.call('ZREM', KEYS[1], rid)
+  else
+    redis.call('ZADD', KEYS[1], recheck, rid)
+    local send = not r[3]
+    if r[3] then
+      if ACTIVE[redis.call('HGET', KEYS[2] .. r[3], 'state') or ''] then
+        redis.call('SADD', KEYS[8] .. r[3], rid)  -- in case its followers set went: ended with it
+      else
+        send = lead(rid, r[2], r[3])
+      end
+    end
+    if send then
+      table.insert(out, rid)
+      table.insert(out, r[2])
+    end
   end
 end
 if ahead <= 0 or redis.call('HGET', KEYS[6], 'state') == 'open' then return out end
@@ -311,13 +346,14 @@ redis.call('PERSIST', KEYS[1])
 count_move(KEYS[4], 'failed', 'queued')
 local link = KEYS[6] .. r[2]
 local leader = redis.call('GET', link)
+-- Due in the index either way: a follower is checked for its leader there (PUMP).
+redis.call('ZADD', KEYS[3], recheck_at(now, KEYS[9], ARGV[3], ARGV[4]), ARGV[1])
 if leader and leader ~= ARGV[1] and ACTIVE[redis.call('HGET', KEYS[7] .. leader, 'state') or ''] then
   redis.call('HSET', KEYS[1], 'follows', leader)
   redis.call('SADD', KEYS[8] .. leader, ARGV[1])
   return {'following', r[2]}
 end
 redis.call('SET', link, ARGV[1])
-redis.call('ZADD', KEYS[3], recheck_at(now, KEYS[9], ARGV[3], ARGV[4]), ARGV[1])
 return {'requeued', r[2]}
 """
 
