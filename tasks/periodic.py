@@ -9,52 +9,42 @@ import logging
 
 from celery import Celery
 
-from plural_cancel.tasks.producer import schedule_store, submit
+from plural_cancel.config.celery import BACKLOG_AHEAD
+from plural_cancel.tasks.producer import schedule_store
 from plural_cancel.worker import app
+from plural_cancel.worker.publisher import publish
 
 log = logging.getLogger(__name__)
 
-HOLD = 60.0
-"""Seconds a scheduled cancel taken for firing stays out of reach while it is fired."""
-
-
 FIRE_BATCH = 1000
-"""Most scheduled cancels taken per round of :func:`fire_schedules`."""
+"""Most scheduled cancels fired per script call (a call holds Redis while it runs)."""
 
 FIRE_ROUNDS = 10
 """Most rounds per run: a run fires up to ``FIRE_BATCH * FIRE_ROUNDS`` cancels, the rest next second."""
 
 
 def fire_schedules(app_: Celery) -> int:
-    """Move scheduled cancels whose time has come into the pipeline; returns how many fired.
+    """Move scheduled cancels whose time has come into the ledger; returns how many fired.
 
-    Each goes the way of any enqueue (ledger record by its Request-ID, then one
-    message), so a cancel fired twice (a firer that died mid-way) is still one cancel.
-    Several runs at once are safe: each entry is taken atomically.
+    Each round is one atomic step (``worker.schedule.FIRE``): the entries leave the schedule
+    and their records appear together, so an unschedule either stopped a cancel or is told
+    it fired. The records wait in the ledger's backlog, like a bulk enqueue's: a million
+    cancels scheduled for one midnight reach the broker as the workers make room. Several
+    runs at once are safe: each entry is taken once.
     """
+    rt = app_.runtime
     store = schedule_store(app_)
     fired = 0
     for _ in range(FIRE_ROUNDS):
-        due = store.take_due(limit=FIRE_BATCH, hold=HOLD)
-        if not due:
-            break
-        verdicts = {1: "enqueued", 2: "following", 0: "already_enqueued", -1: "conflict"}
-        by_callback: dict = {}
-        for d in due:
-            by_callback.setdefault(d.callback, []).append(d)
-        results = []
-        for callback, group in by_callback.items():  # one submit per callback (most: one, None)
-            # Held: a million cancels scheduled for one midnight reach the broker as the
-            # workers make room, like a bulk enqueue.
-            codes = submit(app_, [(d.request_id, d.payment_link_id) for d in group], callback, hold=True)
-            results += [(d, verdicts[code]) for d, code in zip(group, codes)]
-        for d, result in results:
-            if result == "conflict":
+        results = store.fire(rt.ledger, limit=FIRE_BATCH)
+        for entry in results:
+            if entry.result == "conflict":
                 log.error("scheduled cancel of %s not fired: request_id %s is used for another link",
-                          d.payment_link_id, d.request_id)
-        store.mark_fired(results)
-        fired += len(due)
-        if len(due) < FIRE_BATCH:
+                          entry.payment_link_id, entry.request_id)
+        if results:
+            publish(app_, rt.ledger.take_due(0, ahead=BACKLOG_AHEAD))
+        fired += len(results)
+        if len(results) < FIRE_BATCH:
             break
     if fired:
         log.info("fired %d scheduled cancels", fired)

@@ -99,8 +99,8 @@ def schedule_cancel(payment_link_id: str, at: datetime, request_id: str | None =
     Kept in Redis until it fires (no expiry); beat fires it within about a second of
     ``at`` (``FIRE_INTERVAL``), at once when ``at`` is past. A link has at most one
     scheduled cancel: scheduling it again moves its time and keeps its Request-ID,
-    unless ``request_id`` names a new one; once it is firing or has fired, scheduling
-    the link again starts a new one. Fired, it goes the way of :func:`enqueue_cancel`:
+    unless ``request_id`` names a new one; once it has fired, scheduling the link again
+    starts a new one. Fired, it goes the way of :func:`enqueue_cancel`:
     a Request-ID that already carried a cancel of this link makes it a no-op.
     ``callback`` and ``callback_queue``: as for :func:`enqueue_cancel`; each call sets
     the link's (scheduling it again without them drops the callback).
@@ -125,7 +125,8 @@ def unschedule_cancel(payment_link_id: str, *, app: Celery | None = None) -> boo
     """Take back a link's scheduled cancel (the order was paid); True if it will now never fire.
 
     False when nothing is scheduled for the link, or when it is too late: the cancel
-    is being fired or has fired. :func:`get_schedule` then tells which (``"fired"``,
+    has fired (firing and unscheduling are one atomic step each, so False means it was
+    or will be sent). :func:`get_schedule` then tells which (``"fired"``,
     with the Request-ID to pass to :func:`get_status`, for ``RESULT_TTL`` seconds).
     Raises ValueError naming ``payment_link_id`` when it is malformed.
     """
@@ -137,8 +138,8 @@ def unschedule_cancel(payment_link_id: str, *, app: Celery | None = None) -> boo
 def get_schedule(payment_link_id: str, *, app: Celery | None = None) -> dict | None:
     """A link's scheduled cancel, or None when nothing is scheduled and none fired lately.
 
-    ``{"payment_link_id", "state": "scheduled" | "firing" | "fired", "request_id",
-    "at", "fired_at", "result"}``; times ISO 8601 (UTC). ``fired_at`` and ``result`` are
+    ``{"payment_link_id", "state": "scheduled" | "fired", "request_id", "at",
+    "fired_at", "result"}``; times ISO 8601 (UTC). ``fired_at`` and ``result`` are
     None until it fires; then ``result`` is ``enqueued``, ``following`` (its link had a
     live cancel: it ends with that one), ``already_enqueued`` (its
     Request-ID had a record already: one cancel) or ``conflict`` (the Request-ID had

@@ -90,7 +90,7 @@ class Keys:
         return f"{self.prefix}:schedule"
 
     def scheduled(self, payment_link_id: str) -> str:
-        """Hash: one link's scheduled cancel (``request_id``, ``at``; ``firing`` while it is being fired)."""
+        """Hash: one link's scheduled cancel (``request_id``, ``at``, its callback if any)."""
         return f"{self.prefix}:schedule:link:{payment_link_id}"
 
     @property

@@ -160,8 +160,7 @@ class Ledger:
         Request-ID belongs to another link (nothing written).
         """
         items = list(items)
-        k = self.keys
-        keys = [k.due, k.stats, k.schedule_ids, self.queue, k.record(""), k.followers(""), k.link(""), k.backlog]
+        keys = self.batch_keys()
         head = [repr(self.stall_timeout), repr(self.rate), callback.task if callback else "",
                 callback.queue if callback else "", int(hold)]
         pipe = self.redis.pipeline(transaction=False)
@@ -173,6 +172,13 @@ class Ledger:
         token = self.replicas.extend(pipe)
         replies = self.replicas.check(pipe.execute(), token)
         return [int(code) for codes in replies for code in codes]
+
+    def batch_keys(self) -> list[str]:
+        """The keys of a batch of ``CREATE_FN`` calls (``CREATE_MANY``; ``worker.schedule``'s
+        ``FIRE``): due, stats, schedule ids, the queue, the record, followers and link key
+        prefixes, the backlog."""
+        k = self.keys
+        return [k.due, k.stats, k.schedule_ids, self.queue, k.record(""), k.followers(""), k.link(""), k.backlog]
 
     # -- the worker (through ``worker.attempts``, which runs these in two round trips) --
 

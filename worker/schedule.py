@@ -10,27 +10,26 @@ Kept in Redis, never in a process's memory, so a restart loses nothing:
 - after it fires, a short-lived marker per link (``request_id``, ``at``, ``fired_at``),
   kept ``fired_ttl`` seconds, so that an unschedule that comes too late can say so.
 
-Firing (``tasks.periodic.fire_schedules``) has three steps: :meth:`Schedule.take_due`
-marks due entries ``firing`` (held until a hold time, as the ledger does for its own
-sets), the producer path creates their ledger records and publishes them, and
-:meth:`Schedule.mark_fired` removes them. A firer that dies between the steps leaves
-the entries to come due again at the hold time; their Request-IDs keep it one cancel.
+Firing (``tasks.periodic.fire_schedules``) is one script (``FIRE``): the due entries
+leave the schedule and their ledger records appear (the ledger's own ``create``, held in
+its backlog for the workers' pump, as a bulk enqueue's are) in one atomic step. So an
+unschedule comes either before it (``removed``: it will never be sent) or after it
+(``fired``: it was, or will be); there is no moment in between for a firer to stall in.
 
-Each change is one Lua script. An entry that is ``firing``, or whose Request-ID already
-has a ledger record, is past stopping: unscheduling it reports ``fired``.
+Each change is one Lua script. An entry whose Request-ID already has a ledger record is
+past stopping too: unscheduling it reports ``fired``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
 from plural_cancel.errors import RequestIdConflict
 from plural_cancel.worker.keys import Keys
-from plural_cancel.worker.ledger import Callback, as_text, stored_time
-from plural_cancel.worker.redis_clock import REDIS_NOW
+from plural_cancel.worker.ledger import Callback, Ledger, as_text, stored_time
+from plural_cancel.worker.ledger_lua import CREATE_FN
 from plural_cancel.worker.replication import ReplicaWait
 
 # KEYS: [1] schedule  [2] this link's hash  [3] schedule ids  [4] ledger record key prefix
@@ -39,17 +38,14 @@ from plural_cancel.worker.replication import ReplicaWait
 #       [5] callback task name ('' for none: a moved entry drops its old one)  [6] callback queue
 # Returns {verdict, request_id}: scheduled (new), moved (the pending one, new time)
 # or conflict (the Request-ID belongs to another link; the link is returned instead).
-# Every "now" here and below is Redis's clock: a firer's hold and an unschedule are
-# compared on one clock, whatever the hosts' clocks say.
-SCHEDULE = REDIS_NOW + """
+SCHEDULE = """
 local link = ARGV[1]
 local current = redis.call('HGET', KEYS[2], 'request_id')
 local verdict = 'scheduled'
 local rid = ARGV[2]
 if current then
-  local firing = tonumber(redis.call('HGET', KEYS[2], 'firing') or '') or 0
-  local too_late = firing > redis_now() or redis.call('EXISTS', KEYS[4] .. current) == 1
-  if not too_late then
+  -- Its Request-ID carries a cancel already (enqueued by hand): that one is past stopping.
+  if redis.call('EXISTS', KEYS[4] .. current) == 0 then
     verdict = 'moved'
     if ARGV[4] == '0' then rid = current end
   end
@@ -72,15 +68,13 @@ return {verdict, rid}
 # KEYS: [1] schedule  [2] this link's hash  [3] schedule ids  [4] this link's fired marker
 #       [5] ledger record key prefix
 # ARGV: [1] payment_link_id
-# Returns {verdict, request_id}: removed (it will never fire), fired (being fired or
-# already fired: too late) or none (nothing scheduled, nothing fired recently).
-UNSCHEDULE = REDIS_NOW + """
+# Returns {verdict, request_id}: removed (it will never fire), fired (too late: it fired,
+# or its Request-ID carries a cancel already) or none (nothing scheduled, nothing fired
+# recently). Atomic with FIRE: an entry is either still here or has fired.
+UNSCHEDULE = """
 local rid = redis.call('HGET', KEYS[2], 'request_id')
 if rid then
-  local firing = tonumber(redis.call('HGET', KEYS[2], 'firing') or '') or 0
-  if firing > redis_now() or redis.call('EXISTS', KEYS[5] .. rid) == 1 then
-    return {'fired', rid}
-  end
+  if redis.call('EXISTS', KEYS[5] .. rid) == 1 then return {'fired', rid} end
   redis.call('ZREM', KEYS[1], ARGV[1])
   redis.call('DEL', KEYS[2])
   if redis.call('HGET', KEYS[3], rid) == ARGV[1] then redis.call('HDEL', KEYS[3], rid) end
@@ -91,66 +85,59 @@ if fired then return {'fired', fired} end
 return {'none', ''}
 """
 
-# KEYS: [1] schedule  [2] link hash key prefix
-# ARGV: [1] how many at most  [2] hold (seconds)
-# Marks entries due by now firing for ARGV[2] seconds (the hold's end is also their new
-# score) and returns {link, request_id, at, callback, callback queue, ...} (callback '' for
-# none). A member without its hash has nothing
-# to fire: dropped.
-TAKE_DUE = REDIS_NOW + """
+# KEYS: [1] schedule  [2] link hash key prefix  [3] fired marker key prefix, then the
+#       ledger's batch keys (``Ledger.batch_keys``): [4] due  [5] stats  [6] schedule ids
+#       [7] the queue  [8] record key prefix  [9] followers key prefix  [10] link key prefix
+#       [11] backlog
+# ARGV: [1] how many at most  [2] marker ttl seconds  [3] stall timeout (seconds)
+#       [4] rate (per second)
+# Fires up to ARGV[1] entries due by now: each leaves the schedule, its ledger record is
+# created (the ledger's CREATE_FN, held in the backlog for the pump) and its fired marker
+# written, all in this one call. Returns {link, request_id, result, ...}, result one of
+# enqueued, following (its link had a live cancel: it ends with that one),
+# already_enqueued (its Request-ID had a record: one cancel), conflict (the Request-ID
+# names another link's cancel: not sent). A member without its hash is dropped.
+FIRE = CREATE_FN + """
+local RESULTS = {[1] = 'enqueued', [2] = 'following', [0] = 'already_enqueued', [-1] = 'conflict'}
 local now = redis_now()
-local hold_until = fmt(now + tonumber(ARGV[2]))
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
-local out = {}
+-- CREATE_FN's keys and arguments; the record's and the link's keys, ids and callback per entry.
+local K = {'', '', KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[11]}
+local A = {'', '', ARGV[3], ARGV[4], '', ''}
+local out, created = {}, 0
 for _, link in ipairs(due) do
   local hash = KEYS[2] .. link
-  local fields = redis.call('HMGET', hash, 'request_id', 'at', 'callback', 'callback_queue')
-  if fields[1] then
-    redis.call('ZADD', KEYS[1], hold_until, link)
-    redis.call('HSET', hash, 'firing', hold_until)
+  local f = redis.call('HMGET', hash, 'request_id', 'at', 'callback', 'callback_queue')
+  redis.call('ZREM', KEYS[1], link)
+  local rid = f[1]
+  if rid then
+    K[1], K[2] = KEYS[8] .. rid, KEYS[10] .. link
+    A[1], A[2], A[5], A[6] = rid, link, f[3] or '', f[4] or ''
+    local result = RESULTS[create(K, A, true, now, true)]
+    if result == 'enqueued' or result == 'following' then created = created + 1 end
+    redis.call('DEL', hash)
+    if redis.call('HGET', KEYS[6], rid) == link then redis.call('HDEL', KEYS[6], rid) end
+    local marker = KEYS[3] .. link
+    redis.call('DEL', marker)
+    redis.call('HSET', marker, 'request_id', rid, 'at', f[2] or '', 'fired_at', fmt(now), 'result', result)
+    redis.call('EXPIRE', marker, ARGV[2])
     table.insert(out, link)
-    table.insert(out, fields[1])
-    table.insert(out, fields[2] or '')
-    table.insert(out, fields[3] or '')
-    table.insert(out, fields[4] or '')
-  else
-    redis.call('ZREM', KEYS[1], link)
+    table.insert(out, rid)
+    table.insert(out, result)
   end
 end
+if created > 0 then redis.call('HINCRBY', KEYS[5], 'queued', created) end
 return out
 """
 
-# KEYS: [1] schedule  [2] link hash key prefix  [3] schedule ids  [4] fired marker key prefix
-# ARGV: [1] marker ttl seconds  [2..] quadruples: link, request_id, at, result
-# An entry rescheduled meanwhile under another Request-ID is a new schedule: it stays.
-MARK_FIRED = REDIS_NOW + """
-local fired_at = fmt(redis_now())
-for i = 2, #ARGV, 4 do
-  local link, rid, at, result = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local hash = KEYS[2] .. link
-  if redis.call('HGET', hash, 'request_id') == rid then
-    redis.call('ZREM', KEYS[1], link)
-    redis.call('DEL', hash)
-  end
-  if redis.call('HGET', KEYS[3], rid) == link then redis.call('HDEL', KEYS[3], rid) end
-  local marker = KEYS[4] .. link
-  redis.call('DEL', marker)
-  redis.call('HSET', marker, 'request_id', rid, 'at', at, 'fired_at', fired_at, 'result', result)
-  redis.call('EXPIRE', marker, ARGV[1])
-end
-return (#ARGV - 1) / 4
-"""
 
-
-@dataclass(frozen=True)
-class Due:
-    """One scheduled cancel taken for firing."""
+class Fired(NamedTuple):
+    """One scheduled cancel fired by :meth:`Schedule.fire`."""
 
     payment_link_id: str
     request_id: str
-    at: float
-    """Epoch seconds it was due."""
-    callback: Callback | None = None
+    result: str
+    """``enqueued``, ``following``, ``already_enqueued`` or ``conflict`` (see ``FIRE``)."""
 
 
 class Schedule:
@@ -166,8 +153,7 @@ class Schedule:
         self.fired_ttl = fired_ttl
         self._schedule = client.register_script(SCHEDULE)
         self._unschedule = client.register_script(UNSCHEDULE)
-        self._take_due = client.register_script(TAKE_DUE)
-        self._mark_fired = client.register_script(MARK_FIRED)
+        self._fire = client.register_script(FIRE)
 
     def put(self, payment_link_id: str, at: float, request_id: str, *, replace: bool,
             callback: Callback | None = None) -> tuple[str, str]:
@@ -210,46 +196,27 @@ class Schedule:
     def get(self, payment_link_id: str) -> dict[str, Any] | None:
         """What is known of a link's scheduled cancel, or None.
 
-        ``{"payment_link_id", "state": "scheduled" | "firing" | "fired", "request_id",
-        "at", "fired_at", "result"}``, times as ISO 8601 (UTC); ``result`` (see
-        :meth:`mark_fired`) is None until it fires.
+        ``{"payment_link_id", "state": "scheduled" | "fired", "request_id", "at", "fired_at",
+        "result"}``, times as ISO 8601 (UTC); ``fired_at`` and ``result`` (see :class:`Fired`)
+        are None until it fires.
         """
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(self.keys.scheduled(payment_link_id))
         pipe.hgetall(self.keys.schedule_fired(payment_link_id))
-        pipe.time()
-        *hashes, (seconds, micros) = pipe.execute()
-        pending, fired = ({as_text(k): as_text(v) for k, v in raw.items()} for raw in hashes)
+        pending, fired = ({as_text(k): as_text(v) for k, v in raw.items()} for raw in pipe.execute())
         if pending.get("request_id"):
-            firing = float(pending.get("firing") or 0) > seconds + micros / 1e6  # Redis's clock, as the firer's
-            return {"payment_link_id": payment_link_id, "state": "firing" if firing else "scheduled",
-                    "request_id": pending["request_id"], "at": stored_time(pending.get("at")), "fired_at": None,
-                    "result": None}
+            return {"payment_link_id": payment_link_id, "state": "scheduled", "request_id": pending["request_id"],
+                    "at": stored_time(pending.get("at")), "fired_at": None, "result": None}
         if fired.get("request_id"):
             return {"payment_link_id": payment_link_id, "state": "fired", "request_id": fired["request_id"],
                     "at": stored_time(fired.get("at")), "fired_at": stored_time(fired.get("fired_at")),
                     "result": fired.get("result")}
         return None
 
-    def take_due(self, *, limit: int, hold: float) -> list[Due]:
-        """Mark up to ``limit`` entries due by now (Redis's clock) as firing for ``hold`` seconds."""
-        flat = [as_text(x) for x in self._take_due(keys=[self.keys.schedule, self.keys.scheduled("")],
-                                                 args=[limit, repr(hold)])]
-        return [Due(link, rid, float(at or 0), Callback(task, queue) if task else None)
-                for link, rid, at, task, queue in zip(*(flat[i::5] for i in range(5)))]
-
-    def mark_fired(self, fired: list[tuple[Due, str]]) -> None:
-        """Remove fired entries and leave their markers; each with its result.
-
-        Results: ``enqueued``, ``following`` (its link had a live cancel: it ends with that
-        one), ``already_enqueued`` (its Request-ID already had a ledger
-        record, from an earlier firing or enqueue: still one cancel), ``conflict`` (the
-        Request-ID had meanwhile been used for another link: not fired).
-        """
-        if not fired:
-            return
-        args: list[Any] = [self.fired_ttl]
-        for due, result in fired:
-            args += [due.payment_link_id, due.request_id, repr(due.at), result]
-        self._mark_fired(keys=[self.keys.schedule, self.keys.scheduled(""), self.keys.schedule_ids,
-                               self.keys.schedule_fired("")], args=args)
+    def fire(self, ledger: Ledger, *, limit: int) -> list[Fired]:
+        """Fire up to ``limit`` entries due by now (Redis's clock) into ``ledger``, held in its
+        backlog for the pump (``FIRE``); each leaves its fired marker for ``fired_ttl`` seconds."""
+        flat = [as_text(x) for x in self._fire(
+            keys=[self.keys.schedule, self.keys.scheduled(""), self.keys.schedule_fired(""), *ledger.batch_keys()],
+            args=[limit, self.fired_ttl, repr(ledger.stall_timeout), repr(ledger.rate)])]
+        return [Fired(*flat[i:i + 3]) for i in range(0, len(flat), 3)]

@@ -248,7 +248,7 @@ def unschedule(payment_link_id: str):
         click.echo(f"unscheduled: {payment_link_id} will not be cancelled")
         return
     info = get_schedule(payment_link_id, app=app)
-    if info and info["state"] in ("fired", "firing"):
+    if info and info["state"] == "fired":
         raise Failure(f"too late: the cancel of {payment_link_id} has fired as request_id "
                       f"{info['request_id']} (plural-cancel status {info['request_id']})")
     raise Failure(f"nothing scheduled for {payment_link_id}")
