@@ -162,11 +162,20 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
                     extra={**ids, "state": "failed", "outcome": "gave_up", "error": error})
         report_failed(request_id, payment_link_id, "gave_up", claim.attempts, error, claim.link_status)
         return "gave_up"
+    if claim.verdict == "mismatch":
+        # One Request-ID names one cancel: this message's link is not cancelled under it. Not a
+        # copy of anything the ledger carries, so it is counted and reported, with both links,
+        # for someone to send it under a Request-ID of its own.
+        log.error("cancel message refused: request_id %s names the cancel of another link (%s); this link is not "
+                  "cancelled (counted as malformed: request_id_conflict)", request_id, claim.link,
+                  extra={**ids, "sentry": reporting.REPORTED})
+        malformed.count(rt.redis, rt.keys, malformed.REQUEST_ID_CONFLICT)
+        reporting.report_request_id_conflict(request_id=request_id, payment_link_id=payment_link_id,
+                                             taken_by=claim.link)
+        return "conflict"
     if claim.verdict != "claimed":
         # A copy with nothing to do (ended, following, held by another delivery, early):
         # the due index carries the cancel, so this message is simply dropped.
-        if claim.verdict == "mismatch":
-            log.error("message names another link than its record; dropped", extra=ids)
         return claim.verdict
     log.debug("cancel running", extra={**ids, "state": "running"})
     waiting = "retrying" if claim.attempts else "queued"  # the state a hold before any call leaves

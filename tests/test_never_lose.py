@@ -154,3 +154,47 @@ def test_a_malformed_message_without_a_usable_request_id_is_counted(system):
     wait_for(lambda: malformed.counts(admin, app.runtime.keys)[malformed.BAD_ARGUMENTS] == before + 2, 10,
              message="both counted")
     assert system["worker"].proc.poll() is None
+
+
+def test_a_malformed_message_never_takes_the_request_id_of_a_scheduled_cancel(system):
+    """A message sent by name with a bad link id and the Request-ID a schedule holds: it is
+    counted as malformed, and the scheduled cancel still fires and is sent under its id."""
+    from datetime import datetime, timedelta, timezone
+
+    from tasks import get_schedule, schedule_cancel, unschedule_cancel
+    from tasks.periodic import fire_schedules
+    from worker import malformed
+
+    app, sandbox, admin = system["app"], system["sandbox"], system["admin"]
+    [link_id] = sandbox.create_links(1, prefix="pl-sched-n2-")
+    schedule_cancel(link_id, datetime.now(timezone.utc) + timedelta(seconds=2), request_id="order-77-expiry", app=app)
+    before = malformed.counts(admin, app.runtime.keys)[malformed.BAD_ARGUMENTS]
+    app.send_task("tasks.cancel_payment_link", kwargs={"payment_link_id": 77, "request_id": "order-77-expiry"},
+                  queue=QUEUE)
+    wait_for(lambda: malformed.counts(admin, app.runtime.keys)[malformed.BAD_ARGUMENTS] == before + 1, 10,
+             message="the message counted as malformed")
+    assert status(app, "order-77-expiry") is None
+    assert get_schedule(link_id, app=app)["state"] == "scheduled"
+    wait_for(lambda: fire_schedules(app), 10, 0.2, message="the scheduled cancel fired")
+    assert get_schedule(link_id, app=app)["result"] == "enqueued"
+    assert unschedule_cancel(link_id, app=app) is False  # it fired: too late, and rightly so
+    result = finished(app, "order-77-expiry")
+    assert (result["state"], result["outcome"]) == ("succeeded", "cancelled")
+    assert [p["request_id"] for p in puts_for(sandbox, link_id)] == ["order-77-expiry"]
+
+
+def test_a_follower_whose_leader_vanished_is_sent_under_its_own_request_id(system):
+    """The leader's record is deleted (by hand, a pattern delete) while its follower waits:
+    within the stall timeout the follower leads, and the link is cancelled under its id."""
+    from tasks import enqueue_cancel
+
+    app, sandbox, admin = system["app"], system["sandbox"], system["admin"]
+    [link_id] = sandbox.create_links(1, prefix="pl-orphan-")
+    keys = app.runtime.keys
+    app.runtime.ledger.create_many([("leader-gone", link_id)])  # recorded; its message never sent
+    follower = enqueue_cancel(link_id, app=app)
+    assert status(app, follower)["follows"] == "leader-gone"
+    admin.delete(keys.record("leader-gone"), keys.followers("leader-gone"))  # plural-cancel:*leader-gone*
+    result = finished(app, follower, timeout=STALL + 20)
+    assert (result["state"], result["outcome"], result["follows"]) == ("succeeded", "cancelled", None)
+    assert [p["request_id"] for p in puts_for(sandbox, link_id)] == [follower]

@@ -97,6 +97,31 @@ def test_one_outage_is_one_issue(system, sentry):
                                                            "INTERNAL_ERROR")}
 
 
+def test_a_message_whose_request_id_names_another_link_is_counted_and_reported_once(system, sentry):
+    """An order that got a new link, sent by name under the order's old Request-ID: the
+    second link is not cancelled, so someone must hear of it, with both links."""
+    from tasks import enqueue_cancel, get_status
+    from worker import malformed
+
+    app, sandbox = system["app"], system["sandbox"]
+    first, second = sandbox.create_links(2, prefix="pl-sentry-reuse-")
+    request_id = enqueue_cancel(first, request_id="order-1-expiry-reuse", app=app)
+    assert finished(app, request_id)["outcome"] == "cancelled"
+    client = redis.Redis.from_url(system["redis_url"])
+    before = malformed.counts(client, app.runtime.keys)[malformed.REQUEST_ID_CONFLICT]
+    app.send_task("tasks.cancel_payment_link", kwargs={"payment_link_id": second, "request_id": request_id},
+                  queue=app.settings.cancel_queue)
+    [event] = sentry.wait_for_events(lambda e: e.get("tags", {}).get("request_id") == request_id)
+    assert (event["tags"]["payment_link_id"], event["tags"]["taken_by"]) == (second, first)
+    assert event["fingerprint"] == ["plural-cancel", "request-id-conflict"]
+    assert malformed.counts(client, app.runtime.keys)[malformed.REQUEST_ID_CONFLICT] == before + 1
+    time.sleep(1.5)  # the error log line must not arrive as a second event
+    assert len(events_for(sentry, request_id)) == 1
+    assert get_status(request_id, app=app)["payment_link_id"] == first  # the first cancel's record, untouched
+    assert not [r for r in sandbox.requests() if r.get("link_id") == second]
+    assert "names the cancel of another link" in system["worker"].log()
+
+
 def test_three_retries_then_success_report_nothing(system, sentry):
     from tasks import enqueue_cancel
 

@@ -97,6 +97,8 @@ class Claim:
     """For ``gave_up``: the record's last error."""
     link_status: str | None = None
     """For ``gave_up``: the link's last known status."""
+    link: str | None = None
+    """For ``mismatch``: the link the Request-ID belongs to (in the ledger or the schedule)."""
 
 
 class Ledger:
@@ -336,6 +338,8 @@ def parse_claim(reply: list) -> Claim:
         error, status = as_text(reply[2]), as_text(reply[3])
         return Claim("gave_up", attempts=int(reply[1]), last_error=json.loads(error) if error else None,
                      link_status=status or None)
+    if verdict == "mismatch":
+        return Claim(verdict, link=as_text(reply[1]))
     return Claim(verdict)
 
 

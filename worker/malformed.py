@@ -14,7 +14,11 @@ grow the hash:
 - ``unknown_task``: a Celery task message naming a task this worker does not have
   (Celery's ``task_unknown``);
 - ``bad_arguments``: a cancel with unknown, missing or wrongly typed arguments and no
-  usable ``request_id`` (counted by the cancel task).
+  usable ``request_id`` (none, or one taken by another cancel; counted by the cancel task);
+- ``request_id_conflict``: a well-formed cancel whose ``request_id`` already names a
+  cancel of another link, in the ledger or the schedule (a link that got a new id under
+  an order's old Request-ID); also reported to Sentry with both links, since that link
+  is not cancelled (counted by the cancel task).
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ UNDECODABLE = "undecodable"
 NOT_A_TASK_MESSAGE = "not_a_task_message"
 UNKNOWN_TASK = "unknown_task"
 BAD_ARGUMENTS = "bad_arguments"
+REQUEST_ID_CONFLICT = "request_id_conflict"
 
-REASONS = (UNDECODABLE, NOT_A_TASK_MESSAGE, UNKNOWN_TASK, BAD_ARGUMENTS)
+REASONS = (UNDECODABLE, NOT_A_TASK_MESSAGE, UNKNOWN_TASK, BAD_ARGUMENTS, REQUEST_ID_CONFLICT)
 """Every reason, in the order ``stats`` and the metric list them."""
 
 

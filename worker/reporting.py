@@ -136,6 +136,18 @@ def report_failure(*, request_id: str, payment_link_id: str, outcome: str, attem
                              "attempts": attempts, "link_status": link_status, "last_error": error or None}})
 
 
+def report_request_id_conflict(*, request_id: str, payment_link_id: str, taken_by: str) -> None:
+    """Report a cancel message for ``payment_link_id`` whose ``request_id`` names the cancel of
+    another link (``taken_by``): that link is not cancelled, and someone must send it under a
+    Request-ID of its own. One Sentry issue for all of them; an event per message."""
+    sentry_sdk.capture_message(
+        "Cancel message refused: its request_id names another link's cancel", level="error",
+        tags={"request_id": request_id, "payment_link_id": payment_link_id, "taken_by": taken_by},
+        fingerprint=["plural-cancel", "request-id-conflict"],
+        contexts={"cancel": {"request_id": request_id, "payment_link_id": payment_link_id,
+                             "request_id_names_link": taken_by}})
+
+
 def report_breaker_opened(*, code: str | None, http_status: int | None, cooldown: float) -> None:
     """Report that the circuit breaker opened (once per opening; ``cooldown`` in seconds)."""
     sentry_sdk.capture_message(
