@@ -75,7 +75,7 @@ def attempt(client: PluralClient, payment_link_id: str, request_id: str) -> Deci
         if exc.http_status is not None and 200 <= exc.http_status < 300:
             # A success we cannot read (empty, a 204, HTML, a link without a status): the
             # link's own status says whether it is cancelled.
-            return decide_from_link(client, payment_link_id, None)
+            return decide_from_link(client, payment_link_id, None, unreadable=exc)
         return _retry_or_reject(exc, attempted=sent(exc))
     except PluralError as exc:  # TokenUnavailable too: retried, never sent
         return _retry_or_reject(exc, attempted=sent(exc))
@@ -88,9 +88,11 @@ def sent(error: BaseException) -> bool:
     return isinstance(error, PluralError) and error.sent
 
 
-def decide_from_link(client: PluralClient, payment_link_id: str, refusal: PluralRequestError | None) -> Decision:
-    """The PUT was refused in Plural's words (``refusal``), or it succeeded unreadably (None):
-    ``GET`` the link and let its status decide. The PUT was sent: this is an attempt."""
+def decide_from_link(client: PluralClient, payment_link_id: str, refusal: PluralRequestError | None, *,
+                     unreadable: PluralBadResponse | None = None) -> Decision:
+    """The PUT was refused in Plural's words (``refusal``), or it succeeded unreadably (None,
+    with the ``unreadable`` answer): ``GET`` the link and let its status decide. The PUT was
+    sent: this is an attempt."""
     try:
         # A fresh Request-ID: the cancel's own id belongs to the PUT it identifies.
         with metrics.plural_call("get"):
@@ -111,10 +113,11 @@ def decide_from_link(client: PluralClient, payment_link_id: str, refusal: Plural
         return Decision("retry", error=exc, retry_after=exc.retry_after)
     except PluralError as exc:
         return _retry_or_reject(exc, attempted=True)  # whatever became of the GET, the PUT was sent
-    return _from_status(link, refusal)
+    return _from_status(link, refusal, unreadable)
 
 
-def _from_status(link: PaymentLink, refusal: PluralError | None) -> Decision:
+def _from_status(link: PaymentLink, refusal: PluralError | None,
+                 unreadable: PluralBadResponse | None = None) -> Decision:
     if link.status == "CANCELLED":
         # Cancelled by this PUT (it succeeded), or before it (it was refused).
         return Decision("succeeded", "already_cancelled" if refusal else "cancelled", link=link)
@@ -123,6 +126,15 @@ def _from_status(link: PaymentLink, refusal: PluralError | None) -> Decision:
     if link.status in IN_FLIGHT_STATUSES:
         # A payment is in flight: it may fail (cancel then) or succeed (not_cancellable then).
         return Decision("retry", link=link, error=refusal)
+    if refusal is None:
+        # A success, and yet the link is still open: the answer was not Plural's (a proxy or a
+        # captive portal answering 200 in its place: the PUT never reached Plural), or Plural
+        # has not applied it yet. Nothing refused the cancel, so it is sent again, same Request-ID.
+        answer = f"could not be read ({unreadable.message})" if unreadable else "said it succeeded"
+        return Decision("retry", link=link, error=PluralBadResponse(
+            f"the answer to the cancel {answer}, and the link is still {link.status or 'open'}: sent again",
+            http_status=unreadable.http_status if unreadable else 200,
+            request_id=unreadable.request_id if unreadable else None))
     return Decision("failed", "rejected", link=link, error=refusal)
 
 

@@ -92,6 +92,26 @@ def test_an_unreadable_success_of_a_paid_link_is_not_cancellable(runtime, plural
     assert (status["state"], status["outcome"], status["link_status"]) == ("failed", "not_cancellable", "PROCESSED")
 
 
+@pytest.mark.parametrize("answers, why", [
+    ([Answer(200, "<html><body>Welcome</body></html>", {"Content-Type": "text/html"}),
+      Answer(200, {**SEED, "status": "CREATED"}, JSON)], "could not be read"),  # and the GET's
+    ([Answer(200, {**SEED, "status": "CREATED"}, JSON)], "said it succeeded"),
+], ids=["a-proxys-html-200", "a-200-whose-link-is-open"])
+def test_a_success_whose_link_is_still_open_is_sent_again_not_rejected(runtime, plural, answers, why):
+    """A proxy answered the PUT with its own 200 (the PUT never reached Plural) and the GET
+    shows the link open: nothing refused the cancel, so it is retried, same Request-ID."""
+    plural.answers.extend(answers)
+    status = run(runtime)
+    assert (status["state"], status["outcome"], status["attempts"]) == ("retrying", None, 1)
+    assert why in status["last_error"]["message"] and "still CREATED" in status["last_error"]["message"]
+    assert status["last_error"]["http_status"] == 200
+    # The retry (due in half a second) carries the same Request-ID and ends the cancel.
+    plural.answers.append(Answer(200, CANCELLED, JSON))
+    assert (run(runtime)["state"], run(runtime)["outcome"]) == ("succeeded", "cancelled")
+    puts = plural.calls("/cancel")
+    assert len(puts) == 2 and len({p.headers["Request-ID"] for p in puts}) == 1
+
+
 def test_an_unreadable_success_and_an_unreadable_link_are_retried(runtime, plural):
     plural.answers.extend([Answer(204), Answer(200, "<html>maintenance</html>", {"Content-Type": "text/html"})])
     status = run(runtime)
