@@ -69,6 +69,38 @@ def _redis_errors() -> dict[str, Any]:
     return {"REDIS_AWAY": away, "NotReplicated": NotReplicated}
 
 
+WRITE_REFUSALS = ("OOM", "READONLY", "NOREPLICAS", "MISCONF")
+"""Redis's error codes for a write refused for a state that passes: maxmemory reached, a
+master demoted in a failover, fewer good replicas than ``min-replicas-to-write``, a disk
+that failed the last save (``stop-writes-on-bgsave-error``)."""
+
+
+def write_refused(error: BaseException) -> bool:
+    """Whether ``error`` is Redis refusing a write for a state that passes (:data:`WRITE_REFUSALS`),
+    not a fault of the command: the worker rides it out, as it rides out Redis away.
+
+    By the error's code, because redis-py gives only OOM and READONLY classes of their own
+    (``NOREPLICAS`` and ``MISCONF`` arrive as a plain ``ResponseError``)."""
+    import redis
+
+    return isinstance(error, redis.ResponseError) and str(error).split(" ", 1)[0] in WRITE_REFUSALS \
+        or isinstance(error, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError))
+
+
+def refusal_code(error: BaseException) -> str:
+    """A refused write's name for a log line: Redis's code (``NOREPLICAS``), else the class's."""
+    import redis
+
+    code = str(error).split(" ", 1)[0]
+    if code in WRITE_REFUSALS:
+        return code
+    if isinstance(error, redis.exceptions.OutOfMemoryError):
+        return "OOM"
+    if isinstance(error, redis.exceptions.ReadOnlyError):
+        return "READONLY"
+    return type(error).__name__
+
+
 def __getattr__(name: str) -> Any:
     """``REDIS_AWAY``: redis-py's errors that say Redis is away (a restart) or no longer the
     master (a failover): no cancel failed, and the ledger carries every live one through it.

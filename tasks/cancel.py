@@ -11,11 +11,13 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import redis
 from celery.exceptions import Ignore
 
 from plural_cancel.config.celery import CANCEL_TASK, lease_seconds
 from plural_cancel.errors import (REDIS_AWAY, MalformedMessage, PluralAuthError, PluralBadResponse, PluralError,
-                                  PluralRateLimited, PluralRequestError, SlotMissed, TokenUnavailable)
+                                  PluralRateLimited, PluralRequestError, SlotMissed, TokenUnavailable, refusal_code,
+                                  write_refused)
 from plural_cancel.worker import app, malformed, metrics, reporting
 from plural_cancel.worker.attempts import Health, Settled
 from plural_cancel.worker.breaker import FAILURE, NO_NEWS, SUCCESS
@@ -423,5 +425,13 @@ def cancel_payment_link(self, *args, **kwargs) -> str:
         # flight hits it at once); Ignore is control flow, which Sentry's Celery integration
         # never reports.
         log.warning("cancel interrupted: Redis unreachable (%s); the ledger sends it again", type(exc).__name__,
+                    extra={"request_id": request_id, "payment_link_id": payment_link_id})
+        raise Ignore() from None
+    except redis.ResponseError as exc:
+        if not write_refused(exc):
+            raise
+        # Redis refuses writes for a while (no replica for min-replicas-to-write, maxmemory,
+        # a failing disk): as for Redis away, above, the ledger sends the cancel again.
+        log.warning("cancel interrupted: Redis refuses writes (%s); the ledger sends it again", refusal_code(exc),
                     extra={"request_id": request_id, "payment_link_id": payment_link_id})
         raise Ignore() from None

@@ -8,6 +8,8 @@ test can take rights from the worker alone.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
 
@@ -198,3 +200,61 @@ def test_a_follower_whose_leader_vanished_is_sent_under_its_own_request_id(syste
     result = finished(app, follower, timeout=STALL + 20)
     assert (result["state"], result["outcome"], result["follows"]) == ("succeeded", "cancelled", None)
     assert [p["request_id"] for p in puts_for(sandbox, link_id)] == [follower]
+
+
+# -- Redis refusing writes for want of replicas (min-replicas-to-write) ----------------------
+
+def test_a_master_refusing_writes_for_want_of_replicas_stops_no_worker(sandbox_process, services):
+    """``min-replicas-to-write 1`` (Redis's own remedy for a failover's lost writes) and the
+    replica gone: every write, the broker's BRPOP among them, is refused with NOREPLICAS. The
+    worker rides it out as it does a demoted master or maxmemory, and carries on once the
+    replica is back."""
+    from tasks import enqueue_cancel
+    from tests.support.redis_server import RedisServer
+
+    quick = ("--repl-diskless-sync-delay", "0")
+    master = RedisServer(prefix="pc-norepl-master-", args=quick)
+    replicas = []
+
+    def replica():
+        server = RedisServer(prefix="pc-norepl-replica-", args=("--replicaof", "127.0.0.1", str(master.port)))
+        replicas.append(server)
+        wait_for(lambda: redis.Redis(port=master.port).info("replication")["connected_slaves"] == 1, 10, 0.05,
+                 message="the replica linked")
+        return server
+
+    try:
+        admin = redis.Redis(port=master.port)
+        first = replica()
+        admin.config_set("min-replicas-to-write", 1)
+        admin.config_set("min-replicas-max-lag", 10)
+        timing = {"CANCEL_STALL_TIMEOUT": STALL, "PLURAL_RATE_LIMIT": 50}
+        worker = start_worker(service_env(master.url, sandbox_process.url, **timing), concurrency=2)
+        services.append(worker)
+        app = use_settings(master.url, sandbox_process.url, **timing)
+        links = sandbox_process.create_links(2, prefix="pl-norepl-")
+        assert finished(app, enqueue_cancel(links[0], app=app))["outcome"] == "cancelled"
+
+        first.stop()
+        wait_for(lambda: "NOREPLICAS" in str(_write_error(admin)), 10, 0.1, message="writes refused")
+        time.sleep(3)  # the worker's BRPOPs are refused meanwhile
+        assert worker.proc.poll() is None, worker.log()[-3000:]
+        replica()
+        request_id = enqueue_cancel(links[1], app=app)
+        assert finished(app, request_id)["outcome"] == "cancelled"
+        assert worker.proc.poll() is None and "Unrecoverable error" not in worker.log()
+        log = worker.log()
+        assert log.count("no message is taken until") == 1, log[-3000:]  # once per refusal, not per BRPOP
+        assert log.count("pump skipped: Redis refuses writes") == 1  # once a minute, not four times a second
+    finally:
+        for server in replicas:
+            server.stop()
+        master.stop()
+
+
+def _write_error(client) -> Exception | None:
+    try:
+        client.set("plural-cancel:probe", "1")
+    except redis.ResponseError as exc:
+        return exc
+    return None

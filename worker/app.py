@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import threading
+import time
 
 import redis
 from celery import Celery, bootsteps, signals
@@ -19,7 +20,7 @@ from kombu.exceptions import OperationalError
 
 from plural_cancel.config.celery import PUMP_INTERVAL, celery_config
 from plural_cancel.config.settings import Settings
-from plural_cancel.errors import REDIS_AWAY, ConfigError
+from plural_cancel.errors import REDIS_AWAY, ConfigError, refusal_code, write_refused
 from plural_cancel.worker import malformed
 from plural_cancel.worker.broker import message_dropped
 from plural_cancel.worker.health import BrokerReady, WorkerHeartbeat
@@ -74,6 +75,10 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     return CancelApp(settings, runtime, set_as_current=False)
 
 
+SKIPPED_EVERY = 60.0
+"""Seconds between two "skipped" lines of one pump step while Redis stays away."""
+
+
 class DuePump(bootsteps.StartStopStep):
     """Sends due cancels back to the queue, from every worker, a few times a second: deferred
     ones whose time has come, and live ones whose message was lost or whose lease ran out;
@@ -91,16 +96,30 @@ class DuePump(bootsteps.StartStopStep):
         self.tref = None
 
     def start(self, worker):
+        skipped: dict[str, float] = {}  # step -> monotonic time of its last "skipped" line
+
+        def skip(step, why: str) -> None:
+            # Four ticks a second would each be a line (with a traceback, a Sentry event) for
+            # as long as Redis is away: one line a step, then one a minute while it lasts.
+            now = time.monotonic()
+            if now - skipped.get(step.__name__, -SKIPPED_EVERY) >= SKIPPED_EVERY:
+                skipped[step.__name__] = now
+                log.warning("%s skipped: %s", step.__name__, why)
+
         def tick():
             for step in (pump, send_callbacks):  # one failing does not hold the other back
                 try:
                     step(worker.app)
                 except (*REDIS_AWAY, OperationalError) as exc:
-                    # Redis away: four ticks a second would each be an error with a traceback
-                    # (and a Sentry event). The next tick after it is back does the work.
-                    log.warning("%s skipped: Redis unreachable (%s)", step.__name__, type(exc).__name__)
-                except Exception:  # anything else must not kill the timer either; the next tick retries
-                    log.exception("%s failed", step.__name__)
+                    skip(step, f"Redis unreachable ({type(exc).__name__})")
+                except Exception as exc:  # anything else must not kill the timer either; the next tick retries
+                    if write_refused(exc):
+                        skip(step, f"Redis refuses writes ({refusal_code(exc)})")
+                    else:
+                        log.exception("%s failed", step.__name__)
+                else:
+                    if skipped.pop(step.__name__, None) is not None:
+                        log.warning("%s runs again", step.__name__)
 
         self.tref = worker.timer.call_repeatedly(PUMP_INTERVAL, tick, priority=10)
 

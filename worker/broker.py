@@ -21,7 +21,8 @@ app on the database shares and sweeps on its own visibility timeout.
 
 It also keeps a worker alive when Redis goes away (:meth:`Channel._get_pool`): kombu's
 teardown of a lost connection could raise an AttributeError that ended the worker; and
-when Redis refuses writes (:class:`QoS`, :meth:`Channel._brpop_read`).
+when Redis refuses writes (:class:`QoS`, :meth:`Channel._brpop_read`), for any of
+``plural_cancel.errors.WRITE_REFUSALS``.
 
 Used through Celery's ``broker_transport`` setting (``config.celery``), with the
 ``redis://`` URL unchanged; :class:`SentinelTransport` is the same over kombu's Sentinel
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from queue import Empty
 
 import redis
@@ -39,7 +41,7 @@ from celery.utils.dispatch import Signal
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 
-from plural_cancel.errors import REDIS_AWAY
+from plural_cancel.errors import REDIS_AWAY, refusal_code, write_refused
 from plural_cancel.worker.keys import Keys
 from plural_cancel.worker.malformed import NOT_A_TASK_MESSAGE, UNDECODABLE
 
@@ -80,13 +82,19 @@ def _drop(sender, queue: str, reason: str, what: str, **fields) -> None:
                          client=channel._create_client() if channel is not None else None)
 
 
-REFUSED = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
-"""Redis refusing a write (maxmemory reached, a master demoted in a failover): a state
-that passes, unlike a lost connection, which kombu and Celery already ride out."""
+REFUSAL_PAUSE = 1.0
+"""Seconds the consumer waits after Redis refused its BRPOP (no replica for
+``min-replicas-to-write``, a failing disk): Redis answers at once, and asking again at once
+would spin the event loop on the refusal."""
+
+
+class _NotHeld(Exception):
+    """A popped message could not be held for acknowledgement: Redis refused the write."""
 
 
 class QoS(kombu_redis.QoS):
-    """kombu's Redis QoS; an acknowledgement that Redis refuses does not stop the worker."""
+    """kombu's Redis QoS; a write that Redis refuses (``plural_cancel.errors.write_refused``:
+    maxmemory, a demoted master, too few replicas, a failing disk) does not stop the worker."""
 
     # kombu removes the message from its unacked hash, then forgets the delivery in memory;
     # a refused write raised out of the first step into Celery's consumer ("Unrecoverable
@@ -95,10 +103,20 @@ class QoS(kombu_redis.QoS):
     # unacked hash, kombu restores it after the visibility timeout, and the ledger drops
     # that copy (its cancel has ended, or is held).
 
+    def append(self, message, delivery_tag):
+        try:
+            super().append(message, delivery_tag)
+        except redis.ResponseError as exc:
+            if not write_refused(exc):
+                raise
+            raise _NotHeld(refusal_code(exc)) from exc
+
     def ack(self, delivery_tag):
         try:
             super().ack(delivery_tag)
-        except REFUSED as exc:
+        except redis.ResponseError as exc:
+            if not write_refused(exc):
+                raise
             self._refused("acknowledge", exc, delivery_tag)
         except REDIS_AWAY as exc:
             # Redis away (a restart): the same way out, one warning rather than Celery's
@@ -110,12 +128,14 @@ class QoS(kombu_redis.QoS):
     def reject(self, delivery_tag, requeue=False):
         try:
             super().reject(delivery_tag, requeue=requeue)
-        except REFUSED as exc:
+        except redis.ResponseError as exc:
+            if not write_refused(exc):
+                raise
             self._refused("reject", exc, delivery_tag)
 
     def _refused(self, what: str, exc: Exception, delivery_tag) -> None:
         log.error("could not %s a message: Redis refused the write (%s); it comes back after the visibility "
-                  "timeout and the ledger skips it", what, type(exc).__name__)
+                  "timeout and the ledger skips it", what, refusal_code(exc))
         kombu_virtual.QoS.ack(self, delivery_tag)
 
 
@@ -144,22 +164,40 @@ class Channel(kombu_redis.Channel):
     # the task body's own decode raises kombu's DecodeError, which Celery handles, and the
     # task itself runs in the pool's threads.
 
+    _refusing = False
+    """The last BRPOP was refused (:meth:`_brpop_read`): the next one that is not says so."""
+
     def _brpop_read(self, **options):
         try:
-            return super()._brpop_read(**options)
+            delivered = super()._brpop_read(**options)
         except json.JSONDecodeError as exc:
             _drop(self, self._consumed_queue(), UNDECODABLE, "not JSON", bytes=len(exc.doc.encode()))
             raise Empty() from None  # what kombu raises for "nothing delivered"; the loop goes on
-        except REFUSED as exc:
+        except _NotHeld as exc:
             # kombu delivers in two steps: BRPOP, then a write that holds the message for
             # acknowledgement. Redis refused that write (maxmemory, a demoted master), so the
             # popped message is gone; nothing here can put it back (the same write would be
             # refused). The worker carries on, and the ledger's due index sends the cancel
             # again after CANCEL_STALL_TIMEOUT, once Redis takes writes.
             log.error("a delivered message was lost: Redis refused to hold it for acknowledgement (%s); "
-                      "its cancel is sent again from the ledger", type(exc).__name__,
-                      extra={"queue": self._consumed_queue()})
+                      "its cancel is sent again from the ledger", exc, extra={"queue": self._consumed_queue()})
             raise Empty() from None
+        except redis.ResponseError as exc:
+            if not write_refused(exc):
+                raise
+            # The BRPOP itself was refused (it is a write: NOREPLICAS, MISCONF): nothing was
+            # popped. Said once, not once a second; the consumer asks again after a pause.
+            if not self._refusing:
+                log.error("Redis refuses writes (%s): no message is taken until it takes them again; cancels "
+                          "in flight finish, and what they could not write is sent again from the ledger",
+                          refusal_code(exc), extra={"queue": self._consumed_queue()})
+            self._refusing = True
+            time.sleep(REFUSAL_PAUSE)
+            raise Empty() from None
+        if self._refusing:
+            self._refusing = False
+            log.warning("Redis takes writes again: messages are taken again", extra={"queue": self._consumed_queue()})
+        return delivered
 
     def _get(self, queue):
         try:
