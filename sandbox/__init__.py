@@ -19,8 +19,8 @@ sandbox's choices, checked in this order)::
 
     400 INVALID_REQUEST             token call: body not JSON, a field missing, grant_type
                                     not client_credentials
-    422 USER_AUTHENTICATION_FAILED  token call: client_id/client_secret do not match the
-                                    configured pair (any pair is accepted when none is set)
+    422 USER_AUTHENTICATION_FAILED  token call: client_id/client_secret match none of the
+                                    accounts (any pair is accepted when none is set)
     401 UNAUTHORIZED                no bearer token, one this sandbox did not issue, expired,
                                     revoked (POST /_admin/revoke-tokens), or reject_tokens
     400 INVALID_REQUEST             Request-ID missing or not 1-50 chars; Request-Timestamp
@@ -60,6 +60,11 @@ Admin (no auth, no faults)::
     POST   /_admin/links {"count", "status", "prefix"} or {"id", "status"} -> {"ids"}
     GET|PUT /_admin/links/{id}             (the link + cancel_count, cancel_attempts)
     POST   /_admin/reset                   (demo links only, empty log, no tokens)
+
+Accounts: ``--client-id``/``--client-secret`` and every ``--account CLIENT_ID:SECRET`` are
+Plural merchant accounts; each token belongs to the account that obtained it (with no
+account set, to the client id it was asked for), and the request log names each call's
+account (its client id; never a secret or a token).
 
 A cancelled link's object carries every key of the seed's example, its misspelt
 ``adddress_type`` included; other links omit ``cancelled_at``. Demo links, one per

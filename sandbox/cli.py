@@ -6,7 +6,8 @@ the ``plural-cancel`` group by ``plural_cancel.cli``: one set of options, one se
 
 Credentials: ``--client-id``/``--client-secret``, else ``PLURAL_CLIENT_ID`` /
 ``PLURAL_CLIENT_SECRET`` from the environment (the pair a worker beside it is given),
-else any pair is accepted. The server and aiohttp (the ``sandbox`` extra) are imported
+and every ``--account CLIENT_ID:SECRET``: each pair is one Plural account, and any pair is
+accepted when none is given. The server and aiohttp (the ``sandbox`` extra) are imported
 only when the command runs, so the other ``plural-cancel`` commands never load them.
 """
 
@@ -18,6 +19,7 @@ import click
 
 from plural_cancel.sandbox.api import TOKEN_STYLES
 from plural_cancel.sandbox.faults import Faults
+from plural_cancel.sandbox.tokens import account_map
 
 DEFAULT_PORT = 8800
 """The port without ``--port`` (docker-compose's and ``make run``'s ``PLURAL_BASE_URL``)."""
@@ -42,6 +44,18 @@ def faults_from_options(*, latency_ms: float = 0, error_rate: float = 0, outage:
     return faults
 
 
+def _account_pairs(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``CLIENT_ID:SECRET`` -> (client id, secret); the secret may hold colons, the id cannot."""
+    pairs = []
+    for value in values:
+        client_id, _, secret = value.partition(":")
+        if not client_id or not secret:
+            # Never echoed: the value may be a secret with its client id missing.
+            raise click.BadParameter("expected CLIENT_ID:SECRET, both non-empty")
+        pairs.append((client_id, secret))
+    return pairs
+
+
 @click.command(name="sandbox", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535),
@@ -60,19 +74,23 @@ def faults_from_options(*, latency_ms: float = 0, error_rate: float = 0, outage:
 @click.option("--token-style", default="expires_at", show_default=True, type=click.Choice(TOKEN_STYLES),
               help="How Generate Token states the expiry.")
 @click.option("--client-id", envvar="PLURAL_CLIENT_ID", default=None,
-              help="The accepted client id [default: PLURAL_CLIENT_ID; any when unset].")
+              help="An accepted client id [default: PLURAL_CLIENT_ID; any when no account is set].")
 @click.option("--client-secret", envvar="PLURAL_CLIENT_SECRET", default=None,
-              help="The accepted client secret [default: PLURAL_CLIENT_SECRET].")
+              help="Its secret [default: PLURAL_CLIENT_SECRET].")
+@click.option("--account", "accounts", multiple=True, metavar="CLIENT_ID:SECRET", callback=_account_pairs,
+              help="One more accepted account (repeatable); its tokens are its own.")
 @click.option("--seed", type=int, default=None, help="Repeatable fault dice and generated ids.")
 @click.option("--no-demo-links", is_flag=True, help="Start with no links, not even the demo ones.")
 def sandbox(host: str, port: int, latency_ms: float, error_rate: float, outage: bool, reset_rate: float,
-            timeout_rate: float, hang_ms: float, token_ttl: float, token_style: str, client_id: str | None,
-            client_secret: str | None, seed: int | None, no_demo_links: bool):
+            timeout_rate: float, hang_ms: float, token_ttl: float, token_style: str,
+            client_id: str | None, client_secret: str | None, accounts: list[tuple[str, str]],
+            seed: int | None, no_demo_links: bool):
     """Run the local Plural sandbox: Plural's paths under http://HOST:PORT/api, faults under /_admin."""
     if (client_id is None) != (client_secret is None):
         raise click.UsageError("give both --client-id and --client-secret (or PLURAL_CLIENT_ID and "
                                "PLURAL_CLIENT_SECRET), or neither")
     try:
+        known = account_map(accounts, client_id=client_id, client_secret=client_secret)
         faults = faults_from_options(latency_ms=latency_ms, error_rate=error_rate, outage=outage,
                                      reset_rate=reset_rate, timeout_rate=timeout_rate, hang_ms=hang_ms,
                                      token_ttl=token_ttl)
@@ -85,8 +103,8 @@ def sandbox(host: str, port: int, latency_ms: float, error_rate: float, outage: 
             raise
         raise click.ClickException("the sandbox needs aiohttp: pip install 'plural-cancel[sandbox]'") from None
     try:
-        serve(host, port, client_id=client_id, client_secret=client_secret, faults=faults,
-              token_style=token_style, seed_demo=not no_demo_links, seed=seed)
+        serve(host, port, accounts=known, faults=faults, token_style=token_style,
+              seed_demo=not no_demo_links, seed=seed)
     except OSError as err:
         raise click.ClickException(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
 
