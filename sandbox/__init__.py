@@ -31,7 +31,11 @@ sandbox's choices, checked in this order)::
                                     PARTIAL_PROCESSED, EXPIRED or PAYMENT_INITIATED:
                                     "payment link is in status X and cannot be cancelled"
     405 METHOD_NOT_ALLOWED          a known path with the wrong method (``Allow`` header)
-    429 RATE_LIMITED                only as a fault, with ``Retry-After: <seconds>``
+    429 RATE_LIMITED                only as a fault, with ``Retry-After: <seconds>``: a cancel
+                                    past the account's ``limit_rps`` (the seconds to its next
+                                    free slot), ``throttle_rate``, or ``error_rates`` {"429": p}
+    400 PAYMENT_RATE_LIMIT          only as a fault (``plural_throttle_rate``, cancels): a
+                                    throttle in Plural's own words, no ``Retry-After``
 
 Error bodies are ``{"code", "message"}``; the details object Plural names two ways is
 used as follows, both carrying ``source`` and ``step``:
@@ -41,13 +45,17 @@ used as follows, both carrying ``source`` and ``step``:
   (step ``CREATE``);
 - ``additionalErrorPayload``: 404 ``NOT_FOUND`` (source ``PAYMENT_LINK``, step ``GET`` or
   ``CANCEL``) and injected 500/503 ``INTERNAL_ERROR`` (source ``OMS``, as in the seed);
-- neither: 401, 422, 429, 405 and header/id 400s.
+- neither: 401, 422, 429, 405, ``PAYMENT_RATE_LIMIT`` and header/id 400s.
 
 Faults (``PUT /_admin/faults``, see :class:`sandbox.faults.Faults`) apply to /api only
 (and spare the token call when ``faults_skip_token``): an outage answers 503
 ``INTERNAL_ERROR``; 502/504 come as a proxy's HTML page; ``link_errors`` makes one link
 fail with a status on every call (a "poison" link); an injected status or a reset
-(TCP RST, no answer) means the call was *not* processed. Latency and timeouts hold the
+(TCP RST, no answer) means the call was *not* processed. The throttles answer cancels
+only (the calls a client paces): ``limit_rps`` counts each account's admitted cancels in a
+sliding window (:mod:`sandbox.limit`), ``throttle_rate`` and ``plural_throttle_rate`` are
+random; the request log's ``fault`` says which one answered (``limit``, ``throttle``,
+``plural_throttle``). Latency and timeouts hold the
 answer *after* processing: the call is logged and applied on arrival, so a client that
 gives up, or dies, while waiting has still cancelled the link.
 

@@ -52,17 +52,20 @@ class PluralAPI:
                                 req.headers.get("request-id"), account)
         with contextlib.suppress(ValueError):  # a bad one is answered 400 (_header_problem)
             entry.sent_at = parse_iso(req.headers.get("request-timestamp"))
-        if is_cancel and req.method == "PUT" and link_id:
+        cancel = is_cancel and req.method == "PUT"
+        if cancel and link_id:
             self.store.note_cancel_attempt(link_id)
         faults = self.faults.current
-        decision = self.faults.decide(token_call=token_call, link_id=link_id)
+        decision = self.faults.decide(faults, token_call=token_call, link_id=link_id,
+                                      cancel=cancel, account=account)
         entry.fault = decision.label
         if decision.reset:
             return Reply(0, reset=True, delay=decision.delay)
         if decision.status is not None:
             step = ("TOKEN" if token_call else "CANCEL" if is_cancel
                     else "GET" if match else "CREATE")
-            reply = injected(decision.status, step, faults.retry_after)
+            retry_after = faults.retry_after if decision.retry_after is None else decision.retry_after
+            reply = injected(decision.status, step, retry_after)
         else:
             reply = self._route(req, match, link_id, is_cancel, entry, account, faults)
         entry.status = reply.status

@@ -30,14 +30,17 @@ _NON_NEGATIVE = click.FloatRange(min=0)
 
 def faults_from_options(*, latency_ms: float = 0, error_rate: float = 0, outage: bool = False,
                         reset_rate: float = 0, timeout_rate: float = 0, hang_ms: float = 30000,
-                        token_ttl: float = 3600) -> dict[str, Any]:
+                        token_ttl: float = 3600, limit_rps: float = 0, throttle_rate: float = 0,
+                        plural_throttle_rate: float = 0, retry_after: int = 1) -> dict[str, Any]:
     """The faults dict :func:`~sandbox.server.serve` takes, from the command-line options.
 
     ``error_rate`` is the probability of a 500; ``ValueError`` names a bad field.
     """
     faults: dict[str, Any] = {"latency_ms": latency_ms, "outage": outage,
                               "reset_rate": reset_rate, "timeout_rate": timeout_rate,
-                              "hang_ms": hang_ms, "token_ttl": token_ttl}
+                              "hang_ms": hang_ms, "token_ttl": token_ttl, "limit_rps": limit_rps,
+                              "throttle_rate": throttle_rate,
+                              "plural_throttle_rate": plural_throttle_rate, "retry_after": retry_after}
     if error_rate:
         faults["error_rates"] = {"500": error_rate}
     Faults().updated(faults)  # raises ValueError naming the option's field
@@ -69,6 +72,15 @@ def _account_pairs(ctx: click.Context, param: click.Parameter, values: tuple[str
               help="Probability of holding the answer --hang-ms (the call is applied).")
 @click.option("--hang-ms", default=30000.0, show_default=True, type=_NON_NEGATIVE,
               help="Milliseconds a timed-out answer is held.")
+@click.option("--limit-rps", default=0.0, type=_NON_NEGATIVE,
+              help="Plural's own limit: cancels a second per account, a 429 with Retry-After past it "
+                   "[default: no limit].")
+@click.option("--throttle-rate", default=0.0, type=_RATE,
+              help="Probability of a 429 per cancel, whatever the limit.")
+@click.option("--plural-throttle-rate", default=0.0, type=_RATE,
+              help="Probability of a 400 PAYMENT_RATE_LIMIT per cancel (a throttle in Plural's words).")
+@click.option("--retry-after", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Seconds in Retry-After on a random 429 (--throttle-rate).")
 @click.option("--token-ttl", default=3600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Seconds new access tokens live.")
 @click.option("--token-style", default="expires_at", show_default=True, type=click.Choice(TOKEN_STYLES),
@@ -78,11 +90,12 @@ def _account_pairs(ctx: click.Context, param: click.Parameter, values: tuple[str
 @click.option("--client-secret", envvar="PLURAL_CLIENT_SECRET", default=None,
               help="Its secret [default: PLURAL_CLIENT_SECRET].")
 @click.option("--account", "accounts", multiple=True, metavar="CLIENT_ID:SECRET", callback=_account_pairs,
-              help="One more accepted account (repeatable); its tokens are its own.")
+              help="One more accepted account (repeatable); its tokens and its limit are its own.")
 @click.option("--seed", type=int, default=None, help="Repeatable fault dice and generated ids.")
 @click.option("--no-demo-links", is_flag=True, help="Start with no links, not even the demo ones.")
 def sandbox(host: str, port: int, latency_ms: float, error_rate: float, outage: bool, reset_rate: float,
-            timeout_rate: float, hang_ms: float, token_ttl: float, token_style: str,
+            timeout_rate: float, hang_ms: float, limit_rps: float, throttle_rate: float,
+            plural_throttle_rate: float, retry_after: int, token_ttl: float, token_style: str,
             client_id: str | None, client_secret: str | None, accounts: list[tuple[str, str]],
             seed: int | None, no_demo_links: bool):
     """Run the local Plural sandbox: Plural's paths under http://HOST:PORT/api, faults under /_admin."""
@@ -93,7 +106,8 @@ def sandbox(host: str, port: int, latency_ms: float, error_rate: float, outage: 
         known = account_map(accounts, client_id=client_id, client_secret=client_secret)
         faults = faults_from_options(latency_ms=latency_ms, error_rate=error_rate, outage=outage,
                                      reset_rate=reset_rate, timeout_rate=timeout_rate, hang_ms=hang_ms,
-                                     token_ttl=token_ttl)
+                                     token_ttl=token_ttl, limit_rps=limit_rps, throttle_rate=throttle_rate,
+                                     plural_throttle_rate=plural_throttle_rate, retry_after=retry_after)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     try:

@@ -7,10 +7,14 @@ so a request always sees one consistent set. Every random decision goes through
 
 from __future__ import annotations
 
+import math
 import random
 import threading
+import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+from plural_cancel.sandbox.limit import AccountLimit
 
 FAULT_STATUSES = ("429", "500", "502", "503", "504")
 """Statuses ``error_rates`` may inject. 502 and 504 come as a proxy's HTML page."""
@@ -25,7 +29,16 @@ class Faults:
     error_rates: Mapping[str, float] = field(default_factory=dict)
     """HTTP status (as a string) -> probability of answering it instead of the real answer."""
     retry_after: int = 1
-    """Seconds sent in ``Retry-After`` on an injected 429."""
+    """Seconds sent in ``Retry-After`` on an injected 429 (``error_rates``, ``throttle_rate``)."""
+    limit_rps: float = 0
+    """Plural's own limit: cancels a second each account may make (:mod:`sandbox.limit`);
+    past it a cancel is answered 429 with ``Retry-After`` the whole seconds, rounded up, to the
+    account's next free slot. 0: no limit."""
+    throttle_rate: float = 0.0
+    """Probability of answering a cancel 429 (with ``retry_after``), whatever the limit."""
+    plural_throttle_rate: float = 0.0
+    """Probability of answering a cancel 400 ``PAYMENT_RATE_LIMIT``: a throttle in Plural's
+    own words, with no ``Retry-After``."""
     outage: bool = False
     """Every /api call answers 503 (Plural JSON)."""
     reset_rate: float = 0.0
@@ -125,7 +138,8 @@ _CHECKS = {
     "latency_ms": _non_negative, "error_rates": _error_rates, "retry_after": _retry_after,
     "outage": _flag, "reset_rate": _rate, "timeout_rate": _rate, "hang_ms": _non_negative,
     "token_ttl": _positive, "reject_tokens": _flag, "faults_skip_token": _flag,
-    "link_errors": _link_errors,
+    "link_errors": _link_errors, "limit_rps": _non_negative, "throttle_rate": _rate,
+    "plural_throttle_rate": _rate,
 }
 
 
@@ -138,15 +152,22 @@ class Decision:
     reset: bool = False
     """Close with a TCP RST instead of answering."""
     status: int | None = None
-    """An injected status to answer instead of the real one (outage or error_rates)."""
+    """An injected status to answer instead of the real one (outage, error_rates, a throttle)."""
     hang: bool = False
     """The answer is held ``hang_ms`` (a timeout fault)."""
+    throttle: str | None = None
+    """Which throttle answered: ``limit`` (``limit_rps``), ``throttle`` (``throttle_rate``) or
+    ``plural_throttle`` (``plural_throttle_rate``)."""
+    retry_after: int | None = None
+    """Seconds for ``Retry-After`` when not the faults' ``retry_after`` (the limit's own wait)."""
 
     @property
     def label(self) -> str | None:
-        """A short name for the request log: ``reset``, ``outage``, ``500``, ``timeout``..."""
+        """A short name for the request log: ``reset``, ``503``, ``limit``, ``timeout``..."""
         if self.reset:
             return "reset"
+        if self.throttle is not None:
+            return self.throttle
         if self.status is not None:
             return str(self.status)
         if self.hang:
@@ -161,10 +182,12 @@ class FaultInjector:
     """Holds the current :class:`Faults` and rolls the dice for each request."""
 
     def __init__(self, faults: Faults | Mapping[str, Any] | None = None, *,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, clock: Callable[[], float] = time.time):
+        """``clock`` returns seconds (epoch seconds: the sandbox's clock) for ``limit_rps``."""
         self._lock = threading.Lock()
         base = faults if isinstance(faults, Faults) else Faults().updated(faults or {})
         self._faults = self._initial = base
+        self._limit = AccountLimit(clock)
         self.rng = rng or random.Random()
 
     @property
@@ -178,27 +201,44 @@ class FaultInjector:
             return self._faults
 
     def reset(self) -> Faults:
-        """Back to the faults the sandbox started with."""
+        """Back to the faults the sandbox started with, and no cancel counted against a limit."""
         with self._lock:
             self._faults = self._initial
+            self._limit.clear()
             return self._faults
 
-    def decide(self, *, token_call: bool, link_id: str | None = None) -> Decision:
-        """Roll for one /api request (``link_id``: the payment link its path names). Rolls
-        happen only for rates above zero, in a fixed order (reset, error, timeout), so a
-        seeded run repeats itself."""
-        f = self._faults
+    def decide(self, f: Faults, *, token_call: bool, link_id: str | None = None,
+               cancel: bool = False, account: str | None = None) -> Decision:
+        """Roll for one /api request under ``f`` (the current faults) for ``account`` (the
+        client id the call is made for; ``link_id``: the payment link its path names;
+        ``cancel``: a cancel PUT, the only call the throttles answer). Rolls happen only for
+        rates above zero, in a fixed order (throttle, Plural's throttle, reset, error,
+        timeout), so a seeded run repeats itself; the limit counts the cancels no random
+        throttle refused."""
         if token_call and f.faults_skip_token:
             return NO_FAULT
         if link_id is not None and link_id in f.link_errors:
             return Decision(delay=f.latency_ms / 1000.0, status=int(f.link_errors[link_id]))
-        if not (f.latency_ms or f.outage or f.reset_rate or f.error_rates or f.timeout_rate):
+        throttles = cancel and (f.limit_rps or f.throttle_rate or f.plural_throttle_rate)
+        if not (throttles or f.latency_ms or f.outage or f.reset_rate or f.error_rates
+                or f.timeout_rate):
             return NO_FAULT
         delay = f.latency_ms / 1000.0
         with self._lock:
             rng = self.rng
             if f.outage:
                 return Decision(delay=delay, status=503)
+            if throttles:
+                if f.throttle_rate and rng.random() < f.throttle_rate:
+                    return Decision(delay=delay, status=429, throttle="throttle")
+                if f.plural_throttle_rate and rng.random() < f.plural_throttle_rate:
+                    return Decision(delay=delay, status=400, throttle="plural_throttle")
+                # A call with no valid token has no account to count against: it gets its 401.
+                if f.limit_rps and account is not None:
+                    wait = self._limit.admit(account, f.limit_rps)
+                    if wait:
+                        return Decision(delay=delay, status=429, throttle="limit",
+                                        retry_after=max(1, math.ceil(wait)))
             if f.reset_rate and rng.random() < f.reset_rate:
                 return Decision(delay=delay, reset=True)
             if f.error_rates:

@@ -33,6 +33,8 @@ class Entry:
         """Epoch seconds of the sending, as the caller's ``Request-Timestamp`` says; None without one."""
         self.status: int | None = None
         self.fault: str | None = None
+        """What a fault made of it (:attr:`sandbox.faults.Decision.label`): ``503``, ``reset``,
+        ``limit``, ``throttle``, ``plural_throttle``...; None when none did."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"seq": self.seq, "method": self.method, "path": self.path,
