@@ -59,11 +59,19 @@ random; the request log's ``fault`` says which one answered (``limit``, ``thrott
 answer *after* processing: the call is logged and applied on arrival, so a client that
 gives up, or dies, while waiting has still cancelled the link.
 
+Faults are global (every account's) unless an account sets its own: ``PUT
+/_admin/accounts/{client_id}/faults`` overrides any fields for that account's calls (those
+made with its tokens, and its Generate Token calls), a field set to null follows the
+global one again, and ``DELETE`` drops them all; ``limit_rps`` always counts per account.
+
 Admin (no auth, no faults)::
 
     GET    /_admin/health                  GET  /_admin/stats
     GET    /_admin/requests?since=SEQ      DELETE /_admin/requests
-    GET|PUT|DELETE /_admin/faults          (DELETE: back to the start-up faults)
+    GET|PUT|DELETE /_admin/faults          (DELETE: back to the start-up faults, for every
+                                           account, and no limit counts)
+    GET    /_admin/accounts                (client ids, and each one's own faults)
+    GET|PUT|DELETE /_admin/accounts/{client_id}/faults   (GET, PUT answer those in force)
     POST   /_admin/revoke-tokens           GET  /_admin/tokens (every token issued)
     POST   /_admin/links {"count", "status", "prefix"} or {"id", "status"} -> {"ids"}
     GET|PUT /_admin/links/{id}             (the link + cancel_count, cancel_attempts)

@@ -55,7 +55,7 @@ class PluralAPI:
         cancel = is_cancel and req.method == "PUT"
         if cancel and link_id:
             self.store.note_cancel_attempt(link_id)
-        faults = self.faults.current
+        faults = self.faults.for_account(account)
         decision = self.faults.decide(faults, token_call=token_call, link_id=link_id,
                                       cancel=cancel, account=account)
         entry.fault = decision.label
@@ -78,8 +78,8 @@ class PluralAPI:
         return self.tokens.owner(token.strip()) if scheme.lower() == "bearer" else None
 
     def _named_account(self, req: Request) -> str | None:
-        """The account a Generate Token body names, before its secret is checked; None if it
-        names none."""
+        """The account a Generate Token body names, before its secret is checked (so that
+        account's own faults reach its token calls too); None if it names none."""
         if req.method != "POST":
             return None
         try:

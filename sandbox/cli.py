@@ -90,7 +90,7 @@ def _account_pairs(ctx: click.Context, param: click.Parameter, values: tuple[str
 @click.option("--client-secret", envvar="PLURAL_CLIENT_SECRET", default=None,
               help="Its secret [default: PLURAL_CLIENT_SECRET].")
 @click.option("--account", "accounts", multiple=True, metavar="CLIENT_ID:SECRET", callback=_account_pairs,
-              help="One more accepted account (repeatable); its tokens and its limit are its own.")
+              help="One more accepted account (repeatable); its tokens, faults and limit are its own.")
 @click.option("--seed", type=int, default=None, help="Repeatable fault dice and generated ids.")
 @click.option("--no-demo-links", is_flag=True, help="Start with no links, not even the demo ones.")
 def sandbox(host: str, port: int, latency_ms: float, error_rate: float, outage: bool, reset_rate: float,

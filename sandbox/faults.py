@@ -1,7 +1,9 @@
 """Switchable faults: what can go wrong between a client and Plural, and the dice for it.
 
 The settings are a frozen :class:`Faults` snapshot replaced as a whole on every update,
-so a request always sees one consistent set. Every random decision goes through
+so a request always sees one consistent set. The global faults apply to every account; an
+account (a client id) may override any of them for its own calls, so one merchant's
+outage or limit leaves the others alone. Every random decision goes through
 :class:`FaultInjector`'s ``random.Random``, which a test can seed or replace.
 """
 
@@ -65,14 +67,20 @@ class Faults:
 
     def updated(self, changes: Mapping[str, Any]) -> "Faults":
         """A copy with ``changes`` applied; ``ValueError`` naming the field if one is bad."""
+        return replace(self, **Faults.checked(changes))
+
+    @staticmethod
+    def checked(changes: Mapping[str, Any], *, none_allowed: bool = False) -> dict[str, Any]:
+        """``changes`` validated and normalised; ``ValueError`` naming the field if one is bad.
+        With ``none_allowed`` a None stays None (an account's field back to the global one)."""
         if not isinstance(changes, Mapping):
             raise ValueError("faults must be a JSON object")
         known = {f for f in Faults.__dataclass_fields__}
         unknown = sorted(set(changes) - known)
         if unknown:
             raise ValueError(f"unknown fault {unknown[0]!r}; known: {', '.join(sorted(known))}")
-        clean = {name: _CHECKS[name](name, value) for name, value in changes.items()}
-        return replace(self, **clean)
+        return {name: None if value is None and none_allowed else _CHECKS[name](name, value)
+                for name, value in changes.items()}
 
 
 def _number(name: str, value: Any, *, low: float = 0.0, high: float | None = None,
@@ -179,7 +187,8 @@ NO_FAULT = Decision()
 
 
 class FaultInjector:
-    """Holds the current :class:`Faults` and rolls the dice for each request."""
+    """Holds the current :class:`Faults`, global and per account, and rolls the dice for each
+    request."""
 
     def __init__(self, faults: Faults | Mapping[str, Any] | None = None, *,
                  rng: random.Random | None = None, clock: Callable[[], float] = time.time):
@@ -187,30 +196,69 @@ class FaultInjector:
         self._lock = threading.Lock()
         base = faults if isinstance(faults, Faults) else Faults().updated(faults or {})
         self._faults = self._initial = base
+        self._overrides: dict[str, dict[str, Any]] = {}
+        """Client id -> the fields that account sets for itself."""
+        self._by_account: dict[str, Faults] = {}
+        """Client id -> its faults in force (the global ones with its overrides), rebuilt as a
+        whole on every change so a request reads one consistent set without the lock."""
         self._limit = AccountLimit(clock)
         self.rng = rng or random.Random()
 
     @property
     def current(self) -> Faults:
+        """The global faults (those of every account without its own)."""
         return self._faults
 
-    def update(self, changes: Mapping[str, Any]) -> Faults:
-        """Apply a partial update and return the result; ``ValueError`` (and no change) if bad."""
-        with self._lock:
-            self._faults = self._faults.updated(changes)
+    def for_account(self, account: str | None) -> Faults:
+        """The faults in force for ``account``'s calls (None: a call of no known account)."""
+        if account is None:
             return self._faults
+        return self._by_account.get(account, self._faults)
 
-    def reset(self) -> Faults:
-        """Back to the faults the sandbox started with, and no cancel counted against a limit."""
+    def overrides(self) -> dict[str, dict[str, Any]]:
+        """Client id -> the faults that account sets for itself."""
+        return {account: dict(fields) for account, fields in self._overrides.items()}
+
+    def update(self, changes: Mapping[str, Any], *, account: str | None = None) -> Faults:
+        """Apply a partial update and return the faults in force for ``account`` (the global
+        ones with None); ``ValueError`` (and no change) if bad.
+
+        Without ``account`` the change is global: it reaches every account, except in the
+        fields an account overrides. With one it is that account's own; a field set to
+        None there follows the global one again.
+        """
         with self._lock:
-            self._faults = self._initial
-            self._limit.clear()
-            return self._faults
+            if account is None:
+                self._faults = self._faults.updated(changes)
+            else:
+                own = {**self._overrides.get(account, {}),
+                       **Faults.checked(changes, none_allowed=True)}
+                own = {name: value for name, value in own.items() if value is not None}
+                self._overrides = {**self._overrides, account: own}
+            self._rebuild()
+            return self.for_account(account)
+
+    def reset(self, *, account: str | None = None) -> Faults:
+        """Back to the faults the sandbox started with, no account's own faults, no cancel
+        counted against a limit; with ``account``, only that account's own faults and count."""
+        with self._lock:
+            if account is None:
+                self._faults = self._initial
+                self._overrides = {}
+            else:
+                self._overrides = {a: o for a, o in self._overrides.items() if a != account}
+            self._limit.clear(account)
+            self._rebuild()
+            return self.for_account(account)
+
+    def _rebuild(self) -> None:
+        self._by_account = {account: replace(self._faults, **own)
+                            for account, own in self._overrides.items() if own}
 
     def decide(self, f: Faults, *, token_call: bool, link_id: str | None = None,
                cancel: bool = False, account: str | None = None) -> Decision:
-        """Roll for one /api request under ``f`` (the current faults) for ``account`` (the
-        client id the call is made for; ``link_id``: the payment link its path names;
+        """Roll for one /api request under ``f`` (:meth:`for_account`'s faults for ``account``,
+        the client id the call is made for; ``link_id``: the payment link its path names;
         ``cancel``: a cancel PUT, the only call the throttles answer). Rolls happen only for
         rates above zero, in a fixed order (throttle, Plural's throttle, reset, error,
         timeout), so a seeded run repeats itself; the limit counts the cancels no random

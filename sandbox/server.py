@@ -212,9 +212,10 @@ class SandboxServer:
     def log(self) -> RequestLog:
         return self.app.log
 
-    def set_faults(self, **changes: Any) -> Faults:
-        """Partial update of the faults, as ``PUT /_admin/faults`` does."""
-        return self.app.faults.update(changes)
+    def set_faults(self, *, account: str | None = None, **changes: Any) -> Faults:
+        """Partial update of the faults, as ``PUT /_admin/faults`` does (with ``account``, of
+        that account's own, as ``PUT /_admin/accounts/{account}/faults``)."""
+        return self.app.faults.update(changes, account=account)
 
     def start(self) -> "SandboxServer":
         """Listen and serve on a daemon thread; returns once the port is open."""

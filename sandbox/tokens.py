@@ -1,7 +1,7 @@
 """Accounts and access tokens: Generate Token checks a pair, every payment-link call a token.
 
-Each token belongs to the account (client id) that obtained it, so the request log knows
-whose call a request is.
+Each token belongs to the account (client id) that obtained it, so per-account faults and
+limits (:mod:`sandbox.faults`) know whose call a request is.
 """
 
 from __future__ import annotations
