@@ -56,8 +56,8 @@ class PluralAPI:
         if cancel and link_id:
             self.store.note_cancel_attempt(link_id)
         faults = self.faults.for_account(account)
-        decision = self.faults.decide(faults, token_call=token_call, link_id=link_id,
-                                      cancel=cancel, account=account)
+        decision = self.faults.decide(faults, now=entry.timestamp, token_call=token_call,
+                                      link_id=link_id, cancel=cancel, account=account)
         entry.fault = decision.label
         if decision.reset:
             return Reply(0, reset=True, delay=decision.delay)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import math
 import random
 import threading
-import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from plural_cancel.sandbox.limit import AccountLimit
 
@@ -191,8 +190,7 @@ class FaultInjector:
     request."""
 
     def __init__(self, faults: Faults | Mapping[str, Any] | None = None, *,
-                 rng: random.Random | None = None, clock: Callable[[], float] = time.time):
-        """``clock`` returns seconds (epoch seconds: the sandbox's clock) for ``limit_rps``."""
+                 rng: random.Random | None = None):
         self._lock = threading.Lock()
         base = faults if isinstance(faults, Faults) else Faults().updated(faults or {})
         self._faults = self._initial = base
@@ -201,7 +199,7 @@ class FaultInjector:
         self._by_account: dict[str, Faults] = {}
         """Client id -> its faults in force (the global ones with its overrides), rebuilt as a
         whole on every change so a request reads one consistent set without the lock."""
-        self._limit = AccountLimit(clock)
+        self._limit = AccountLimit()
         self.rng = rng or random.Random()
 
     @property
@@ -255,11 +253,12 @@ class FaultInjector:
         self._by_account = {account: replace(self._faults, **own)
                             for account, own in self._overrides.items() if own}
 
-    def decide(self, f: Faults, *, token_call: bool, link_id: str | None = None,
+    def decide(self, f: Faults, *, now: float, token_call: bool, link_id: str | None = None,
                cancel: bool = False, account: str | None = None) -> Decision:
-        """Roll for one /api request under ``f`` (:meth:`for_account`'s faults for ``account``,
-        the client id the call is made for; ``link_id``: the payment link its path names;
-        ``cancel``: a cancel PUT, the only call the throttles answer). Rolls happen only for
+        """Roll for one /api request arriving at ``now`` (the sandbox clock's seconds, as the
+        request log records it: what ``limit_rps`` counts) under ``f`` (:meth:`for_account`'s
+        faults for ``account``, the client id the call is made for; ``link_id``: the payment
+        link its path names; ``cancel``: a cancel PUT, the only call the throttles answer). Rolls happen only for
         rates above zero, in a fixed order (throttle, Plural's throttle, reset, error,
         timeout), so a seeded run repeats itself; the limit counts the cancels no random
         throttle refused."""
@@ -283,7 +282,7 @@ class FaultInjector:
                     return Decision(delay=delay, status=400, throttle="plural_throttle")
                 # A call with no valid token has no account to count against: it gets its 401.
                 if f.limit_rps and account is not None:
-                    wait = self._limit.admit(account, f.limit_rps)
+                    wait = self._limit.admit(account, f.limit_rps, now)
                     if wait:
                         return Decision(delay=delay, status=429, throttle="limit",
                                         retry_after=max(1, math.ceil(wait)))

@@ -10,24 +10,21 @@ a few seconds, and a test could not tell a limit tracked from one overrun.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
 
 
 class AccountLimit:
     """The admitted cancels of each account, newest ``n`` only. Not thread-safe: the caller
     (:class:`sandbox.faults.FaultInjector`) holds its lock."""
 
-    def __init__(self, clock: Callable[[], float]):
-        """``clock`` returns seconds (the sandbox's clock: epoch seconds)."""
-        self._clock = clock
+    def __init__(self) -> None:
         self._windows: dict[str, deque[float]] = {}
 
-    def admit(self, account: str, rate: float) -> float:
-        """Admit one cancel of ``account`` under ``rate`` (cancels a second, > 0) and return 0,
-        or refuse it and return the seconds (> 0) until the account's next free slot."""
+    def admit(self, account: str, rate: float, now: float) -> float:
+        """Admit one cancel of ``account`` arriving at ``now`` (seconds) under ``rate`` (cancels
+        a second, > 0) and return 0, or refuse it and return the seconds (> 0) until the
+        account's next free slot."""
         size = max(1, int(rate))
         span = size / rate
-        now = self._clock()
         window = self._windows.get(account)
         if window is None or window.maxlen != size:  # new account, or its limit changed
             window = self._windows[account] = deque(window or (), maxlen=size)

@@ -66,10 +66,10 @@ class Sandbox:
         The accounts are ``accounts`` (client id -> secret, or pairs) and the
         ``client_id``/``client_secret`` pair; with none, any credentials are accepted.
         ``clock`` returns epoch seconds (token expiry, link timestamps, expiry of links,
-        the ``limit_rps`` window).
+        the request log's arrival times, which the ``limit_rps`` window counts).
         """
         link_rng = random.Random(None if seed is None else f"links-{seed}")
-        self.faults = FaultInjector(faults, rng=rng or random.Random(seed), clock=clock)
+        self.faults = FaultInjector(faults, rng=rng or random.Random(seed))
         self.store = LinkStore(clock=clock, rng=link_rng, seed_demo=seed_demo)
         self.tokens = TokenStore(client_id=client_id, client_secret=client_secret, accounts=accounts,
                                  clock=clock)
