@@ -95,14 +95,19 @@ def frozen_server(clock):
         yield srv
 
 
-@pytest.fixture
-def frozen(frozen_server):
-    """A sandbox whose time moves only when the test moves it: exact counts, exact waits."""
-    client = Client(frozen_server)
+def client_with_startup_faults(server: SandboxServer):
+    """A :class:`Client` of ``server``, its start-up faults (none) in place before and after."""
+    client = Client(server)
     client.admin("DELETE", "/faults")
     yield client
     client.admin("DELETE", "/faults")
     client.http.close()
+
+
+@pytest.fixture
+def frozen(frozen_server):
+    """A sandbox whose time moves only when the test moves it: exact counts, exact waits."""
+    yield from client_with_startup_faults(frozen_server)
 
 
 @pytest.fixture(scope="module")
@@ -113,12 +118,8 @@ def live_server():
 
 @pytest.fixture
 def live(live_server):
-    """A sandbox on the wall clock, its start-up faults (none) in place before and after."""
-    client = Client(live_server)
-    client.admin("DELETE", "/faults")
-    yield client
-    client.admin("DELETE", "/faults")
-    client.http.close()
+    """A sandbox on the wall clock."""
+    yield from client_with_startup_faults(live_server)
 
 
 def cancels_of(log: list[dict], account: str) -> list[dict]:
