@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import click
 
 from plural_cancel.sandbox.api import TOKEN_STYLES
-from plural_cancel.sandbox.faults import Faults
+from plural_cancel.sandbox.faults import MAX_LIMIT_RPS, Faults
 from plural_cancel.sandbox.tokens import account_map
 
 DEFAULT_PORT = 8800
@@ -72,7 +72,7 @@ def _account_pairs(ctx: click.Context, param: click.Parameter, values: tuple[str
               help="Probability of holding the answer --hang-ms (the call is applied).")
 @click.option("--hang-ms", default=30000.0, show_default=True, type=_NON_NEGATIVE,
               help="Milliseconds a timed-out answer is held.")
-@click.option("--limit-rps", default=0.0, type=_NON_NEGATIVE,
+@click.option("--limit-rps", default=0.0, type=click.FloatRange(0, MAX_LIMIT_RPS),
               help="Plural's own limit: cancels a second per account, a 429 with Retry-After past it "
                    "[default: no limit].")
 @click.option("--throttle-rate", default=0.0, type=_RATE,

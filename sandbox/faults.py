@@ -19,6 +19,8 @@ from plural_cancel.sandbox.limit import AccountLimit
 
 FAULT_STATUSES = ("429", "500", "502", "503", "504")
 """Statuses ``error_rates`` may inject. 502 and 504 come as a proxy's HTML page."""
+MAX_LIMIT_RPS = 1_000_000
+"""The highest ``limit_rps``, cancels a second."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,12 @@ def _positive(name: str, value: Any) -> float:
     return _number(name, value, low_open=True)
 
 
+def _limit_rps(name: str, value: Any) -> float:
+    # The limit's window holds up to R arrival times per account; past a million a second
+    # no client on this machine could tell, and the window's memory would be the only effect.
+    return _number(name, value, high=MAX_LIMIT_RPS)
+
+
 def _retry_after(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a whole number of seconds >= 0")
@@ -145,7 +153,7 @@ _CHECKS = {
     "latency_ms": _non_negative, "error_rates": _error_rates, "retry_after": _retry_after,
     "outage": _flag, "reset_rate": _rate, "timeout_rate": _rate, "hang_ms": _non_negative,
     "token_ttl": _positive, "reject_tokens": _flag, "faults_skip_token": _flag,
-    "link_errors": _link_errors, "limit_rps": _non_negative, "throttle_rate": _rate,
+    "link_errors": _link_errors, "limit_rps": _limit_rps, "throttle_rate": _rate,
     "plural_throttle_rate": _rate,
 }
 
@@ -232,7 +240,8 @@ class FaultInjector:
                 own = {**self._overrides.get(account, {}),
                        **Faults.checked(changes, none_allowed=True)}
                 own = {name: value for name, value in own.items() if value is not None}
-                self._overrides = {**self._overrides, account: own}
+                others = {a: o for a, o in self._overrides.items() if a != account}
+                self._overrides = {**others, account: own} if own else others
             self._rebuild()
             return self.for_account(account)
 
@@ -251,17 +260,18 @@ class FaultInjector:
 
     def _rebuild(self) -> None:
         self._by_account = {account: replace(self._faults, **own)
-                            for account, own in self._overrides.items() if own}
+                            for account, own in self._overrides.items()}
 
     def decide(self, f: Faults, *, now: float, token_call: bool, link_id: str | None = None,
                cancel: bool = False, account: str | None = None) -> Decision:
         """Roll for one /api request arriving at ``now`` (the sandbox clock's seconds, as the
         request log records it: what ``limit_rps`` counts) under ``f`` (:meth:`for_account`'s
         faults for ``account``, the client id the call is made for; ``link_id``: the payment
-        link its path names; ``cancel``: a cancel PUT, the only call the throttles answer). Rolls happen only for
-        rates above zero, in a fixed order (throttle, Plural's throttle, reset, error,
-        timeout), so a seeded run repeats itself; the limit counts the cancels no random
-        throttle refused."""
+        link its path names; ``cancel``: a cancel PUT, the only call the throttles answer).
+
+        Rolls happen only for rates above zero, in a fixed order (throttle, Plural's
+        throttle, reset, error, timeout), so a seeded run repeats itself; the limit counts
+        the cancels no random throttle refused."""
         if token_call and f.faults_skip_token:
             return NO_FAULT
         if link_id is not None and link_id in f.link_errors:

@@ -328,6 +328,7 @@ def test_an_accounts_own_outage_hits_only_that_account(live):
     assert live.token_call("shop-a", ACCOUNTS["shop-a"]).status_code == 200
     assert live.link(b_link)["status"] == "CREATED"
     assert live.faults("shop-b", outage=None)["outage"] is False  # null: the global value again
+    assert live.admin("GET", "/accounts")["faults"] == {}
     assert live.cancel(b_link, tokens["shop-b"]).status_code == 200
 
 
@@ -359,6 +360,7 @@ def test_an_accounts_own_reject_tokens_refuses_only_its_tokens(live):
 @pytest.mark.parametrize("path, body, words", [
     ("/accounts/shop-z/faults", {"outage": True}, "'shop-z'"),
     ("/accounts/shop-a/faults", {"limit_rps": -1}, "limit_rps"),
+    ("/faults", {"limit_rps": 1e300}, "limit_rps"),
     ("/accounts/shop-a/faults", {"throttle_rate": 2}, "throttle_rate"),
     ("/accounts/shop-a/faults", {"nope": None}, "'nope'"),
     ("/faults", {"plural_throttle_rate": True}, "plural_throttle_rate"),
