@@ -19,8 +19,8 @@ sandbox's choices, checked in this order)::
 
     400 INVALID_REQUEST             token call: body not JSON, a field missing, grant_type
                                     not client_credentials
-    422 USER_AUTHENTICATION_FAILED  token call: client_id/client_secret do not match the
-                                    configured pair (any pair is accepted when none is set)
+    422 USER_AUTHENTICATION_FAILED  token call: client_id/client_secret match none of the
+                                    accounts (any pair is accepted when none is set)
     401 UNAUTHORIZED                no bearer token, one this sandbox did not issue, expired,
                                     revoked (POST /_admin/revoke-tokens), or reject_tokens
     400 INVALID_REQUEST             Request-ID missing or not 1-50 chars; Request-Timestamp
@@ -31,7 +31,11 @@ sandbox's choices, checked in this order)::
                                     PARTIAL_PROCESSED, EXPIRED or PAYMENT_INITIATED:
                                     "payment link is in status X and cannot be cancelled"
     405 METHOD_NOT_ALLOWED          a known path with the wrong method (``Allow`` header)
-    429 RATE_LIMITED                only as a fault, with ``Retry-After: <seconds>``
+    429 RATE_LIMITED                only as a fault, with ``Retry-After: <seconds>``: a cancel
+                                    past the account's ``limit_rps`` (the seconds to its next
+                                    free slot), ``throttle_rate``, or ``error_rates`` {"429": p}
+    400 PAYMENT_RATE_LIMIT          only as a fault (``plural_throttle_rate``, cancels): a
+                                    throttle in Plural's own words, no ``Retry-After``
 
 Error bodies are ``{"code", "message"}``; the details object Plural names two ways is
 used as follows, both carrying ``source`` and ``step``:
@@ -41,25 +45,42 @@ used as follows, both carrying ``source`` and ``step``:
   (step ``CREATE``);
 - ``additionalErrorPayload``: 404 ``NOT_FOUND`` (source ``PAYMENT_LINK``, step ``GET`` or
   ``CANCEL``) and injected 500/503 ``INTERNAL_ERROR`` (source ``OMS``, as in the seed);
-- neither: 401, 422, 429, 405 and header/id 400s.
+- neither: 401, 422, 429, 405, ``PAYMENT_RATE_LIMIT`` and header/id 400s.
 
 Faults (``PUT /_admin/faults``, see :class:`sandbox.faults.Faults`) apply to /api only
 (and spare the token call when ``faults_skip_token``): an outage answers 503
 ``INTERNAL_ERROR``; 502/504 come as a proxy's HTML page; ``link_errors`` makes one link
 fail with a status on every call (a "poison" link); an injected status or a reset
-(TCP RST, no answer) means the call was *not* processed. Latency and timeouts hold the
+(TCP RST, no answer) means the call was *not* processed. The throttles answer cancels
+only (the calls a client paces): ``limit_rps`` counts each account's admitted cancels in a
+sliding window (:mod:`sandbox.limit`), ``throttle_rate`` and ``plural_throttle_rate`` are
+random; the request log's ``fault`` says which one answered (``limit``, ``throttle``,
+``plural_throttle``). Latency and timeouts hold the
 answer *after* processing: the call is logged and applied on arrival, so a client that
 gives up, or dies, while waiting has still cancelled the link.
+
+Faults are global (every account's) unless an account sets its own: ``PUT
+/_admin/accounts/{client_id}/faults`` overrides any fields for that account's calls (those
+made with its tokens, and its Generate Token calls), a field set to null follows the
+global one again, and ``DELETE`` drops them all; ``limit_rps`` always counts per account.
 
 Admin (no auth, no faults)::
 
     GET    /_admin/health                  GET  /_admin/stats
     GET    /_admin/requests?since=SEQ      DELETE /_admin/requests
-    GET|PUT|DELETE /_admin/faults          (DELETE: back to the start-up faults)
+    GET|PUT|DELETE /_admin/faults          (DELETE: back to the start-up faults, for every
+                                           account, and no limit counts)
+    GET    /_admin/accounts                (client ids, and each one's own faults)
+    GET|PUT|DELETE /_admin/accounts/{client_id}/faults   (GET, PUT answer those in force)
     POST   /_admin/revoke-tokens           GET  /_admin/tokens (every token issued)
     POST   /_admin/links {"count", "status", "prefix"} or {"id", "status"} -> {"ids"}
     GET|PUT /_admin/links/{id}             (the link + cancel_count, cancel_attempts)
     POST   /_admin/reset                   (demo links only, empty log, no tokens)
+
+Accounts: ``--client-id``/``--client-secret`` and every ``--account CLIENT_ID:SECRET`` are
+Plural merchant accounts; each token belongs to the account that obtained it (with no
+account set, to the client id it was asked for), and the request log names each call's
+account (its client id; never a secret or a token).
 
 A cancelled link's object carries every key of the seed's example, its misspelt
 ``adddress_type`` included; other links omit ``cancelled_at``. Demo links, one per

@@ -14,6 +14,7 @@ from plural_cancel.sandbox.state import LinkError, LinkStore
 from plural_cancel.sandbox.tokens import TokenStore
 
 _LINK_PATH = re.compile(r"/_admin/links/([^/]+)\Z")
+_ACCOUNT_FAULTS_PATH = re.compile(r"/_admin/accounts/([^/]+)/faults\Z")
 
 
 def _bad(message: str) -> Reply:
@@ -40,6 +41,7 @@ class Admin:
             "/_admin/requests": {"GET": self._requests, "DELETE": self._clear_requests},
             "/_admin/faults": {"GET": self._get_faults, "PUT": self._put_faults,
                                "DELETE": self._reset_faults},
+            "/_admin/accounts": {"GET": self._accounts},
             "/_admin/revoke-tokens": {"POST": self._revoke},
             "/_admin/tokens": {"GET": self._tokens},
             "/_admin/links": {"POST": self._create_links},
@@ -51,9 +53,14 @@ class Admin:
         args: tuple = ()
         if methods is None:
             match = _LINK_PATH.match(req.path)
-            if match is None:
-                return plural_error(404, "NOT_FOUND", f"no such admin endpoint: {req.path}")
-            methods = {"GET": self._get_link, "PUT": self._put_link}
+            if match is not None:
+                methods = {"GET": self._get_link, "PUT": self._put_link}
+            else:
+                match = _ACCOUNT_FAULTS_PATH.match(req.path)
+                if match is None:
+                    return plural_error(404, "NOT_FOUND", f"no such admin endpoint: {req.path}")
+                methods = {"GET": self._get_account_faults, "PUT": self._put_account_faults,
+                           "DELETE": self._reset_account_faults}
             args = (match.group(1),)
         handler = methods.get(req.method)
         if handler is None:
@@ -91,6 +98,29 @@ class Admin:
 
     def _reset_faults(self, req: Request) -> Reply:
         return json_reply(200, self.faults.reset().to_dict())
+
+    def _accounts(self, req: Request) -> Reply:
+        """The configured client ids (empty: any credentials are accepted) and the faults
+        each account sets for itself."""
+        return json_reply(200, {"accounts": self.tokens.accounts, "faults": self.faults.overrides()})
+
+    def _account(self, account: str) -> str:
+        if not self.tokens.is_account(account):
+            raise ValueError(f"account {account!r} is not one of {', '.join(self.tokens.accounts)}")
+        return account
+
+    def _get_account_faults(self, req: Request, account: str) -> Reply:
+        """The faults in force for the account's calls: the global ones with its own."""
+        return json_reply(200, self.faults.for_account(self._account(account)).to_dict())
+
+    def _put_account_faults(self, req: Request, account: str) -> Reply:
+        """Partial update of the account's own faults (a field set to null follows the
+        global one again); answers the faults now in force for it."""
+        return json_reply(200, self.faults.update(_body(req), account=self._account(account)).to_dict())
+
+    def _reset_account_faults(self, req: Request, account: str) -> Reply:
+        """The account back to the global faults, its limit's count forgotten."""
+        return json_reply(200, self.faults.reset(account=self._account(account)).to_dict())
 
     def _tokens(self, req: Request) -> Reply:
         """Every token issued so far, revoked and expired ones included (for leak checks)."""

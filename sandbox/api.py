@@ -11,7 +11,7 @@ import re
 import time
 from typing import Any, Callable, Mapping
 
-from plural_cancel.sandbox.faults import FaultInjector
+from plural_cancel.sandbox.faults import FaultInjector, Faults
 from plural_cancel.sandbox.links import DEFAULT_LIFETIME, ID_RE, iso_ms, parse_iso
 from plural_cancel.sandbox.replies import (Reply, injected, invalid_request, json_reply, method_not_allowed, not_found,
                                            plural_error, unauthorized)
@@ -46,52 +46,77 @@ class PluralAPI:
         match = _LINK_PATH.match(req.path)
         link_id = match.group(1) if match else None
         is_cancel = bool(match and match.group(2))
+        token_call = req.path == TOKEN_PATH
+        account = self._named_account(req) if token_call else self._token_account(req)
         entry = self.log.record(req.method, req.path, link_id or None,
-                                req.headers.get("request-id"))
+                                req.headers.get("request-id"), account)
         with contextlib.suppress(ValueError):  # a bad one is answered 400 (_header_problem)
             entry.sent_at = parse_iso(req.headers.get("request-timestamp"))
-        if is_cancel and req.method == "PUT" and link_id:
+        cancel = is_cancel and req.method == "PUT"
+        if cancel and link_id:
             self.store.note_cancel_attempt(link_id)
-        decision = self.faults.decide(token_call=req.path == TOKEN_PATH, link_id=link_id)
+        faults = self.faults.for_account(account)
+        decision = self.faults.decide(faults, now=entry.timestamp, token_call=token_call,
+                                      link_id=link_id, cancel=cancel, account=account)
         entry.fault = decision.label
         if decision.reset:
             return Reply(0, reset=True, delay=decision.delay)
         if decision.status is not None:
-            step = ("TOKEN" if req.path == TOKEN_PATH else "CANCEL" if is_cancel
+            step = ("TOKEN" if token_call else "CANCEL" if is_cancel
                     else "GET" if match else "CREATE")
-            reply = injected(decision.status, step, self.faults.current.retry_after)
+            retry_after = faults.retry_after if decision.retry_after is None else decision.retry_after
+            reply = injected(decision.status, step, retry_after)
         else:
-            reply = self._route(req, match, link_id, is_cancel, entry)
+            reply = self._route(req, match, link_id, is_cancel, entry, account, faults)
         entry.status = reply.status
         reply.delay = decision.delay
         return reply
 
+    def _token_account(self, req: Request) -> str | None:
+        """The account of the call's bearer token; None without a valid one."""
+        scheme, _, token = req.headers.get("authorization", "").partition(" ")
+        return self.tokens.owner(token.strip()) if scheme.lower() == "bearer" else None
+
+    def _named_account(self, req: Request) -> str | None:
+        """The account a Generate Token body names, before its secret is checked (so that
+        account's own faults reach its token calls too); None if it names none."""
+        if req.method != "POST":
+            return None
+        try:
+            body = req.json()
+        except ValueError:  # answered 400 by _token
+            return None
+        client_id = body.get("client_id") if isinstance(body, dict) else None
+        if isinstance(client_id, str) and client_id and self.tokens.is_account(client_id):
+            return client_id
+        return None
+
     # -- routing -----------------------------------------------------------------------
 
     def _route(self, req: Request, match: re.Match | None, link_id: str | None,
-               is_cancel: bool, entry: Entry) -> Reply:
+               is_cancel: bool, entry: Entry, account: str | None, faults: Faults) -> Reply:
         if req.path == TOKEN_PATH:
-            return self._token(req, entry) if req.method == "POST" else method_not_allowed("POST")
+            return self._token(req, entry, faults) if req.method == "POST" else method_not_allowed("POST")
         if req.path == LINKS_PATH:
             if req.method != "POST":
                 return method_not_allowed("POST")
-            return self._guarded(req, entry, None, lambda r, _: self._create(r, entry))
+            return self._guarded(req, entry, account, faults, None, lambda r, _: self._create(r, entry))
         if match is None:
             return plural_error(404, "NOT_FOUND", f"no such endpoint: {req.path}")
         if is_cancel:
-            return self._guarded(req, entry, link_id, self._cancel) if req.method == "PUT" \
-                else method_not_allowed("PUT")
-        return self._guarded(req, entry, link_id, self._get) if req.method == "GET" \
+            return self._guarded(req, entry, account, faults, link_id, self._cancel) \
+                if req.method == "PUT" else method_not_allowed("PUT")
+        return self._guarded(req, entry, account, faults, link_id, self._get) if req.method == "GET" \
             else method_not_allowed("GET")
 
-    def _guarded(self, req: Request, entry: Entry, link_id: str | None,
-                 action: Callable[[Request, str | None], Reply]) -> Reply:
-        """Checks every payment-link call passes first: token, then headers, then the id."""
-        auth = req.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return unauthorized("missing bearer token in the Authorization header")
-        if self.faults.current.reject_tokens or not self.tokens.valid(token.strip()):
+    def _guarded(self, req: Request, entry: Entry, account: str | None, faults: Faults,
+                 link_id: str | None, action: Callable[[Request, str | None], Reply]) -> Reply:
+        """Checks every payment-link call passes first: token (``account``: its owner, None
+        without a valid one), then headers, then the id."""
+        if account is None or faults.reject_tokens:
+            scheme, _, token = req.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                return unauthorized("missing bearer token in the Authorization header")
             return unauthorized("access token is invalid or expired")
         problem = _header_problem(req, entry, required=True)
         if problem:
@@ -102,7 +127,7 @@ class PluralAPI:
 
     # -- calls -------------------------------------------------------------------------
 
-    def _token(self, req: Request, entry: Entry) -> Reply:
+    def _token(self, req: Request, entry: Entry, faults: Faults) -> Reply:
         problem = _header_problem(req, entry, required=False)
         if problem:
             return invalid_request(problem)
@@ -118,11 +143,12 @@ class PluralAPI:
                 return invalid_request(f"{name} is required")
         if body["grant_type"] != "client_credentials":
             return invalid_request("grant_type must be client_credentials")
-        if not self.tokens.credentials_ok(body["client_id"], body["client_secret"]):
+        account = self.tokens.account_for(body["client_id"], body["client_secret"])
+        if account is None:
             return plural_error(422, "USER_AUTHENTICATION_FAILED",
                                 "client_id or client_secret is not valid")
-        ttl = self.faults.current.token_ttl
-        token, expires_at = self.tokens.issue(ttl)
+        ttl = faults.token_ttl
+        token, expires_at = self.tokens.issue(ttl, account)
         if self.token_style == "expires_in":
             return json_reply(200, {"access_token": token,
                                     "expires_in": int(ttl) if ttl == int(ttl) else ttl})

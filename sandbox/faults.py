@@ -1,19 +1,26 @@
 """Switchable faults: what can go wrong between a client and Plural, and the dice for it.
 
 The settings are a frozen :class:`Faults` snapshot replaced as a whole on every update,
-so a request always sees one consistent set. Every random decision goes through
+so a request always sees one consistent set. The global faults apply to every account; an
+account (a client id) may override any of them for its own calls, so one merchant's
+outage or limit leaves the others alone. Every random decision goes through
 :class:`FaultInjector`'s ``random.Random``, which a test can seed or replace.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
+from plural_cancel.sandbox.limit import AccountLimit
+
 FAULT_STATUSES = ("429", "500", "502", "503", "504")
 """Statuses ``error_rates`` may inject. 502 and 504 come as a proxy's HTML page."""
+MAX_LIMIT_RPS = 1_000_000
+"""The highest ``limit_rps``, cancels a second."""
 
 
 @dataclass(frozen=True)
@@ -25,7 +32,16 @@ class Faults:
     error_rates: Mapping[str, float] = field(default_factory=dict)
     """HTTP status (as a string) -> probability of answering it instead of the real answer."""
     retry_after: int = 1
-    """Seconds sent in ``Retry-After`` on an injected 429."""
+    """Seconds sent in ``Retry-After`` on an injected 429 (``error_rates``, ``throttle_rate``)."""
+    limit_rps: float = 0
+    """Plural's own limit: cancels a second each account may make (:mod:`sandbox.limit`);
+    past it a cancel is answered 429 with ``Retry-After`` the whole seconds, rounded up, to the
+    account's next free slot. 0: no limit."""
+    throttle_rate: float = 0.0
+    """Probability of answering a cancel 429 (with ``retry_after``), whatever the limit."""
+    plural_throttle_rate: float = 0.0
+    """Probability of answering a cancel 400 ``PAYMENT_RATE_LIMIT``: a throttle in Plural's
+    own words, with no ``Retry-After``."""
     outage: bool = False
     """Every /api call answers 503 (Plural JSON)."""
     reset_rate: float = 0.0
@@ -52,14 +68,20 @@ class Faults:
 
     def updated(self, changes: Mapping[str, Any]) -> "Faults":
         """A copy with ``changes`` applied; ``ValueError`` naming the field if one is bad."""
+        return replace(self, **Faults.checked(changes))
+
+    @staticmethod
+    def checked(changes: Mapping[str, Any], *, none_allowed: bool = False) -> dict[str, Any]:
+        """``changes`` validated and normalised; ``ValueError`` naming the field if one is bad.
+        With ``none_allowed`` a None stays None (an account's field back to the global one)."""
         if not isinstance(changes, Mapping):
             raise ValueError("faults must be a JSON object")
         known = {f for f in Faults.__dataclass_fields__}
         unknown = sorted(set(changes) - known)
         if unknown:
             raise ValueError(f"unknown fault {unknown[0]!r}; known: {', '.join(sorted(known))}")
-        clean = {name: _CHECKS[name](name, value) for name, value in changes.items()}
-        return replace(self, **clean)
+        return {name: None if value is None and none_allowed else _CHECKS[name](name, value)
+                for name, value in changes.items()}
 
 
 def _number(name: str, value: Any, *, low: float = 0.0, high: float | None = None,
@@ -89,6 +111,12 @@ def _non_negative(name: str, value: Any) -> float:
 
 def _positive(name: str, value: Any) -> float:
     return _number(name, value, low_open=True)
+
+
+def _limit_rps(name: str, value: Any) -> float:
+    # The limit's window holds up to R arrival times per account; past a million a second
+    # no client on this machine could tell, and the window's memory would be the only effect.
+    return _number(name, value, high=MAX_LIMIT_RPS)
 
 
 def _retry_after(name: str, value: Any) -> int:
@@ -125,7 +153,8 @@ _CHECKS = {
     "latency_ms": _non_negative, "error_rates": _error_rates, "retry_after": _retry_after,
     "outage": _flag, "reset_rate": _rate, "timeout_rate": _rate, "hang_ms": _non_negative,
     "token_ttl": _positive, "reject_tokens": _flag, "faults_skip_token": _flag,
-    "link_errors": _link_errors,
+    "link_errors": _link_errors, "limit_rps": _limit_rps, "throttle_rate": _rate,
+    "plural_throttle_rate": _rate,
 }
 
 
@@ -138,15 +167,22 @@ class Decision:
     reset: bool = False
     """Close with a TCP RST instead of answering."""
     status: int | None = None
-    """An injected status to answer instead of the real one (outage or error_rates)."""
+    """An injected status to answer instead of the real one (outage, error_rates, a throttle)."""
     hang: bool = False
     """The answer is held ``hang_ms`` (a timeout fault)."""
+    throttle: str | None = None
+    """Which throttle answered: ``limit`` (``limit_rps``), ``throttle`` (``throttle_rate``) or
+    ``plural_throttle`` (``plural_throttle_rate``)."""
+    retry_after: int | None = None
+    """Seconds for ``Retry-After`` when not the faults' ``retry_after`` (the limit's own wait)."""
 
     @property
     def label(self) -> str | None:
-        """A short name for the request log: ``reset``, ``outage``, ``500``, ``timeout``..."""
+        """A short name for the request log: ``reset``, ``503``, ``limit``, ``timeout``..."""
         if self.reset:
             return "reset"
+        if self.throttle is not None:
+            return self.throttle
         if self.status is not None:
             return str(self.status)
         if self.hang:
@@ -158,47 +194,108 @@ NO_FAULT = Decision()
 
 
 class FaultInjector:
-    """Holds the current :class:`Faults` and rolls the dice for each request."""
+    """Holds the current :class:`Faults`, global and per account, and rolls the dice for each
+    request."""
 
     def __init__(self, faults: Faults | Mapping[str, Any] | None = None, *,
                  rng: random.Random | None = None):
         self._lock = threading.Lock()
         base = faults if isinstance(faults, Faults) else Faults().updated(faults or {})
         self._faults = self._initial = base
+        self._overrides: dict[str, dict[str, Any]] = {}
+        """Client id -> the fields that account sets for itself."""
+        self._by_account: dict[str, Faults] = {}
+        """Client id -> its faults in force (the global ones with its overrides), rebuilt as a
+        whole on every change so a request reads one consistent set without the lock."""
+        self._limit = AccountLimit()
         self.rng = rng or random.Random()
 
     @property
     def current(self) -> Faults:
+        """The global faults (those of every account without its own)."""
         return self._faults
 
-    def update(self, changes: Mapping[str, Any]) -> Faults:
-        """Apply a partial update and return the result; ``ValueError`` (and no change) if bad."""
-        with self._lock:
-            self._faults = self._faults.updated(changes)
+    def for_account(self, account: str | None) -> Faults:
+        """The faults in force for ``account``'s calls (None: a call of no known account)."""
+        if account is None:
             return self._faults
+        return self._by_account.get(account, self._faults)
 
-    def reset(self) -> Faults:
-        """Back to the faults the sandbox started with."""
+    def overrides(self) -> dict[str, dict[str, Any]]:
+        """Client id -> the faults that account sets for itself."""
+        return {account: dict(fields) for account, fields in self._overrides.items()}
+
+    def update(self, changes: Mapping[str, Any], *, account: str | None = None) -> Faults:
+        """Apply a partial update and return the faults in force for ``account`` (the global
+        ones with None); ``ValueError`` (and no change) if bad.
+
+        Without ``account`` the change is global: it reaches every account, except in the
+        fields an account overrides. With one it is that account's own; a field set to
+        None there follows the global one again.
+        """
         with self._lock:
-            self._faults = self._initial
-            return self._faults
+            if account is None:
+                self._faults = self._faults.updated(changes)
+            else:
+                own = {**self._overrides.get(account, {}),
+                       **Faults.checked(changes, none_allowed=True)}
+                own = {name: value for name, value in own.items() if value is not None}
+                others = {a: o for a, o in self._overrides.items() if a != account}
+                self._overrides = {**others, account: own} if own else others
+            self._rebuild()
+            return self.for_account(account)
 
-    def decide(self, *, token_call: bool, link_id: str | None = None) -> Decision:
-        """Roll for one /api request (``link_id``: the payment link its path names). Rolls
-        happen only for rates above zero, in a fixed order (reset, error, timeout), so a
-        seeded run repeats itself."""
-        f = self._faults
+    def reset(self, *, account: str | None = None) -> Faults:
+        """Back to the faults the sandbox started with, no account's own faults, no cancel
+        counted against a limit; with ``account``, only that account's own faults and count."""
+        with self._lock:
+            if account is None:
+                self._faults = self._initial
+                self._overrides = {}
+            else:
+                self._overrides = {a: o for a, o in self._overrides.items() if a != account}
+            self._limit.clear(account)
+            self._rebuild()
+            return self.for_account(account)
+
+    def _rebuild(self) -> None:
+        self._by_account = {account: replace(self._faults, **own)
+                            for account, own in self._overrides.items()}
+
+    def decide(self, f: Faults, *, now: float, token_call: bool, link_id: str | None = None,
+               cancel: bool = False, account: str | None = None) -> Decision:
+        """Roll for one /api request arriving at ``now`` (the sandbox clock's seconds, as the
+        request log records it: what ``limit_rps`` counts) under ``f`` (:meth:`for_account`'s
+        faults for ``account``, the client id the call is made for; ``link_id``: the payment
+        link its path names; ``cancel``: a cancel PUT, the only call the throttles answer).
+
+        Rolls happen only for rates above zero, in a fixed order (throttle, Plural's
+        throttle, reset, error, timeout), so a seeded run repeats itself; the limit counts
+        the cancels no random throttle refused."""
         if token_call and f.faults_skip_token:
             return NO_FAULT
         if link_id is not None and link_id in f.link_errors:
             return Decision(delay=f.latency_ms / 1000.0, status=int(f.link_errors[link_id]))
-        if not (f.latency_ms or f.outage or f.reset_rate or f.error_rates or f.timeout_rate):
+        throttles = cancel and (f.limit_rps or f.throttle_rate or f.plural_throttle_rate)
+        if not (throttles or f.latency_ms or f.outage or f.reset_rate or f.error_rates
+                or f.timeout_rate):
             return NO_FAULT
         delay = f.latency_ms / 1000.0
         with self._lock:
             rng = self.rng
             if f.outage:
                 return Decision(delay=delay, status=503)
+            if throttles:
+                if f.throttle_rate and rng.random() < f.throttle_rate:
+                    return Decision(delay=delay, status=429, throttle="throttle")
+                if f.plural_throttle_rate and rng.random() < f.plural_throttle_rate:
+                    return Decision(delay=delay, status=400, throttle="plural_throttle")
+                # A call with no valid token has no account to count against: it gets its 401.
+                if f.limit_rps and account is not None:
+                    wait = self._limit.admit(account, f.limit_rps, now)
+                    if wait:
+                        return Decision(delay=delay, status=429, throttle="limit",
+                                        retry_after=max(1, math.ceil(wait)))
             if f.reset_rate and rng.random() < f.reset_rate:
                 return Decision(delay=delay, reset=True)
             if f.error_rates:

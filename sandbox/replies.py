@@ -77,11 +77,16 @@ _PROXY_PAGE = ("<html>\r\n<head><title>{status} {reason}</title></head>\r\n<body
 
 
 def injected(status: int, step: str, retry_after: int) -> Reply:
-    """An answer forced by a fault, shaped like what a client really meets for that status."""
+    """An answer forced by a fault, shaped like what a client really meets for that status
+    (400: Plural's throttle; 429: with ``Retry-After``, ``retry_after`` seconds)."""
     if status in (502, 504):
         reason = "Bad Gateway" if status == 502 else "Gateway Time-out"
         page = _PROXY_PAGE.format(status=status, reason=reason).encode("ascii")
         return Reply(status, page, content_type="text/html")
+    if status == 400:
+        # A throttle in Plural's own words: its tooling knows PAYMENT_RATE_LIMIT, and nothing
+        # says it comes with a 429 or a Retry-After, so a client must read the code.
+        return plural_error(400, "PAYMENT_RATE_LIMIT", "payment rate limit exceeded; try again later")
     if status == 429:
         return plural_error(429, "RATE_LIMITED",
                             f"too many requests; retry after {retry_after} seconds",

@@ -37,7 +37,7 @@ from plural_cancel.sandbox.replies import Reply, plural_error
 from plural_cancel.sandbox.reqlog import RequestLog
 from plural_cancel.sandbox.request import Request
 from plural_cancel.sandbox.state import LinkStore
-from plural_cancel.sandbox.tokens import TokenStore
+from plural_cancel.sandbox.tokens import Accounts, TokenStore
 
 BACKLOG = 1024
 """Connections the kernel queues before the server accepts them (a benchmark opens many)."""
@@ -57,17 +57,22 @@ class Sandbox:
     """Every piece of sandbox state, and the dispatch of one request to a :class:`Reply`."""
 
     def __init__(self, *, client_id: str | None = None, client_secret: str | None = None,
+                 accounts: Accounts | None = None,
                  faults: Faults | Mapping[str, Any] | None = None, seed: int | None = None,
                  token_style: str = "expires_at", seed_demo: bool = True,
                  clock: Callable[[], float] = time.time, rng: random.Random | None = None):
         """``seed`` makes fault dice and generated ids repeat; ``rng`` replaces the fault dice.
 
-        ``clock`` returns epoch seconds (token expiry, link timestamps, expiry of links).
+        The accounts are ``accounts`` (client id -> secret, or pairs) and the
+        ``client_id``/``client_secret`` pair; with none, any credentials are accepted.
+        ``clock`` returns epoch seconds (token expiry, link timestamps, expiry of links,
+        the request log's arrival times, which the ``limit_rps`` window counts).
         """
         link_rng = random.Random(None if seed is None else f"links-{seed}")
         self.faults = FaultInjector(faults, rng=rng or random.Random(seed))
         self.store = LinkStore(clock=clock, rng=link_rng, seed_demo=seed_demo)
-        self.tokens = TokenStore(client_id=client_id, client_secret=client_secret, clock=clock)
+        self.tokens = TokenStore(client_id=client_id, client_secret=client_secret, accounts=accounts,
+                                 clock=clock)
         self.log = RequestLog(clock=clock)
         self.api = PluralAPI(store=self.store, tokens=self.tokens, faults=self.faults,
                              log=self.log, token_style=token_style, clock=clock)
@@ -177,14 +182,16 @@ class SandboxServer:
     """The sandbox on a background thread, for tests: ``start()``, ``url``, ``stop()``."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, client_id: str | None = None,
-                 client_secret: str | None = None, faults: Mapping[str, Any] | None = None,
+                 client_secret: str | None = None, accounts: Accounts | None = None,
+                 faults: Mapping[str, Any] | None = None,
                  seed: int | None = None, token_style: str = "expires_at",
                  seed_demo: bool = True, clock: Callable[[], float] = time.time):
         """``port=0`` picks a free port (read it from ``.port`` after ``start()``)."""
         self.host = host
         self.port = port
-        self.app = Sandbox(client_id=client_id, client_secret=client_secret, faults=faults,
-                           seed=seed, token_style=token_style, seed_demo=seed_demo, clock=clock)
+        self.app = Sandbox(client_id=client_id, client_secret=client_secret, accounts=accounts,
+                           faults=faults, seed=seed, token_style=token_style, seed_demo=seed_demo,
+                           clock=clock)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -205,9 +212,10 @@ class SandboxServer:
     def log(self) -> RequestLog:
         return self.app.log
 
-    def set_faults(self, **changes: Any) -> Faults:
-        """Partial update of the faults, as ``PUT /_admin/faults`` does."""
-        return self.app.faults.update(changes)
+    def set_faults(self, *, account: str | None = None, **changes: Any) -> Faults:
+        """Partial update of the faults, as ``PUT /_admin/faults`` does (with ``account``, of
+        that account's own, as ``PUT /_admin/accounts/{account}/faults``)."""
+        return self.app.faults.update(changes, account=account)
 
     def start(self) -> "SandboxServer":
         """Listen and serve on a daemon thread; returns once the port is open."""
@@ -254,17 +262,19 @@ class SandboxServer:
 
 
 def serve(host: str = "127.0.0.1", port: int = 8800, *, client_id: str | None = None,
-          client_secret: str | None = None, faults: Mapping[str, Any] | None = None,
+          client_secret: str | None = None, accounts: Accounts | None = None,
+          faults: Mapping[str, Any] | None = None,
           token_style: str = "expires_at", seed_demo: bool = True, seed: int | None = None,
           out: TextIO | None = None) -> None:
     """Serve in the foreground until SIGTERM or SIGINT.
 
     Prints ``sandbox listening on http://HOST:PORT/api`` (flushed) once the port is open.
-    ``faults`` is a partial :class:`~sandbox.faults.Faults` dict; a bad one raises
-    ``ValueError`` before anything listens, a port that cannot be had ``OSError``.
+    ``faults`` is a partial :class:`~sandbox.faults.Faults` dict; a bad one (or a bad
+    account) raises ``ValueError`` before anything listens, a port that cannot be had
+    ``OSError``.
     """
-    app = Sandbox(client_id=client_id, client_secret=client_secret, faults=faults, seed=seed,
-                  token_style=token_style, seed_demo=seed_demo)
+    app = Sandbox(client_id=client_id, client_secret=client_secret, accounts=accounts,
+                  faults=faults, seed=seed, token_style=token_style, seed_demo=seed_demo)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(_serve_forever(app, host, port, out or sys.stdout))
 

@@ -32,7 +32,7 @@ ORDER = (
     # Then the rest, longest first, to whichever process is free.
     "test_health", "test_never_lose", "test_reporting", "test_beat", "test_outcome_stream", "test_pipeline",
     "test_ops", "test_inspect", "test_namespace", "test_deploy_files", "test_backlog", "test_sandbox",
-    "test_run_local", "test_tokens", "test_settings", "test_imports", "test_ratelimit", "test_metrics",
+    "test_sandbox_throttle", "test_run_local", "test_tokens", "test_settings", "test_imports", "test_ratelimit", "test_metrics",
     "test_sandbox_http", "test_plural_transport", "test_procfile", "test_breaker",
 )
 """The order ``make test`` hands whole modules to its processes in (``--dist loadfile

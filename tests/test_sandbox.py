@@ -414,11 +414,13 @@ def test_fault_settings_are_validated_and_reported_whole(sandbox):
     full = set_faults(sandbox, latency_ms=5)
     assert set(full) == {"latency_ms", "error_rates", "retry_after", "outage", "reset_rate",
                          "timeout_rate", "hang_ms", "token_ttl", "reject_tokens",
-                         "faults_skip_token", "link_errors"}
+                         "faults_skip_token", "link_errors", "limit_rps", "throttle_rate",
+                         "plural_throttle_rate"}
     assert (full["latency_ms"], full["token_ttl"], full["hang_ms"]) == (5, 3600, 30000)
     for bad in ({"nope": 1}, {"reset_rate": 2}, {"error_rates": {"418": 0.5}},
                 {"error_rates": {"500": 0.7, "503": 0.7}}, {"outage": "yes"},
-                {"link_errors": {"pl-x": "418"}}, {"link_errors": ["pl-x"]}):
+                {"link_errors": {"pl-x": "418"}}, {"link_errors": ["pl-x"]}, {"limit_rps": -1},
+                {"throttle_rate": 1.5}, {"plural_throttle_rate": "0.5"}):
         response = requests.put(sandbox.admin_url + "/faults", json=bad, timeout=5)
         assert response.status_code == 400, bad
     assert requests.get(sandbox.admin_url + "/faults", timeout=5).json()["latency_ms"] == 5

@@ -12,8 +12,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+from urllib.parse import quote
 
 import requests
 
@@ -44,16 +46,35 @@ class SandboxProcess:
         response.raise_for_status()
         return response.json()
 
-    def set_faults(self, **faults: Any) -> dict[str, Any]:
-        """Partial update (``latency_ms=200``, ``error_rates={"503": 0.5}``...); returns all."""
-        return self._admin("PUT", "/faults", json=faults)
+    def set_faults(self, *, account: str | None = None, **faults: Any) -> dict[str, Any]:
+        """Partial update (``latency_ms=200``, ``error_rates={"503": 0.5}``...); returns all.
 
-    def reset_faults(self) -> dict[str, Any]:
-        """Back to the faults the process started with."""
-        return self._admin("DELETE", "/faults")
+        With ``account`` (a client id), that account's own faults, which override the global
+        ones for its calls only (None as a value: that field follows the global one again);
+        returns the faults in force for it.
+        """
+        return self._admin("PUT", _faults_path(account), json=faults)
 
-    def faults(self) -> dict[str, Any]:
-        return self._admin("GET", "/faults")
+    def reset_faults(self, account: str | None = None) -> dict[str, Any]:
+        """Back to the faults the process started with, for every account, and no cancel
+        counted against a limit; with ``account``, only that account's own faults and count."""
+        return self._admin("DELETE", _faults_path(account))
+
+    def faults(self, account: str | None = None) -> dict[str, Any]:
+        """The global faults, or those in force for ``account``'s calls."""
+        return self._admin("GET", _faults_path(account))
+
+    def accounts(self) -> dict[str, Any]:
+        """``{"accounts": [client ids], "faults": {client id: its own faults}}``; no client
+        ids when any credentials are accepted."""
+        return self._admin("GET", "/accounts")
+
+    def token(self, client_id: str = "any-client", client_secret: str = "any-secret") -> str:
+        """A fresh access token of account ``client_id`` (Generate Token must answer 200)."""
+        response = self._http.post(self.url + "/auth/v1/token", timeout=30, json={
+            "client_id": client_id, "client_secret": client_secret, "grant_type": "client_credentials"})
+        response.raise_for_status()
+        return response.json()["access_token"]
 
     def requests(self, since: int = 0) -> list[dict[str, Any]]:
         """Logged /api requests with ``seq`` above ``since``, oldest first."""
@@ -130,23 +151,57 @@ class SandboxProcess:
         self.stop()
 
 
+def _faults_path(account: str | None) -> str:
+    return "/faults" if account is None else f"/accounts/{quote(account, safe='')}/faults"
+
+
+THROTTLE_FAULTS = ("limit", "throttle", "plural_throttle")
+"""The request log's ``fault`` for a throttle: ``limit_rps``, ``throttle_rate``,
+``plural_throttle_rate`` (an ``error_rates`` 429 logs ``429``)."""
+
+
+def is_throttle(entry: Mapping[str, Any]) -> bool:
+    """True for a logged call answered as a throttle: any 429, or Plural's 400 ``PAYMENT_RATE_LIMIT``."""
+    return entry["status"] == 429 or entry["fault"] in THROTTLE_FAULTS
+
+
+def throttles_per_second(entries: Iterable[Mapping[str, Any]], *,
+                         account: str | None = None) -> dict[int, tuple[int, int]]:
+    """Whole second of arrival (epoch) -> (cancels, of which throttled), over the logged
+    cancel PUTs (of ``account`` only, when given), for the share of throttles a second."""
+    seconds: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for entry in entries:
+        if entry["method"] != "PUT" or not entry["path"].endswith("/cancel"):
+            continue
+        if account is not None and entry.get("account") != account:
+            continue
+        counts = seconds[int(entry["timestamp"])]
+        counts[0] += 1
+        counts[1] += is_throttle(entry)
+    return {second: (sent, throttled) for second, (sent, throttled) in sorted(seconds.items())}
+
+
 def start_sandbox_process(port: int | None = None, *, client_id: str | None = None,
-                          client_secret: str | None = None, extra_args: Iterable[str] = (),
+                          client_secret: str | None = None, accounts: Iterable[tuple[str, str]] = (),
+                          extra_args: Iterable[str] = (),
                           timeout: float = 15.0, command: Sequence[str] | None = None,
                           env: Mapping[str, str] | None = None) -> SandboxProcess:
     """Start ``python -m sandbox`` and return once it listens.
 
     ``port=None`` lets the sandbox pick a free port (read it from ``.port``). The
-    credentials are passed on the command line; without them any are accepted, whatever
-    ``PLURAL_CLIENT_ID``/``PLURAL_CLIENT_SECRET`` say in this environment (the command
-    would take them from there), unless ``env`` sets them. ``command`` replaces
-    ``python -m sandbox`` (``plural-cancel sandbox``, the benchmark's legacy server); it
-    must take the same options and print the same line once it listens.
+    credentials (``client_id``/``client_secret``, and each ``(client id, secret)`` of
+    ``accounts``: one Plural account each) are passed on the command line; without any,
+    any are accepted, whatever ``PLURAL_CLIENT_ID``/``PLURAL_CLIENT_SECRET`` say in this
+    environment (the command would take them from there), unless ``env`` sets them.
+    ``command`` replaces ``python -m sandbox`` (``plural-cancel sandbox``, the benchmark's
+    legacy server); it must take the same options and print the same line once it listens.
     """
     args = list(command or [sys.executable, "-m", "sandbox"])
     args += ["--port", str(port if port is not None else 0)]
     if client_id is not None or client_secret is not None:
         args += ["--client-id", client_id or "", "--client-secret", client_secret or ""]
+    for account, secret in accounts:
+        args += ["--account", f"{account}:{secret}"]
     args += list(extra_args)
     env = {**{k: v for k, v in os.environ.items()
               if k not in ("PLURAL_CLIENT_ID", "PLURAL_CLIENT_SECRET")}, **(env or {})}
