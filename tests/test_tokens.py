@@ -53,14 +53,14 @@ def test_the_token_is_encrypted_in_redis_and_refreshed_before_expiry(redis_clien
         calls.append(1)
         return AccessToken(value=f"bearer-token-{len(calls)}", expires_at=clock.now + 3600)
 
-    cache = RedisTokenCache(redis_client, "cid", SECRET, clock=clock)
+    cache = RedisTokenCache(redis_client, "cid", SECRET, clock=clock, monotonic=clock)
     assert cache.get(fetch) == "bearer-token-1"
     stored = redis_client.hgetall(Keys().token("cid"))
     assert b"bearer-token" not in b"".join(stored.values())
     assert SECRET.encode() not in b"".join(stored.values())
     assert 3600 - REFRESH_MARGIN - 2 <= redis_client.ttl(Keys().token("cid")) <= 3600 - REFRESH_MARGIN
 
-    other_process = RedisTokenCache(redis_client, "cid", SECRET, clock=clock)
+    other_process = RedisTokenCache(redis_client, "cid", SECRET, clock=clock, monotonic=clock)
     assert other_process.get(fetch) == "bearer-token-1" and len(calls) == 1
 
     clock.now += 3600 - REFRESH_MARGIN + 1  # inside the refresh margin: a new token
@@ -73,8 +73,8 @@ def test_a_rejected_token_is_dropped_only_if_still_cached(redis_client):
     clock = FakeClock(time.time())
     n = iter(range(1, 100))
     fetch = lambda: AccessToken(value=f"tok-{next(n)}", expires_at=clock.now + 3600)  # noqa: E731
-    a = RedisTokenCache(redis_client, "cid", SECRET, clock=clock)
-    b = RedisTokenCache(redis_client, "cid", SECRET, clock=clock)
+    a = RedisTokenCache(redis_client, "cid", SECRET, clock=clock, monotonic=clock)
+    b = RedisTokenCache(redis_client, "cid", SECRET, clock=clock, monotonic=clock)
     assert a.get(fetch) == "tok-1" and b.get(fetch) == "tok-1"
     a.invalidate("tok-1")
     assert a.get(fetch) == "tok-2"
@@ -84,9 +84,9 @@ def test_a_rejected_token_is_dropped_only_if_still_cached(redis_client):
 
 def test_a_token_written_under_another_secret_is_refetched(redis_client):
     clock = FakeClock(time.time())
-    old = RedisTokenCache(redis_client, "cid", "old-secret", clock=clock)
+    old = RedisTokenCache(redis_client, "cid", "old-secret", clock=clock, monotonic=clock)
     old.get(lambda: AccessToken(value="old-token", expires_at=clock.now + 3600))
-    rotated = RedisTokenCache(redis_client, "cid", "new-secret", clock=clock)
+    rotated = RedisTokenCache(redis_client, "cid", "new-secret", clock=clock, monotonic=clock)
     assert rotated.get(lambda: AccessToken(value="new-token", expires_at=clock.now + 3600)) == "new-token"
 
 
@@ -143,7 +143,7 @@ def test_a_2_second_token_is_used_then_refreshed_after_a_quarter_of_its_life(red
     assert {r["status"] for r in sandbox.requests()} == {200}  # refreshed before Plural refused it
 
 
-def test_the_lifetime_is_kept_beside_the_token_so_every_process_refreshes_alike(redis_client):
+def test_the_refresh_time_is_kept_beside_the_token_so_every_process_refreshes_alike(redis_client):
     clock = FakeClock(1_000_000.0)
     calls = []
 
@@ -151,13 +151,13 @@ def test_the_lifetime_is_kept_beside_the_token_so_every_process_refreshes_alike(
         calls.append(1)
         return AccessToken(value=f"short-{len(calls)}", expires_at=clock.now + 55)
 
-    assert RedisTokenCache(redis_client, "cid", SECRET, clock=clock).get(fetch) == "short-1"
+    assert RedisTokenCache(redis_client, "cid", SECRET, clock=clock, monotonic=clock).get(fetch) == "short-1"
     # Shared until a quarter of its life is left: 41.25 s of its 55.
     assert 41_000 <= redis_client.pttl(Keys().token("cid")) <= 41_250
     clock.now += 41
-    assert RedisTokenCache(redis_client, "cid", SECRET, clock=clock).get(fetch) == "short-1"
+    assert RedisTokenCache(redis_client, "cid", SECRET, clock=clock, monotonic=clock).get(fetch) == "short-1"
     clock.now += 0.5  # 13.5 s left: a fresh process (its Redis copy read anew) fetches
-    assert RedisTokenCache(redis_client, "cid", SECRET, clock=clock).get(fetch) == "short-2"
+    assert RedisTokenCache(redis_client, "cid", SECRET, clock=clock, monotonic=clock).get(fetch) == "short-2"
     assert len(calls) == 2
 
 

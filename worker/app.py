@@ -25,6 +25,7 @@ from plural_cancel.worker import malformed
 from plural_cancel.worker.broker import message_dropped
 from plural_cancel.worker.health import BrokerReady, WorkerHeartbeat
 from plural_cancel.worker.publisher import pump, send_callbacks
+from plural_cancel.worker.redis_clock import CLOCK_OFFSET_LIMIT, clock_offset
 from plural_cancel.worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,41 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     module's :data:`app`, the worker's, which never changes its settings; this one is not
     made Celery's current app."""
     return CancelApp(settings, runtime, set_as_current=False)
+
+
+CLOCK_CHECK_INTERVAL = 60.0
+"""Seconds between two looks at this host's clock against Redis's (:class:`ClockWatch`)."""
+
+
+class ClockWatch(bootsteps.StartStopStep):
+    """Warns, once a minute while it lasts, when this host's clock is more than
+    ``CLOCK_OFFSET_LIMIT`` off Redis's: every due time is Redis's, but Plural sees this
+    host's clock in each ``Request-Timestamp`` (``plural-cancel check`` and the metric
+    ``plural_cancel_clock_offset_seconds`` show it too)."""
+
+    requires = {"celery.worker.components:Timer"}
+
+    def __init__(self, worker, **kwargs):
+        super().__init__(worker, **kwargs)
+        self.tref = None
+
+    def start(self, worker):
+        def look():
+            try:
+                offset = clock_offset(worker.app.runtime.redis)
+            except Exception:  # Redis away: the pump says so; nothing to judge the clock by
+                return
+            if abs(offset) > CLOCK_OFFSET_LIMIT:
+                log.warning("this host's clock is %+.1f s off Redis's: Plural sees it in every Request-Timestamp; "
+                            "sync it (NTP)", offset, extra={"clock_offset": round(offset, 3)})
+
+        look()
+        self.tref = worker.timer.call_repeatedly(CLOCK_CHECK_INTERVAL, look, priority=0)
+
+    def stop(self, worker):
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
 
 
 SKIPPED_EVERY = 60.0
@@ -168,6 +204,7 @@ def _celery_command(args: list[str]) -> str | None:
 
 app = CancelApp()
 app.steps["worker"].add(DuePump)
+app.steps["worker"].add(ClockWatch)
 app.steps["worker"].add(WorkerHeartbeat)  # liveness and readiness files (plural_cancel.heartbeat)
 app.steps["consumer"].add(BrokerReady)
 _check_settings_under_celery(app)

@@ -15,9 +15,11 @@ Read from Redis at each scrape (shared by every worker, so each one shows the sa
 ``plural_cancel_breaker_state{state}`` (1 for the current one of closed, open,
 half_open), ``plural_cancel_records{state}`` (see ``Ledger.stats``),
 ``plural_cancel_queue_depth``, ``plural_cancel_backlog``, ``plural_cancel_deferred``,
-``plural_cancel_dead_letters``, ``plural_cancel_rate_limit_per_second``, and the counter
+``plural_cancel_dead_letters``, ``plural_cancel_rate_limit_per_second``, the counters
 ``plural_cancel_malformed_messages_total{reason}`` (messages dropped as malformed by
-any worker, see ``worker.malformed``).
+any worker, see ``worker.malformed``) and ``plural_cancel_unreplicated_writes_total``
+(``worker.replication``), and ``plural_cancel_clock_offset_seconds`` (this worker's host
+clock against Redis's).
 
 One process, one set of numbers: the worker runs Celery's threads pool
 (``config/celery.py``), so every task updates the counters of the process that serves
@@ -39,6 +41,8 @@ from prometheus_client.registry import Collector
 
 from plural_cancel.errors import SlotMissed
 from plural_cancel.worker import malformed
+from plural_cancel.worker.redis_clock import clock_offset
+from plural_cancel.worker.replication import unreplicated_writes
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,8 @@ def snapshot(rt) -> dict[str, Any]:
     shared["breaker"] = rt.breaker.state()
     shared["rate"] = rt.limiter.effective_rate()
     shared["malformed"] = malformed.counts(rt.redis, rt.keys)
+    shared["unreplicated_writes"] = unreplicated_writes(rt.redis, rt.keys)
+    shared["clock_offset"] = clock_offset(rt.redis)
     return shared
 
 
@@ -139,6 +145,13 @@ class SharedStateCollector(Collector):
         for reason, n in shared["malformed"].items():
             dropped.add_metric([reason], n)
         yield dropped
+        yield CounterMetricFamily("plural_cancel_unreplicated_writes",
+                                  "Producer writes that went through with no replica connected to Redis's master "
+                                  "(REDIS_WAIT_REPLICAS=auto): a failover could have lost them.",
+                                  value=shared["unreplicated_writes"])
+        yield GaugeMetricFamily("plural_cancel_clock_offset_seconds",
+                                "Seconds this worker's host clock is ahead of Redis's (negative: behind); Plural "
+                                "sees it in every Request-Timestamp.", value=shared["clock_offset"])
 
 
 class MetricsServer:

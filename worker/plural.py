@@ -179,7 +179,7 @@ class PluralClient:
                                   "PLURAL_CLIENT_SECRET", request_id=request_id)
         body = {"client_id": self.client_id, "client_secret": self._client_secret,
                 "grant_type": "client_credentials"}
-        started = self._clock()
+        started = time.monotonic()
         answer = self._send("POST", "/auth/v1/token", request_id, json_body=body)
         try:
             data = self._read(answer, request_id)
@@ -196,28 +196,27 @@ class PluralClient:
         if not isinstance(value, str) or not value:
             raise PluralBadResponse("Generate Token answered without an access_token",
                                     http_status=answer.status, request_id=request_id)
-        return AccessToken(value=value, expires_at=self._expiry(data, started, request_id))
+        return self._expiry(value, data, started, request_id)
 
-    def _expiry(self, data: dict, started: float, request_id: str) -> float:
-        """Epoch seconds at which the token expires, from ``expires_at`` or ``expires_in``."""
+    def _expiry(self, value: str, data: dict, started: float, request_id: str) -> AccessToken:
+        """The token with its expiry as Plural gave it, ``expires_at`` (judged by the token
+        store on its clock: Redis's for the shared cache) or ``expires_in``; ``started``: the
+        ``time.monotonic()`` reading when it was asked for."""
         try:
             when = parse_timestamp(data.get("expires_at"), "expires_at")
         except LinkFormatError:
             when = None
         if when is not None:
-            if when.timestamp() <= self._clock():
-                log.warning("plural token expires_at is already past by this host's clock; "
-                            "check clock sync (request_id=%s)", request_id)
-            return when.timestamp()
+            return AccessToken(value=value, expires_at=when.timestamp())
         expires_in = data.get("expires_in")
         if isinstance(expires_in, str) and expires_in.strip().isdigit():
             expires_in = int(expires_in)
         if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) and expires_in > 0:
             # Counted from when we asked, so time spent in transit only shortens our view of it.
-            return started + float(expires_in)
+            return AccessToken(value=value, expires_in=float(expires_in) - (time.monotonic() - started))
         log.warning("plural token came without a readable expiry; trusting it for %.0f s "
                     "(request_id=%s)", FALLBACK_TOKEN_LIFETIME, request_id)
-        return self._clock() + FALLBACK_TOKEN_LIFETIME
+        return AccessToken(value=value, expires_in=FALLBACK_TOKEN_LIFETIME)
 
     # -- Payment links ----------------------------------------------------------------
 

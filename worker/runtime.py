@@ -95,8 +95,7 @@ class Runtime:
     def plural(self) -> PluralClient:
         """The Plural client; needs credentials, so only the worker (not producers) builds it."""
         settings = self.settings.require_credentials()
-        tokens = RedisTokenCache(self.redis, settings.client_id, settings.client_secret.reveal(),
-                                 keys=self.keys, clock=self.clock)
+        tokens = RedisTokenCache(self.redis, settings.client_id, settings.client_secret.reveal(), keys=self.keys)
         return PluralClient.from_settings(settings, tokens=tokens)
 
     def _follow_master(self, pool) -> None:

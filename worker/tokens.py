@@ -8,9 +8,8 @@ Generate Token call, the others wait briefly and reuse it), and dropped on a 401
 The token is stored encrypted with Fernet (AES-128-CBC + HMAC-SHA256) under a key
 derived from the client secret, so a Redis dump or replica holds no usable bearer
 token. A fingerprint (a keyed hash) of the token sits beside the ciphertext so that
-"drop this token, if it is still the cached one" is one atomic Lua script. The token's
-lifetime is stored with it (inside the ciphertext), so that every process reading it
-knows when a short-lived token is due for refresh.
+"drop this token, if it is still the cached one" is one atomic Lua script. Its refresh
+time, on Redis's clock, is stored beside it (:class:`RedisTokenCache`).
 """
 
 from __future__ import annotations
@@ -48,12 +47,22 @@ LOCK_TTL_MS = 15_000
 WAIT_STEP = 0.05
 """Seconds between looks at Redis while another process fetches the token."""
 
+
 @dataclass(frozen=True)
 class AccessToken:
-    """A bearer token from Generate Token; ``expires_at`` in epoch seconds. Its value never shows in ``repr``."""
+    """A bearer token from Generate Token, with its expiry as Plural gave it: ``expires_at``
+    (epoch seconds, Plural's clock) or ``expires_in`` (seconds from when it was received).
+    Its value never shows in ``repr``."""
 
     value: str = field(repr=False)
-    expires_at: float
+    expires_at: float | None = None
+    expires_in: float | None = None
+
+    def lifetime(self, now: float) -> float:
+        """Seconds the token has left at ``now`` (epoch seconds, of the store's clock)."""
+        if self.expires_in is not None:
+            return self.expires_in
+        return (self.expires_at or 0.0) - now
 
 
 def refresh_margin(lifetime: float, margin: float = REFRESH_MARGIN) -> float:
@@ -71,10 +80,10 @@ def refresh_margin(lifetime: float, margin: float = REFRESH_MARGIN) -> float:
 
 @dataclass(frozen=True)
 class _Held:
-    """A token and the time it is to be replaced at (epoch seconds)."""
+    """A token and when this process is to stop using it (``monotonic`` seconds)."""
 
-    token: AccessToken
-    refresh_at: float
+    value: str = field(repr=False)
+    until: float
 
 
 class TokenStore(Protocol):
@@ -104,8 +113,9 @@ class MemoryTokenStore:
             if self._token is not None and self._clock() < self._refresh_at:
                 return self._token.value
             token = fetch()
-            lifetime = token.expires_at - self._clock()
-            self._refresh_at = token.expires_at - refresh_margin(lifetime, self._margin)
+            now = self._clock()
+            lifetime = token.lifetime(now)
+            self._refresh_at = now + lifetime - refresh_margin(lifetime, self._margin)
             self._token = token
             return token.value
 
@@ -134,20 +144,27 @@ return 0
 """
 
 
-
-
-
 class RedisTokenCache:
-    """A :class:`TokenStore` backed by Redis, shared across processes and hosts."""
+    """A :class:`TokenStore` backed by Redis, shared across processes and hosts.
+
+    A token's life is judged on Redis's clock, as every due time is: its lifetime is
+    counted from Redis's time when it is stored, its refresh time is a time of Redis's
+    (``refresh_at`` beside it, and the key's expiry), and each process keeps its copy for
+    the time that was left by Redis's clock when it read it (on its monotonic clock). A
+    host whose clock is off (``plural-cancel check`` reports it) neither refetches on every
+    call nor keeps a token past its life. ``clock``: Redis's time (epoch seconds) for tests;
+    by default Redis's own ``TIME``, read in the same round trip as the token.
+    """
 
     def __init__(self, client: redis.Redis, client_id: str, client_secret: str, *,
-                 keys: Keys = Keys(), clock: Callable[[], float] = time.time,
-                 wait_timeout: float = 20.0):
+                 keys: Keys = Keys(), clock: Callable[[], float] | None = None,
+                 monotonic: Callable[[], float] = time.monotonic, wait_timeout: float = 20.0):
         self._redis = client
         self._key = keys.token(client_id)
         self._lock_key = keys.token_lock(client_id)
         self._fernet, self._fp_key = _derive_keys(client_id, client_secret)
         self._clock = clock
+        self._monotonic = monotonic
         self._wait_timeout = wait_timeout
         self._drop = client.register_script(DROP_IF_SAME)
         self._release = client.register_script(RELEASE_LOCK)
@@ -161,19 +178,19 @@ class RedisTokenCache:
         in at most one process."""
         local = self._local
         if local is not None and self._fresh(local):
-            return local.token.value
+            return local.value
         with self._local_lock:  # one thread per process goes to Redis
             local = self._local
             if local is not None and self._fresh(local):
-                return local.token.value
+                return local.value
             held = self._get_shared(fetch)
             self._local = held
-            return held.token.value
+            return held.value
 
     def invalidate(self, token: str) -> None:
         """Drop ``token`` here and in Redis, unless a newer one has replaced it already."""
         with self._local_lock:
-            if self._local is not None and self._local.token.value == token:
+            if self._local is not None and self._local.value == token:
                 self._local = None
         self._drop(keys=[self._key], args=[self._fingerprint(token)])
         log.info("plural token dropped after a 401")
@@ -182,14 +199,14 @@ class RedisTokenCache:
         deadline = time.monotonic() + self._wait_timeout
         while True:
             cached = self._read()
-            if cached is not None and self._fresh(cached):
+            if cached is not None:
                 return cached
             owner = secrets.token_hex(8)
             if self._redis.set(self._lock_key, owner, nx=True, px=LOCK_TTL_MS):
                 try:
                     # Another process may have stored a token between our read and the lock.
                     cached = self._read()
-                    if cached is not None and self._fresh(cached):
+                    if cached is not None:
                         return cached
                     return self._write(fetch())
                 finally:
@@ -199,37 +216,56 @@ class RedisTokenCache:
             time.sleep(WAIT_STEP)
 
     def _fresh(self, held: _Held) -> bool:
-        return self._clock() < held.refresh_at
+        return self._monotonic() < held.until
+
+    def _now(self, pipe) -> Callable[[list], float]:
+        """Redis's time, read in ``pipe``'s round trip: returns the reader of ``pipe``'s replies."""
+        if self._clock is not None:
+            return lambda replies: self._clock()
+        pipe.time()
+        return lambda replies: replies[-1][0] + replies[-1][1] / 1e6
 
     def _read(self) -> _Held | None:
-        blob = self._redis.hget(self._key, "blob")
-        if blob is None:
+        """The shared token while it is before its refresh time (Redis's clock), else None."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hmget(self._key, "blob", "refresh_at")
+        now = self._now(pipe)
+        replies = pipe.execute()
+        blob, refresh_at = replies[0]
+        if blob is None or refresh_at is None:
+            return None  # none, or one stored by an earlier version: fetched anew
+        left = float(refresh_at) - now(replies)
+        if left <= 0:
             return None
         try:
-            data = json.loads(self._fernet.decrypt(blob))
-            token = AccessToken(value=data["t"], expires_at=float(data["exp"]))
-            # "life": seconds the token had when fetched. A copy written before it was kept
-            # has none and keeps the fixed margin.
-            life = float(data["life"]) if "life" in data else float("inf")
+            value = json.loads(self._fernet.decrypt(blob))["t"]
         except (InvalidToken, ValueError, KeyError, TypeError):
             # Written under another secret (rotated credentials) or damaged: refetch.
             log.warning("cached plural token unreadable; fetching a new one")
             return None
-        return _Held(token, token.expires_at - refresh_margin(life))
+        return _Held(value, self._monotonic() + left)
 
     def _write(self, token: AccessToken) -> _Held:
         """Share ``token`` until its refresh time (Redis expires the copy then); returns it held."""
-        life = token.expires_at - self._clock()
-        held = _Held(token, token.expires_at - refresh_margin(life))
-        ttl_ms = int((held.refresh_at - self._clock()) * 1000)
-        if ttl_ms <= 0:
-            return held  # expired by this host's clock already: used once, not shared
-        blob = self._fernet.encrypt(json.dumps({"t": token.value, "exp": token.expires_at, "life": life}).encode())
+        pipe = self._redis.pipeline(transaction=False)
+        now = self._now(pipe)
+        replies = pipe.execute() if self._clock is None else []
+        redis_now = now(replies)
+        life = token.lifetime(redis_now)
+        refresh_in = life - refresh_margin(life)
+        if refresh_in <= 0:
+            # Expired, or all but, by Redis's clock: used for this call, not shared. Plural's
+            # clock and Redis's disagree by the token's whole life, or Plural issued it so.
+            log.warning("plural token has %.0f s of life left by Redis's clock: used once, not kept; check the "
+                        "clocks of Redis's host and Plural's answer", life)
+            return _Held(token.value, self._monotonic())
+        blob = self._fernet.encrypt(json.dumps({"t": token.value}).encode())
         pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(self._key, mapping={"blob": blob, "fp": self._fingerprint(token.value)})
-        pipe.pexpire(self._key, ttl_ms)
+        pipe.hset(self._key, mapping={"blob": blob, "fp": self._fingerprint(token.value),
+                                      "refresh_at": repr(redis_now + refresh_in)})
+        pipe.pexpire(self._key, max(1, int(refresh_in * 1000)))
         pipe.execute()
-        return held
+        return _Held(token.value, self._monotonic() + refresh_in)
 
     def _fingerprint(self, token: str) -> str:
         return hmac.new(self._fp_key, token.encode(), hashlib.sha256).hexdigest()[:32]

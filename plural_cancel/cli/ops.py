@@ -121,6 +121,7 @@ def stats(as_json: bool):
                     "reopens_at": None if reopens_at is None else format_timestamp(reopens_at, "seconds")},
         "rate": {"limit_per_second": app.settings.rate_limit, "current_per_second": round(snap["rate"], 3)},
         "malformed": snap["malformed"],
+        "unreplicated_writes": snap["unreplicated_writes"],
     }
     if as_json:
         click.echo(json.dumps(figures, indent=2))
@@ -137,12 +138,15 @@ def stats(as_json: bool):
     click.echo(f"rate          {snap['rate']:g}/s now, limit {app.settings.rate_limit:g}/s")
     click.echo("malformed     " + "  ".join(f"{k} {n}" for k, n in snap["malformed"].items())
                + " (messages dropped, every worker; the worker log says why)")
+    click.echo(f"unreplicated  {snap['unreplicated_writes']} producer writes with no replica to hold them "
+               "(REDIS_WAIT_REPLICAS=auto)")
 
 
 @click.command()
 def check():
     """Check the settings, that Redis answers and that a Plural token can be had."""
     from plural_cancel.tasks.cancel import SLOT_LATENESS
+    from plural_cancel.worker.redis_clock import CLOCK_OFFSET_LIMIT, clock_offset
     from plural_cancel.worker.runtime import Runtime
 
     settings = load_settings()
@@ -163,6 +167,12 @@ def check():
                       f"{SLOT_LATENESS * 1000:.0f} ms of asking Redis for its rate-limit slot: every slot "
                       "would be given up. Run Redis near the workers")
     click.echo(f"redis      ok (round trip {trip * 1000:.1f} ms)")
+    offset = min((clock_offset(runtime.redis) for _ in range(3)), key=abs)
+    if abs(offset) > CLOCK_OFFSET_LIMIT:
+        runtime.close()
+        raise Failure(f"clock      this host's clock is {offset:+.1f} s off Redis's (more than "
+                      f"{CLOCK_OFFSET_LIMIT:g} s): Plural sees it in every Request-Timestamp; sync it (NTP)")
+    click.echo(f"clock      ok ({offset * 1000:+.0f} ms off Redis's)")
     try:
         runtime.plural.generate_token()
     except Exception as exc:  # every Plural error is reported the same way here: one line
