@@ -157,3 +157,20 @@ def test_a_warning_logged_during_a_run_here_reaches_its_stderr_as_in_a_process()
     assert (result.returncode, result.stdout) == (0, "")
     assert result.stderr == "No hostname was supplied. Reverting to default\n"
 
+
+@pytest.mark.parametrize("args", [("stats",), ("enqueue", "pl-down-1"), ("check",)], ids=" ".join)
+def test_unreachable_sentinels_are_one_short_line_naming_redis_sentinels(args):
+    """Under Sentinel, REDIS_URL's host is not used: the line names the Sentinels and the master,
+    not that host, and not redis-py's text (every Sentinel client's repr, 1,264 characters here)."""
+    first, second = free_port(), free_port()  # nothing listens there
+    env = {**cli_env(f"redis://operator:{PASSWORD}@10.255.0.1:6390/0"),
+           "REDIS_SENTINELS": f"127.0.0.1:{first},127.0.0.1:{second}", "REDIS_SENTINEL_MASTER": "mymaster"}
+    result = cli.run(env, *args)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.splitlines()
+    said = (f"none of the Sentinels in REDIS_SENTINELS (127.0.0.1:{first}, 127.0.0.1:{second}) answered "
+            f"(Connection refused): no master 'mymaster' (REDIS_SENTINEL_MASTER) found")
+    head = "plural-cancel: redis      unreachable: " if args[0] == "check" else "plural-cancel: cannot reach Redis: "
+    assert line == head + said
+    assert "10.255.0.1" not in line and PASSWORD not in line
