@@ -37,10 +37,12 @@ class ConfigError(PluralCancelError, ValueError):
     """A setting is missing or malformed; the message names the variable and what it accepts."""
 
     def __init__(self, variable: str, accepts: str, got: str | None = None):
-        """``got``: the value refused, repeated (cut short) only where it cannot hold a secret."""
+        """``got``: the value refused, repeated (cut short) only where it cannot hold a secret;
+        never when it holds an ``@``, as a URL's credentials do (a REDIS_URL pasted into the
+        wrong variable)."""
         self.variable = variable
         detail = f"{variable}: must be {accepts}"
-        if got is not None:
+        if got is not None and "@" not in got:
             if len(got) > MAX_SHOWN_SETTING:
                 got = got[:MAX_SHOWN_SETTING - 3] + "..."
             detail += f" (got {got!r})"
