@@ -353,6 +353,9 @@ class Settings:
                               "Celery's default 'celery' (which a host app on the same Redis consumes)",
                               cancel_queue[:100])
 
+        # Every plain number of the table, read and checked against its range; unset: the field's default.
+        numbers = {variable.field: _number(get, variable.name) for variable in REFERENCE
+                   if variable.range is not None and variable.name != "REDIS_WAIT_REPLICAS"}
         secret = get("PLURAL_CLIENT_SECRET")
         settings = cls(
             plural_env=plural_env,
@@ -364,33 +367,17 @@ class Settings:
             redis_sentinel_master=sentinel_master,
             wait_replicas=_wait_replicas(get("REDIS_WAIT_REPLICAS")),
             cancel_queue=cancel_queue,
-            rate_limit=_number(get, "PLURAL_RATE_LIMIT", cls.rate_limit),
-            rate_burst=_number(get, "PLURAL_RATE_BURST", cls.rate_burst),
-            retry_budget=_number(get, "CANCEL_RETRY_BUDGET", cls.retry_budget),
-            breaker_window=_number(get, "BREAKER_WINDOW", cls.breaker_window),
-            breaker_min_links=_number(get, "BREAKER_MIN_LINKS", cls.breaker_min_links),
-            breaker_failure_rate=_number(get, "BREAKER_FAILURE_RATE", cls.breaker_failure_rate),
-            breaker_cooldown=_number(get, "BREAKER_COOLDOWN", cls.breaker_cooldown),
-            limiter_max_wait=_number(get, "LIMITER_MAX_WAIT", cls.limiter_max_wait),
-            attempt_timeout=_number(get, "CANCEL_ATTEMPT_TIMEOUT", 0.0),
-            stall_timeout=_number(get, "CANCEL_STALL_TIMEOUT", cls.stall_timeout),
-            retry_base=_number(get, "CANCEL_RETRY_BASE", cls.retry_base),
-            retry_cap=_number(get, "CANCEL_RETRY_CAP", cls.retry_cap),
-            result_ttl=_number(get, "RESULT_TTL", cls.result_ttl),
-            connect_timeout=_number(get, "PLURAL_CONNECT_TIMEOUT", cls.connect_timeout),
-            read_timeout=_number(get, "PLURAL_READ_TIMEOUT", cls.read_timeout),
             plural_proxy=_proxy_for(base_url, get),
             ca_bundle=get("REQUESTS_CA_BUNDLE") or get("SSL_CERT_FILE"),
             sentry_dsn=_sentry_dsn(get("SENTRY_DSN")),
             sentry_environment=get("SENTRY_ENVIRONMENT"),
-            metrics_port=_number(get, "METRICS_PORT", cls.metrics_port),
-            shutdown_grace=_number(get, "WORKER_SHUTDOWN_GRACE", cls.shutdown_grace),
             health_dir=get("HEALTH_DIR") or cls.health_dir,
+            **{field: value for field, value in numbers.items() if value is not None},
         )
         # An attempt that cannot fit one wait and one call in its time would outlive its
         # lease on every call: refuse it rather than let two deliveries run at once.
         least = settings.limiter_max_wait + settings.connect_timeout + settings.read_timeout
-        if not settings.attempt_timeout:
+        if numbers["attempt_timeout"] is None:
             settings = replace(settings, attempt_timeout=round(least + settings.connect_timeout + settings.read_timeout, 3))
         elif settings.attempt_timeout < least:
             raise ConfigError("CANCEL_ATTEMPT_TIMEOUT", f"at least LIMITER_MAX_WAIT + PLURAL_CONNECT_TIMEOUT + "
@@ -467,12 +454,12 @@ _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
-def _number(get, name: str, default: float) -> float:
+def _number(get, name: str) -> float | None:
     """``name``'s value, within its :data:`REFERENCE` range (an int for an integer range), or
-    ``default`` when it is unset."""
+    None when it is unset."""
     raw = get(name)
     if raw is None:
-        return default
+        return None
     variable = _BY_NAME[name]
     bounds = variable.range
     # ASCII digits only, and short: float() and int() would also take '1_000', Arabic-Indic
@@ -493,7 +480,7 @@ def _plain(number: float) -> str:
 def _wait_replicas(raw: str | None) -> int | str:
     if raw is None or raw.lower() == WAIT_AUTO:
         return WAIT_AUTO
-    return _number(lambda _: raw, "REDIS_WAIT_REPLICAS", 0)
+    return _number(lambda _: raw, "REDIS_WAIT_REPLICAS")
 
 
 _SENTINEL = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?)\]|(?P<host>[A-Za-z0-9._-]+))"
