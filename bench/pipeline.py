@@ -13,7 +13,7 @@ sandbox latency (``PUT /_admin/faults``):
 
 (a) **product**: one ``celery -A worker worker -c 128`` process (its default pool, Celery's
     threads pool as ``worker.pool`` extends it) with the
-    product's settings (``PLURAL_RATE_LIMIT=100000`` so that the limiter is never the
+    product's settings (``PLURAL_RATE_LIMIT=10000`` so that the limiter is never the
     bottleneck; breaker and everything else at their defaults; ``--loglevel=INFO`` as in
     the Procfile). ``N`` fresh CREATED links; ``tasks.enqueue_many`` enqueues ``N``
     cancels; the clock runs from the first enqueue until every ledger record is
@@ -123,7 +123,7 @@ class Bench:
         # The producer side, once, an app of its own for this bench's Redis.
         from worker import create_app
         self.app = create_app(Settings.from_env({"REDIS_URL": redis_url, "PLURAL_BASE_URL": sandbox.url,
-                                                 "PLURAL_RATE_LIMIT": "100000"}))
+                                                 "PLURAL_RATE_LIMIT": "10000"}))
 
     def close(self) -> None:
         self.client.close()
@@ -196,7 +196,7 @@ class Bench:
 
         app = self.app
         ids = self._fresh(n, latency_ms)
-        env = self._site(service_env(self.redis_url, self.sandbox.url, PLURAL_RATE_LIMIT=100000))
+        env = self._site(service_env(self.redis_url, self.sandbox.url, PLURAL_RATE_LIMIT=10000))
         # "threads" is the product's default pool (no --pool): Celery's threads pool that can
         # hand its cancels back on shutdown (worker.pool), the same at work.
         workers = [Worker("worker", env, None if pool == "threads" else pool, concurrency, [], self.loglevel, app,

@@ -7,7 +7,7 @@ Run from the repository root (about 2 minutes)::
 It starts its own ``redis-server`` (AOF on, ``appendfsync everysec``, as deployed) and the
 sandbox, then per round, in alternating order, the runs of ``bench/pipeline.py``:
 
-- **product**: one ``celery -A worker worker`` (threads × 128) at ``PLURAL_RATE_LIMIT=100000``;
+- **product**: one ``celery -A worker worker`` (threads × 128) at ``PLURAL_RATE_LIMIT=10000``;
   ``N`` cancels enqueued with ``tasks.enqueue_many``, waited for until every ledger record
   is terminal;
 - **bare** (``bench/bare_app.py``): a Celery task that makes only the ``PUT`` and counts

@@ -55,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     redis_server = RedisServer(prefix="bench-memory-")
     sandbox = start_sandbox_process(client_id="test-client", client_secret="test-secret-do-not-leak",
                                     extra_args=["--no-demo-links"])
-    extra = {"PLURAL_RATE_LIMIT": str(args.rate), "RESULT_TTL": "600"}
+    extra = {"PLURAL_RATE_LIMIT": str(args.rate), "RESULT_TTL": "3600"}
     if args.tracemalloc:
         extra["PYTHONTRACEMALLOC"] = "1"
     env = service_env(redis_server.url, sandbox.url, **extra)
     worker = start_worker(env, concurrency=args.concurrency)
-    app = use_settings(redis_server.url, sandbox.url, PLURAL_RATE_LIMIT=args.rate, RESULT_TTL=600)
+    app = use_settings(redis_server.url, sandbox.url, PLURAL_RATE_LIMIT=args.rate, RESULT_TTL=3600)
     pid = worker.proc.pid
     samples: list[tuple[int, float, float]] = []
     started = time.monotonic()

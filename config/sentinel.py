@@ -16,11 +16,13 @@ so every client follows a failover by reconnecting, as it rides out a restart.
 
 from __future__ import annotations
 
+import re
+from typing import Iterable
 from urllib.parse import quote
 
 import redis
 from redis.connection import parse_url
-from redis.sentinel import Sentinel
+from redis.sentinel import MasterNotFoundError, Sentinel
 
 from plural_cancel.config.settings import Settings
 
@@ -82,6 +84,35 @@ def redbeat_options(settings: Settings) -> dict:
                "db": auth["db"], "sentinel_kwargs": dict(SENTINEL_KWARGS)}
     options.update({key: auth[key] for key in ("username", "password") if auth[key] is not None})
     return options
+
+
+def master_not_found(error: MasterNotFoundError, master: str, sentinels: Iterable[tuple[str, int]]) -> str:
+    """One short line for redis-py's ``MasterNotFoundError``, naming ``REDIS_SENTINELS`` and
+    ``REDIS_SENTINEL_MASTER``: whether the Sentinels answered, and why not.
+
+    redis-py's own text holds the ``repr`` of every Sentinel's client (some 600 characters
+    each), and the command line and Celery's "Cannot connect" line printed it whole. What
+    it says of each Sentinel that did not answer (``<client> - ConnectionError('...')``) is
+    read back from it here: the exception carries nothing else.
+    """
+    sentinels = list(sentinels)
+    where = f"the Sentinels in REDIS_SENTINELS ({', '.join(_netloc(host, port) for host, port in sentinels)})"
+    failed = re.findall(r" - (?:ConnectionError|TimeoutError)\((['\"])(.*?)\1\)(?=, <|$)", str(error))
+    reasons = "; ".join(dict.fromkeys(_unanswered(text) for _, text in failed))
+    if not failed:
+        return f"{where} know no master {master!r} that is up (REDIS_SENTINEL_MASTER)"
+    if len(failed) < len(sentinels):
+        return (f"{len(failed)} of {where} did not answer ({reasons}), the others know no master {master!r} "
+                f"that is up (REDIS_SENTINEL_MASTER)")
+    return f"none of {where} answered ({reasons}): no master {master!r} (REDIS_SENTINEL_MASTER) found"
+
+
+def _unanswered(text: str) -> str:
+    """``Connection refused`` from redis-py's ``Error 111 connecting to 127.0.0.1:1. Connection refused.``"""
+    if text.startswith("Timeout"):
+        return "timed out"
+    found = re.search(r"connecting to \S+\. (.+?)\.?$", text)
+    return found.group(1) if found else text.rstrip(".")
 
 
 def _netloc(host: str, port: int) -> str:

@@ -12,7 +12,7 @@ import re
 import shlex
 from dataclasses import dataclass, field, fields, replace
 from typing import Iterable, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 from plural_cancel.errors import ConfigError
 
@@ -22,21 +22,45 @@ PLURAL_BASES = {
 }
 
 
-VARIABLES = (
-    "PLURAL_ENV", "PLURAL_BASE_URL", "PLURAL_CLIENT_ID", "PLURAL_CLIENT_SECRET", "REDIS_URL",
-    "REDIS_SENTINELS", "REDIS_SENTINEL_MASTER", "REDIS_WAIT_REPLICAS", "PLURAL_RATE_LIMIT", "PLURAL_RATE_BURST",
-    "CANCEL_RETRY_BUDGET", "CANCEL_RETRY_BASE", "CANCEL_RETRY_CAP",
-    "RESULT_TTL", "PLURAL_CONNECT_TIMEOUT", "PLURAL_READ_TIMEOUT", "BREAKER_WINDOW", "BREAKER_MIN_LINKS",
-    "BREAKER_FAILURE_RATE", "BREAKER_COOLDOWN", "LIMITER_MAX_WAIT", "CANCEL_ATTEMPT_TIMEOUT",
-    "CANCEL_STALL_TIMEOUT", "SENTRY_DSN", "SENTRY_ENVIRONMENT", "METRICS_PORT", "https_proxy", "HTTPS_PROXY",
-    "http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE",
-    "WORKER_SHUTDOWN_GRACE", "HEALTH_DIR", "CANCEL_QUEUE",
-)
-"""Every environment variable :meth:`Settings.from_env` reads, in the README's order
-(and ``BREAKER_THRESHOLD``, read only to be refused)."""
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting accepts: ``low`` to ``high``, both included, in ``unit``."""
 
-WAIT_AUTO = "auto"
-"""``REDIS_WAIT_REPLICAS=auto``: a producer's writes wait for one replica whenever the master has one."""
+    low: float
+    high: float
+    unit: str = ""
+    """What the number counts, in words (``seconds``, ``calls per second``)."""
+    integer: bool = False
+    note: str = ""
+    """The range again in words, where they read better (``1 hour to 90 days``)."""
+
+    def accepts(self) -> str:
+        """What a refused value's line says: ``a number from 0.01 to 10000 calls per second``."""
+        text = " ".join(part for part in ("an integer" if self.integer else "a number", "from", _plain(self.low),
+                                          "to", _plain(self.high), self.unit) if part)
+        return f"{text} ({self.note})" if self.note else text
+
+    def __contains__(self, value) -> bool:
+        return self.low <= value <= self.high and (not self.integer or value == int(value))
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable :meth:`Settings.from_env` reads: a row of the settings reference."""
+
+    name: str
+    meaning: str
+    accepts: str = ""
+    """What it accepts, in words; for a number, :meth:`Range.accepts` unless said here."""
+    range: Range | None = None
+    """A number's documented range, enforced by :meth:`Settings.from_env`."""
+    field: str | None = None
+    """The :class:`Settings` field it sets (whose default is the variable's)."""
+
+    def accepted(self) -> str:
+        return self.accepts or (self.range.accepts() if self.range else "")
+
+
 MAX_WAIT_REPLICAS = 16
 """The most replicas ``REDIS_WAIT_REPLICAS`` may ask to acknowledge a write."""
 
@@ -44,6 +68,100 @@ MAX_ATTEMPT_TIMEOUT = 300.0
 """Seconds: the longest an attempt (and so each of its timeouts) may be set to take."""
 MAX_LIMITER_WAIT = 30.0
 """Seconds: the longest a cancel may be set to wait in-line for a rate-limit slot."""
+
+HOUR, DAY = 3600, 86400
+"""Seconds."""
+
+_PROXY = "an http(s) URL such as http://proxy.internal:3128"
+_FILE = "a file path"
+
+# The bounds are a production's, with room either side: below them a value is a typo or
+# stops the fleet (1e-320 calls per second: every cancel stuck running); above them it
+# breaks Redis's arithmetic (a TTL Redis refuses: every finish script dies partway) or
+# makes every read of it slow (stats reads one hash per hour of RESULT_TTL).
+REFERENCE = (
+    Variable("PLURAL_ENV", "picks Plural's API base", "uat or prod", field="plural_env"),
+    Variable("PLURAL_BASE_URL", "overrides the API base (a sandbox, a proxy)", "an https URL, or plain http to a "
+             "loopback host (127.0.0.1, ::1, localhost); port 1-65535, no credentials", field="plural_base_url"),
+    Variable("PLURAL_CLIENT_ID", "Generate Token client id (required by the worker)", "text", field="client_id"),
+    Variable("PLURAL_CLIENT_SECRET", "Generate Token client secret (required by the worker)", "text",
+             field="client_secret"),
+    Variable("REDIS_URL", "broker, ledger, token cache, limiter, breaker, schedules", "a redis://, rediss:// or "
+             "unix:// URL: port 1-65535, path a database number, no query but a rediss:// URL's ssl_* options",
+             field="redis_url"),
+    Variable("REDIS_SENTINELS", "Redis Sentinels that name the master", "host:port,host:port (port 1-65535, an IPv6 "
+             "host in brackets)", field="redis_sentinels"),
+    Variable("REDIS_SENTINEL_MASTER", "the master's name in the Sentinels' configuration",
+             "1-100 of A-Z a-z 0-9 . _ -; required with REDIS_SENTINELS", field="redis_sentinel_master"),
+    Variable("REDIS_WAIT_REPLICAS", "replicas that must hold a producer's writes before the call returns",
+             f"auto, or an integer from 0 to {MAX_WAIT_REPLICAS}", Range(0, MAX_WAIT_REPLICAS, integer=True),
+             field="wait_replicas"),
+    Variable("PLURAL_RATE_LIMIT", "calls per second to Plural, across all workers",
+             range=Range(0.01, 10_000, "calls per second"), field="rate_limit"),
+    Variable("PLURAL_RATE_BURST", "calls allowed at once above the steady rate",
+             range=Range(0, 10_000, "calls", integer=True), field="rate_burst"),
+    Variable("CANCEL_RETRY_BUDGET", "seconds a cancel keeps retrying, from its first attempt",
+             range=Range(1, 30 * DAY, "seconds", note="up to 30 days"), field="retry_budget"),
+    Variable("CANCEL_RETRY_BASE", "seconds: the first backoff ceiling", range=Range(0.01, HOUR, "seconds"),
+             field="retry_base"),
+    Variable("CANCEL_RETRY_CAP", "seconds: the largest backoff ceiling",
+             range=Range(0.01, DAY, "seconds", note="up to a day"), field="retry_cap"),
+    Variable("RESULT_TTL", "seconds a status record is kept after its cancel ends",
+             range=Range(HOUR, 90 * DAY, "seconds", integer=True, note="1 hour to 90 days"), field="result_ttl"),
+    Variable("PLURAL_CONNECT_TIMEOUT", "seconds to wait for a connection to Plural",
+             range=Range(0.1, MAX_ATTEMPT_TIMEOUT, "seconds"), field="connect_timeout"),
+    Variable("PLURAL_READ_TIMEOUT", "seconds to wait for Plural's answer once connected",
+             range=Range(0.1, MAX_ATTEMPT_TIMEOUT, "seconds"), field="read_timeout"),
+    Variable("BREAKER_WINDOW", "seconds of recent outcomes the circuit breaker looks at",
+             range=Range(1, HOUR, "seconds"), field="breaker_window"),
+    Variable("BREAKER_MIN_LINKS", "links failing like an outage in the window that open the breaker",
+             range=Range(2, 10_000, "links", integer=True), field="breaker_min_links"),
+    Variable("BREAKER_FAILURE_RATE", "share of the window's links failing that, with BREAKER_MIN_LINKS, opens it",
+             range=Range(0.01, 1, note="a share of the window's links"), field="breaker_failure_rate"),
+    # At most the breaker's own ceiling (worker.breaker.MAX_COOLDOWN), which each failed probe doubles it up to.
+    Variable("BREAKER_COOLDOWN", "seconds the breaker stays open before one probe",
+             range=Range(0.1, 600, "seconds"), field="breaker_cooldown"),
+    Variable("LIMITER_MAX_WAIT", "seconds a cancel may wait in-line for a rate-limit slot",
+             range=Range(0, MAX_LIMITER_WAIT, "seconds"), field="limiter_max_wait"),
+    Variable("CANCEL_ATTEMPT_TIMEOUT", "seconds one attempt may take in all; at least LIMITER_MAX_WAIT + "
+             "PLURAL_CONNECT_TIMEOUT + PLURAL_READ_TIMEOUT", range=Range(1, MAX_ATTEMPT_TIMEOUT, "seconds"),
+             field="attempt_timeout"),
+    Variable("CANCEL_STALL_TIMEOUT", "seconds a live cancel may go untaken before it is sent again",
+             range=Range(1, DAY, "seconds", note="up to a day"), field="stall_timeout"),
+    Variable("SENTRY_DSN", "error reporting; unset means off", "a Sentry DSN such as https://KEY@host/PROJECT_ID",
+             field="sentry_dsn"),
+    Variable("SENTRY_ENVIRONMENT", "Sentry's environment name", "text", field="sentry_environment"),
+    Variable("METRICS_PORT", "port of the worker's Prometheus endpoint", "0 (off), or a port from 1 to 65535",
+             Range(0, 65535, integer=True), field="metrics_port"),
+    Variable("https_proxy", "proxy for calls to an https Plural (read before HTTPS_PROXY)", _PROXY,
+             field="plural_proxy"),
+    Variable("HTTPS_PROXY", "proxy for calls to an https Plural", _PROXY, field="plural_proxy"),
+    Variable("http_proxy", "proxy for calls to an http Plural (read before HTTP_PROXY)", _PROXY, field="plural_proxy"),
+    Variable("HTTP_PROXY", "proxy for calls to an http Plural", _PROXY, field="plural_proxy"),
+    Variable("no_proxy", "hosts that skip the proxy (read before NO_PROXY)", "host suffixes, host:port, CIDR "
+             "blocks or *, comma-separated"),
+    Variable("NO_PROXY", "hosts that skip the proxy", "host suffixes, host:port, CIDR blocks or *, comma-separated"),
+    Variable("REQUESTS_CA_BUNDLE", "CA bundle that verifies Plural's certificate", _FILE, field="ca_bundle"),
+    Variable("SSL_CERT_FILE", "CA bundle, when REQUESTS_CA_BUNDLE is unset", _FILE, field="ca_bundle"),
+    Variable("WORKER_SHUTDOWN_GRACE", "seconds a stopping worker lets its cancels in flight finish",
+             range=Range(0, HOUR, "seconds"), field="shutdown_grace"),
+    Variable("HEALTH_DIR", "where a worker and beat write their heartbeat files", "a directory path",
+             field="health_dir"),
+    Variable("CANCEL_QUEUE", "the Celery queue of the product's messages", "1-100 of A-Z a-z 0-9 . _ : -, starting "
+             "with a letter or digit; not celery", field="cancel_queue"),
+)
+"""Every environment variable :meth:`Settings.from_env` reads, in the README's order, with what
+it means and what it accepts: the one place a number's range is stated (the README's table
+and ``.env.example`` repeat them)."""
+
+VARIABLES = tuple(variable.name for variable in REFERENCE)
+"""Every environment variable :meth:`Settings.from_env` reads, in the README's order
+(and ``BREAKER_THRESHOLD``, read only to be refused)."""
+
+_BY_NAME = {variable.name: variable for variable in REFERENCE}
+
+WAIT_AUTO = "auto"
+"""``REDIS_WAIT_REPLICAS=auto``: a producer's writes wait for one replica whenever the master has one."""
 
 QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,99}")
 """A Celery queue name as this product accepts one (``CANCEL_QUEUE``, a callback's queue):
@@ -185,14 +303,20 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
-        """Read and validate the environment. Raises :class:`ConfigError` on the first bad value."""
+        """Read and validate the environment. Raises :class:`ConfigError` on the first bad value:
+        one line naming the variable and what it accepts (:data:`REFERENCE`)."""
         env = os.environ if environ is None else environ
 
         def get(name: str) -> str | None:
             value = env.get(name)
             if value is None or value.strip() == "":
                 return None
-            return value.strip()
+            value = value.strip()
+            if _CONTROL.search(value):
+                # A newline or NUL inside a value is a paste gone wrong (a secret file's second
+                # line); it would reach a socket, a path or a header. Never repeated: it may be a secret.
+                raise ConfigError(name, "a value without control characters (newline, tab, NUL...)")
+            return value
 
         if get("BREAKER_THRESHOLD") is not None:
             # Read by earlier versions (consecutive failures); silently ignoring it would
@@ -204,23 +328,9 @@ class Settings:
             raise ConfigError("PLURAL_ENV", "one of uat, prod", plural_env)
 
         base_url = get("PLURAL_BASE_URL")
-        if base_url is None:
-            base_url = PLURAL_BASES[plural_env]
-        else:
-            parts = urlsplit(base_url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ConfigError("PLURAL_BASE_URL", "an http(s) URL such as https://host/api", base_url)
-            if not plain_http_allowed(base_url):
-                raise ConfigError("PLURAL_BASE_URL", "an https URL (plain http only to a loopback host: "
-                                  "127.0.0.1, ::1, localhost)", base_url)
-            if parts.username or parts.password:
-                raise ConfigError("PLURAL_BASE_URL", "a URL without credentials in it")
-            base_url = base_url.rstrip("/")
+        base_url = PLURAL_BASES[plural_env] if base_url is None else _plural_base_url(base_url)
 
-        redis_url = get("REDIS_URL") or cls.redis_url
-        if urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
-            # Never echo the URL: it may carry a password.
-            raise ConfigError("REDIS_URL", "a redis://, rediss:// or unix:// URL")
+        redis_url = _redis_url(get("REDIS_URL") or cls.redis_url)
         sentinels = _sentinels(get("REDIS_SENTINELS"))
         sentinel_master = get("REDIS_SENTINEL_MASTER")
         if sentinels:
@@ -243,6 +353,9 @@ class Settings:
                               "Celery's default 'celery' (which a host app on the same Redis consumes)",
                               cancel_queue[:100])
 
+        # Every plain number of the table, read and checked against its range; unset: the field's default.
+        numbers = {variable.field: _number(get, variable.name) for variable in REFERENCE
+                   if variable.range is not None and variable.name != "REDIS_WAIT_REPLICAS"}
         secret = get("PLURAL_CLIENT_SECRET")
         settings = cls(
             plural_env=plural_env,
@@ -254,37 +367,17 @@ class Settings:
             redis_sentinel_master=sentinel_master,
             wait_replicas=_wait_replicas(get("REDIS_WAIT_REPLICAS")),
             cancel_queue=cancel_queue,
-            rate_limit=_number(get, "PLURAL_RATE_LIMIT", cls.rate_limit, positive=True),
-            rate_burst=int(_number(get, "PLURAL_RATE_BURST", cls.rate_burst, integer=True)),
-            retry_budget=_number(get, "CANCEL_RETRY_BUDGET", cls.retry_budget, positive=True),
-            breaker_window=_number(get, "BREAKER_WINDOW", cls.breaker_window, positive=True),
-            breaker_min_links=int(_number(get, "BREAKER_MIN_LINKS", cls.breaker_min_links, positive=True,
-                                          integer=True, minimum=2)),
-            breaker_failure_rate=_number(get, "BREAKER_FAILURE_RATE", cls.breaker_failure_rate, positive=True,
-                                         maximum=1),
-            breaker_cooldown=_number(get, "BREAKER_COOLDOWN", cls.breaker_cooldown, positive=True),
-            limiter_max_wait=_number(get, "LIMITER_MAX_WAIT", cls.limiter_max_wait, maximum=MAX_LIMITER_WAIT),
-            attempt_timeout=_number(get, "CANCEL_ATTEMPT_TIMEOUT", 0.0, positive=True, maximum=MAX_ATTEMPT_TIMEOUT),
-            stall_timeout=_number(get, "CANCEL_STALL_TIMEOUT", cls.stall_timeout, positive=True),
-            retry_base=_number(get, "CANCEL_RETRY_BASE", cls.retry_base, positive=True),
-            retry_cap=_number(get, "CANCEL_RETRY_CAP", cls.retry_cap, positive=True),
-            result_ttl=int(_number(get, "RESULT_TTL", cls.result_ttl, positive=True, integer=True)),
-            connect_timeout=_number(get, "PLURAL_CONNECT_TIMEOUT", cls.connect_timeout, positive=True,
-                                    maximum=MAX_ATTEMPT_TIMEOUT),
-            read_timeout=_number(get, "PLURAL_READ_TIMEOUT", cls.read_timeout, positive=True,
-                                 maximum=MAX_ATTEMPT_TIMEOUT),
             plural_proxy=_proxy_for(base_url, get),
             ca_bundle=get("REQUESTS_CA_BUNDLE") or get("SSL_CERT_FILE"),
             sentry_dsn=_sentry_dsn(get("SENTRY_DSN")),
             sentry_environment=get("SENTRY_ENVIRONMENT"),
-            metrics_port=int(_number(get, "METRICS_PORT", cls.metrics_port, integer=True, maximum=65535)),
-            shutdown_grace=_number(get, "WORKER_SHUTDOWN_GRACE", cls.shutdown_grace),
             health_dir=get("HEALTH_DIR") or cls.health_dir,
+            **{field: value for field, value in numbers.items() if value is not None},
         )
         # An attempt that cannot fit one wait and one call in its time would outlive its
         # lease on every call: refuse it rather than let two deliveries run at once.
         least = settings.limiter_max_wait + settings.connect_timeout + settings.read_timeout
-        if not settings.attempt_timeout:
+        if numbers["attempt_timeout"] is None:
             settings = replace(settings, attempt_timeout=round(least + settings.connect_timeout + settings.read_timeout, 3))
         elif settings.attempt_timeout < least:
             raise ConfigError("CANCEL_ATTEMPT_TIMEOUT", f"at least LIMITER_MAX_WAIT + PLURAL_CONNECT_TIMEOUT + "
@@ -355,59 +448,132 @@ def secret_value(name: str, value: str) -> bool:
         return "@" in value
 
 
-def _number(get, name: str, default: float, *, positive: bool = False, integer: bool = False,
-            minimum: float | None = None, maximum: float | None = None, accepts: str | None = None) -> float:
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def _number(get, name: str) -> float | None:
+    """``name``'s value, within its :data:`REFERENCE` range (an int for an integer range), or
+    None when it is unset."""
     raw = get(name)
     if raw is None:
-        return default
-    kind = "an integer" if integer else "a number"
-    stated, accepts = accepts is not None, accepts or f"{'a positive' if positive else 'a non-negative'} {kind.split(' ', 1)[1]}"
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        raise ConfigError(name, accepts, raw) from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ConfigError(name, accepts, raw)
-    if value < 0 or (positive and value == 0):
-        raise ConfigError(name, accepts, raw)
-    if minimum is not None and value < minimum:
-        raise ConfigError(name, accepts if stated else f"{accepts} no smaller than {minimum:g}", raw)
-    if maximum is not None and value > maximum:
-        raise ConfigError(name, accepts if stated else f"{accepts} no larger than {maximum:g}", raw)
+        return None
+    variable = _BY_NAME[name]
+    bounds = variable.range
+    # ASCII digits only, and short: float() and int() would also take '1_000', Arabic-Indic
+    # digits, 'nan' and 'infinity', and int() spends time on a thousand-digit value.
+    if len(raw) > 30 or not (_INTEGER if bounds.integer else _DECIMAL).fullmatch(raw):
+        raise ConfigError(name, variable.accepted(), raw)
+    value = int(raw) if bounds.integer else float(raw)
+    if value not in bounds:
+        raise ConfigError(name, variable.accepted(), raw)
     return value
+
+
+def _plain(number: float) -> str:
+    """``10000``, ``0.01``: a bound as the README writes it (never ``1e+04``)."""
+    return str(int(number)) if number == int(number) else f"{number:g}"
 
 
 def _wait_replicas(raw: str | None) -> int | str:
     if raw is None or raw.lower() == WAIT_AUTO:
         return WAIT_AUTO
-    return int(_number(lambda _: raw, "REDIS_WAIT_REPLICAS", 0, integer=True, maximum=MAX_WAIT_REPLICAS,
-                       accepts=f"auto, or an integer from 0 to {MAX_WAIT_REPLICAS}"))
+    return _number(lambda _: raw, "REDIS_WAIT_REPLICAS")
+
+
+_SENTINEL = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?)\]|(?P<host>[A-Za-z0-9._-]+))"
+                       r":(?P<port>[0-9]{1,5})")
+"""One Sentinel's address: ``host:port``, an IPv6 address in brackets (``[::1]:26379``)."""
 
 
 def _sentinels(raw: str | None) -> tuple[tuple[str, int], ...]:
     """``host:port,host:port`` (``[::1]:26379`` for an IPv6 address) as (host, port) pairs."""
     if raw is None:
         return ()
-    accepts = "a comma-separated list of host:port (Redis Sentinels, e.g. 10.0.0.1:26379,10.0.0.2:26379)"
+    accepts = ("a comma-separated list of host:port, such as 10.0.0.1:26379,10.0.0.2:26379, an IPv6 host in "
+               "brackets ([::1]:26379)")
     found = []
     for item in raw.split(","):
-        host, _, port = item.strip().rpartition(":")
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in "/@ "):
-            raise ConfigError("REDIS_SENTINELS", accepts, raw)
-        found.append((host, int(port)))
+        match = _SENTINEL.fullmatch(item.strip())
+        if not match or not 0 < int(match["port"]) < 65536 or (match["ipv6"] and not _is_ipv6(match["ipv6"])):
+            # Repeated unless it could hold credentials (user:password@host).
+            raise ConfigError("REDIS_SENTINELS", accepts, None if "@" in raw else raw)
+        found.append((match["ipv6"] or match["host"], int(match["port"])))
     return tuple(found)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+_IN_BRACKETS = "an IPv6 host in brackets ([::1])"
+_A_PORT = "its port a number from 1 to 65535"
+
+
+def _url(name: str, raw: str, accepts: str, schemes: tuple[str, ...] = ("http", "https"), *,
+         host: bool = True) -> SplitResult:
+    """``raw`` split into its parts, or :class:`ConfigError` naming ``name``: a scheme of
+    ``schemes``, a host (when ``host``), a port from 1 to 65535 when one is given. Its value
+    is never repeated: a URL may carry a password."""
+    try:
+        parts = urlsplit(raw)
+    except ValueError:  # an unbalanced '[' or ']': urlsplit's "Invalid IPv6 URL"
+        raise ConfigError(name, f"{accepts}, {_IN_BRACKETS}") from None
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or past 65535
+        raise ConfigError(name, f"{accepts}, {_A_PORT}") from None
+    if port == 0:  # urllib3 and redis-py would quietly take the scheme's default instead
+        raise ConfigError(name, f"{accepts}, {_A_PORT}")
+    if parts.scheme not in schemes or (host and not parts.hostname):
+        raise ConfigError(name, accepts)
+    return parts
+
+
+def _plural_base_url(raw: str) -> str:
+    parts = _url("PLURAL_BASE_URL", raw, "an http(s) URL such as https://host/api")
+    if parts.username or parts.password:
+        raise ConfigError("PLURAL_BASE_URL", "a URL without credentials in it")
+    if not plain_http_allowed(raw):
+        raise ConfigError("PLURAL_BASE_URL", "an https URL (plain http only to a loopback host: "
+                          "127.0.0.1, ::1, localhost)", raw)
+    return raw.rstrip("/")
+
+
+REDIS_URL_SSL_OPTIONS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
+"""The query options ``REDIS_URL`` may carry (a rediss:// URL only): the ones both of its
+readers take, kombu (the broker: any other raises a TypeError when it connects, ``socket_timeout``
+too) and redis-py (the ledger and the rest: ``ssl_*`` on a redis:// URL raises one)."""
+
+
+def _redis_url(raw: str) -> str:
+    parts = _url("REDIS_URL", raw, "a redis://, rediss:// or unix:// URL such as redis://host:6379/0",
+                 ("redis", "rediss", "unix"), host=False)  # no host: localhost, or the master Sentinel names
+    if parts.scheme != "unix" and parts.path not in ("", "/") and not re.fullmatch(r"/[0-9]{1,9}", parts.path):
+        # redis-py would quietly take database 0 (redis://host/abc), and kombu refuse the name.
+        raise ConfigError("REDIS_URL", "a URL whose path is a database number, such as redis://host:6379/0")
+    options = {name for name, _ in parse_qsl(parts.query)}
+    if options - set(REDIS_URL_SSL_OPTIONS if parts.scheme == "rediss" else ()):
+        raise ConfigError("REDIS_URL", f"a URL whose query holds only a rediss:// URL's "
+                          f"{', '.join(REDIS_URL_SSL_OPTIONS)} (the broker, kombu, takes no others)")
+    return raw
 
 
 def _proxy_for(base_url: str, get) -> str | None:
     """The proxy the environment names for ``base_url``, or None (none set, or NO_PROXY matches)."""
     scheme = "https" if base_url.startswith("https://") else "http"
     # Lower case first, as requests (urllib's getproxies) and curl read them.
-    proxy = get(f"{scheme}_proxy") or get(f"{scheme.upper()}_PROXY")
-    if proxy is None:
+    name = next((name for name in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY") if get(name) is not None), None)
+    if name is None:
         return None
-    if urlsplit(proxy).scheme not in ("http", "https") or not urlsplit(proxy).hostname:
-        raise ConfigError(f"{scheme.upper()}_PROXY", "an http(s) URL such as http://proxy.internal:3128")
+    proxy = get(name)
+    _url(name, proxy, _PROXY)
     no_proxy = get("no_proxy") or get("NO_PROXY")
     # requests' own rule (the client's session no longer reads the environment), so that
     # NO_PROXY means here what it means to requests: host suffixes with or without a
@@ -425,9 +591,12 @@ def _proxy_for(base_url: str, get) -> str | None:
 def _sentry_dsn(raw: str | None) -> str | None:
     if raw is None:
         return None
-    parts = urlsplit(raw)
-    if parts.scheme not in ("http", "https") or not parts.hostname or not parts.username:
-        raise ConfigError("SENTRY_DSN", "a Sentry DSN such as https://KEY@host/PROJECT_ID")
+    accepts = "a Sentry DSN such as https://KEY@host/PROJECT_ID"
+    parts = _url("SENTRY_DSN", raw, accepts)
+    # What sentry-sdk's Dsn needs, or its BadDsn stops the worker at start-up: a public key,
+    # and a number as the path's last segment.
+    if not parts.username or not re.fullmatch(r"[0-9]+", parts.path.rsplit("/", 1)[-1]):
+        raise ConfigError("SENTRY_DSN", accepts)
     return raw
 
 

@@ -22,6 +22,9 @@ from typing import Any, Mapping
 MAX_MESSAGE = 300
 """Characters of Plural's own error message kept (a bound on what reaches logs and Redis)."""
 
+MAX_SHOWN_SETTING = 40
+"""Characters of a refused setting's value repeated in its :class:`ConfigError` (the line stays short)."""
+
 
 class PluralCancelError(Exception):
     """Base of every error this product raises on purpose."""
@@ -34,9 +37,14 @@ class ConfigError(PluralCancelError, ValueError):
     """A setting is missing or malformed; the message names the variable and what it accepts."""
 
     def __init__(self, variable: str, accepts: str, got: str | None = None):
+        """``got``: the value refused, repeated (cut short) only where it cannot hold a secret;
+        never when it holds an ``@``, as a URL's credentials do (a REDIS_URL pasted into the
+        wrong variable)."""
         self.variable = variable
         detail = f"{variable}: must be {accepts}"
-        if got is not None:
+        if got is not None and "@" not in got:
+            if len(got) > MAX_SHOWN_SETTING:
+                got = got[:MAX_SHOWN_SETTING - 3] + "..."
             detail += f" (got {got!r})"
         super().__init__(detail)
 

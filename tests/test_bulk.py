@@ -171,3 +171,25 @@ def test_unschedule_after_it_fired_says_too_late_and_names_the_request_id(redis_
     status, _, err = cli_in_process(monkeypatch, capsys, redis_url, "unschedule", "pl-late")
     assert status == 1
     assert "too late" in err and request_id in err
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_line_and_byte_and_nothing_is_enqueued(redis_url, redis_client,
+                                                                                        tmp_path):
+    """Every line is read before anything is written: a bad byte on line 3 leaves lines 1-2 unsent too."""
+    path = tmp_path / "links.txt"
+    path.write_bytes(b"pl-ok-1\npl-ok-2\r\npl-\xffbad\npl-ok-3\n")
+    result = run_cli(redis_url, "bulk", str(path))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"plural-cancel: {path} line 3, byte 4: not UTF-8 text (0xff); nothing enqueued\n"
+    assert redis_client.dbsize() == 0
+
+
+def test_a_bad_setting_is_refused_before_the_file_is_read_or_anything_enqueued(redis_url, redis_client, tmp_path):
+    """PLURAL_RATE_LIMIT=1e-320 once enqueued the whole file, then failed on the summary's estimate."""
+    path = tmp_path / "links.txt"
+    path.write_text("pl-ok-1\npl bad\n")  # a bad line too: its own line must not come first
+    result = run_cli(redis_url, "bulk", str(path), PLURAL_RATE_LIMIT="1e-320")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == ("plural-cancel: configuration error: PLURAL_RATE_LIMIT: must be a number from 0.01 to "
+                             "10000 calls per second (got '1e-320')\n")
+    assert redis_client.dbsize() == 0

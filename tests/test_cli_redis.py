@@ -73,12 +73,14 @@ def test_every_command_without_redis_says_so_in_one_line(args, link_file):
         assert "Connection refused" in lines[0]
 
 
-def test_a_password_in_the_query_is_masked_too():
-    port = free_port()
-    result = run_cli(f"redis://127.0.0.1:{port}/0?socket_timeout=5&password={PASSWORD}", "status", "some-id")
-    assert result.returncode == 1 and PASSWORD not in result.stderr
-    assert result.stderr == (f"plural-cancel: cannot reach Redis at redis://127.0.0.1:{port}/0?socket_timeout=5"
-                             f"&password=***: Connection refused\n")
+def test_a_password_in_the_query_is_never_shown_either():
+    """redis-py reads a password from the query too, but kombu (the broker) fails on that URL when
+    it connects: the settings refuse it, without repeating it."""
+    result = run_cli(f"redis://127.0.0.1:{free_port()}/0?socket_timeout=5&password={PASSWORD}", "status", "some-id")
+    assert result.returncode == 2 and PASSWORD not in result.stderr
+    assert result.stderr == ("plural-cancel: configuration error: REDIS_URL: must be a URL whose query holds only a "
+                             "rediss:// URL's ssl_cert_reqs, ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_check_hostname "
+                             "(the broker, kombu, takes no others)\n")
 
 
 @pytest.fixture
@@ -154,3 +156,21 @@ def test_a_warning_logged_during_a_run_here_reaches_its_stderr_as_in_a_process()
         del group.commands["warns"]
     assert (result.returncode, result.stdout) == (0, "")
     assert result.stderr == "No hostname was supplied. Reverting to default\n"
+
+
+@pytest.mark.parametrize("args", [("stats",), ("enqueue", "pl-down-1"), ("check",)], ids=" ".join)
+def test_unreachable_sentinels_are_one_short_line_naming_redis_sentinels(args):
+    """Under Sentinel, REDIS_URL's host is not used: the line names the Sentinels and the master,
+    not that host, and not redis-py's text (every Sentinel client's repr, 1,264 characters here)."""
+    first, second = free_port(), free_port()  # nothing listens there
+    env = {**cli_env(f"redis://operator:{PASSWORD}@10.255.0.1:6390/0"),
+           "REDIS_SENTINELS": f"127.0.0.1:{first},127.0.0.1:{second}", "REDIS_SENTINEL_MASTER": "mymaster"}
+    result = cli.run(env, *args)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.splitlines()
+    said = (f"none of the Sentinels in REDIS_SENTINELS (127.0.0.1:{first}, 127.0.0.1:{second}) answered "
+            f"(Connection refused): no master 'mymaster' (REDIS_SENTINEL_MASTER) found")
+    head = "plural-cancel: redis      unreachable: " if args[0] == "check" else "plural-cancel: cannot reach Redis: "
+    assert line == head + said
+    assert "10.255.0.1" not in line and PASSWORD not in line

@@ -5,6 +5,7 @@ a master killed with SIGKILL, mid-run."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 
@@ -16,7 +17,8 @@ from config.settings import Settings
 from plural_cancel.errors import ConfigError
 from tests.conftest import use_settings, wait_for
 from tests.support.sentinel import SentinelGroup
-from tests.support.workers import service_env, start_beat, start_worker
+from tests.support.redis_server import free_port
+from tests.support.workers import CeleryProcess, service_env, start_beat, start_worker
 
 SENTINELS = {"REDIS_SENTINELS": "127.0.0.1:26379,10.0.0.2:26380", "REDIS_SENTINEL_MASTER": "m"}
 
@@ -112,6 +114,28 @@ def test_redbeats_sentinel_clients_get_the_endless_retry():
     assert (kwargs["socket_connect_timeout"], kwargs["socket_keepalive"], kwargs["health_check_interval"]) == \
         (5, True, 25)
     assert (kwargs["db"], kwargs["password"], kwargs["decode_responses"]) == (2, "pw", True)
+
+
+def test_a_worker_no_sentinel_answers_says_so_in_one_short_line(services):
+    """Celery logs why it cannot connect on every attempt: redis-py's text held each Sentinel
+    client's repr (867 characters a line). Now one short line naming REDIS_SENTINELS and the
+    master, never REDIS_URL's host (unused under Sentinel)."""
+    port = free_port()  # nothing listens there
+    env = service_env("redis://:s3cret@10.255.0.1:6390/0", "http://127.0.0.1:1/api",
+                      REDIS_SENTINELS=f"127.0.0.1:{port}", REDIS_SENTINEL_MASTER="mymaster")
+    worker = CeleryProcess("worker", env, ["--loglevel=INFO", "--without-mingle", "--without-gossip",
+                                           "-n", f"w{time.monotonic_ns()}@%h"])
+    services.append(worker)
+
+    def attempts() -> list[str]:
+        return [json.loads(line)["message"] for line in worker.log().splitlines() if "Cannot connect" in line]
+
+    lines = wait_for(lambda: attempts()[1:] and attempts(), timeout=30, message="two attempts to connect")
+    said = (f"none of the Sentinels in REDIS_SENTINELS (127.0.0.1:{port}) answered (Connection refused): "
+            "no master 'mymaster' (REDIS_SENTINEL_MASTER) found")
+    for line in lines:
+        assert said in line and len(line) < 300, line
+        assert "10.255.0.1" not in line and "s3cret" not in line
 
 
 # -- failovers with real workers and beat --------------------------------------------------

@@ -165,14 +165,23 @@ def test_settings_are_frozen():
         s.rate_limit = 99
 
 
-def test_a_worker_with_a_bad_setting_stops_with_one_line():
+@pytest.mark.parametrize("variable, value, says", [
+    ("PLURAL_RATE_LIMIT", "lots", "a number from 0.01 to 10000 calls per second (got 'lots')"),
+    ("REDIS_URL", "redis://:s3cret@[::1", "a redis://, rediss:// or unix:// URL such as redis://host:6379/0, "
+                                          "an IPv6 host in brackets ([::1])"),
+    ("RESULT_TTL", "10000000000000000", "an integer from 3600 to 7776000 seconds (1 hour to 90 days) "
+                                        "(got '10000000000000000')"),
+    ("SENTRY_DSN", "https://k@[bad/1", "a Sentry DSN such as https://KEY@host/PROJECT_ID, an IPv6 host in "
+                                       "brackets ([::1])"),
+])
+def test_a_worker_with_a_bad_setting_stops_with_one_line(variable, value, says):
+    """``celery -A worker worker`` as a process of its own: exit status 2, one line, no traceback."""
     celery = str(__import__("pathlib").Path(sys.executable).with_name("celery"))
     result = subprocess.run([celery, "-A", "worker", "worker"], cwd=ROOT, capture_output=True, text=True,
-                            env={"PATH": "/usr/bin:/bin", "PLURAL_RATE_LIMIT": "lots",
+                            env={"PATH": "/usr/bin:/bin", variable: value,
                                  "PLURAL_CLIENT_ID": "a", "PLURAL_CLIENT_SECRET": "b"}, timeout=60)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "plural-cancel: configuration error: PLURAL_RATE_LIMIT: must be a positive number (got 'lots')"]
+    assert result.stderr.strip().splitlines() == [f"plural-cancel: configuration error: {variable}: must be {says}"]
 
 
 def test_a_worker_without_credentials_stops_with_one_line():
@@ -213,7 +222,7 @@ def test_the_lease_is_derived_from_the_attempts_bound():
     assert lease_seconds(settings) == settings.attempt_timeout + LEASE_MARGIN
     assert celery_config(settings)["broker_transport_options"]["visibility_timeout"] > lease_seconds(settings)
     # A result TTL shorter than the budget is fine: a live record never expires (tests/test_ledger.py).
-    assert Settings.from_env({"RESULT_TTL": "2"}).result_ttl == 2
+    assert Settings.from_env({"RESULT_TTL": "3600"}).result_ttl == 3600 < Settings.retry_budget
 
 
 class Recording(dict):
@@ -253,3 +262,53 @@ def test_exports_are_shell_lines_and_keep_real_secrets_back():
     ]
     assert "export PLURAL_CLIENT_SECRET=s3cret" in exports(env, reveal=["PLURAL_CLIENT_SECRET"])
     assert not any("pw" in line or "s3cret" in line for line in lines)
+
+
+# -- values that passed and broke later, or broke with a traceback ---------------------------
+# Each is refused by Settings.from_env with one line naming the variable and what it accepts;
+# a URL's value is never repeated (it may carry a password).
+
+REFUSED = [
+    ({"REDIS_URL": "redis://127.0.0.1:99999/0"},
+     "REDIS_URL: must be a redis://, rediss:// or unix:// URL such as redis://host:6379/0, its port a number from 1 "
+     "to 65535"),
+    ({"REDIS_URL": "redis://[::1"},
+     "REDIS_URL: must be a redis://, rediss:// or unix:// URL such as redis://host:6379/0, an IPv6 host in brackets "
+     "([::1])"),
+    ({"REDIS_URL": "redis://127.0.0.1:6379/0?socket_timeout=abc"},
+     "REDIS_URL: must be a URL whose query holds only a rediss:// URL's ssl_cert_reqs, ssl_ca_certs, ssl_certfile, "
+     "ssl_keyfile, ssl_check_hostname (the broker, kombu, takes no others)"),
+    ({"REDIS_URL": "redis://127.0.0.1:6379/abc"},
+     "REDIS_URL: must be a URL whose path is a database number, such as redis://host:6379/0"),
+    ({"PLURAL_BASE_URL": "http://[::1"},
+     "PLURAL_BASE_URL: must be an http(s) URL such as https://host/api, an IPv6 host in brackets ([::1])"),
+    ({"PLURAL_BASE_URL": "http://127.0.0.1:99999/api"},
+     "PLURAL_BASE_URL: must be an http(s) URL such as https://host/api, its port a number from 1 to 65535"),
+    ({"HTTP_PROXY": "http://[bad", "PLURAL_BASE_URL": "http://127.0.0.1:8800/api"},
+     "HTTP_PROXY: must be an http(s) URL such as http://proxy.internal:3128, an IPv6 host in brackets ([::1])"),
+    ({"https_proxy": "http://user:pw@[bad"},
+     "https_proxy: must be an http(s) URL such as http://proxy.internal:3128, an IPv6 host in brackets ([::1])"),
+    ({"HTTPS_PROXY": "http://proxy.internal:65536"},
+     "HTTPS_PROXY: must be an http(s) URL such as http://proxy.internal:3128, its port a number from 1 to 65535"),
+    ({"SENTRY_DSN": "https://k@[bad/1"},
+     "SENTRY_DSN: must be a Sentry DSN such as https://KEY@host/PROJECT_ID, an IPv6 host in brackets ([::1])"),
+    ({"SENTRY_DSN": "https://k@sentry.example/abc"},  # sentry-sdk's BadDsn at the worker's start
+     "SENTRY_DSN: must be a Sentry DSN such as https://KEY@host/PROJECT_ID"),
+    ({"RESULT_TTL": "10000000000000000"},
+     "RESULT_TTL: must be an integer from 3600 to 7776000 seconds (1 hour to 90 days) (got '10000000000000000')"),
+    ({"RESULT_TTL": "3153600000"},
+     "RESULT_TTL: must be an integer from 3600 to 7776000 seconds (1 hour to 90 days) (got '3153600000')"),
+    ({"PLURAL_RATE_LIMIT": "1e-320"},
+     "PLURAL_RATE_LIMIT: must be a number from 0.01 to 10000 calls per second (got '1e-320')"),
+    ({"REDIS_SENTINELS": "[::1", "REDIS_SENTINEL_MASTER": "m"},
+     "REDIS_SENTINELS: must be a comma-separated list of host:port, such as 10.0.0.1:26379,10.0.0.2:26379, an IPv6 "
+     "host in brackets ([::1]:26379) (got '[::1')"),
+]
+
+
+@pytest.mark.parametrize("env, message", REFUSED, ids=[next(iter(env.values())) for env, _ in REFUSED])
+def test_values_that_broke_later_are_refused_in_one_line(env, message):
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    assert str(info.value) == message
+    assert info.value.variable == message.split(":", 1)[0]

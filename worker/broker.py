@@ -26,7 +26,8 @@ when Redis refuses writes (:class:`QoS`, :meth:`Channel._brpop_read`), for any o
 
 Used through Celery's ``broker_transport`` setting (``config.celery``), with the
 ``redis://`` URL unchanged; :class:`SentinelTransport` is the same over kombu's Sentinel
-channel (``sentinel://`` URLs, ``REDIS_SENTINELS``: ``config.sentinel``).
+channel (``sentinel://`` URLs, ``REDIS_SENTINELS``: ``config.sentinel``), and says in one
+short line when no Sentinel names a master.
 """
 
 from __future__ import annotations
@@ -35,12 +36,15 @@ import json
 import logging
 import time
 from queue import Empty
+from urllib.parse import urlsplit
 
 import redis
 from celery.utils.dispatch import Signal
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
+from redis.sentinel import MasterNotFoundError
 
+from plural_cancel.config.sentinel import master_not_found
 from plural_cancel.errors import REDIS_AWAY, refusal_code, write_refused
 from plural_cancel.worker.keys import Keys
 from plural_cancel.worker.malformed import NOT_A_TASK_MESSAGE, UNDECODABLE
@@ -286,3 +290,17 @@ class SentinelTransport(Transport):
 
     Channel = SentinelChannel
     default_port = kombu_redis.SentinelTransport.default_port
+
+    def create_channel(self, connection):
+        # A channel pings the master as it is made, so this is where a worker (and a publish)
+        # learns that no Sentinel names one. redis-py's text holds each Sentinel client's repr,
+        # and Celery logs it on every attempt to connect: one short line instead, of the same
+        # type (a ConnectionError, which kombu and Celery retry).
+        try:
+            return super().create_channel(connection)
+        except MasterNotFoundError as exc:
+            client = self.client  # kombu's connection: one Sentinel's URL, or several as alternates
+            sentinels = [(url.hostname, url.port or self.default_port) for url in map(urlsplit, client.alt)] \
+                or [(client.hostname, client.port or self.default_port)]
+            line = master_not_found(exc, client.transport_options.get("master_name"), sentinels)
+            raise MasterNotFoundError(line) from None

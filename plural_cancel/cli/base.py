@@ -67,9 +67,7 @@ class Commands(click.Group):
         except Exception as exc:
             if not _from_redis(exc):
                 raise
-            settings = ctx.meta.get(_SETTINGS)
-            url = settings.describe()["redis_url"] if settings is not None else None
-            raise Failure(describe_redis_error(exc, url)) from None
+            raise Failure(describe_redis_error(exc, ctx.meta.get(_SETTINGS))) from None
 
 
 def _from_redis(exc: BaseException) -> bool:
@@ -80,18 +78,26 @@ def _from_redis(exc: BaseException) -> bool:
     return isinstance(exc, errors)
 
 
-def describe_redis_error(exc: BaseException, url: str | None) -> str:
+def describe_redis_error(exc: BaseException, settings: Settings | None) -> str:
     """One line saying what Redis did: not reachable, refused the write (OOM, READONLY),
-    refused the credentials, or another error. ``url`` must already have its password masked."""
+    refused the credentials, or another error; naming ``REDIS_URL``'s server (its password
+    masked), or under Sentinel the master and ``REDIS_SENTINELS`` (``REDIS_URL``'s host is not used then)."""
     import redis
     from kombu.exceptions import OperationalError
 
     notes = "; ".join(getattr(exc, "__notes__", ()))
     if isinstance(exc, OperationalError) and isinstance(exc.__context__, redis.RedisError):
         exc = exc.__context__
-    where = f"Redis at {url}" if url else "Redis"
+    if settings is None:
+        where = "Redis"
+    elif settings.redis_sentinels:
+        where = f"the Redis master {settings.redis_sentinel_master!r} of REDIS_SENTINELS"
+    else:
+        where = f"Redis at {settings.describe()['redis_url']}"
     text = str(exc)
-    if isinstance(exc, (redis.AuthenticationError, redis.AuthenticationWrongNumberOfArgsError)) \
+    if settings is not None and settings.redis_sentinels and isinstance(exc, redis.sentinel.MasterNotFoundError):
+        line = f"cannot reach Redis: {master_not_found(exc, settings)}"
+    elif isinstance(exc, (redis.AuthenticationError, redis.AuthenticationWrongNumberOfArgsError)) \
             or text.startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
         line = f"{where} refused the credentials: {text}"
     elif isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) and not isinstance(exc, redis.BusyLoadingError):
@@ -106,6 +112,13 @@ def describe_redis_error(exc: BaseException, url: str | None) -> str:
     else:
         line = f"{where} failed: {type(exc).__name__}: {text}"
     return f"{line} ({notes})" if notes else line
+
+
+def master_not_found(exc: BaseException, settings: Settings) -> str:
+    """What redis-py's ``MasterNotFoundError`` means under ``settings``' Sentinels, in one short line."""
+    from plural_cancel.config.sentinel import master_not_found
+
+    return master_not_found(exc, settings.redis_sentinel_master, settings.redis_sentinels)
 
 
 def _reason(exc: BaseException) -> str:

@@ -17,7 +17,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from plural_cancel.errors import ConfigError
-from plural_cancel.cli.base import Failure, UsageFailure, configured_app, load_settings
+from plural_cancel.cli.base import Failure, UsageFailure, configured_app, load_settings, master_not_found
 from plural_cancel.worker.links import format_timestamp
 
 RETRY_BATCH = 500
@@ -159,7 +159,10 @@ def check():
     try:
         trip = min(_round_trip(runtime.redis) for _ in range(5))
     except redis.RedisError as exc:
-        raise Failure(f"redis      unreachable: {type(exc).__name__}") from None
+        why = type(exc).__name__
+        if settings.redis_sentinels and isinstance(exc, redis.sentinel.MasterNotFoundError):
+            why = master_not_found(exc, settings)
+        raise Failure(f"redis      unreachable: {why}") from None
     if trip >= SLOT_LATENESS:
         # A PUT leaves within SLOT_LATENESS of its rate-limit slot, counted from when the
         # worker asked Redis for it: a round trip this long gives every slot up.

@@ -1,8 +1,9 @@
 """Commands for many cancels and later ones: ``bulk``, ``schedule``, ``unschedule``.
 
 ``bulk FILE`` reads one payment link id per line (blank lines and ``#`` comments
-skipped), or a CSV with a ``payment_link_id`` column. Every line is checked before
-anything is sent; each bad one is named on stderr with its line number and reason.
+skipped), or a CSV with a ``payment_link_id`` column, in UTF-8. The settings, then every
+line, are checked before anything is sent; each bad line is named on stderr with its line
+number and reason (a file that is not UTF-8: its first bad byte, and nothing is sent).
 The valid ones are enqueued (each distinct id once) unless ``--strict``; the exit
 status is then 2 when any line was bad, so a script notices, and 0 otherwise. The
 summary ends with the time the backlog needs at ``PLURAL_RATE_LIMIT``: every cancel
@@ -12,13 +13,14 @@ not yet finished, the file's and any other producer's, over the one global limit
 from __future__ import annotations
 
 import csv
+import io
 import math
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Iterable, TextIO
+from typing import BinaryIO, Iterable, TextIO
 
 import click
 
@@ -75,6 +77,22 @@ def read_link_file(lines: Iterable[str]) -> LinkFile:
     return result
 
 
+def text_lines(file: BinaryIO, name: str) -> io.StringIO:
+    """``file`` read whole as UTF-8 (a byte-order mark allowed), its lines ended as Python's
+    text mode ends them. A byte that is not UTF-8 is bad input: :class:`UsageFailure` naming
+    its line and its byte in that line (from 1), before anything is sent."""
+    data = file.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        before = data[:exc.start]  # UTF-8 up to the bad byte
+        line = before.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n").count("\n") + 1
+        byte = exc.start - max(before.rfind(b"\n"), before.rfind(b"\r"))
+        raise UsageFailure(f"{name} line {line}, byte {byte}: not UTF-8 text (0x{data[exc.start]:02x}); "
+                           "nothing enqueued") from None
+    return io.StringIO(text, newline=None)
+
+
 def _significant(numbered):
     for number, line in numbered:
         text = line.strip()
@@ -95,14 +113,14 @@ def _csv_rows(numbered, column: int):
 
 
 @click.command()
-@click.argument("file", type=click.File("r", encoding="utf-8-sig"))
+@click.argument("file", type=click.File("rb"))
 @click.option("--wait", is_flag=True, help="Follow the cancels until all have finished; print counts by outcome.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=None,
               help="With --wait: stop waiting after this many seconds (exit 1).")
 @click.option("--output", type=click.File("w"), default=None,
               help="Write 'payment_link_id,request_id' for every link enqueued.")
 @click.option("--strict", is_flag=True, help="Enqueue nothing when any line is bad.")
-def bulk(file: TextIO, wait: bool, timeout: float | None, output: TextIO | None, strict: bool):
+def bulk(file: BinaryIO, wait: bool, timeout: float | None, output: TextIO | None, strict: bool):
     """Cancel every payment link listed in FILE ('-' for stdin).
 
     One id per line (blank lines and # comments skipped), or a CSV with a
@@ -115,8 +133,9 @@ def bulk(file: TextIO, wait: bool, timeout: float | None, output: TextIO | None,
 
     from plural_cancel.tasks.producer import enqueue_many
 
-    parsed = read_link_file(file)
+    app = configured_app()  # a bad setting is refused before the file is read
     name = getattr(file, "name", "FILE")
+    parsed = read_link_file(text_lines(file, name))
     for number, reason in parsed.invalid[:SHOWN_INVALID]:
         click.echo(f"plural-cancel: {name} line {number}: {reason}", err=True)
     if len(parsed.invalid) > SHOWN_INVALID:
@@ -126,7 +145,6 @@ def bulk(file: TextIO, wait: bool, timeout: float | None, output: TextIO | None,
     if strict and parsed.invalid:
         raise UsageFailure(f"{name}: {_lines(len(parsed.invalid))} bad; nothing enqueued (--strict)")
 
-    app = configured_app()
     request_ids: list[str] = []
     try:
         with _progressbar(len(parsed.links), "enqueueing") as bar:
