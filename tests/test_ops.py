@@ -19,7 +19,7 @@ from tests.support.cli import run as cli
 from tests.support.cli import run_process
 from tests.support.redis_server import free_port
 from tests.support.slow_tcp import SlowRelay
-from tests.support.workers import ROOT, service_env, start_worker
+from tests.support.workers import ROOT, service_env, skewed_clock, start_worker
 
 def finished(app, request_id, timeout=30.0):
     from tasks import get_status
@@ -193,7 +193,7 @@ def test_stats_show_the_malformed_messages_every_worker_dropped(system, redis_ur
     app = use_settings(redis_url, sandbox_process.url)
     queue = app.conf.task_default_queue
     assert stats(env)["malformed"] == {"undecodable": 0, "not_a_task_message": 0, "unknown_task": 0,
-                                       "bad_arguments": 0}
+                                       "bad_arguments": 0, "request_id_conflict": 0}
     worker = start_worker(env, concurrency=2)
     try:
         client = app.runtime.redis
@@ -201,10 +201,11 @@ def test_stats_show_the_malformed_messages_every_worker_dropped(system, redis_ur
         app.send_task("tasks.no_such_task")
         wait_for(lambda: sum(stats(env)["malformed"].values()) == 3, 20, message="three malformed messages counted")
         assert stats(env)["malformed"] == {"undecodable": 1, "not_a_task_message": 1, "unknown_task": 1,
-                                           "bad_arguments": 0}
+                                           "bad_arguments": 0, "request_id_conflict": 0}
         text = cli(env, "stats")
         assert text.returncode == 0
-        assert "malformed     undecodable 1  not_a_task_message 1  unknown_task 1  bad_arguments 0" in text.stdout
+        assert ("malformed     undecodable 1  not_a_task_message 1  unknown_task 1  bad_arguments 0  "
+                "request_id_conflict 0") in text.stdout
     finally:
         worker.stop()
         use_settings(system["redis_url"], sandbox_process.url, **system["settings"])
@@ -220,9 +221,15 @@ def test_check_says_what_is_wrong_with_its_exit_status(system):
     env = system["env"]
     ok = run_process(env, "check", cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
-    settings_line, redis_line, plural_line = ok.stdout.splitlines()
+    settings_line, redis_line, clock_line, plural_line = ok.stdout.splitlines()
     assert (settings_line, plural_line) == ("settings   ok", "plural     ok (token obtained)")
     assert re.fullmatch(r"redis      ok \(round trip \d+\.\d ms\)", redis_line), redis_line
+    assert re.fullmatch(r"clock      ok \([+-]\d+ ms off Redis's\)", clock_line), clock_line
+
+    # A host whose clock is an hour ahead: Plural would see it in every Request-Timestamp.
+    skewed = run_process({**env, **skewed_clock(3600)}, "check", cwd=ROOT)
+    assert skewed.returncode == 1, skewed.stderr
+    assert re.search(r"clock      this host's clock is \+3600\.\d s off Redis's", skewed.stderr), skewed.stderr
 
     bad_setting = cli({**env, "PLURAL_RATE_LIMIT": "fast"}, "check")
     assert bad_setting.returncode == 2 and "PLURAL_RATE_LIMIT" in bad_setting.stderr

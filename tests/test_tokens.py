@@ -170,3 +170,30 @@ def test_the_memory_store_follows_the_same_margin():
     assert store.get(fetch) == "mem-1"
     clock.now += 0.5
     assert store.get(fetch) == "mem-2"
+
+
+# -- a host whose clock is off: the token's life is judged on Redis's clock --------------------
+
+def test_a_worker_an_hour_ahead_keeps_its_token_and_says_its_clock_is_off(redis_url, sandbox_process, services):
+    """One worker whose host clock runs an hour ahead, 1-hour tokens: judged by
+    that clock every token is expired on arrival, and each cancel fetched one (32 token calls
+    for 60 cancels). Judged by Redis's, one serves them all; the worker says its clock is off."""
+    from tasks import enqueue_many
+    from tasks.producer import get_statuses
+    from tests.conftest import use_settings, wait_for
+    from tests.support.workers import service_env, skewed_clock, start_worker
+
+    sandbox = sandbox_process
+    sandbox.reset_faults()
+    links = sandbox.create_links(60, prefix="pl-skew-")
+    sandbox.clear_requests()
+    env = service_env(redis_url, sandbox.url, PLURAL_RATE_LIMIT=50, **skewed_clock(3600))
+    worker = start_worker(env, concurrency=8)
+    services.append(worker)
+    app = use_settings(redis_url, sandbox.url)
+    request_ids = enqueue_many(links, app=app)
+    wait_for(lambda: all(s and s["state"] == "succeeded" for s in get_statuses(request_ids, app=app)), 60, 0.2,
+             message="60 cancels succeeded")
+    assert len(token_calls(sandbox)) == 1
+    assert "plural token has" not in worker.log()
+    assert "this host's clock is +3600" in worker.log()

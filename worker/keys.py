@@ -123,6 +123,12 @@ class Keys:
         return f"{self.prefix}:unreplicated"
 
     @property
+    def unreplicated_warned(self) -> str:
+        """String (60-s TTL): a producer warned, fleet-wide, that writes have no replica
+        (``worker.replication``): the others keep quiet until it expires."""
+        return f"{self.prefix}:unreplicated-warned"
+
+    @property
     def replication_mark(self) -> str:
         """String (60-s TTL): a write made only to ``WAIT`` for, when a replica that connected
         during a producer's write must be shown to hold it (``worker.replication``)."""

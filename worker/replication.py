@@ -14,8 +14,12 @@ the connection that made them: the call returns once a replica holds them.
   10 s; a write there must fail, not go through. With no replica connected for longer
   (a Redis that has none, or a replica down for good) there is nothing to wait for: the
   write goes through, is counted (``Keys.unreplicated``, read by ``stats`` and the
-  metrics) and warned about, once a minute per process. Which case holds is read from
-  ``ROLE`` at the end of every write's pipeline, so it costs no round trip of its own.
+  metrics) and warned about, once a minute across the fleet, when a replica is expected:
+  under Sentinel, or on a master that had one within the last hour (Redis keeps its
+  replication backlog that long after the last replica left). A Redis that never had a
+  replica has no failover to lose writes in: it is counted, not warned about. Which case
+  holds is read from ``ROLE`` at the end of every write's pipeline, so it costs no round
+  trip of its own.
 - a number N: wait for N replicas, whatever is connected.
 - 0: never wait.
 
@@ -27,7 +31,6 @@ could lose it, and the same call again (same Request-IDs) is safe.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any, Callable
 
@@ -49,8 +52,8 @@ for one (and fails the write when none acknowledges): longer than a failover's w
 of writes to the demoted master (about 10 s, ``docs``), short enough that a replica
 down for good stops failing writes within a minute."""
 
-WARN_EVERY = 60.0
-"""Seconds between two warnings of one process that its writes have no replica."""
+WARN_EVERY = 60
+"""Seconds between two warnings, fleet-wide, that producers' writes have no replica."""
 
 
 class ReplicaWait:
@@ -62,18 +65,17 @@ class ReplicaWait:
     """
 
     def __init__(self, client: redis.Redis, setting: int | str, *, keys: Keys = Keys(),
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, sentinel: bool = False):
         self.redis = client
         self.setting = setting
         self.keys = keys
         self.clock = clock
+        self.sentinel = sentinel
+        """Redis is found through Sentinels: its master is meant to have a replica."""
         self._connected: int | None = None
         """Replicas the master had connected at the end of the last write (``auto``); None: not known yet."""
         self._seen_at: float | None = None
         """``clock()`` when a replica was last seen connected (``auto``)."""
-        self._lock = threading.Lock()
-        self._warned_at: float | None = None
-        self._unwarned = 0
 
     def extend(self, pipe: Any) -> tuple[int, bool]:
         """Append this write's ``WAIT`` (and, for ``auto``, ``ROLE``) to ``pipe``; returns what
@@ -149,15 +151,15 @@ class ReplicaWait:
                             "and a failover now could lose it; call again (the same Request-IDs are one cancel)")
 
     def _warn(self) -> None:
-        with self._lock:
-            now = self.clock()
-            self._unwarned += 1
-            if self._warned_at is not None and now - self._warned_at < WARN_EVERY:
-                return
-            count, self._unwarned, self._warned_at = self._unwarned, 0, now
-        log.warning("Redis's master has no replica connected: %d write(s) of this process went through held by the "
-                    "master alone, and a failover would lose them (REDIS_WAIT_REPLICAS=auto; set it to 0 for a "
-                    "Redis without replicas)", count)
+        # Once a minute for the whole fleet (a key with a TTL): every producer process, the
+        # command line's among them, would otherwise say it at its first write.
+        if not self.redis.set(self.keys.unreplicated_warned, "1", nx=True, ex=WARN_EVERY):
+            return
+        if not self.sentinel and not self.redis.info("replication").get("repl_backlog_active"):
+            return  # never had a replica (or not for an hour): no failover to lose writes in
+        log.warning("Redis's master has no replica connected: producers' writes go through held by the master "
+                    "alone, and a failover would lose them (%d so far: plural-cancel stats; "
+                    "REDIS_WAIT_REPLICAS=auto)", unreplicated_writes(self.redis, self.keys))
 
 
 def replicas_connected(role: Any) -> int:

@@ -70,7 +70,8 @@ class Runtime:
     @cached_property
     def replicas(self) -> ReplicaWait:
         """How a producer's writes wait for Redis's replicas (``REDIS_WAIT_REPLICAS``)."""
-        return ReplicaWait(self.redis, self.settings.wait_replicas, keys=self.keys)
+        return ReplicaWait(self.redis, self.settings.wait_replicas, keys=self.keys,
+                           sentinel=bool(self.settings.redis_sentinels))
 
     @cached_property
     def limiter(self) -> RedisRateLimiter:

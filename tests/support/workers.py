@@ -32,6 +32,12 @@ def service_env(redis_url: str, plural_url: str, **extra: str) -> dict[str, str]
     return env
 
 
+def skewed_clock(seconds: float) -> dict[str, str]:
+    """The environment of a process whose host clock runs ``seconds`` ahead (negative: behind):
+    ``tests/support/skewed_clock/sitecustomize.py``."""
+    return {"PYTHONPATH": str(Path(__file__).parent / "skewed_clock"), "CLOCK_SKEW": str(seconds)}
+
+
 LOGS: list[Path] = []
 """Every log file a :class:`CeleryProcess` of this test process wrote (``conftest`` removes
 them after a run that passed)."""
