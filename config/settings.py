@@ -108,6 +108,10 @@ REFERENCE = (
              range=Range(0.01, DAY, "seconds", note="up to a day"), field="retry_cap"),
     Variable("RESULT_TTL", "seconds a status record is kept after its cancel ends",
              range=Range(HOUR, 90 * DAY, "seconds", integer=True, note="1 hour to 90 days"), field="result_ttl"),
+    Variable("OUTCOME_RETENTION", "seconds an outcome event stays on the stream plural-cancel:events, whether "
+             "or not a consumer has read it; unset: RESULT_TTL",
+             range=Range(HOUR, 90 * DAY, "seconds", integer=True, note="1 hour to 90 days"),
+             field="outcome_retention"),
     Variable("PLURAL_CONNECT_TIMEOUT", "seconds to wait for a connection to Plural",
              range=Range(0.1, MAX_ATTEMPT_TIMEOUT, "seconds"), field="connect_timeout"),
     Variable("PLURAL_READ_TIMEOUT", "seconds to wait for Plural's answer once connected",
@@ -278,6 +282,9 @@ class Settings:
     """Seconds: no retry waits longer than this (before Plural's own Retry-After)."""
     result_ttl: int = 604800
     """Seconds a status record is kept in Redis."""
+    outcome_retention: int = 0
+    """Seconds an outcome event stays on the stream, read or not (trimmed by age, never by
+    count); 0 (unset): ``result_ttl``."""
     connect_timeout: float = 3.05
     """Seconds to wait for a TCP/TLS connection to Plural."""
     read_timeout: float = 10.0
@@ -382,6 +389,8 @@ class Settings:
         elif settings.attempt_timeout < least:
             raise ConfigError("CANCEL_ATTEMPT_TIMEOUT", f"at least LIMITER_MAX_WAIT + PLURAL_CONNECT_TIMEOUT + "
                               f"PLURAL_READ_TIMEOUT ({least:g} s)", str(settings.attempt_timeout))
+        if not settings.outcome_retention:
+            settings = replace(settings, outcome_retention=settings.result_ttl)
         return settings
 
     def require_credentials(self) -> "Settings":

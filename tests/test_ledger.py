@@ -228,3 +228,50 @@ def test_a_cancel_whose_budget_is_spent_ends_with_its_callback_pending(redis_cli
     assert attempts.admit("cb-budget", LINK, "o2", 30, max_wait=1.0, probe_max_wait=1.0).claim.verdict == "gave_up"
     [pending] = ledger.take_callbacks(10, lease=5)
     assert (pending.request_id, pending.status["outcome"]) == ("cb-budget", "gave_up")
+
+
+# -- the outcome stream: kept by age, and each consumer group's lag ---------------------------
+
+def test_a_flood_of_rejected_messages_never_pushes_out_an_unread_outcome(redis_client):
+    """100,500 malformed messages rejected under their Request-IDs (each an ending, each
+    announced) after one real outcome that a slow consumer has not read: it is still there."""
+    ledger = ledger_for(redis_client)
+    events = ledger.keys.events
+    ledger.create_many([("real-1", LINK)])
+    claim(ledger, "real-1", LINK, "owner-1", lease=30)
+    attempts_for(ledger).finish("real-1", LINK, "owner-1", state="succeeded", outcome="cancelled", attempted=True)
+    redis_client.xgroup_create(events, "orders", id="0")
+    error = {"http_status": None, "code": "MALFORMED_MESSAGE", "message": "payment_link_id: missing"}
+    flood = 100_500
+    pipe = redis_client.pipeline(transaction=False)
+    keys, args = ledger.finish_call("x", "", "", state="failed", outcome="rejected", attempted=False, last_error=error)
+    for n in range(flood):
+        rid = f"flood-{n}"
+        ledger._reject(keys=[ledger.keys.record(rid), *keys[1:], ledger.keys.schedule_ids], args=[rid, *args[1:], ""],
+                       client=pipe)
+        if n % 10_000 == 9_999:
+            pipe.execute()
+    pipe.execute()
+    assert redis_client.xlen(events) == flood + 1
+    [[_, [(_, first)]]] = redis_client.xreadgroup("orders", "c1", {events: ">"}, count=1)
+    assert first[b"request_id"] == b"real-1"
+    groups = ledger.consumer_groups()
+    assert groups["orders"]["lag"] == flood and groups["orders"]["pending"] == 1 and not groups["orders"]["missed"]
+
+
+def test_outcomes_older_than_the_retention_are_trimmed_and_a_group_that_missed_them_is_told(redis_client):
+    ledger = ledger_for(redis_client, result_ttl=1)  # RESULT_TTL: records and events alike
+    events = ledger.keys.events
+    writer = attempts_for(ledger)
+    redis_client.xgroup_create(events, "slow", id="0", mkstream=True)
+    for n in range(300):  # trimming drops whole nodes (100 entries): enough for a few
+        ledger.create_many([(f"old-{n}", f"pl-old-{n}")])
+        claim(ledger, f"old-{n}", f"pl-old-{n}", "o", lease=30)
+        writer.finish(f"old-{n}", f"pl-old-{n}", "o", state="succeeded", outcome="cancelled", attempted=True)
+    time.sleep(1.2)
+    ledger.create_many([("new", "pl-new")])
+    claim(ledger, "new", "pl-new", "o", lease=30)
+    writer.finish("new", "pl-new", "o", state="succeeded", outcome="cancelled", attempted=True)
+    assert redis_client.xlen(events) < 301
+    group = ledger.consumer_groups()["slow"]
+    assert group["missed"] and group["oldest_unread_seconds"] >= 1.0

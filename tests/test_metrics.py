@@ -47,9 +47,12 @@ def test_the_metrics_endpoint_counts_what_happened(system):
     from tasks import enqueue_cancel, enqueue_many
 
     app, sandbox, port = system["app"], system["sandbox"], system["port"]
+    app.runtime.redis.xgroup_create(app.runtime.keys.events, "orders", id="0", mkstream=True)
     samples = scrape(port)
     assert value(samples, "plural_cancel_breaker_state", state="closed") == 1
     assert value(samples, "plural_cancel_queue_depth") == 0
+    assert abs(value(samples, "plural_cancel_clock_offset_seconds")) < 1
+    assert ("plural_cancel_clock_offset_seconds", ()) in samples
 
     # Three plain cancels and a paid link (a PUT refused, then a GET).
     links = sandbox.create_links(3, prefix="pl-metrics-ok-")
@@ -86,6 +89,12 @@ def test_the_metrics_endpoint_counts_what_happened(system):
     assert value(samples, "plural_cancel_dead_letters") == 1
     assert value(samples, "plural_cancel_breaker_openings_total") == 0
     assert value(samples, "plural_cancel_rate_limit_per_second") > 0
+    # Five endings announced, none read by the order service's group.
+    assert value(samples, "plural_cancel_outcome_consumer_lag", group="orders") == 5
+    assert value(samples, "plural_cancel_outcome_consumer_pending", group="orders") == 0
+    assert value(samples, "plural_cancel_outcome_consumer_behind_seconds", group="orders") > 0
+    # Producer writes (an enqueue_many, an enqueue_cancel) on this Redis, which has no replica: counted (auto).
+    assert value(samples, "plural_cancel_unreplicated_writes_total") == 2
 
     # Plural goes down: three links failing within the 1-s window open the breaker; later cancels are held.
     sandbox.set_faults(outage=True, faults_skip_token=True)

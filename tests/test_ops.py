@@ -144,6 +144,8 @@ def test_stats_follow_a_running_system(system, redis_url, sandbox_process):
     sandbox = sandbox_process
     links = sandbox.create_links(3, prefix="pl-ops-stats-")
 
+    # An order service's consumer group, which reads nothing here.
+    app.runtime.redis.xgroup_create(app.runtime.keys.events, "orders", id="0", mkstream=True)
     # No worker yet: three cancels wait in the queue.
     enqueue_many(links, app=app)
     figures = stats(env)
@@ -164,6 +166,9 @@ def test_stats_follow_a_running_system(system, redis_url, sandbox_process):
         assert figures["states"] == {"queued": 0, "running": 0, "retrying": 0, "succeeded": 3, "failed": 2}
         assert figures["outcomes"] == {"cancelled": 3, "not_cancellable": 1, "rejected": 1}
         assert (figures["queue_depth"], figures["deferred"], figures["dead_letters"]) == (0, 0, 2)
+        orders = figures["consumer_groups"]["orders"]
+        assert (orders["lag"], orders["pending"], orders["missed"]) == (5, 0, False)
+        assert 0 <= orders["oldest_unread_seconds"] < 60
 
         # Plural goes down: the second link failing opens the breaker (BREAKER_MIN_LINKS 2) and the
         # cancels wait in Redis for it to reopen, two minutes later.
@@ -180,6 +185,7 @@ def test_stats_follow_a_running_system(system, redis_url, sandbox_process):
         text = cli(env, "stats")
         assert text.returncode == 0
         assert "breaker       open" in text.stdout and "deferred      2 " in text.stdout
+        assert re.search(r"consumers     orders: \d+ unread, oldest unread \d+ s old, 0 pending\n", text.stdout)
     finally:
         worker.stop()
         sandbox.reset_faults()

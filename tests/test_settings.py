@@ -312,3 +312,10 @@ def test_values_that_broke_later_are_refused_in_one_line(env, message):
         Settings.from_env(env)
     assert str(info.value) == message
     assert info.value.variable == message.split(":", 1)[0]
+
+
+def test_outcome_retention_is_result_ttl_unless_set():
+    assert Settings.from_env({"RESULT_TTL": "86400"}).outcome_retention == 86400
+    assert Settings.from_env({"RESULT_TTL": "86400", "OUTCOME_RETENTION": "7200"}).outcome_retention == 7200
+    with pytest.raises(ConfigError, match="OUTCOME_RETENTION"):
+        Settings.from_env({"OUTCOME_RETENTION": "60"})

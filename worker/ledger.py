@@ -48,8 +48,7 @@ TERMINAL = ("succeeded", "failed")
 ACTIVE = ("queued", "running", "retrying")
 STATS_BUCKET = 3600
 """Seconds of finishes counted in one ``finished`` hash (outcome -> records)."""
-STREAM_MAXLEN = 100_000
-"""Outcome events kept in the stream (approximately: trimmed with ``~``)."""
+
 READ_CHUNK = 1000
 """Records read per round trip by :meth:`Ledger.statuses`."""
 CREATE_CHUNK = 1000
@@ -111,8 +110,11 @@ class Ledger:
 
     def __init__(self, client: redis.Redis, *, result_ttl: int, retry_budget: float, stall_timeout: float,
                  rate: float, queue: str, keys: Keys = Keys(), clock: Callable[[], float] = time.time,
-                 redactor: Redactor = Redactor(), replicas: ReplicaWait | None = None):
+                 redactor: Redactor = Redactor(), replicas: ReplicaWait | None = None,
+                 outcome_retention: int | None = None):
         self.redis = client
+        self.outcome_retention = outcome_retention or result_ttl
+        """Seconds an outcome event stays on the stream (``OUTCOME_RETENTION``): trimmed by age only."""
         self.replicas = replicas or ReplicaWait(client, 0, keys=keys)
         """How a producer's writes (:meth:`create_many`, :meth:`requeue`) wait for replicas."""
         self.redactor = redactor
@@ -206,7 +208,7 @@ class Ledger:
         k = self.keys
         keys = [k.record(request_id), k.link(payment_link_id), k.due, k.failed, k.events, k.stats,
                 k.finished(""), k.followers(request_id), k.record(""), k.callbacks]
-        return keys, [request_id, owner, self.result_ttl, int(attempted), STREAM_MAXLEN,
+        return keys, [request_id, owner, self.result_ttl, int(attempted), self.outcome_retention,
                       json.dumps(fields), STATS_BUCKET]
 
     def defer_call(self, request_id: str, owner: str, *, delay: float, attempted: bool,
@@ -310,6 +312,39 @@ class Ledger:
                 "outcomes": {k: n for k, n in sorted(outcomes.items()) if n > 0},
                 "deferred": max(0, int(active.get(b"deferred", 0))), "backlog": backlog, "dead_letters": dead}
 
+    def consumer_groups(self) -> dict[str, dict[str, Any]]:
+        """Each consumer group of the outcome stream: ``{name: {"lag": entries not yet
+        delivered to it (None: Redis cannot tell), "pending": delivered and not acknowledged,
+        "oldest_unread_seconds": age of the first entry it has not read (None: none),
+        "missed": True when entries it had not read were trimmed}}``. One ``XINFO GROUPS``
+        and one ``XRANGE`` per group: cheap at any stream length."""
+        try:
+            groups = self.redis.xinfo_groups(self.keys.events)
+        except redis.ResponseError:  # no stream yet (nothing has ended)
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for group in groups:
+            pipe.xrange(self.keys.events, min=f"({as_text(group['last-delivered-id'])}", count=1)
+        pipe.xinfo_stream(self.keys.events)
+        pipe.time()
+        *firsts, stream, (seconds, micros) = pipe.execute()
+        now_ms = seconds * 1000 + micros // 1000
+        out = {}
+        removed = stream["entries-added"] - stream["length"]
+        oldest = _id(stream["first-entry"][0]) if stream.get("first-entry") else (0, 0)
+        for group, first in zip(groups, firsts):
+            unread = _id(first[0][0])[0] if first else None
+            read = group.get("entries-read")
+            out[as_text(group["name"])] = {
+                "lag": group.get("lag"), "pending": group["pending"],
+                "oldest_unread_seconds": None if unread is None else max(0.0, (now_ms - unread) / 1000),
+                # It read fewer entries than were trimmed (or, when Redis has no count of what it
+                # read, was given none of those left while some were trimmed): some went unread.
+                "missed": removed > 0 and (read < removed if read is not None
+                                           else _id(group["last-delivered-id"]) < oldest),
+            }
+        return out
+
     # -- reading ---------------------------------------------------------------------
 
     def status(self, request_id: str) -> dict[str, Any] | None:
@@ -365,6 +400,12 @@ def format_record(request_id: str, raw: dict[str, str]) -> dict[str, Any]:
 def stored_time(value: str | None) -> str | None:
     """A time stored as epoch seconds (text) as ISO 8601 UTC; None when absent or empty."""
     return format_timestamp(float(value)) if value else None
+
+
+def _id(entry_id: Any) -> tuple[int, int]:
+    """A stream entry id as (milliseconds of Redis's clock it was made at, sequence)."""
+    ms, _, seq = as_text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
 
 
 def as_text(value: Any) -> str:

@@ -144,7 +144,7 @@ end
 # KEYS: [1] record  [2] link  [3] due  [4] failed  [5] events  [6] stats
 #       [7] finished-hash prefix (the hour's start is appended)  [8] this record's followers
 #       [9] record key prefix  [10] callbacks (pending index)
-# ARGV: [1] request_id  [2] owner  [3] ttl seconds  [4] attempted (0/1)  [5] stream maxlen
+# ARGV: [1] request_id  [2] owner  [3] ttl seconds  [4] attempted (0/1)  [5] stream retention seconds
 #       [6] JSON object of fields to set (state, outcome, link_status, ...)  [7] bucket seconds
 # Returns the attempts made, or -1 when ``owner`` no longer holds the cancel (its lease
 # ran out and another delivery took it): a stale delivery writes nothing.
@@ -167,7 +167,11 @@ local function close(K, A, key, rid, before, fields, now, event)
   local bucket = math.floor(now / tonumber(A[7])) * tonumber(A[7])
   redis.call('HINCRBY', K[7] .. bucket, fields['outcome'], 1)
   redis.call('EXPIREAT', K[7] .. bucket, bucket + tonumber(A[7]) + tonumber(A[3]))
-  redis.call('XADD', K[5], 'MAXLEN', '~', A[5], '*', unpack(event))
+  -- Kept by age, never by count: an entry goes once it is older than the retention (Redis
+  -- trims whole nodes of ~100 entries, so a few may stay a little longer), and a flood of
+  -- endings, however large, never pushes out one a consumer has not read yet.
+  local minid = math.floor((now - tonumber(A[5])) * 1000)
+  redis.call('XADD', K[5], 'MINID', '~', math.max(0, minid), '*', unpack(event))
   if redis.call('HEXISTS', key, 'callback') == 1 then redis.call('ZADD', K[10], fmt(now), rid) end
 end
 

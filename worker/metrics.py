@@ -18,8 +18,10 @@ half_open), ``plural_cancel_records{state}`` (see ``Ledger.stats``),
 ``plural_cancel_dead_letters``, ``plural_cancel_rate_limit_per_second``, the counters
 ``plural_cancel_malformed_messages_total{reason}`` (messages dropped as malformed by
 any worker, see ``worker.malformed``) and ``plural_cancel_unreplicated_writes_total``
-(``worker.replication``), and ``plural_cancel_clock_offset_seconds`` (this worker's host
-clock against Redis's).
+(``worker.replication``), ``plural_cancel_clock_offset_seconds`` (this worker's host
+clock against Redis's), and for each consumer group of the outcome stream
+``plural_cancel_outcome_consumer_lag{group}``, ``..._behind_seconds{group}`` and
+``..._pending{group}`` (``Ledger.consumer_groups``).
 
 One process, one set of numbers: the worker runs Celery's threads pool
 (``config/celery.py``), so every task updates the counters of the process that serves
@@ -96,6 +98,7 @@ def snapshot(rt) -> dict[str, Any]:
     shared["rate"] = rt.limiter.effective_rate()
     shared["malformed"] = malformed.counts(rt.redis, rt.keys)
     shared["unreplicated_writes"] = unreplicated_writes(rt.redis, rt.keys)
+    shared["consumer_groups"] = rt.ledger.consumer_groups()
     shared["clock_offset"] = clock_offset(rt.redis)
     return shared
 
@@ -149,6 +152,23 @@ class SharedStateCollector(Collector):
                                   "Producer writes that went through with no replica connected to Redis's master "
                                   "(REDIS_WAIT_REPLICAS=auto): a failover could have lost them.",
                                   value=shared["unreplicated_writes"])
+        lag = GaugeMetricFamily("plural_cancel_outcome_consumer_lag",
+                                "Outcome events not yet delivered to a consumer group of plural-cancel:events.",
+                                labels=["group"])
+        behind = GaugeMetricFamily("plural_cancel_outcome_consumer_behind_seconds",
+                                   "Age of the oldest outcome event a consumer group has not read (0: none).",
+                                   labels=["group"])
+        pending = GaugeMetricFamily("plural_cancel_outcome_consumer_pending",
+                                    "Outcome events delivered to a consumer group and not acknowledged.",
+                                    labels=["group"])
+        for group, figures in shared["consumer_groups"].items():
+            if figures["lag"] is not None:
+                lag.add_metric([group], figures["lag"])
+            behind.add_metric([group], figures["oldest_unread_seconds"] or 0.0)
+            pending.add_metric([group], figures["pending"])
+        yield lag
+        yield behind
+        yield pending
         yield GaugeMetricFamily("plural_cancel_clock_offset_seconds",
                                 "Seconds this worker's host clock is ahead of Redis's (negative: behind); Plural "
                                 "sees it in every Request-Timestamp.", value=shared["clock_offset"])

@@ -65,7 +65,8 @@ class Runtime:
         return Ledger(self.redis, result_ttl=self.settings.result_ttl, retry_budget=self.settings.retry_budget,
                       stall_timeout=self.settings.stall_timeout, rate=self.settings.rate_limit * PACING,
                       queue=self.settings.cancel_queue, keys=self.keys, clock=self.clock,
-                      redactor=redactor_for(self.settings), replicas=self.replicas)
+                      redactor=redactor_for(self.settings), replicas=self.replicas,
+                      outcome_retention=self.settings.outcome_retention)
 
     @cached_property
     def replicas(self) -> ReplicaWait:

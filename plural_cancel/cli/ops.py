@@ -122,6 +122,7 @@ def stats(as_json: bool):
         "rate": {"limit_per_second": app.settings.rate_limit, "current_per_second": round(snap["rate"], 3)},
         "malformed": snap["malformed"],
         "unreplicated_writes": snap["unreplicated_writes"],
+        "consumer_groups": snap["consumer_groups"],
     }
     if as_json:
         click.echo(json.dumps(figures, indent=2))
@@ -140,6 +141,11 @@ def stats(as_json: bool):
                + " (messages dropped, every worker; the worker log says why)")
     click.echo(f"unreplicated  {snap['unreplicated_writes']} producer writes with no replica to hold them "
                "(REDIS_WAIT_REPLICAS=auto)")
+    for group, g in snap["consumer_groups"].items():
+        behind = "" if g["oldest_unread_seconds"] is None else f", oldest unread {g['oldest_unread_seconds']:.0f} s old"
+        missed = "; some events were trimmed before it read them" if g["missed"] else ""
+        lag = "?" if g["lag"] is None else g["lag"]
+        click.echo(f"consumers     {group}: {lag} unread{behind}, {g['pending']} pending{missed}")
 
 
 @click.command()
