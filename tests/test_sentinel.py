@@ -325,7 +325,8 @@ def test_no_enqueue_that_returned_is_lost_in_a_failover(sentinel_group, wait, ca
         before = sum(map(len, accepted))
         new = group.failover()
         group.wait_replica_linked(40)  # the old master demoted: what it took since is gone now
-        time.sleep(2)
+        after = sum(map(len, accepted))
+        time.sleep(3)  # and the producers go on writing to the new master and its replica
     finally:
         stop.set()
         for thread in threads:
@@ -339,5 +340,5 @@ def test_no_enqueue_that_returned_is_lost_in_a_failover(sentinel_group, wait, ca
     with capsys.disabled():
         print(f"\n[failover] REDIS_WAIT_REPLICAS={wait}: {len(ids)} enqueues returned ({before} before the "
               f"failover of {old} to {new}), {sum(refused)} raised and were called again, {len(lost)} lost")
-    assert len(ids) > before + 100, "the producers did not go on after the failover"
+    assert len(ids) > after + 60, "the producers did not go on after the failover"
     assert not lost, f"{len(lost)} enqueues returned and then lost, e.g. {lost[:5]}"
