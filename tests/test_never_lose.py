@@ -240,6 +240,7 @@ def test_a_master_refusing_writes_for_want_of_replicas_stops_no_worker(sandbox_p
         time.sleep(3)  # the worker's BRPOPs are refused meanwhile
         assert worker.proc.poll() is None, worker.log()[-3000:]
         replica()
+        wait_for(lambda: _write_error(admin) is None, 10, 0.1, message="writes taken again")  # a good replica
         request_id = enqueue_cancel(links[1], app=app)
         assert finished(app, request_id)["outcome"] == "cancelled"
         assert worker.proc.poll() is None and "Unrecoverable error" not in worker.log()
