@@ -15,16 +15,16 @@ import redis
 from celery.exceptions import Ignore
 
 from plural_cancel.config.celery import CANCEL_TASK, lease_seconds
-from plural_cancel.errors import (REDIS_AWAY, MalformedMessage, PluralAuthError, PluralBadResponse, PluralError,
-                                  PluralRateLimited, PluralRequestError, SlotMissed, TokenUnavailable, refusal_code,
-                                  write_refused)
+from plural_cancel.errors import (REDIS_AWAY, MalformedMessage, PluralAuthError, PluralBadResponse,
+                                  PluralConnectionError, PluralError, PluralRateLimited, PluralRequestError,
+                                  PluralTimeout, SlotMissed, TokenUnavailable, refusal_code, write_refused)
 from plural_cancel.worker import app, malformed, metrics, reporting
 from plural_cancel.worker.attempts import Health, Settled
 from plural_cancel.worker.breaker import FAILURE, NO_NEWS, SUCCESS
 from plural_cancel.worker.classify import should_retry
 from plural_cancel.worker.links import PaymentLink, format_timestamp
 from plural_cancel.worker.plural import PluralClient
-from plural_cancel.worker.retry import backoff
+from plural_cancel.worker.retry import backoff, throttle_wait
 from plural_cancel.worker.runtime import PACING, Runtime
 from plural_cancel.worker.validation import validate_payment_link_id, validate_request_id
 
@@ -240,22 +240,26 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
         metrics.DEFERRALS.labels("rate_limit").inc()
         return "late"
     return record(rt, decision, payment_link_id, request_id, owner,
-                  attempts=claim.attempts + int(decision.attempted),
-                  budget_left=claim.budget_left - (time.monotonic() - began), probe=gate.probe)
+                  attempts=claim.attempts + int(decision.attempted), throttles=claim.throttles,
+                  budget_left=claim.budget_left - (time.monotonic() - began), probe=gate.probe, sent_at=slot.at)
 
 
-def health(decision: Decision, probe: bool) -> Health:
-    """What this attempt showed of Plural's health, for the breaker and the limiter."""
+def health(decision: Decision, probe: bool, sent_at: float = 0.0) -> Health:
+    """What this attempt showed of Plural's health, for the breaker and the pace (``sent_at``:
+    when the call's slot was granted)."""
     error = decision.error
     if isinstance(error, TokenUnavailable):
         return Health(NO_NEWS, probe)  # Plural's token endpoint was never asked: no news of Plural
+    # The pace counts the calls Plural answered, and which of them it throttled.
+    called = decision.attempted and not isinstance(error, (PluralTimeout, PluralConnectionError))
     if isinstance(error, PluralRateLimited):
-        # A throttle, not an outage: the limiter slows down; the breaker hears nothing.
-        return Health(NO_NEWS, probe, throttled=True)
+        # A throttle, not an outage: the pace hears it; the breaker hears nothing.
+        return Health(NO_NEWS, probe, called=called, throttled=True, sent_at=sent_at)
     if decision.state == "retry" and (isinstance(error, PluralBadResponse) or should_retry(error)):
-        return Health(FAILURE, probe)  # a 5xx, no answer, or one that is not Plural's (a maintenance page)
+        # A 5xx, no answer, or one that is not Plural's (a maintenance page).
+        return Health(FAILURE, probe, called=called, sent_at=sent_at)
     # Any answer that is not a Plural-side failure (including a 4xx in Plural's words) shows Plural is up.
-    return Health(SUCCESS, probe)
+    return Health(SUCCESS, probe, called=called, sent_at=sent_at)
 
 
 def _spread(rt: Runtime, delay: float) -> float:
@@ -284,20 +288,27 @@ def _accepted(rt: Runtime, settled: Settled, ids: dict, error: Exception | None 
 
 
 def record(rt: Runtime, decision: Decision, payment_link_id: str, request_id: str, owner: str, *,
-           attempts: int, budget_left: float, probe: bool = False) -> str:
-    """Write the decision: finish it, or defer it with backoff inside the budget left (seconds),
-    with what it showed of Plural's health, in one round trip."""
+           attempts: int, budget_left: float, throttles: int = 0, probe: bool = False, sent_at: float = 0.0) -> str:
+    """Write the decision: finish it, or defer it inside the budget left (seconds), with what
+    it showed of Plural's health, in one round trip. A throttle waits Plural's Retry-After
+    (``retry.throttle_wait``); a failure backs off by the failed attempts alone (``attempts``
+    less the ``throttles`` among them)."""
     writer = rt.attempts
     error = error_summary(decision.error)
-    seen = health(decision, probe)
+    seen = health(decision, probe, sent_at)
     fields = {"request_id": request_id, "payment_link_id": payment_link_id, "attempts": attempts}
     if decision.state == "retry":
         settings = rt.settings
-        delay = backoff(attempts, base=settings.retry_base, cap=settings.retry_cap, jitter=rt.jitter,
-                        retry_after=decision.retry_after)
+        throttled = isinstance(decision.error, PluralRateLimited)
+        if throttled:
+            delay = throttle_wait(decision.retry_after, jitter=rt.jitter)
+        else:
+            delay = backoff(attempts - throttles, base=settings.retry_base, cap=settings.retry_cap,
+                            jitter=rt.jitter, retry_after=decision.retry_after)
         if delay <= budget_left:
             settled = writer.defer(request_id, payment_link_id, owner, health=seen, delay=delay,
-                                   attempted=decision.attempted, last_error=error)
+                                   attempted=decision.attempted, last_error=error,
+                                   throttled=throttled and decision.attempted)
             if not _accepted(rt, settled, fields, decision.error):
                 return "stale"
             log.info("cancel retrying in %.1fs", delay, extra={**fields, "state": "retrying", "error": error})

@@ -16,7 +16,7 @@ SLOW_MODULES = {
     "test_beat", "test_chaos", "test_deploy_files", "test_health", "test_host_app",
     "test_imports", "test_inspect", "test_metrics", "test_namespace", "test_never_lose", "test_ops",
     "test_outcome_stream", "test_pipeline", "test_procfile", "test_redis_restart", "test_reporting", "test_ride_out",
-    "test_run_local", "test_sentinel", "test_tokens", "test_worker_loss",
+    "test_run_local", "test_sentinel", "test_throttle", "test_tokens", "test_worker_loss",
 }
 """Modules whose tests start Celery workers, beat, honcho, Sentinels or many command-line
 processes, or build a wheel: ``make test-fast`` (``-m "not slow"``) leaves them out."""
@@ -30,10 +30,11 @@ ORDER = (
     # waits behind it for the two minutes it takes.
     "test_module_map", "test_sandbox_replies", "test_broker",
     # Then the rest, longest first, to whichever process is free.
-    "test_health", "test_never_lose", "test_reporting", "test_beat", "test_outcome_stream", "test_pipeline",
+    "test_throttle", "test_health", "test_never_lose", "test_reporting", "test_beat", "test_outcome_stream",
+    "test_pipeline",
     "test_ops", "test_inspect", "test_namespace", "test_deploy_files", "test_backlog", "test_sandbox",
-    "test_sandbox_throttle", "test_run_local", "test_tokens", "test_settings", "test_imports", "test_ratelimit", "test_metrics",
-    "test_sandbox_http", "test_plural_transport", "test_procfile", "test_breaker",
+    "test_sandbox_throttle", "test_run_local", "test_tokens", "test_replication", "test_settings", "test_imports",
+    "test_ratelimit", "test_metrics", "test_sandbox_http", "test_plural_transport", "test_procfile", "test_breaker",
 )
 """The order ``make test`` hands whole modules to its processes in (``--dist loadfile
 --no-loadscope-reorder``), from their wall times in a full run (``--durations=0``); modules

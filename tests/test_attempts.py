@@ -116,15 +116,19 @@ def test_settling_writes_the_outcome_and_the_breakers_success_together(parts, re
     assert event[b"payment_link_id"] == LINK.encode() and event[b"outcome"] == b"cancelled"
 
 
-def test_a_429_slows_the_limiter_and_a_failure_reaches_the_breaker_in_the_same_write(parts, redis_client):
+def test_a_429_reaches_the_pace_and_a_failure_the_breaker_in_the_same_write(parts, redis_client):
     ledger, breaker, limiter, attempts = parts
     ledger.create_many([("req-a", LINK)])
-    admit(attempts)
-    settled = attempts.defer("req-a", LINK, "owner-1", health=Health(NO_NEWS, throttled=True), delay=60,
-                             attempted=True, last_error={"http_status": 429, "code": "X", "message": "slow"})
+    admitted = admit(attempts)
+    settled = attempts.defer("req-a", LINK, "owner-1", delay=60, attempted=True, throttled=True,
+                             health=Health(NO_NEWS, called=True, throttled=True, sent_at=admitted.slot.at),
+                             last_error={"http_status": 429, "code": "X", "message": "slow"})
     assert settled.attempts == 1 and not settled.opened
     assert breaker.state()["links_called"] == 0  # a throttle is no news for the breaker
-    assert limiter.effective_rate() < 1.0  # penalized
+    pace = redis_client.hgetall(limiter.pace_key)
+    assert (float(pace[b"calls"]), float(pace[b"throttled"])) == (1.0, 1.0)  # counted: one call, throttled
+    assert limiter.effective_rate() == limiter.rate  # and one 429 is not a share worth a cut
+    assert redis_client.hget(ledger.keys.record("req-a"), "throttles") == b"1"
     for n, link in enumerate(["pl-attempts-2", "pl-attempts-3"]):
         ledger.create_many([(f"req-{n}", link)])
         admit(attempts, f"req-{n}", f"owner-{n}", link)

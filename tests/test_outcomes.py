@@ -223,3 +223,42 @@ def test_an_unreadable_success_and_a_refused_get_are_retried_not_rejected(runtim
     status = run(runtime)
     assert (status["state"], status["attempts"]) == ("retrying", 1)
     assert status["last_error"]["http_status"] == 404 and "took the cancel" in status["last_error"]["message"]
+
+
+@pytest.mark.parametrize("answer", [
+    Answer(400, {"code": "PAYMENT_RATE_LIMIT", "message": "Too many requests"}, JSON),
+    Answer(422, {"code": "RATE_LIMITED", "message": "slow down"}, JSON),
+    Answer(429, {"code": "TOO_MANY", "message": "slow down"}, {**JSON, "Retry-After": "2"}),
+], ids=["400-PAYMENT_RATE_LIMIT", "422-RATE_LIMITED", "429"])
+def test_a_throttle_in_any_words_is_retried_after_its_wait_never_a_refusal(runtime, plural, answer):
+    """Plural's "slower", whether a 429 or a 4xx whose code names a rate limit: the same
+    Request-ID again after its Retry-After (a second without one), no GET, no backoff grown."""
+    plural.answers.append(answer)
+    status = run(runtime)
+    assert (status["state"], status["outcome"], status["attempts"]) == ("retrying", None, 1)
+    assert status["last_error"]["code"] == answer.body["code"]
+    assert [s.method for s in plural.calls()] == ["PUT"]  # no GET: "slower" says nothing of the link
+    record = runtime.redis.hgetall(runtime.keys.record("req-outcome"))
+    assert record[b"throttles"] == b"1"
+    wait = float(record[b"next_attempt_at"]) - float(record[b"updated_at"])
+    retry_after = float(answer.headers.get("Retry-After", 1))
+    assert retry_after <= wait <= retry_after + 0.5  # its own wait, plus a little spread
+    pace = runtime.redis.hgetall(runtime.limiter.pace_key)
+    assert float(pace[b"throttled"]) == 1.0  # counted in the throttled share
+    time.sleep(wait)
+    plural.answers.append(Answer(200, CANCELLED, JSON))
+    assert (run(runtime)["state"], run(runtime)["outcome"]) == ("succeeded", "cancelled")
+    assert len({c.headers["Request-ID"] for c in plural.calls("/cancel")}) == 1
+
+
+def test_a_failure_after_throttles_backs_off_by_its_failures_alone(runtime, plural):
+    """Three throttles, then a 503: its backoff is a first failure's (CANCEL_RETRY_BASE 1 s,
+    jitter 0.5 here: 0.5 s), not a fourth attempt's."""
+    for _ in range(3):
+        plural.answers.append(Answer(429, {"code": "X", "message": "slow"}, {**JSON, "Retry-After": "0"}))
+        run(runtime)
+    plural.answers.append(Answer(503, {"code": "INTERNAL_ERROR", "message": "down"}, JSON))
+    status = run(runtime)
+    record = runtime.redis.hgetall(runtime.keys.record("req-outcome"))
+    assert (status["attempts"], record[b"throttles"]) == (4, b"3")
+    assert float(record[b"next_attempt_at"]) - float(record[b"updated_at"]) == pytest.approx(0.5, abs=0.01)

@@ -9,7 +9,7 @@ import time
 import pytest
 import redis
 
-from tests.support.scripts import acquire, penalize, reserve
+from tests.support.scripts import acquire, reserve
 from tests.support.timing import largest_window
 from worker.keys import Keys
 from worker.ratelimit import RedisRateLimiter
@@ -90,14 +90,14 @@ def test_burst_lets_that_many_go_at_once_above_the_steady_one(redis_client):
 
 def test_without_burst_only_one_goes_at_once(redis_client):
     limiter = RedisRateLimiter(redis_client, KEY, rate=2)
-    assert reserve(limiter, max_wait=0) == (True, 0.0)
+    assert reserve(limiter, max_wait=0)[:2] == (True, 0.0)
     refused = reserve(limiter, max_wait=0)
     assert not refused.granted and 0.4 <= refused.wait <= 0.5
 
 
 def test_a_slot_further_than_max_wait_is_not_taken(redis_client):
     limiter = RedisRateLimiter(redis_client, KEY, rate=2)
-    assert reserve(limiter, max_wait=1) == (True, 0.0)
+    assert reserve(limiter, max_wait=1)[:2] == (True, 0.0)
     granted = reserve(limiter, max_wait=1)
     assert granted.granted and 0.4 <= granted.wait <= 0.5
     # The next slot is ~1 s away: refused twice, and the refusals took nothing...
@@ -115,33 +115,18 @@ def test_the_limiter_key_expires_once_idle(redis_client):
     assert 0 < redis_client.pttl(KEY) <= 1010
 
 
-def test_a_429_halves_the_rate_which_then_climbs_back(redis_client):
+def test_the_slots_follow_the_pace_and_the_pace_never_the_limit_up(redis_client):
+    """A cut pace spaces the slots out; a pace climbed back is the limit, never above it."""
     limiter = RedisRateLimiter(redis_client, KEY, rate=20)
-    assert limiter.effective_rate() == pytest.approx(20)
-    penalize(limiter, factor=0.5, seconds=2.0)
-    assert limiter.effective_rate() == pytest.approx(10, abs=0.5)
-    # The pacing itself follows: slots ~0.1 s apart instead of 0.05 s.
-    assert reserve(limiter, max_wait=0).granted
-    assert 0.07 <= reserve(limiter, max_wait=1).wait <= 0.1
-    time.sleep(1.0)
-    assert limiter.effective_rate() == pytest.approx(15, abs=0.8)
-    time.sleep(1.05)
-    assert limiter.effective_rate() == pytest.approx(20)
-    assert not redis_client.exists(f"{KEY}:penalty")
-
-
-def test_repeated_429s_compound_down_to_a_floor_but_not_within_the_holdoff(redis_client):
-    limiter = RedisRateLimiter(redis_client, KEY, rate=20)
-    penalize(limiter, 0.5, seconds=30)
-    penalize(limiter, 0.5, seconds=30)  # in flight at the same time: the same signal
+    assert limiter.pace() == (20.0, 0.0)
+    now = float(redis_client.time()[0])
+    # As a cut at 10/s just now leaves it (worker.pace): the climb starts at half the limit.
+    redis_client.hset(limiter.pace_key, mapping={"cut": now, "start": 10.0, "target": 10.0, "at": now})
     assert limiter.effective_rate() == pytest.approx(10, abs=0.1)
-
-    eager = RedisRateLimiter(redis_client, KEY, rate=20, penalty_holdoff=0)
-    penalize(eager, 0.5, seconds=30)
-    assert eager.effective_rate() == pytest.approx(5, abs=0.1)
-    for _ in range(5):
-        penalize(eager, 0.5, seconds=30)
-    assert eager.effective_rate() == pytest.approx(2, abs=0.05)  # a tenth of the rate
+    assert reserve(limiter, max_wait=0).granted
+    assert 0.08 <= reserve(limiter, max_wait=1).wait <= 0.1  # slots ~0.1 s apart instead of 0.05 s
+    redis_client.hset(limiter.pace_key, "cut", now - 1000)  # long since: climbed back, and capped
+    assert limiter.effective_rate() == 20.0
 
 
 def test_pacing_does_not_read_the_callers_clock(redis_client, monkeypatch):
@@ -169,5 +154,4 @@ def test_nonsense_settings_are_refused(redis_client):
         RedisRateLimiter(redis_client, KEY, rate=0)
     with pytest.raises(ValueError):
         RedisRateLimiter(redis_client, KEY, rate=1, burst=-1)
-    with pytest.raises(ValueError):
-        penalize(RedisRateLimiter(redis_client, KEY, rate=1), factor=0)
+

@@ -220,10 +220,8 @@ def test_429s_slow_the_fleet_but_never_open_the_breaker(redis_url, sandbox, work
     after Plural's Retry-After, not after a breaker's cooldown."""
     from tasks import enqueue_many
 
-    # Each 429 halves the shared rate, down to a tenth, and how many halvings a storm brings
-    # depends on how long it lasts (how soon this test sees a 429 for every link). A limit of
-    # 100/s drains the 12 links within about a second even at a tenth, so the time to each
-    # success is Retry-After's doing, whatever the storm was.
+    # A storm of 429s cuts the fleet's pace once (worker.pace); a limit of 100/s drains the 12
+    # links within about a second even so, and the time to each success is Retry-After's doing.
     env = service_env(redis_url, sandbox.url, PLURAL_RATE_LIMIT=100, CANCEL_RETRY_BASE=0.1, CANCEL_RETRY_CAP=0.2,
                       BREAKER_COOLDOWN=30)
     workers.append(start_worker(env, concurrency=4))

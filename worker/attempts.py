@@ -9,7 +9,8 @@ through it, and nothing else writes a cancel's state from a worker.
   The budget starts when the first call is let through.
 - ``settle``, after it (or after a hold): the ledger's finish or defer, fenced on the
   owner token of the claim, and what the call showed of Plural's health (the breaker's
-  success or failure, the limiter's 429 slow-down), written only when the fence holds.
+  success or failure, the pace's count of answered and throttled calls), written only
+  when the fence holds.
 
 Round trips per delivery: one when the claim is refused (a duplicate, an early or
 stale copy) or the budget is spent; two on every other path (held by the breaker,
@@ -29,7 +30,7 @@ from typing import Any
 from plural_cancel.worker.breaker import ALLOW_FN, NO_NEWS, RECORD_FN, Gate, RedisCircuitBreaker, parse_gate
 from plural_cancel.worker.ledger import STALE, Claim, Ledger, parse_claim
 from plural_cancel.worker.ledger_lua import CLAIM_FN, DEFER_FN, FINISH_FN
-from plural_cancel.worker.ratelimit import PENALIZE_FN, RESERVE_FN, RedisRateLimiter, Reservation, parse_reservation
+from plural_cancel.worker.ratelimit import OBSERVE_FN, RESERVE_FN, RedisRateLimiter, Reservation, parse_reservation
 
 _SLICE = """
 local function slice(t, i, j)
@@ -68,13 +69,14 @@ return {c, g, slot}
 """
 
 # KEYS: the ledger's finish or defer keys (ARGV[2] of them), then the breaker's 4 when
-#       ARGV[4] is '1', then the limiter's penalty key when ARGV[5] is '1'
+#       ARGV[4] is '1', then the limiter's pace key when ARGV[5] is '1'
 # ARGV: [1] 'finish' or 'defer'  [2] number of ledger keys  [3] number of ledger args
-#       [4] tell the breaker (0/1)  [5] penalize (0/1)  [6] number of breaker args
-#       [7] number of limiter args, then the ledger's args, the breaker's args, the limiter's args
+#       [4] tell the breaker (0/1)  [5] tell the pace (0/1: Plural answered a call)
+#       [6] number of breaker args  [7] number of limiter args, then the ledger's args, the
+#       breaker's args, the limiter's args
 # Returns {attempts, opened}: attempts made (-1: stale, nothing written), opened 1 when
 # this failure opened the breaker.
-SETTLE = FINISH_FN + DEFER_FN + RECORD_FN + PENALIZE_FN + _SLICE + """
+SETTLE = FINISH_FN + DEFER_FN + RECORD_FN + OBSERVE_FN + _SLICE + """
 local nkeys, nargs, nbreaker, nlimiter = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local write = finish
 if ARGV[1] == 'defer' then write = defer end
@@ -87,7 +89,7 @@ if ARGV[4] == '1' then
   first = first + 4
 end
 if ARGV[5] == '1' then
-  penalize({KEYS[first]}, slice(ARGV, 8 + nargs + nbreaker, 7 + nargs + nbreaker + nlimiter))
+  observe({KEYS[first]}, slice(ARGV, 8 + nargs + nbreaker, 7 + nargs + nbreaker + nlimiter))
 end
 return {attempts, opened}
 """
@@ -114,8 +116,13 @@ class Health:
     probe: bool = False
     """The call was (or would have been) the breaker's probe: its result, news or none,
     frees the probe slot."""
+    called: bool = False
+    """Plural answered the call (the pace counts it): not when nothing was sent or nothing came back."""
     throttled: bool = False
-    """Plural answered 429: slow the shared rate down."""
+    """Plural answered "slower" (a 429, or a 4xx in its words for a rate limit)."""
+    sent_at: float = 0.0
+    """When the call's slot was granted (``Reservation.at``): an answer to a call granted
+    before the pace's last cut says nothing of the pace since."""
 
 
 NOTHING = Health()
@@ -185,11 +192,11 @@ class Attempts:
                                                                   probe=health.probe, owner=owner)
         limiter_keys: list[str] = []
         limiter_args: list[Any] = []
-        if health.throttled:
-            limiter_keys, limiter_args = self.limiter.penalize_call()
+        if health.called:
+            limiter_keys, limiter_args = self.limiter.observe_call(health.throttled, health.sent_at)
         attempts, opened = self._settle(
             keys=[*keys, *breaker_keys, *limiter_keys],
-            args=[write, len(keys), len(args), int(tell_breaker), int(health.throttled), len(breaker_args),
+            args=[write, len(keys), len(args), int(tell_breaker), int(health.called), len(breaker_args),
                   len(limiter_args), *args, *breaker_args, *limiter_args])
         attempts = int(attempts)
         if attempts == STALE:

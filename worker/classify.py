@@ -32,6 +32,16 @@ AUTH_CODES = frozenset({"USER_AUTHENTICATION_FAILED", "INVALID_USER_ACCOUNT", "U
 TOKEN_CODES = frozenset({"USER_AUTHENTICATION_FAILED", "UNAUTHORIZED"})
 
 
+RATE_LIMIT_CODE = "RATE_LIMIT"
+"""Any of Plural's error codes containing this names a throttle: ``PAYMENT_RATE_LIMIT`` and
+``RATE_LIMITED`` appear in Plural's tooling (API-NOTES)."""
+
+
+def throttle_code(code: str | None) -> bool:
+    """Whether Plural's error ``code`` says "slower" (a rate limit) rather than "no"."""
+    return code is not None and RATE_LIMIT_CODE in code.upper()
+
+
 def should_retry(error: BaseException) -> bool:
     """The one answer to "try again later?": an error of talking to Plural that
     :func:`classify_http` or :func:`classify_transport` (or its class) marked retryable."""
@@ -76,7 +86,8 @@ def classify_http(status: int, body: Any, *, request_id: str | None = None,
     the body itself never is.
 
     5xx, 429 and 408 (a :class:`PluralTimeout`) are retryable, keeping any ``Retry-After``
-    hint; 401, and a 4xx whose code says the credentials were refused, are
+    hint, and so is a 4xx whose code names a rate limit (:func:`throttle_code`): a
+    :class:`PluralRateLimited`, like a 429; 401, and a 4xx whose code says the credentials were refused, are
     :class:`PluralAuthError`; a 3xx is a :class:`PluralBadResponse` (redirects are not
     followed). Any other 4xx is final (:class:`PluralRequestError`) only when its body is
     Plural's error object (a string ``code`` or ``message``); without one it came from
@@ -106,7 +117,8 @@ def classify_http(status: int, body: Any, *, request_id: str | None = None,
         return PluralBadResponse(
             f"Plural answered a redirect (HTTP {status}), which is not followed: check PLURAL_BASE_URL",
             **kwargs)
-    if status == 429:
+    if status == 429 or (400 <= status < 500 and throttle_code(code)):
+        # "Slower", in HTTP's words or in Plural's (a 400 PAYMENT_RATE_LIMIT): never a refusal.
         return PluralRateLimited(message, retry_after=parse_retry_after(retry_after, now), **kwargs)
     if status >= 500:
         return PluralServerError(message, retry_after=parse_retry_after(retry_after, now), **kwargs)

@@ -74,7 +74,9 @@ class Keys:
 
     @property
     def ratelimit(self) -> str:
-        """String: the limiter's theoretical arrival time (GCRA); ``:penalty`` beside it is a hash of the 429 slow-down."""
+        """String: the limiter's theoretical arrival time (GCRA); ``:pace`` beside it is a hash of
+        the fleet's pace (``worker.pace``: its weighted calls and throttles, its last cut, and
+        ``a:<second>`` fields counting the calls Plural accepted in each recent second)."""
         return f"{self.prefix}:ratelimit"
 
     @property

@@ -92,6 +92,8 @@ class Claim:
     attempts: int = 0
     budget_left: float = 0.0
     """Seconds of the retry budget left when claimed."""
+    throttles: int = 0
+    """Of ``attempts``, those Plural throttled."""
     last_error: dict | None = None
     """For ``gave_up``: the record's last error."""
     link_status: str | None = None
@@ -212,16 +214,17 @@ class Ledger:
                       json.dumps(fields), STATS_BUCKET]
 
     def defer_call(self, request_id: str, owner: str, *, delay: float, attempted: bool,
-                   last_error: dict | None = None) -> tuple[list[str], list[Any]]:
+                   last_error: dict | None = None, throttled: bool = False) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of the defer script (``DEFER_FN``).
 
         ``delay``: seconds from now (Redis's clock). ``attempted``: Plural was called
         (the attempt counts). A cancel held back before any attempt stays ``queued``; one
-        that has been tried is ``retrying``.
+        that has been tried is ``retrying``. ``throttled``: Plural throttled the attempt (the
+        record counts ``throttles``, which a failure's backoff leaves out).
         """
         error = self._error_json(last_error) if last_error else ""
         return ([self.keys.record(request_id), self.keys.due, self.keys.stats],
-                [request_id, owner, repr(max(0.0, delay)), int(attempted), error])
+                [request_id, owner, repr(max(0.0, delay)), int(attempted), error, int(throttled)])
 
     def reject(self, request_id: str, payment_link_id: str | None, error: dict) -> bool:
         """End a malformed message's cancel ``failed`` / ``rejected`` under its Request-ID, with
@@ -368,7 +371,7 @@ def parse_claim(reply: list) -> Claim:
     """The :class:`Claim` a claim script (``CLAIM_FN``) answered."""
     verdict = as_text(reply[0])
     if verdict == "claimed":
-        return Claim("claimed", attempts=int(reply[1]), budget_left=float(reply[2]))
+        return Claim("claimed", attempts=int(reply[1]), budget_left=float(reply[2]), throttles=int(reply[3]))
     if verdict == "gave_up":
         error, status = as_text(reply[2]), as_text(reply[3])
         return Claim("gave_up", attempts=int(reply[1]), last_error=json.loads(error) if error else None,

@@ -108,7 +108,7 @@ return out
 # KEYS: CREATE_FN's eight (a message sent by name creates its record here)
 # ARGV: [1-6] CREATE_FN's  [7] owner  [8] lease seconds  [9] retry budget seconds
 # Returns {verdict, ...}: claimed/attempts/budget seconds left (the whole budget before the
-# first attempt), terminal/state,
+# first attempt)/throttles among the attempts, terminal/state,
 # following/leader, held/seconds the holder's lease still runs, early/seconds until its
 # due time, mismatch/the link its Request-ID belongs to (in the ledger or the schedule). Every verdict but ``claimed`` drops the copy:
 # the due index carries the cancel, so a duplicate message has nothing to do.
@@ -117,7 +117,8 @@ local function claim(K, A)
   if create(K, A, false) == -1 then
     return {'mismatch', redis.call('HGET', K[1], 'payment_link_id') or redis.call('HGET', K[5], A[1]) or ''}
   end
-  local r = redis.call('HMGET', K[1], 'state', 'follows', 'next_attempt_at', 'deadline', 'attempts', 'lease_until')
+  local r = redis.call('HMGET', K[1], 'state', 'follows', 'next_attempt_at', 'deadline', 'attempts', 'lease_until',
+                       'throttles')
   local state = r[1]
   if state == 'succeeded' or state == 'failed' then return {'terminal', state} end
   if r[2] then return {'following', r[2]} end
@@ -137,7 +138,7 @@ local function claim(K, A)
   redis.call('ZADD', K[3], lease_end, A[1])
   count_move(K[4], state, 'running')
   if next_at then redis.call('HINCRBY', K[4], 'deferred', -1) end
-  return {'claimed', r[5] or '0', fmt(deadline - now)}
+  return {'claimed', r[5] or '0', fmt(deadline - now), r[7] or '0'}
 end
 """
 
@@ -226,7 +227,7 @@ return 1
 
 # KEYS: [1] record  [2] due  [3] stats
 # ARGV: [1] request_id  [2] owner  [3] delay (seconds from now)  [4] attempted (0/1)
-#       [5] last_error JSON or ''
+#       [5] last_error JSON or ''  [6] throttled (0/1: Plural throttled the attempt)
 # Returns the attempts made, or -1 for a stale delivery (as FINISH_FN).
 DEFER_FN = _PRELUDE + """
 local function defer(K, A)
@@ -235,6 +236,7 @@ local function defer(K, A)
   local now = redis_now()
   local due = now + tonumber(A[3])
   local attempts = redis.call('HINCRBY', K[1], 'attempts', tonumber(A[4]))
+  if A[6] == '1' then redis.call('HINCRBY', K[1], 'throttles', 1) end
   -- Held back before any call (rate limit, open breaker): still queued, with a time.
   local state = 'queued'
   if attempts > 0 then state = 'retrying' end

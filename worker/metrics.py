@@ -15,7 +15,8 @@ Read from Redis at each scrape (shared by every worker, so each one shows the sa
 ``plural_cancel_breaker_state{state}`` (1 for the current one of closed, open,
 half_open), ``plural_cancel_records{state}`` (see ``Ledger.stats``),
 ``plural_cancel_queue_depth``, ``plural_cancel_backlog``, ``plural_cancel_deferred``,
-``plural_cancel_dead_letters``, ``plural_cancel_rate_limit_per_second``, the counters
+``plural_cancel_dead_letters``, ``plural_cancel_rate_limit_per_second`` (the pace) and
+``plural_cancel_throttled_share`` (what it follows, ``worker.pace``), the counters
 ``plural_cancel_malformed_messages_total{reason}`` (messages dropped as malformed by
 any worker, see ``worker.malformed``) and ``plural_cancel_unreplicated_writes_total``
 (``worker.replication``), ``plural_cancel_clock_offset_seconds`` (this worker's host
@@ -95,7 +96,7 @@ def snapshot(rt) -> dict[str, Any]:
     # The Celery queue is kombu's list in the same database; its length is the backlog.
     shared["queue_depth"] = rt.redis.llen(rt.settings.cancel_queue)
     shared["breaker"] = rt.breaker.state()
-    shared["rate"] = rt.limiter.effective_rate()
+    shared["rate"], shared["throttled_share"] = rt.limiter.pace()
     shared["malformed"] = malformed.counts(rt.redis, rt.keys)
     shared["unreplicated_writes"] = unreplicated_writes(rt.redis, rt.keys)
     shared["consumer_groups"] = rt.ledger.consumer_groups()
@@ -139,7 +140,11 @@ class SharedStateCollector(Collector):
                                 "Cancels that ended failed (plural-cancel failed list).",
                                 value=shared["dead_letters"])
         yield GaugeMetricFamily("plural_cancel_rate_limit_per_second",
-                                "Calls per second the limiter grants now (lower after a 429).", value=shared["rate"])
+                                "Calls per second the limiter grants now: the pace, lower while Plural throttles "
+                                "a share of calls (worker.pace).", value=shared["rate"])
+        yield GaugeMetricFamily("plural_cancel_throttled_share",
+                                "Share of Plural's recent answers that were throttles (429, or a rate limit in "
+                                "Plural's words), weighted over about the last 2 s.", value=shared["throttled_share"])
         # A counter: the hash only grows, so rate() and increase() apply. Every worker
         # serves the same fleet-wide figure; aggregate with max, not sum.
         dropped = CounterMetricFamily("plural_cancel_malformed_messages",

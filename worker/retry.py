@@ -1,4 +1,5 @@
-"""Retry delays: exponential backoff with full jitter, never earlier than Plural asks.
+"""Retry delays: exponential backoff with full jitter for failures, never earlier than
+Plural asks; Plural's own Retry-After for a throttle.
 
 Full jitter (a delay drawn uniformly from zero to the exponential ceiling) spreads
 the retries of thousands of cancels that failed together, so a recovering Plural
@@ -22,3 +23,18 @@ def backoff(attempt: int, *, base: float, cap: float, jitter: Callable[[], float
     if retry_after is not None:
         delay = max(delay, retry_after)
     return delay
+
+
+THROTTLE_WAIT = 1.0
+"""Seconds a throttled cancel waits when Plural's answer names no ``Retry-After``."""
+
+THROTTLE_SPREAD = 0.5
+"""Seconds, at most, added to a throttle's wait, so the cancels one burst of 429s answered
+do not all come back in the same instant."""
+
+
+def throttle_wait(retry_after: float | None, *, jitter: Callable[[], float]) -> float:
+    """Seconds a cancel Plural throttled waits: its ``Retry-After`` (``THROTTLE_WAIT`` without
+    one), plus up to ``THROTTLE_SPREAD``. Not a failure, so it never grows with the attempts:
+    the fleet's pace (``worker.pace``) is what answers a Plural that throttles more."""
+    return (THROTTLE_WAIT if retry_after is None else retry_after) + THROTTLE_SPREAD * jitter()

@@ -119,7 +119,8 @@ def stats(as_json: bool):
         "breaker": {"state": breaker["state"], "links_failing": breaker["links_failing"],
                     "links_called": breaker["links_called"],
                     "reopens_at": None if reopens_at is None else format_timestamp(reopens_at, "seconds")},
-        "rate": {"limit_per_second": app.settings.rate_limit, "current_per_second": round(snap["rate"], 3)},
+        "rate": {"limit_per_second": app.settings.rate_limit, "current_per_second": round(snap["rate"], 3),
+                 "throttled_share": round(snap["throttled_share"], 3)},
         "malformed": snap["malformed"],
         "unreplicated_writes": snap["unreplicated_writes"],
         "consumer_groups": snap["consumer_groups"],
@@ -136,7 +137,8 @@ def stats(as_json: bool):
     reopens = f", reopens at {figures['breaker']['reopens_at']}" if breaker["state"] != "closed" else ""
     click.echo(f"breaker       {breaker['state']} ({breaker['links_failing']} of {breaker['links_called']} links "
                f"failing in the last {app.settings.breaker_window:g} s{reopens})")
-    click.echo(f"rate          {snap['rate']:g}/s now, limit {app.settings.rate_limit:g}/s")
+    click.echo(f"rate          {snap['rate']:.3g}/s now ({snap['throttled_share']:.0%} of recent calls throttled), "
+               f"limit {app.settings.rate_limit:g}/s")
     click.echo("malformed     " + "  ".join(f"{k} {n}" for k, n in snap["malformed"].items())
                + " (messages dropped, every worker; the worker log says why)")
     click.echo(f"unreplicated  {snap['unreplicated_writes']} producer writes with no replica to hold them "

@@ -1,7 +1,7 @@
 """The product's Lua functions run one at a time, for the tests of each rule alone.
 
 The worker runs the ledger's claim, the breaker's allow and record, and the limiter's
-reserve and penalty only inside the two larger scripts of ``worker.attempts`` (one round
+reserve and pace only inside the two larger scripts of ``worker.attempts`` (one round
 trip to admit a delivery, one to settle it). The tests of each rule call the same
 function here, on its own, with the same KEYS and ARGV (the ``*_call`` methods), so
 the product keeps no single-script wrapper that only tests would run.
@@ -15,7 +15,9 @@ from typing import Any, Callable
 from worker.breaker import ALLOW_FN, RECORD_FN, Gate, RedisCircuitBreaker, parse_gate
 from worker.ledger import Claim, Ledger, parse_claim
 from worker.ledger_lua import CLAIM_FN
-from worker.ratelimit import PENALIZE_FN, RESERVE_FN, RedisRateLimiter, Reservation, parse_reservation
+from worker.pace import PACE_FN
+from worker.ratelimit import OBSERVE_FN, RESERVE_FN, RedisRateLimiter, Reservation, parse_reservation
+from worker.redis_clock import REDIS_NOW
 
 
 def run(client, source: str, function: str, keys: list[str], args: list[Any]) -> Any:
@@ -46,9 +48,24 @@ def reserve(limiter: RedisRateLimiter, max_wait: float) -> Reservation:
     return parse_reservation(run(limiter.redis, RESERVE_FN, "reserve", *limiter.reserve_call(max_wait)))
 
 
-def penalize(limiter: RedisRateLimiter, factor: float = 0.5, seconds: float = 60.0) -> None:
-    """The limiter's 429 slow-down alone."""
-    run(limiter.redis, PENALIZE_FN, "penalize", *limiter.penalize_call(factor, seconds))
+def observe(limiter: RedisRateLimiter, throttled: bool, sent_at: float = 0.0) -> bool:
+    """The pace's observation of one answered call alone (now by Redis's clock); True if it cut."""
+    return bool(int(run(limiter.redis, OBSERVE_FN, "observe", *limiter.observe_call(throttled, sent_at))))
+
+
+PACE_AT = REDIS_NOW + PACE_FN + """
+if ARGV[1] == 'observe' then
+  return pace_observe(KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]))
+end
+return fmt(pace_rate(KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3])))
+"""
+"""The pace's two Lua functions on a time the caller gives (``tests/test_pace.py``): ``observe``
+LIMIT NOW THROTTLED SENT_AT, or ``rate`` LIMIT NOW."""
+
+
+def pace_at(client, key: str, what: str, limit: float, now: float, *args: Any) -> Any:
+    """Run ``pace_observe`` or ``pace_rate`` (``what``) at ``now`` on the pace hash ``key``."""
+    return client.register_script(PACE_AT)(keys=[key], args=[what, repr(limit), repr(now), *map(repr, args)])
 
 
 def acquire(limiter: RedisRateLimiter, max_wait: float, sleep: Callable[[float], None] = time.sleep) -> Reservation:
