@@ -15,11 +15,13 @@ the ratio of accepted to sent calls, so occasional rejections cost nothing):
   that is 4 throttled of the last 20 (20 %); at 100 a second, 20 of the last 200 (10 %).
   A lone 429, or 5 % at random, never cuts.
 - **How far.** To ``BETA`` (0.9) of what Plural accepts (never above the pace it cuts):
-  the most it accepted in one whole second of the last ``PEAK_SECONDS`` (a Plural whose
-  own limit is below ours accepts its limit each second and throttles the rest, so that
-  count is its limit); before a second is whole (the first two of a drain: it rarely
-  starts on a boundary), the most it accepted in any part of a second or the share of the
-  current pace that got through, whichever is more. Never below ``FLOOR`` of ours. Calls sent before a cut say nothing of the pace after it, and the
+  the most it accepted in one whole second of the last ``PEAK_SECONDS`` in which it was at
+  its limit (it throttled some calls, and the fleet sent at least ``FULL`` of its pace: a
+  Plural whose own limit is below ours accepts its limit each second and throttles the
+  rest, so that count is its limit); without such a second (the first of a drain, which
+  rarely starts on a boundary, or still gathering speed), the most it accepted in any
+  second or the share of the current pace that got through, whichever is more. Never
+  below ``FLOOR`` of ours. Calls sent before a cut say nothing of the pace after it, and the
   counts start afresh: a storm of 429s from every worker at once is one cut.
 - **Climbing back.** As CUBIC (TCP's, and botocore's adaptive retry mode's): from the cut
   the pace rises quickly, then levels off at ``LEVEL`` (0.97) of what Plural accepted (in
@@ -63,6 +65,9 @@ GROWTH = 0.001
 """The climb's cubic coefficient, as a share of the limit per second cubed."""
 FLOOR = 0.1
 """The lowest pace, as a share of the limit."""
+FULL = 0.8
+"""A second in which the fleet sent at least this share of its pace is one it was pushing
+Plural in: what Plural accepted of it, throttling the rest, is its limit."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,8 @@ def observe(state: Pace, limit: float, now: float, throttled: bool, sent_at: flo
     if state.cut and current >= limit:
         state = replace(state, cut=0.0)  # climbed back: nothing is held against the pace
     if calls >= MIN_CALLS and thrown > NOISE * calls + CONFIDENCE * math.sqrt(NOISE * (1 - NOISE) * calls):
-        busiest = _accepts(accepted, refused, math.floor(state.since), second, current * (1 - thrown / calls))
+        busiest = _accepts(accepted, refused, math.floor(state.since), second, current,
+                           current * (1 - thrown / calls))
         target = max(FLOOR * limit, min(current, LEVEL * busiest))
         return Pace(0.0, 0.0, now, now, max(FLOOR * limit, min(target, BETA * busiest)), target, accepted,
                     refused, state.since)
@@ -136,11 +142,14 @@ def observe(state: Pace, limit: float, now: float, throttled: bool, sent_at: flo
 
 
 def _accepts(accepted: Mapping[int, int], refused: Mapping[int, int], first: int, second: int,
-             through: float) -> float:
-    """What Plural accepts a second: the most it accepted in a whole recent second in which it
-    also throttled (it was at its limit then); without one, the most it accepted in any
-    second, or ``through`` (the share of the pace that got through), whichever is more."""
-    at_limit = [n for s, n in accepted.items() if first < s < second and refused.get(s)]
+             current: float, through: float) -> float:
+    """What Plural accepts a second: the most it accepted in a whole recent second at its
+    limit (one in which it also throttled, and the fleet sent at least ``FULL`` of the
+    ``current`` pace: not a second of a drain still gathering speed); without one, the most
+    it accepted in any second, or ``through`` (the share of the pace that got through),
+    whichever is more."""
+    at_limit = [n for s, n in accepted.items()
+                if first < s < second and refused.get(s) and n + refused[s] >= FULL * current]
     return max(at_limit) if at_limit else max(max(accepted.values(), default=0), through)
 
 
@@ -162,7 +171,7 @@ def from_fields(fields: Mapping[str, str]) -> Pace:
 PACE_FN = f"""
 local PACE = {{window = {WINDOW!r}, min_calls = {MIN_CALLS!r}, noise = {NOISE!r}, confidence = {CONFIDENCE!r},
                beta = {BETA!r}, level = {LEVEL!r}, peak_seconds = {PEAK_SECONDS!r}, hold = {HOLD!r},
-               growth = {GROWTH!r}, floor = {FLOOR!r}}}
+               growth = {GROWTH!r}, floor = {FLOOR!r}, full = {FULL!r}}}
 
 -- Calls per second granted at ``now``: ``limit`` unless the pace was cut, else the climb.
 local function pace_rate(key, limit, now)
@@ -181,28 +190,32 @@ end
 -- One call answered at ``now``, throttled (1) or not (0), its slot granted at ``sent_at``.
 -- Returns 1 when it cut the pace.
 local function pace_observe(key, limit, now, throttled, sent_at)
-  local p = redis.call('HMGET', key, 'calls', 'throttled', 'at', 'cut', 'since')
-  local cut = tonumber(p[4] or '') or 0
+  -- The hash in one read: its numbers, and what Plural accepted (a:) and throttled (t:)
+  -- each recent second.
+  local h, accepted, refused = {{}}, {{}}, {{}}
+  local flat = redis.call('HGETALL', key)
   local second = math.floor(now)
-  local at, since = tonumber(p[3] or '') or 0, tonumber(p[5] or '') or 0
+  for i = 1, #flat, 2 do
+    local field, kind = flat[i], string.sub(flat[i], 1, 2)
+    if kind == 'a:' or kind == 't:' then
+      local s = tonumber(string.sub(field, 3))
+      if s < second - PACE.peak_seconds then
+        redis.call('HDEL', key, field)
+      elseif kind == 'a:' then
+        accepted[s] = tonumber(flat[i + 1])
+      else
+        refused[s] = tonumber(flat[i + 1])
+      end
+    else
+      h[field] = tonumber(flat[i + 1])
+    end
+  end
+  local cut, at, since = h.cut or 0, h.at or 0, h.since or 0
   if at == 0 or now - at > PACE.peak_seconds + 1 then
     since = now  -- counting begins (again)
     redis.call('HSET', key, 'since', fmt(since))
   end
-  -- What Plural accepts (a:) and throttles (t:) each second, whatever the pace.
-  local accepted, refused = {{}}, {{}}
-  for _, field in ipairs(redis.call('HKEYS', key)) do
-    local kind, s = string.sub(field, 1, 2), tonumber(string.sub(field, 3))
-    if kind == 'a:' or kind == 't:' then
-      if s < second - PACE.peak_seconds then
-        redis.call('HDEL', key, field)
-      elseif kind == 'a:' then
-        accepted[s] = tonumber(redis.call('HGET', key, field))
-      else
-        refused[s] = tonumber(redis.call('HGET', key, field))
-      end
-    end
-  end
+  -- What Plural accepts and throttles each second, whatever the pace.
   if throttled == 1 then
     refused[second] = redis.call('HINCRBY', key, 't:' .. second, 1)
   else
@@ -215,19 +228,19 @@ local function pace_observe(key, limit, now, throttled, sent_at)
   end
   local decay = 0
   if at > 0 then decay = math.exp(-math.max(0, now - at) / PACE.window) end
-  local calls = (tonumber(p[1] or '') or 0) * decay + 1
-  local thrown = (tonumber(p[2] or '') or 0) * decay + throttled
+  local calls = (h.calls or 0) * decay + 1
+  local thrown = (h.throttled or 0) * decay + throttled
   local current = pace_rate(key, limit, now)
   if cut > 0 and current >= limit then redis.call('HSET', key, 'cut', '0') end
   local noise = PACE.noise
   if calls >= PACE.min_calls and thrown > noise * calls + PACE.confidence * math.sqrt(noise * (1 - noise) * calls) then
-    -- What Plural accepts a second (``_accepts`` in Python): the most it accepted in a whole
-    -- second in which it also throttled; without one, the most in any second, or the share
-    -- of the pace that got through, whichever is more.
+    -- What Plural accepts a second (``_accepts`` in Python).
     local busiest, any = nil, current * (1 - thrown / calls)
     for s, n in pairs(accepted) do
       any = math.max(any, n)
-      if s > math.floor(since) and s < second and refused[s] then busiest = math.max(busiest or 0, n) end
+      if s > math.floor(since) and s < second and refused[s] and n + refused[s] >= PACE.full * current then
+        busiest = math.max(busiest or 0, n)
+      end
     end
     busiest = busiest or any
     local target = math.max(PACE.floor * limit, math.min(current, PACE.level * busiest))
