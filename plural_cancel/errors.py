@@ -5,8 +5,9 @@ Bad input and settings are also ``ValueError``s, a Redis that could not keep a p
 also a ``redis.RedisError``. The errors of talking to Plural (:class:`PluralError` and
 below) carry what an on-call engineer needs (HTTP status, Plural's code and message, its
 details, the Request-ID), whether the call may have left this host (``sent``) and whether
-trying again can help (``retryable``). Which one an answer or a failure is, and so
-whether it is retried, is decided in one module: ``plural_cancel.worker.classify``.
+trying again can help (``retryable``). Which one an answer or a failure is, is decided in
+``plural_cancel.worker.classify``; whether that kind is retried, in the retry policy,
+``plural_cancel.worker.policy``.
 
 Messages never hold a response body, a token or a secret: bodies can carry customer
 personal data, and messages end up in logs, Sentry and the status record.
@@ -125,11 +126,9 @@ def __getattr__(name: str) -> Any:
 class PluralError(PluralCancelError):
     """Base of every error of talking to Plural."""
 
-    retryable = False
-
     def __init__(self, message: str, *, http_status: int | None = None, code: str | None = None,
                  details: Mapping[str, Any] | None = None, request_id: str | None = None,
-                 retry_after: float | None = None, retryable: bool | None = None, sent: bool = True):
+                 retry_after: float | None = None, sent: bool = True):
         super().__init__(message)
         self.message = message
         self.http_status = http_status
@@ -138,13 +137,20 @@ class PluralError(PluralCancelError):
         self.request_id = request_id
         self.retry_after = retry_after
         """Seconds Plural asked us to wait (from ``Retry-After``), or None."""
-        if retryable is not None:
-            self.retryable = retryable
         self.sent = sent
         """False when the call certainly never left this host (refused, unresolvable, connect
         timeout, TLS handshake, proxy, the deadline passed first, or the token step failed
         before the call was made), so Plural cannot have acted on it; True whenever it may
         have (a read timeout, a reset mid-answer, any HTTP answer)."""
+
+    @property
+    def retryable(self) -> bool:
+        """Whether trying again can help: the retry policy's answer for this kind of error."""
+        # Imported here: this module imports nothing of the product at load (every layer,
+        # ``config`` too, imports it), and the rule has one home, the policy.
+        from plural_cancel.worker.policy import RETRYABLE
+
+        return isinstance(self, RETRYABLE)
 
     def __str__(self) -> str:
         bits = [self.message]
@@ -166,8 +172,7 @@ class PluralError(PluralCancelError):
 
     def _state(self) -> dict[str, Any]:
         return dict(http_status=self.http_status, code=self.code, details=self.details,
-                    request_id=self.request_id, retry_after=self.retry_after, retryable=self.retryable,
-                    sent=self.sent)
+                    request_id=self.request_id, retry_after=self.retry_after, sent=self.sent)
 
     def as_dict(self) -> dict[str, Any]:
         """What a status record keeps of this error (no secrets, no personal data)."""
@@ -182,8 +187,6 @@ def _rebuild(cls: type[PluralError], message: str, state: dict[str, Any]) -> Plu
 class PluralConnectionError(PluralError):
     """Plural could not be reached, or the connection broke mid-answer."""
 
-    retryable = True
-
 
 class PluralTimeout(PluralConnectionError):
     """Plural did not connect or answer within the timeout (the request may have been processed)."""
@@ -196,13 +199,9 @@ class PluralTLSError(PluralError):
 class PluralServerError(PluralError):
     """Plural answered 5xx."""
 
-    retryable = True
-
 
 class PluralRateLimited(PluralError):
     """Plural answered 429; ``retry_after`` holds its hint when it gave one."""
-
-    retryable = True
 
 
 class PluralAuthError(PluralError):
@@ -216,14 +215,10 @@ class PluralRequestError(PluralError):
 class PluralUnexpectedAnswer(PluralError):
     """A 4xx without Plural's error body (a WAF's page, a proxy's 407, a wrong path's 404): retried."""
 
-    retryable = True
-
 
 class TokenUnavailable(PluralError):
     """No token could be had in time: another process holds the refresh lock and produced
     none. No call was made (``sent`` False); the cancel is tried again later."""
-
-    retryable = True
 
     def __init__(self, message: str, **kwargs: Any):
         kwargs.setdefault("sent", False)

@@ -12,6 +12,7 @@ from celery import Celery
 from plural_cancel.config.celery import BACKLOG_AHEAD
 from plural_cancel.tasks.producer import schedule_store
 from plural_cancel.worker import app
+from plural_cancel.worker.ledger import Created
 from plural_cancel.worker.publisher import publish
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def fire_schedules(app_: Celery) -> int:
     for _ in range(FIRE_ROUNDS):
         results = store.fire(rt.ledger, limit=FIRE_BATCH)
         for entry in results:
-            if entry.result == "conflict":
+            if entry.created is Created.CONFLICT:
                 log.error("scheduled cancel of %s not fired: request_id %s is used for another link",
                           entry.payment_link_id, entry.request_id)
         if results:

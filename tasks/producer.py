@@ -30,7 +30,7 @@ from celery import Celery
 from plural_cancel.config.celery import BACKLOG_AHEAD
 from plural_cancel.errors import RequestIdConflict
 from plural_cancel.worker import app as default_app
-from plural_cancel.worker.ledger import Callback
+from plural_cancel.worker.ledger import Callback, Created
 from plural_cancel.worker.publisher import publish
 from plural_cancel.worker.schedule import Schedule
 from plural_cancel.worker.validation import validate_callback, validate_payment_link_id, validate_request_id
@@ -161,21 +161,19 @@ def schedule_store(app_: Celery) -> Schedule:
 
 
 def submit(app_: Celery, pairs: list[tuple[str, str]], callback: Callback | None = None, *,
-           hold: bool = False) -> list[int]:
+           hold: bool = False) -> list[Created]:
     """Create ledger records for (request_id, payment_link_id) pairs, each with ``callback``,
     and publish the new ones; ``hold``: only as many as the workers have room for
     (``BACKLOG_AHEAD``), the rest held in the ledger's backlog for their pump.
 
-    Returns one code per pair: 1 created (and published or held), 2 created following its
-    link's live cancel (nothing sent), 0 already there (nothing sent), -1 the Request-ID
-    belongs to another link (nothing written or sent for it).
+    Returns what became of each pair (``Created``): only a ``CREATED`` one is sent (or held).
     """
     ledger = app_.runtime.ledger
     codes = ledger.create_many(pairs, callback, hold=hold)
     if hold:
         publish(app_, ledger.take_due(0, ahead=BACKLOG_AHEAD))
     else:
-        publish(app_, [pair for pair, code in zip(pairs, codes) if code == 1])
+        publish(app_, [pair for pair, code in zip(pairs, codes) if code.publish])
     return codes
 
 
@@ -202,6 +200,6 @@ def _enqueue(app_: Celery, pairs: list[tuple[str, str]], callback: Callback | No
              hold: bool = False) -> None:
     codes = submit(app_, pairs, callback, hold=hold)
     for (request_id, _), code in zip(pairs, codes):
-        if code < 0:
+        if code is Created.CONFLICT:
             raise RequestIdConflict(
                 f"request_id: {request_id!r} is already used for a cancel of another payment link")

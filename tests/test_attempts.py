@@ -23,7 +23,7 @@ LEASE = 30.0
 @pytest.fixture
 def parts(redis_client):
     keys = Keys()
-    ledger = Ledger(redis_client, result_ttl=3600, retry_budget=600.0, stall_timeout=60.0, rate=10.0,
+    ledger = Ledger(redis_client, result_ttl=3600, stall_timeout=60.0, rate=10.0,
                     queue=QUEUE, keys=keys)
     breaker = RedisCircuitBreaker(redis_client, keys.breaker, window=10, min_links=2, failure_rate=0.5, cooldown=0.2)
     limiter = RedisRateLimiter(redis_client, keys.ratelimit, rate=1.0)
@@ -31,7 +31,7 @@ def parts(redis_client):
 
 
 def admit(attempts, request_id="req-a", owner="owner-1", link=LINK):
-    return attempts.admit(request_id, link, owner, LEASE, max_wait=1.0, probe_max_wait=10.0)
+    return attempts.admit(request_id, link, owner, LEASE, budget=600.0, max_wait=1.0, probe_max_wait=10.0)
 
 
 def test_a_fresh_cancel_is_claimed_let_through_and_given_a_slot(parts, redis_client):
@@ -166,7 +166,7 @@ def test_a_delivery_whose_lease_ran_out_writes_nothing(parts, redis_client):
     """Fenced on the owner: after B took over, A's late finish and defer change nothing."""
     ledger, breaker, _, attempts = parts
     ledger.create_many([("req-a", LINK)])
-    assert attempts.admit("req-a", LINK, "owner-a", 0.2, max_wait=1.0, probe_max_wait=1.0).claim.verdict == "claimed"
+    assert attempts.admit("req-a", LINK, "owner-a", 0.2, budget=600.0, max_wait=1.0, probe_max_wait=1.0).claim.verdict == "claimed"
     time.sleep(0.3)  # A's lease ran out
     assert admit(attempts, owner="owner-b").claim.verdict == "claimed"
     attempts.finish("req-a", LINK, "owner-b", health=Health(SUCCESS), state="succeeded", outcome="cancelled",

@@ -23,7 +23,7 @@ QUEUE = Settings.cancel_queue
 
 
 def ledger_for(client, **overrides) -> Ledger:
-    options = {"result_ttl": 3600, "retry_budget": 600.0, "stall_timeout": 60.0, "rate": 10.0, "queue": QUEUE}
+    options = {"result_ttl": 3600, "stall_timeout": 60.0, "rate": 10.0, "queue": QUEUE}
     return Ledger(client, keys=Keys(), **{**options, **overrides})
 
 

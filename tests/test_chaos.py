@@ -252,7 +252,7 @@ def test_chaos_run(redis_aof, sandbox_process, sentry, services, record_property
     at_plural = {link: sandbox.link(link) for link in links}
     log = sandbox.requests()
     puts = [r for r in log if r["method"] == "PUT" and r["path"].endswith("/cancel")]
-    by_link = defaultdict(set)  # a GET carries a fresh Request-ID of its own (tasks.cancel.decide_from_link)
+    by_link = defaultdict(set)  # a GET carries a fresh Request-ID of its own (worker.decide.decide_from_link)
     for r in puts:
         by_link[r["link_id"]].add(r["request_id"])
     mismatched = [link for link, r in zip(links, final)

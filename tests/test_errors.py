@@ -9,7 +9,7 @@ import pytest
 
 from plural_cancel.errors import (PluralAuthError, PluralBadResponse, PluralConnectionError, PluralError,
                                   PluralRateLimited, PluralRequestError, PluralServerError, PluralTLSError,
-                                  PluralTimeout, PluralUnexpectedAnswer)
+                                  PluralTimeout, PluralUnexpectedAnswer, TokenUnavailable)
 from worker.classify import classify_http, parse_retry_after
 
 NOW = 1_720_511_828.0
@@ -149,7 +149,7 @@ def test_hierarchy_and_defaults():
         assert cls("x").retryable
     for cls in (PluralTLSError, PluralAuthError, PluralRequestError, PluralBadResponse, PluralError):
         assert not cls("x").retryable
-    assert PluralRequestError("x", retryable=True).retryable
+    assert TokenUnavailable("x").retryable and TokenUnavailable("x").sent is False
 
 
 def test_str_repr_and_as_dict():

@@ -18,7 +18,7 @@ LINK = "pl-ledger-1"
 
 
 def ledger_for(client, **overrides) -> Ledger:
-    options = {"result_ttl": 3600, "retry_budget": 600.0, "stall_timeout": 60.0, "rate": 10.0, "queue": QUEUE}
+    options = {"result_ttl": 3600, "stall_timeout": 60.0, "rate": 10.0, "queue": QUEUE}
     return Ledger(client, keys=Keys(), **{**options, **overrides})
 
 
@@ -150,7 +150,7 @@ def test_a_skewed_worker_clock_does_not_move_a_breaker_hold(redis_url, redis_cli
     """A worker whose clock runs an hour behind holds a cancel for the breaker's cooldown as
     Redis counts it, and its pump brings the cancel back on time."""
     from config.settings import Settings
-    from tasks.cancel import execute
+    from worker.delivery import execute
     from worker.publisher import pump
     from worker import create_app
     from worker.runtime import Runtime
@@ -219,13 +219,15 @@ def test_a_cancel_whose_budget_is_spent_ends_with_its_callback_pending(redis_cli
     """``gave_up`` is decided at admission (``worker.attempts``): the same end, the same callback."""
     from worker.ledger import Callback
 
-    ledger = ledger_for(redis_client, retry_budget=0.2)
+    ledger = ledger_for(redis_client)
     attempts = attempts_for(ledger)
     ledger.create_many([("cb-budget", LINK)], callback=Callback("orders.on_cancel_outcome", "orders"))
-    assert attempts.admit("cb-budget", LINK, "o1", 30, max_wait=1.0, probe_max_wait=1.0).claim.verdict == "claimed"
+    assert attempts.admit("cb-budget", LINK, "o1", 30, budget=0.2, max_wait=1.0,
+                          probe_max_wait=1.0).claim.verdict == "claimed"
     attempts.defer("cb-budget", LINK, "o1", delay=0.0, attempted=True)
     time.sleep(0.3)
-    assert attempts.admit("cb-budget", LINK, "o2", 30, max_wait=1.0, probe_max_wait=1.0).claim.verdict == "gave_up"
+    assert attempts.admit("cb-budget", LINK, "o2", 30, budget=0.2, max_wait=1.0,
+                          probe_max_wait=1.0).claim.verdict == "gave_up"
     [pending] = ledger.take_callbacks(10, lease=5)
     assert (pending.request_id, pending.status["outcome"]) == ("cb-budget", "gave_up")
 

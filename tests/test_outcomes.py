@@ -1,6 +1,6 @@
 """Outcomes decided from facts: what one attempt makes of each kind of answer.
 
-Each test runs the cancel task's body (``tasks.cancel.execute``) in this process, against
+Each test runs the cancel task's body (``worker.delivery.execute``) in this process, against
 real Redis and a scripted Plural over real HTTP, and reads the status record it wrote.
 """
 
@@ -38,7 +38,7 @@ def run(runtime, request_id: str = "req-outcome", link_id: str = LINK_ID, *, kee
     """One delivery of the cancel; again if it gave up its rate-limit slot ("late": a first
     call whose token fetch, on a busy machine, took longer than ``SLOT_LATENESS``), since
     these tests are about what an answer makes of the cancel. ``keep_late``: never again."""
-    from tasks.cancel import execute
+    from worker.delivery import execute
 
     runtime.ledger.create_many([(request_id, link_id)])
     given_up_until = time.monotonic() + 15
@@ -141,7 +141,7 @@ def test_a_put_that_would_leave_late_for_its_rate_limit_slot_is_not_sent(runtime
     """The token took longer than the slot's lateness allows (as a stalled process would):
     the PUT is not sent, so calls bunched behind a stall never crowd Plural's second; the
     cancel is not an attempt, the breaker hears nothing, and it takes a new slot later."""
-    from tasks.cancel import SLOT_LATENESS, execute
+    from worker.delivery import SLOT_LATENESS, execute
 
     plural.token_answers.append(Answer(200, {"access_token": "tkn-slow", "expires_at": "2099-01-01T00:00:00Z"},
                                        delay=SLOT_LATENESS + 0.2))

@@ -1,12 +1,14 @@
 """The Redis work around one attempt at Plural, in two round trips: admit, then settle.
 
 This is the one writer of an attempt's result: every path of the cancel task goes
-through it, and nothing else writes a cancel's state from a worker.
+through it (a malformed message's refusal too, :meth:`Attempts.reject`), and nothing else
+writes a cancel's state from a worker.
 
 - ``admit``, before the call: may this delivery take the cancel (the ledger's claim),
-  is its retry budget left (if not, the cancel ends ``gave_up`` right here), may
-  anyone call Plural now (the breaker), and which rate-limit slot is ours (the limiter).
-  The budget starts when the first call is let through.
+  is its retry budget left (if not, the cancel ends ``gave_up`` right here: the budget is
+  the retry policy's, ``worker.policy``, handed in), may anyone call Plural now (the
+  breaker), and which rate-limit slot is ours (the limiter). The budget starts when the
+  first call is let through (the ledger's ``start_budget``).
 - ``settle``, after it (or after a hold): the ledger's finish or defer, fenced on the
   owner token of the claim, and what the call showed of Plural's health (the breaker's
   success or failure, the pace's count of answered and throttled calls), written only
@@ -29,70 +31,52 @@ from typing import Any
 
 from plural_cancel.worker.breaker import ALLOW_FN, NO_NEWS, RECORD_FN, Gate, RedisCircuitBreaker, parse_gate
 from plural_cancel.worker.ledger import STALE, Claim, Ledger, parse_claim
-from plural_cancel.worker.ledger_lua import CLAIM_FN, DEFER_FN, FINISH_FN
+from plural_cancel.worker.ledger_lua import CLAIM_FN, DEFER_FN, FINISH_FN, GIVE_UP_FN
+from plural_cancel.worker.lua import SECTIONS, script
 from plural_cancel.worker.ratelimit import OBSERVE_FN, RESERVE_FN, RedisRateLimiter, Reservation, parse_reservation
 
-_SLICE = """
-local function slice(t, i, j)
-  local out = {}
-  for n = i, j do out[#out + 1] = t[n] end
-  return out
-end
-"""
-
-# KEYS: [1-8] the claim's  [9-18] the finish's (for gave_up)  [19-20] the breaker's
-#       [21-22] the limiter's
-# ARGV: [1-9] the claim's  [10-16] the finish's  [17-19] allow's  [20-22] reserve's (rate,
-#       burst, max_wait)  [23] max_wait for the breaker's probe
+# KEYS: the claim's, the finish's (for gave_up), the breaker's gate's and the limiter's
+#       reservation's, in that order, as many of each as ARGV[1-4] say
+# ARGV: [1-4] how many KEYS each section holds  [5-8] how many ARGV each takes
+#       [9] max_wait for the breaker's probe, then the sections' ARGV in the same order
 # Returns {claim} when the claim is refused; {{'gave_up', attempts, last_error, link_status}}
-# when the budget is spent (the record is then ended); {claim, gate} when the breaker
-# says wait; else {claim, gate, reservation}.
-ADMIT = CLAIM_FN + FINISH_FN + ALLOW_FN + RESERVE_FN + _SLICE + """
-local c = claim(slice(KEYS, 1, 8), slice(ARGV, 1, 9))
+# when the budget (the policy's, in the claim's ARGV) is spent and the record is ended;
+# {claim, gate} when the breaker says wait; else {claim, gate, reservation}.
+ADMIT = script(CLAIM_FN, GIVE_UP_FN, ALLOW_FN, RESERVE_FN, SECTIONS, """
+local claim_keys, finish_keys, allow_keys, reserve_keys = sections(KEYS, 1, ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+local claim_args, finish_args, allow_args, reserve_args = sections(ARGV, 10, ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+local probe_max_wait = ARGV[9]
+local c = claim(claim_keys, claim_args)
 if c[1] ~= 'claimed' then return {c} end
-if tonumber(c[3]) <= 0 then
-  local r = redis.call('HMGET', KEYS[1], 'last_error', 'link_status')
-  local attempts = finish(slice(KEYS, 9, 18), slice(ARGV, 10, 16))
-  return {{'gave_up', attempts, r[1] or '', r[2] or ''}}
-end
-local g = allow(slice(KEYS, 19, 20), slice(ARGV, 17, 19))
+if tonumber(c[3]) <= 0 then return {give_up(finish_keys, finish_args)} end
+local g = allow(allow_keys, allow_args)
 if g[1] ~= 'closed' and g[1] ~= 'probe' then return {c, g} end
-local a = slice(ARGV, 20, 22)
--- The probe must go through (nobody else calls Plural meanwhile), so it may wait longer.
-if g[1] == 'probe' then a[3] = ARGV[23] end
-local slot = reserve(slice(KEYS, 21, 22), a)
--- A call goes: the retry budget starts now if this is the cancel's first attempt.
-if slot[1] == 1 and not redis.call('HGET', KEYS[1], 'deadline') then
-  redis.call('HSET', KEYS[1], 'deadline', fmt(redis_now() + tonumber(ARGV[9])))
-end
+-- The probe must go through (nobody else calls Plural meanwhile), so it may wait longer
+-- for its slot (the reservation's third argument, max_wait).
+if g[1] == 'probe' then reserve_args[3] = probe_max_wait end
+local slot = reserve(reserve_keys, reserve_args)
+if slot[1] == 1 then start_budget(claim_keys, claim_args) end
 return {c, g, slot}
-"""
+""")
 
-# KEYS: the ledger's finish or defer keys (ARGV[2] of them), then the breaker's 4 when
-#       ARGV[4] is '1', then the limiter's pace key when ARGV[5] is '1'
-# ARGV: [1] 'finish' or 'defer'  [2] number of ledger keys  [3] number of ledger args
-#       [4] tell the breaker (0/1)  [5] tell the pace (0/1: Plural answered a call)
-#       [6] number of breaker args  [7] number of limiter args, then the ledger's args, the
-#       breaker's args, the limiter's args
+# KEYS: the ledger's finish or defer keys, the breaker's (none: nothing to tell it) and
+#       the pace's (none: Plural answered no call), as many of each as ARGV[2-4] say
+# ARGV: [1] 'finish' or 'defer'  [2-4] how many KEYS each section holds  [5-7] how many
+#       ARGV each takes, then the sections' ARGV in the same order
 # Returns {attempts, opened}: attempts made (-1: stale, nothing written), opened 1 when
 # this failure opened the breaker.
-SETTLE = FINISH_FN + DEFER_FN + RECORD_FN + OBSERVE_FN + _SLICE + """
-local nkeys, nargs, nbreaker, nlimiter = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[6]), tonumber(ARGV[7])
+SETTLE = script(FINISH_FN, DEFER_FN, RECORD_FN, OBSERVE_FN, SECTIONS, """
+local write_keys, breaker_keys, pace_keys = sections(KEYS, 1, ARGV[2], ARGV[3], ARGV[4])
+local write_args, breaker_args, pace_args = sections(ARGV, 8, ARGV[5], ARGV[6], ARGV[7])
 local write = finish
 if ARGV[1] == 'defer' then write = defer end
-local attempts = write(slice(KEYS, 1, nkeys), slice(ARGV, 8, 7 + nargs))
+local attempts = write(write_keys, write_args)
 if attempts == -1 then return {-1, 0} end
 local opened = 0
-local first = nkeys + 1
-if ARGV[4] == '1' then
-  opened = record(slice(KEYS, first, first + 3), slice(ARGV, 8 + nargs, 7 + nargs + nbreaker))
-  first = first + 4
-end
-if ARGV[5] == '1' then
-  observe({KEYS[first]}, slice(ARGV, 8 + nargs + nbreaker, 7 + nargs + nbreaker + nlimiter))
-end
+if #breaker_keys > 0 then opened = record(breaker_keys, breaker_args) end
+if #pace_keys > 0 then observe(pace_keys, pace_args) end
 return {attempts, opened}
-"""
+""")
 
 
 @dataclass(frozen=True)
@@ -150,19 +134,21 @@ class Attempts:
         self._admit = ledger.redis.register_script(ADMIT)
         self._settle = ledger.redis.register_script(SETTLE)
 
-    def admit(self, request_id: str, payment_link_id: str, owner: str, lease: float, *,
+    def admit(self, request_id: str, payment_link_id: str, owner: str, lease: float, *, budget: float,
               max_wait: float, probe_max_wait: float) -> Admission:
-        """Claim the cancel for ``lease`` seconds (ending it ``gave_up`` when its budget is
-        spent), then ask the breaker, then reserve a slot at most ``max_wait`` seconds away
-        (``probe_max_wait`` for the breaker's probe)."""
-        claim_keys, claim_args = self.ledger.claim_call(request_id, payment_link_id, owner, lease)
+        """Claim the cancel for ``lease`` seconds (ending it ``gave_up`` when its ``budget``,
+        seconds from its first attempt, is spent), then ask the breaker, then reserve a slot
+        at most ``max_wait`` seconds away (``probe_max_wait`` for the breaker's probe)."""
+        claim_keys, claim_args = self.ledger.claim_call(request_id, payment_link_id, owner, lease, budget)
         gave_up_keys, gave_up_args = self.ledger.finish_call(request_id, payment_link_id, owner, state="failed",
                                                              outcome="gave_up", attempted=False)
         allow_keys, allow_args = self.breaker.allow_call(owner)
         reserve_keys, reserve_args = self.limiter.reserve_call(max_wait)
-        reply = self._admit(keys=[*claim_keys, *gave_up_keys, *allow_keys, *reserve_keys],
-                            args=[*claim_args, *gave_up_args, *allow_args, *reserve_args,
-                                  repr(max(0.0, probe_max_wait))])
+        sections = (claim_keys, gave_up_keys, allow_keys, reserve_keys)
+        arguments = (claim_args, gave_up_args, allow_args, reserve_args)
+        reply = self._admit(keys=[key for section in sections for key in section],
+                            args=[*map(len, sections), *map(len, arguments), repr(max(0.0, probe_max_wait)),
+                                  *(arg for section in arguments for arg in section)])
         claim = parse_claim(reply[0])
         gate = parse_gate(reply[1]) if len(reply) > 1 else None
         slot = parse_reservation(reply[2]) if len(reply) > 2 else None
@@ -182,6 +168,11 @@ class Attempts:
         keys, args = self.ledger.defer_call(request_id, owner, **fields)
         return self._settle_call("defer", keys, args, health, payment_link_id, owner)
 
+    def reject(self, request_id: str, payment_link_id: str | None, error: dict) -> bool:
+        """End a malformed message's cancel ``failed`` / ``rejected`` (``Ledger.reject``); False
+        when its Request-ID is taken and nothing was written."""
+        return self.ledger.reject(request_id, payment_link_id, error)
+
     def _settle_call(self, write: str, keys: list[str], args: list[Any], health: Health,
                      payment_link_id: str, owner: str) -> Settled:
         breaker_keys: list[str] = []
@@ -196,7 +187,7 @@ class Attempts:
             limiter_keys, limiter_args = self.limiter.observe_call(health.throttled, health.sent_at)
         attempts, opened = self._settle(
             keys=[*keys, *breaker_keys, *limiter_keys],
-            args=[write, len(keys), len(args), int(tell_breaker), int(health.called), len(breaker_args),
+            args=[write, len(keys), len(breaker_keys), len(limiter_keys), len(args), len(breaker_args),
                   len(limiter_args), *args, *breaker_args, *limiter_args])
         attempts = int(attempts)
         if attempts == STALE:

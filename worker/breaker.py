@@ -41,6 +41,9 @@ from typing import Any, NamedTuple
 
 import redis
 
+from plural_cancel.errors import PluralBadResponse, PluralRateLimited, TokenUnavailable
+from plural_cancel.worker.policy import retryable
+from plural_cancel.worker.lua import Lua, script
 from plural_cancel.worker.redis_clock import REDIS_NOW
 
 MAX_COOLDOWN = 600.0
@@ -53,26 +56,45 @@ PROBE_RETRY = 1.0
 SUCCESS, FAILURE, NO_NEWS = "success", "failure", ""
 """What a call showed of Plural: it answered, it failed like an outage, or nothing."""
 
+
+def news(error: BaseException | None, *, unsettled: bool) -> str:
+    """What one attempt showed of Plural's health: the one home of "what counts as an
+    outage" (the module's docstring). ``error``: what went wrong, if anything;
+    ``unsettled``: the attempt settled nothing and will be tried again
+    (``worker.policy.unsettled``)."""
+    if isinstance(error, (TokenUnavailable, PluralRateLimited)):
+        # The token endpoint was never asked (another process held the refresh), or Plural
+        # said "slower": a throttle is the pace's news (``worker.pace``), not an outage.
+        return NO_NEWS
+    if unsettled and (isinstance(error, PluralBadResponse) or retryable(error)):
+        # A 5xx, no answer, or one that is not Plural's (a maintenance page).
+        return FAILURE
+    # Any other answer (including a 4xx in Plural's words) shows Plural is up.
+    return SUCCESS
+
+
 # KEYS: [1] breaker (hash)  [2] probe lock
 # ARGV: [1] probe lock TTL (seconds)  [2] seconds others wait while a probe runs
 #       [3] the asking delivery's owner token (the probe lock's value)
 # Returns {verdict, retry_in}: closed (go), probe (go, and report with probe=True),
 # open (ask again in retry_in seconds, at the reopening time), probing (another caller
 # probes). Seconds from now, not an instant: no host clock ever compares with Redis's.
-# A function of (KEYS, ARGV) so that ``worker.attempts`` can run it in a larger script.
-ALLOW_FN = REDIS_NOW + """
-local function allow(KEYS, ARGV)
-  local b = redis.call('HMGET', KEYS[1], 'state', 'reopens_at')
+# A function of (K, A), its KEYS and ARGV, so that ``worker.attempts`` can run it in a larger script.
+ALLOW_FN = Lua("""
+local function allow(K, A)
+  local breaker, probe_lock = K[1], K[2]
+  local probe_ttl, probe_retry, owner = tonumber(A[1]), A[2], A[3]
+  local b = redis.call('HMGET', breaker, 'state', 'reopens_at')
   if b[1] ~= 'open' then return {'closed', '0'} end
   local now = redis_now()
   local reopens_at = tonumber(b[2])
   if now < reopens_at then return {'open', fmt(reopens_at - now)} end
-  if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', math.ceil(tonumber(ARGV[1]) * 1000)) then
+  if redis.call('SET', probe_lock, owner, 'NX', 'PX', math.ceil(probe_ttl * 1000)) then
     return {'probe', '0'}
   end
-  return {'probing', ARGV[2]}
+  return {'probing', probe_retry}
 end
-"""
+""", needs=(REDIS_NOW,))
 
 # KEYS: [1] breaker (hash)  [2] probe lock  [3] links called (zset: link -> time of its
 #       latest outcome)  [4] links failing (zset: link -> time, while its latest failed)
@@ -80,12 +102,15 @@ end
 #       [4] payment link id  [5] window (seconds)  [6] min links  [7] failure rate (0-1]
 #       [8] base cooldown (seconds)  [9] max cooldown (seconds)
 # Returns 1 exactly when this call opened a closed breaker.
-# A function of (KEYS, ARGV) so that ``worker.attempts`` can run it in a larger script.
-RECORD_FN = REDIS_NOW + """
-local function record(KEYS, ARGV)
-  local outcome, probe = ARGV[1], ARGV[2] == '1'
+# A function of (K, A), its KEYS and ARGV, so that ``worker.attempts`` can run it in a larger script.
+RECORD_FN = Lua("""
+local function record(K, A)
+  local breaker, probe_lock, called, failing_links = K[1], K[2], K[3], K[4]
+  local outcome, probe, owner, link_id = A[1], A[2] == '1', A[3], A[4]
+  local window, min_links, failure_rate = tonumber(A[5]), tonumber(A[6]), tonumber(A[7])
+  local base_cooldown, max_cooldown = tonumber(A[8]), tonumber(A[9])
   local now = redis_now()
-  local b = redis.call('HMGET', KEYS[1], 'state', 'reopens_at', 'cooldown')
+  local b = redis.call('HMGET', breaker, 'state', 'reopens_at', 'cooldown')
   if b[1] == 'open' then
     -- Only the probe's outcome counts while open: calls begun before it opened say nothing
     -- of now. A stale probe (its lock expired) still counts a success (Plural answered),
@@ -93,57 +118,58 @@ local function record(KEYS, ARGV)
     if not probe then return 0 end
     if outcome == 'success' then
       -- Closed again, with an empty window and the next opening from the base cooldown.
-      redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+      redis.call('DEL', breaker, probe_lock, called, failing_links)
     elseif outcome == 'failure' and now >= tonumber(b[2]) then
-      local cooldown = math.min(tonumber(ARGV[9]), 2 * (tonumber(b[3]) or tonumber(ARGV[8])))
-      redis.call('HSET', KEYS[1], 'opened_at', fmt(now), 'reopens_at', fmt(now + cooldown),
+      local cooldown = math.min(max_cooldown, 2 * (tonumber(b[3]) or base_cooldown))
+      redis.call('HSET', breaker, 'opened_at', fmt(now), 'reopens_at', fmt(now + cooldown),
                  'cooldown', fmt(cooldown))
-      redis.call('DEL', KEYS[2])
-    elseif outcome == '' and redis.call('GET', KEYS[2]) == ARGV[3] then
+      redis.call('DEL', probe_lock)
+    elseif outcome == '' and redis.call('GET', probe_lock) == owner then
       -- A throttled or held probe learnt nothing: free the slot for the next caller.
-      redis.call('DEL', KEYS[2])
+      redis.call('DEL', probe_lock)
     end
     return 0
   end
   if outcome == '' then return 0 end
-  local window = tonumber(ARGV[5])
   local horizon = now - window
   -- Trimmed on every call: under steady success the window's links must not pile up.
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', horizon)
-  redis.call('ZADD', KEYS[3], now, ARGV[4])
+  redis.call('ZREMRANGEBYSCORE', called, '-inf', horizon)
+  redis.call('ZADD', called, now, link_id)
   local ttl = math.ceil(window * 2000)
-  redis.call('PEXPIRE', KEYS[3], ttl)
+  redis.call('PEXPIRE', called, ttl)
   if outcome == 'success' then
     -- The failing set only grows on failures, so it is trimmed there (and read by ZCOUNT).
-    redis.call('ZREM', KEYS[4], ARGV[4])
+    redis.call('ZREM', failing_links, link_id)
     return 0
   end
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', horizon)
-  redis.call('ZADD', KEYS[4], now, ARGV[4])
-  redis.call('PEXPIRE', KEYS[4], ttl)
-  local failing = redis.call('ZCARD', KEYS[4])
-  if failing < tonumber(ARGV[6]) then return 0 end
-  if failing < tonumber(ARGV[7]) * redis.call('ZCARD', KEYS[3]) then return 0 end
-  local cooldown = tonumber(ARGV[8])
-  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', fmt(now), 'reopens_at', fmt(now + cooldown),
+  redis.call('ZREMRANGEBYSCORE', failing_links, '-inf', horizon)
+  redis.call('ZADD', failing_links, now, link_id)
+  redis.call('PEXPIRE', failing_links, ttl)
+  local failing = redis.call('ZCARD', failing_links)
+  if failing < min_links then return 0 end
+  if failing < failure_rate * redis.call('ZCARD', called) then return 0 end
+  local cooldown = base_cooldown
+  redis.call('HSET', breaker, 'state', 'open', 'opened_at', fmt(now), 'reopens_at', fmt(now + cooldown),
              'cooldown', fmt(cooldown), 'failing_links', failing)
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+  redis.call('DEL', probe_lock, called, failing_links)
   return 1
 end
-"""
+""", needs=(REDIS_NOW,))
 
 # KEYS: [1] breaker (hash)  [2] probe lock  [3] links called  [4] links failing
 # ARGV: [1] window (seconds)
 # Returns {state, opened_at, reopens_at, cooldown, probing 0/1, links called, links failing}.
-STATE = REDIS_NOW + """
-local b = redis.call('HMGET', KEYS[1], 'state', 'opened_at', 'reopens_at', 'cooldown')
+STATE = script(REDIS_NOW, """
+local breaker, probe_lock, called, failing_links = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local window = tonumber(ARGV[1])
+local b = redis.call('HMGET', breaker, 'state', 'opened_at', 'reopens_at', 'cooldown')
 local state = b[1] or 'closed'
 local now = redis_now()
 if state == 'open' and now >= tonumber(b[3]) then state = 'half_open' end
-local horizon = '(' .. fmt(now - tonumber(ARGV[1]))
-return {state, b[2] or '', b[3] or '', b[4] or '', redis.call('EXISTS', KEYS[2]),
-        redis.call('ZCOUNT', KEYS[3], horizon, '+inf'), redis.call('ZCOUNT', KEYS[4], horizon, '+inf')}
-"""
+local horizon = '(' .. fmt(now - window)
+return {state, b[2] or '', b[3] or '', b[4] or '', redis.call('EXISTS', probe_lock),
+        redis.call('ZCOUNT', called, horizon, '+inf'), redis.call('ZCOUNT', failing_links, horizon, '+inf')}
+""")
 
 
 class Gate(NamedTuple):

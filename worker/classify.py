@@ -1,10 +1,9 @@
-"""The one decision about a failed call to Plural: which error it is, whether it may
-have left this host, and whether trying again can help.
+"""Which error a failed call to Plural is, and whether it may have left this host.
 
 :func:`classify_http` decides for an HTTP answer other than 2xx, :func:`classify_transport`
-for a failure below HTTP (no answer, or a broken one); :func:`should_retry` reads what
-they decided; ``worker.retry.backoff`` says how long to wait. The errors themselves are
-in :mod:`plural_cancel.errors`.
+for a failure below HTTP (no answer, or a broken one). Whether it is tried again, and
+when, is the retry policy's (``worker.policy``), from the kind of error named here. The
+errors themselves are in :mod:`plural_cancel.errors`.
 """
 
 from __future__ import annotations
@@ -40,12 +39,6 @@ RATE_LIMIT_CODE = "RATE_LIMIT"
 def throttle_code(code: str | None) -> bool:
     """Whether Plural's error ``code`` says "slower" (a rate limit) rather than "no"."""
     return code is not None and RATE_LIMIT_CODE in code.upper()
-
-
-def should_retry(error: BaseException) -> bool:
-    """The one answer to "try again later?": an error of talking to Plural that
-    :func:`classify_http` or :func:`classify_transport` (or its class) marked retryable."""
-    return isinstance(error, PluralError) and error.retryable
 
 
 _DELTA_SECONDS = re.compile(r"\d+(?:\.\d+)?")

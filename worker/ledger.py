@@ -28,6 +28,7 @@ statuses, amounts and Plural's error code and message.
 
 from __future__ import annotations
 
+import enum
 import json
 import time
 import uuid
@@ -44,7 +45,6 @@ from plural_cancel.worker.links import format_timestamp
 from plural_cancel.worker.redaction import Redactor
 from plural_cancel.worker.replication import ReplicaWait
 
-TERMINAL = ("succeeded", "failed")
 ACTIVE = ("queued", "running", "retrying")
 STATS_BUCKET = 3600
 """Seconds of finishes counted in one ``finished`` hash (outcome -> records)."""
@@ -55,6 +55,34 @@ CREATE_CHUNK = 1000
 """Records created per script call by :meth:`Ledger.create_many` (a call holds Redis while it runs)."""
 STALE = -1
 """What finish and defer answer when the delivery no longer holds the cancel."""
+
+
+class Created(enum.IntEnum):
+    """What creating one cancel's record came to: the codes of the ledger's ``CREATE_FN``,
+    read here and nowhere else (producers, the schedule's firing)."""
+
+    CONFLICT = -1
+    """The Request-ID names another link's cancel, in the ledger or the schedule: nothing written."""
+    EXISTS = 0
+    """The same cancel (Request-ID and link) exists already: nothing written, nothing to send."""
+    CREATED = 1
+    """A new record that leads its link: its message is to be sent (unless held in the backlog)."""
+    FOLLOWING = 2
+    """A new record following its link's live cancel: it ends with that one, nothing to send."""
+
+    @property
+    def publish(self) -> bool:
+        """Whether the new cancel's message is the creator's to send (unless held)."""
+        return self is Created.CREATED
+
+    @property
+    def fired(self) -> str:
+        """A scheduled cancel created this way, as ``get_schedule`` names it (its ``result``)."""
+        return _FIRED[self]
+
+
+_FIRED = {Created.CREATED: "enqueued", Created.FOLLOWING: "following", Created.EXISTS: "already_enqueued",
+          Created.CONFLICT: "conflict"}
 
 
 @dataclass(frozen=True)
@@ -110,7 +138,7 @@ class Ledger:
     limit (per second) that backlog drains at; ``queue``: the broker's list.
     """
 
-    def __init__(self, client: redis.Redis, *, result_ttl: int, retry_budget: float, stall_timeout: float,
+    def __init__(self, client: redis.Redis, *, result_ttl: int, stall_timeout: float,
                  rate: float, queue: str, keys: Keys = Keys(), clock: Callable[[], float] = time.time,
                  redactor: Redactor = Redactor(), replicas: ReplicaWait | None = None,
                  outcome_retention: int | None = None):
@@ -124,7 +152,6 @@ class Ledger:
         message may quote what it was sent: a phone number, an e-mail)."""
         self.keys = keys
         self.result_ttl = result_ttl
-        self.retry_budget = retry_budget
         self.stall_timeout = stall_timeout
         self.rate = rate
         self.queue = queue
@@ -152,7 +179,7 @@ class Ledger:
                 [request_id, payment_link_id, repr(self.stall_timeout), repr(self.rate), "", ""])
 
     def create_many(self, items: Iterable[tuple[str, str]], callback: Callback | None = None, *,
-                    hold: bool = False) -> list[int]:
+                    hold: bool = False) -> list[Created]:
         """Create records for (request_id, payment_link_id) pairs, ``CREATE_CHUNK`` per script
         call in one pipeline, each with ``callback`` (a record created already keeps the
         callback it was created with).
@@ -161,9 +188,7 @@ class Ledger:
         (:meth:`take_due`); otherwise they are due at once and their messages are the
         caller's to publish.
 
-        Returns one code per pair: 1 created (publish it unless held), 2 created, following
-        the link's live cancel (publish nothing), 0 already there (publish nothing), -1 the
-        Request-ID belongs to another link (nothing written).
+        Returns what became of each pair (:class:`Created`).
         """
         items = list(items)
         keys = self.batch_keys()
@@ -177,7 +202,7 @@ class Ledger:
         # the replicas that have everything this connection wrote.
         token = self.replicas.extend(pipe)
         replies = self.replicas.check(pipe.execute(), token)
-        return [int(code) for codes in replies for code in codes]
+        return [Created(int(code)) for codes in replies for code in codes]
 
     def batch_keys(self) -> list[str]:
         """The keys of a batch of ``CREATE_FN`` calls (``CREATE_MANY``; ``worker.schedule``'s
@@ -188,11 +213,12 @@ class Ledger:
 
     # -- the worker (through ``worker.attempts``, which runs these in two round trips) --
 
-    def claim_call(self, request_id: str, payment_link_id: str, owner: str,
-                   lease: float) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of the claim script (``CLAIM_FN``): ``lease`` in seconds."""
+    def claim_call(self, request_id: str, payment_link_id: str, owner: str, lease: float,
+                   budget: float) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the claim script (``CLAIM_FN``): ``lease`` and the retry ``budget``
+        (the retry policy's: from the first attempt) in seconds."""
         keys, args = self.create_call(request_id, payment_link_id)
-        return keys, [*args, owner, repr(lease), repr(self.retry_budget)]
+        return keys, [*args, owner, repr(lease), repr(budget)]
 
     def finish_call(self, request_id: str, payment_link_id: str, owner: str, *, state: str, outcome: str,
                     attempted: bool, link_status: str | None = None, cancelled_at: str | None = None,

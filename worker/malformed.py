@@ -1,4 +1,8 @@
-"""Messages that reached a worker malformed and could not end as a record: counted in Redis.
+"""Malformed messages: a cancel message's arguments read or refused, and the messages that
+could not end as a record counted in Redis.
+
+:func:`parse_arguments` reads a cancel message's arguments; :func:`refuse` ends one that
+cannot run.
 
 A message with a usable ``request_id`` ends as a ``failed`` / ``rejected`` record under
 it; one without has nowhere to go but the log, so it is also counted here, per reason,
@@ -23,9 +27,21 @@ grow the hash:
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING
+
 import redis
 
+from plural_cancel.errors import MalformedMessage
+from plural_cancel.worker import reporting
 from plural_cancel.worker.keys import Keys
+from plural_cancel.worker.validation import validate_payment_link_id, validate_request_id
+
+if TYPE_CHECKING:
+    from plural_cancel.worker.runtime import Runtime
+
+# A refused message is a line of its cancel's path: under the cancel task's logger name.
+log = logging.getLogger("plural_cancel.tasks.cancel")
 
 UNDECODABLE = "undecodable"
 NOT_A_TASK_MESSAGE = "not_a_task_message"
@@ -51,3 +67,58 @@ def counts(client: redis.Redis, keys: Keys) -> dict[str, int]:
     :data:`REASONS`, 0 when none was seen."""
     seen = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in client.hgetall(keys.malformed).items()}
     return {reason: seen.get(reason, 0) for reason in REASONS}
+
+
+ARGUMENTS = ("payment_link_id", "request_id")
+"""The cancel task's arguments, by keyword (or in this order by position)."""
+
+
+def parse_arguments(args: tuple, kwargs: dict) -> tuple[str, str]:
+    """(payment_link_id, request_id) from a message's arguments, or :class:`MalformedMessage`."""
+    if len(args) > len(ARGUMENTS):
+        raise MalformedMessage(f"{len(args)} positional arguments; the task takes {', '.join(ARGUMENTS)}")
+    given = dict(zip(ARGUMENTS, args))
+    twice = sorted(set(given) & set(kwargs))
+    unknown = sorted(set(kwargs) - set(ARGUMENTS))
+    if twice or unknown:
+        names = ", ".join(str(name)[:40] for name in twice or unknown)
+        raise MalformedMessage(f"{'arguments given twice' if twice else 'unknown arguments'}: {names}")
+    given.update(kwargs)
+    for name, check in (("payment_link_id", validate_payment_link_id), ("request_id", validate_request_id)):
+        if name not in given:
+            raise MalformedMessage(f"{name}: missing")
+        try:
+            check(given[name])
+        except ValueError:
+            # Not echoed: a value in the wrong field may be anything, personal data included.
+            kind = type(given[name]).__name__
+            raise MalformedMessage(f"{name}: must be a string of 1-50 allowed characters (got a {kind})") from None
+    return given["payment_link_id"], given["request_id"]
+
+
+def refuse(rt: Runtime, args: tuple, kwargs: dict, problem: MalformedMessage) -> str:
+    """A message that cannot run never vanishes: a ``failed`` / ``rejected`` record under its
+    Request-ID when it has a usable one that is not taken (written by the one writer of an
+    attempt's result, ``worker.attempts``), else a count (:data:`BAD_ARGUMENTS`)."""
+    given = {**dict(zip(ARGUMENTS, args)), **kwargs}
+    request_id, link_id = given.get("request_id"), given.get("payment_link_id")
+    request_id = request_id if _valid(validate_request_id, request_id) else None
+    link_id = link_id if _valid(validate_payment_link_id, link_id) else None
+    error = {"http_status": None, "code": "MALFORMED_MESSAGE", "message": str(problem)}
+    if request_id and rt.attempts.reject(request_id, link_id, error):
+        log.error("cancel message refused: %s", problem, extra={"request_id": request_id, "payment_link_id": link_id,
+                                                                 "state": "failed", "outcome": "rejected"})
+        reporting.report_failed(request_id, link_id or "", "rejected", 0, error, None)
+        return "rejected"
+    count(rt.redis, rt.keys, BAD_ARGUMENTS)
+    log.error("cancel message dropped: %s (no usable request_id that is not already taken; counted as "
+              "malformed)", problem)
+    return "malformed"
+
+
+def _valid(check, value) -> bool:
+    try:
+        check(value)
+    except ValueError:
+        return False
+    return True

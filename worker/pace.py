@@ -42,6 +42,9 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
+from plural_cancel.worker.lua import Lua
+from plural_cancel.worker.redis_clock import REDIS_NOW
+
 WINDOW = 2.0
 """Seconds: the time constant of the weighted window of calls and throttles."""
 MIN_CALLS = 10
@@ -168,7 +171,7 @@ def from_fields(fields: Mapping[str, str]) -> Pace:
 
 # Functions for the limiter's scripts (``worker.ratelimit``): the rule above in Lua,
 # on the time the caller passes (Redis's, in the product). The state is one hash.
-PACE_FN = f"""
+PACE_FN = Lua(f"""
 local PACE = {{window = {WINDOW!r}, min_calls = {MIN_CALLS!r}, noise = {NOISE!r}, confidence = {CONFIDENCE!r},
                beta = {BETA!r}, level = {LEVEL!r}, peak_seconds = {PEAK_SECONDS!r}, hold = {HOLD!r},
                growth = {GROWTH!r}, floor = {FLOOR!r}, full = {FULL!r}}}
@@ -251,6 +254,5 @@ local function pace_observe(key, limit, now, throttled, sent_at)
   redis.call('HSET', key, 'calls', fmt(calls), 'throttled', fmt(thrown), 'at', fmt(now))
   return 0
 end
-"""
-"""Lua: ``pace_rate(key, limit, now)`` and ``pace_observe(key, limit, now, throttled, sent_at)``
-(needs ``fmt`` from ``worker.redis_clock.REDIS_NOW``)."""
+""", needs=(REDIS_NOW,))
+"""Lua: ``pace_rate(key, limit, now)`` and ``pace_observe(key, limit, now, throttled, sent_at)``."""

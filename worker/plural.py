@@ -34,6 +34,7 @@ from plural_cancel.errors import (LinkFormatError, PluralAuthError, PluralBadRes
                                   SlotMissed)
 from plural_cancel.worker.classify import TOKEN_CODES, classify_http, classify_transport
 from plural_cancel.worker.links import PaymentLink, format_timestamp, parse_timestamp
+from plural_cancel.worker.policy import TOKEN_REFRESHES
 from plural_cancel.worker.tokens import AccessToken, MemoryTokenStore, TokenStore
 # The one definition of a valid id, shared with the producer API; re-exported from here.
 from plural_cancel.worker.validation import validate_payment_link_id, validate_request_id
@@ -266,9 +267,11 @@ class PluralClient:
             raise SlotMissed(f"{method} {path} not sent: {stamp - send_by:.3f}s past its send-by time")
         answer = self._send(method, path, request_id, token=token, json_body=json_body,
                             idempotency_key=key, stamp=stamp)
-        if _token_refused(answer):
-            # Expired early, revoked, or rotated by another process: drop it and try once more
-            # with the same Request-ID; a second refusal is a real authentication failure.
+        for _ in range(TOKEN_REFRESHES):
+            if not _token_refused(answer):
+                break
+            # Expired early, revoked, or rotated by another process: drop it and send the call
+            # again with the same Request-ID (the retry policy says how often).
             self._tokens.invalidate(token)
             token = self._token(request_id, sent=True)
             answer = self._send(method, path, request_id, token=token, json_body=json_body, idempotency_key=key)

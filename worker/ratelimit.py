@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import redis
 
 from plural_cancel.worker import pace
+from plural_cancel.worker.lua import Lua
 from plural_cancel.worker.pace import PACE_FN
 from plural_cancel.worker.redis_clock import REDIS_NOW
 
@@ -32,33 +33,37 @@ from plural_cancel.worker.redis_clock import REDIS_NOW
 # Returns {granted 0/1, wait seconds, now}: granted → the slot is the caller's, `wait` from
 # `now` (epoch seconds, Redis's clock: when the slot was granted, at the pace then in force);
 # refused → nothing was taken, `wait` is how far away the next free slot is.
-# A function of (KEYS, ARGV) so that ``worker.attempts`` can run it in a larger script.
-RESERVE_FN = REDIS_NOW + PACE_FN + """
-local function reserve(KEYS, ARGV)
+# A function of (K, A), its KEYS and ARGV, so that ``worker.attempts`` can run it in a larger script.
+RESERVE_FN = Lua("""
+local function reserve(K, A)
+  local tat_key, pace_key = K[1], K[2]
+  local rate, burst, max_wait = tonumber(A[1]), tonumber(A[2]), tonumber(A[3])
   local now = redis_now()
-  local interval = 1 / pace_rate(KEYS[2], tonumber(ARGV[1]), now)
-  local tolerance = tonumber(ARGV[2]) * interval
-  local tat = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0') or 0)
+  local interval = 1 / pace_rate(pace_key, rate, now)
+  local tolerance = burst * interval
+  local tat = math.max(now, tonumber(redis.call('GET', tat_key) or '0') or 0)
   local wait = math.max(0, tat - tolerance - now)
-  if wait > tonumber(ARGV[3]) then
+  if wait > max_wait then
     return {0, fmt(wait), fmt(now)}
   end
   local new_tat = tat + interval
   -- Once Redis's clock passes the TAT the key means nothing more: let it expire.
-  redis.call('SET', KEYS[1], fmt(new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1000)
+  redis.call('SET', tat_key, fmt(new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1000)
   return {1, fmt(wait), fmt(now)}
 end
-"""
+""", needs=(REDIS_NOW, PACE_FN))
 
 # KEYS: [1] pace (hash)
 # ARGV: [1] rate (per second)  [2] throttled (0/1)  [3] when the call's slot was granted (epoch seconds)
 # Returns 1 when this answer cut the pace (``worker.pace``).
-# A function of (KEYS, ARGV) so that ``worker.attempts`` can run it in a larger script.
-OBSERVE_FN = REDIS_NOW + PACE_FN + """
-local function observe(KEYS, ARGV)
-  return pace_observe(KEYS[1], tonumber(ARGV[1]), redis_now(), tonumber(ARGV[2]), tonumber(ARGV[3]))
+# A function of (K, A), its KEYS and ARGV, so that ``worker.attempts`` can run it in a larger script.
+OBSERVE_FN = Lua("""
+local function observe(K, A)
+  local pace_key = K[1]
+  local rate, throttled, sent_at = tonumber(A[1]), tonumber(A[2]), tonumber(A[3])
+  return pace_observe(pace_key, rate, redis_now(), throttled, sent_at)
 end
-"""
+""", needs=(REDIS_NOW, PACE_FN))
 
 
 class Reservation(NamedTuple):

@@ -9,13 +9,15 @@ are epoch seconds as doubles; they travel as strings because Redis would truncat
 Lua number to an integer.
 """
 
-REDIS_NOW = """
+from plural_cancel.worker.lua import Lua
+
+REDIS_NOW = Lua("""
 local function redis_now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 local function fmt(x) return string.format('%.6f', x) end
-"""
+""")
 """Lua prelude: ``redis_now()`` (epoch seconds from Redis) and ``fmt(x)`` (six decimals)."""
 
 

@@ -24,6 +24,7 @@ from plural_cancel.worker.ratelimit import RedisRateLimiter
 from plural_cancel.worker.redaction import redactor_for
 from plural_cancel.worker.replication import ReplicaWait
 from plural_cancel.worker.plural import PluralClient
+from plural_cancel.worker.policy import RetryPolicy
 from plural_cancel.worker.tokens import RedisTokenCache
 
 
@@ -62,11 +63,16 @@ class Runtime:
 
     @cached_property
     def ledger(self) -> Ledger:
-        return Ledger(self.redis, result_ttl=self.settings.result_ttl, retry_budget=self.settings.retry_budget,
-                      stall_timeout=self.settings.stall_timeout, rate=self.settings.rate_limit * PACING,
+        return Ledger(self.redis, result_ttl=self.settings.result_ttl, stall_timeout=self.settings.stall_timeout, rate=self.settings.rate_limit * PACING,
                       queue=self.settings.cancel_queue, keys=self.keys, clock=self.clock,
                       redactor=redactor_for(self.settings), replicas=self.replicas,
                       outcome_retention=self.settings.outcome_retention)
+
+    @cached_property
+    def policy(self) -> RetryPolicy:
+        """The retry rules (``worker.policy``) with this process's settings and jitter."""
+        s = self.settings
+        return RetryPolicy(base=s.retry_base, cap=s.retry_cap, budget=s.retry_budget, jitter=self.jitter)
 
     @cached_property
     def replicas(self) -> ReplicaWait:

@@ -28,8 +28,9 @@ import redis
 
 from plural_cancel.errors import RequestIdConflict
 from plural_cancel.worker.keys import Keys
-from plural_cancel.worker.ledger import Callback, Ledger, as_text, stored_time
+from plural_cancel.worker.ledger import Callback, Created, Ledger, as_text, stored_time
 from plural_cancel.worker.ledger_lua import CREATE_FN
+from plural_cancel.worker.lua import script
 from plural_cancel.worker.replication import ReplicaWait
 
 # KEYS: [1] schedule  [2] this link's hash  [3] schedule ids  [4] ledger record key prefix
@@ -39,29 +40,29 @@ from plural_cancel.worker.replication import ReplicaWait
 # Returns {verdict, request_id}: scheduled (new), moved (the pending one, new time)
 # or conflict (the Request-ID belongs to another link; the link is returned instead).
 SCHEDULE = """
-local link = ARGV[1]
-local current = redis.call('HGET', KEYS[2], 'request_id')
+local schedule, entry, schedule_ids, records = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local link, rid, at, named, callback, callback_queue = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local current = redis.call('HGET', entry, 'request_id')
 local verdict = 'scheduled'
-local rid = ARGV[2]
 if current then
   -- Its Request-ID carries a cancel already (enqueued by hand): that one is past stopping.
-  if redis.call('EXISTS', KEYS[4] .. current) == 0 then
+  if redis.call('EXISTS', records .. current) == 0 then
     verdict = 'moved'
-    if ARGV[4] == '0' then rid = current end
+    if named == '0' then rid = current end
   end
 end
 if rid ~= current then
-  local other = redis.call('HGET', KEYS[3], rid)
+  local other = redis.call('HGET', schedule_ids, rid)
   if other and other ~= link then return {'conflict', other} end
-  local recorded = redis.call('HGET', KEYS[4] .. rid, 'payment_link_id')
+  local recorded = redis.call('HGET', records .. rid, 'payment_link_id')
   if recorded and recorded ~= link then return {'conflict', recorded} end
-  if current and redis.call('HGET', KEYS[3], current) == link then redis.call('HDEL', KEYS[3], current) end
+  if current and redis.call('HGET', schedule_ids, current) == link then redis.call('HDEL', schedule_ids, current) end
 end
-redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[2], 'request_id', rid, 'at', ARGV[3])
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'callback', ARGV[5], 'callback_queue', ARGV[6]) end
-redis.call('HSET', KEYS[3], rid, link)
-redis.call('ZADD', KEYS[1], ARGV[3], link)
+redis.call('DEL', entry)
+redis.call('HSET', entry, 'request_id', rid, 'at', at)
+if callback ~= '' then redis.call('HSET', entry, 'callback', callback, 'callback_queue', callback_queue) end
+redis.call('HSET', schedule_ids, rid, link)
+redis.call('ZADD', schedule, at, link)
 return {verdict, rid}
 """
 
@@ -72,15 +73,17 @@ return {verdict, rid}
 # or its Request-ID carries a cancel already) or none (nothing scheduled, nothing fired
 # recently). Atomic with FIRE: an entry is either still here or has fired.
 UNSCHEDULE = """
-local rid = redis.call('HGET', KEYS[2], 'request_id')
+local schedule, entry, schedule_ids, fired_marker, records = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local link = ARGV[1]
+local rid = redis.call('HGET', entry, 'request_id')
 if rid then
-  if redis.call('EXISTS', KEYS[5] .. rid) == 1 then return {'fired', rid} end
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  redis.call('DEL', KEYS[2])
-  if redis.call('HGET', KEYS[3], rid) == ARGV[1] then redis.call('HDEL', KEYS[3], rid) end
+  if redis.call('EXISTS', records .. rid) == 1 then return {'fired', rid} end
+  redis.call('ZREM', schedule, link)
+  redis.call('DEL', entry)
+  if redis.call('HGET', schedule_ids, rid) == link then redis.call('HDEL', schedule_ids, rid) end
   return {'removed', rid}
 end
-local fired = redis.call('HGET', KEYS[4], 'request_id')
+local fired = redis.call('HGET', fired_marker, 'request_id')
 if fired then return {'fired', fired} end
 return {'none', ''}
 """
@@ -90,45 +93,47 @@ return {'none', ''}
 #       [7] the queue  [8] record key prefix  [9] followers key prefix  [10] link key prefix
 #       [11] backlog
 # ARGV: [1] how many at most  [2] marker ttl seconds  [3] stall timeout (seconds)
-#       [4] rate (per second)
+#       [4] rate (per second)  [5-8] the names of CREATE_FN's codes 1, 2, 0, -1 for the
+#       fired marker (``Created.fired``)
 # Fires up to ARGV[1] entries due by now: each leaves the schedule, its ledger record is
 # created (the ledger's CREATE_FN, held in the backlog for the pump) and its fired marker
-# written, all in this one call. Returns {link, request_id, result, ...}, result one of
-# enqueued, following (its link had a live cancel: it ends with that one),
-# already_enqueued (its Request-ID had a record: one cancel), conflict (the Request-ID
-# names another link's cancel: not sent). A member without its hash is dropped.
-FIRE = CREATE_FN + """
-local RESULTS = {[1] = 'enqueued', [2] = 'following', [0] = 'already_enqueued', [-1] = 'conflict'}
+# written, all in this one call. Returns {link, request_id, CREATE_FN's code, ...}. A
+# member without its hash is dropped.
+FIRE = script(CREATE_FN, """
+local schedule, entries, markers = KEYS[1], KEYS[2], KEYS[3]
+local due, stats, schedule_ids, queue, records, followers, links, backlog = unpack(KEYS, 4, 11)
+local limit, marker_ttl, stall, rate = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+local RESULTS = {[1] = ARGV[5], [2] = ARGV[6], [0] = ARGV[7], [-1] = ARGV[8]}
 local now = redis_now()
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local fired = redis.call('ZRANGEBYSCORE', schedule, '-inf', now, 'LIMIT', 0, limit)
 -- CREATE_FN's keys and arguments; the record's and the link's keys, ids and callback per entry.
-local K = {'', '', KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[11]}
-local A = {'', '', ARGV[3], ARGV[4], '', ''}
+local K = {'', '', due, stats, schedule_ids, queue, records, followers, backlog}
+local A = {'', '', stall, rate, '', ''}
 local out, created = {}, 0
-for _, link in ipairs(due) do
-  local hash = KEYS[2] .. link
+for _, link in ipairs(fired) do
+  local hash = entries .. link
   local f = redis.call('HMGET', hash, 'request_id', 'at', 'callback', 'callback_queue')
-  redis.call('ZREM', KEYS[1], link)
+  redis.call('ZREM', schedule, link)
   local rid = f[1]
   if rid then
-    K[1], K[2] = KEYS[8] .. rid, KEYS[10] .. link
+    K[1], K[2] = records .. rid, links .. link
     A[1], A[2], A[5], A[6] = rid, link, f[3] or '', f[4] or ''
-    local result = RESULTS[create(K, A, true, now, true)]
-    if result == 'enqueued' or result == 'following' then created = created + 1 end
+    local code = create(K, A, true, now, true)
+    if code > 0 then created = created + 1 end
     redis.call('DEL', hash)
-    if redis.call('HGET', KEYS[6], rid) == link then redis.call('HDEL', KEYS[6], rid) end
-    local marker = KEYS[3] .. link
+    if redis.call('HGET', schedule_ids, rid) == link then redis.call('HDEL', schedule_ids, rid) end
+    local marker = markers .. link
     redis.call('DEL', marker)
-    redis.call('HSET', marker, 'request_id', rid, 'at', f[2] or '', 'fired_at', fmt(now), 'result', result)
-    redis.call('EXPIRE', marker, ARGV[2])
+    redis.call('HSET', marker, 'request_id', rid, 'at', f[2] or '', 'fired_at', fmt(now), 'result', RESULTS[code])
+    redis.call('EXPIRE', marker, marker_ttl)
     table.insert(out, link)
     table.insert(out, rid)
-    table.insert(out, result)
+    table.insert(out, code)
   end
 end
-if created > 0 then redis.call('HINCRBY', KEYS[5], 'queued', created) end
+if created > 0 then redis.call('HINCRBY', stats, 'queued', created) end
 return out
-"""
+""")
 
 
 class Fired(NamedTuple):
@@ -136,8 +141,13 @@ class Fired(NamedTuple):
 
     payment_link_id: str
     request_id: str
-    result: str
-    """``enqueued``, ``following``, ``already_enqueued`` or ``conflict`` (see ``FIRE``)."""
+    created: Created
+    """What creating its record came to."""
+
+    @property
+    def result(self) -> str:
+        """``enqueued``, ``following``, ``already_enqueued`` or ``conflict`` (``Created.fired``)."""
+        return self.created.fired
 
 
 class Schedule:
@@ -218,5 +228,6 @@ class Schedule:
         backlog for the pump (``FIRE``); each leaves its fired marker for ``fired_ttl`` seconds."""
         flat = [as_text(x) for x in self._fire(
             keys=[self.keys.schedule, self.keys.scheduled(""), self.keys.schedule_fired(""), *ledger.batch_keys()],
-            args=[limit, self.fired_ttl, repr(ledger.stall_timeout), repr(ledger.rate)])]
-        return [Fired(*flat[i:i + 3]) for i in range(0, len(flat), 3)]
+            args=[limit, self.fired_ttl, repr(ledger.stall_timeout), repr(ledger.rate),
+                  *(code.fired for code in (Created.CREATED, Created.FOLLOWING, Created.EXISTS, Created.CONFLICT))])]
+        return [Fired(flat[i], flat[i + 1], Created(int(flat[i + 2]))) for i in range(0, len(flat), 3)]

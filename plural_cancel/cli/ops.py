@@ -153,7 +153,7 @@ def stats(as_json: bool):
 @click.command()
 def check():
     """Check the settings, that Redis answers and that a Plural token can be had."""
-    from plural_cancel.tasks.cancel import SLOT_LATENESS
+    from plural_cancel.worker.delivery import SLOT_LATENESS
     from plural_cancel.worker.redis_clock import CLOCK_OFFSET_LIMIT, clock_offset
     from plural_cancel.worker.runtime import Runtime
 

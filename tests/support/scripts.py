@@ -17,18 +17,20 @@ from worker.ledger import Claim, Ledger, parse_claim
 from worker.ledger_lua import CLAIM_FN
 from worker.pace import PACE_FN
 from worker.ratelimit import OBSERVE_FN, RESERVE_FN, RedisRateLimiter, Reservation, parse_reservation
-from worker.redis_clock import REDIS_NOW
+from worker.lua import script
 
 
 def run(client, source: str, function: str, keys: list[str], args: list[Any]) -> Any:
     """Run the Lua ``function`` defined in ``source`` once, as a script of its own."""
-    return client.register_script(f"{source}\nreturn {function}(KEYS, ARGV)\n")(keys=keys, args=args)
+    return client.register_script(script(source, f"return {function}(KEYS, ARGV)"))(keys=keys, args=args)
 
 
-def claim(ledger: Ledger, request_id: str, payment_link_id: str, owner: str, lease: float) -> Claim:
-    """The ledger's claim alone: take the cancel for one attempt under a lease of ``lease`` seconds."""
+def claim(ledger: Ledger, request_id: str, payment_link_id: str, owner: str, lease: float,
+          budget: float = 600.0) -> Claim:
+    """The ledger's claim alone: take the cancel for one attempt under a lease of ``lease`` seconds
+    (its retry budget, ``budget`` seconds from its first attempt, the policy's)."""
     return parse_claim(run(ledger.redis, CLAIM_FN, "claim", *ledger.claim_call(request_id, payment_link_id, owner,
-                                                                                lease)))
+                                                                                lease, budget)))
 
 
 def allow(breaker: RedisCircuitBreaker, owner: str) -> Gate:
@@ -53,12 +55,12 @@ def observe(limiter: RedisRateLimiter, throttled: bool, sent_at: float = 0.0) ->
     return bool(int(run(limiter.redis, OBSERVE_FN, "observe", *limiter.observe_call(throttled, sent_at))))
 
 
-PACE_AT = REDIS_NOW + PACE_FN + """
+PACE_AT = script(PACE_FN, """
 if ARGV[1] == 'observe' then
   return pace_observe(KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]))
 end
 return fmt(pace_rate(KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3])))
-"""
+""")
 """The pace's two Lua functions on a time the caller gives (``tests/test_pace.py``): ``observe``
 LIMIT NOW THROTTLED SENT_AT, or ``rate`` LIMIT NOW."""
 
