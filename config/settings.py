@@ -401,10 +401,6 @@ class Settings:
             raise ConfigError("PLURAL_CLIENT_SECRET", "set to the client secret from Plural's dashboard (required by the worker)")
         return self
 
-    def with_overrides(self, **changes) -> "Settings":
-        """A copy with some fields changed (tests and the command line use this)."""
-        return replace(self, **changes)
-
     def __repr__(self) -> str:
         # The dataclass's own repr would show the proxy's and Redis's passwords.
         shown = ", ".join(f"{f.name}={self._shown(f.name)!r}" for f in fields(self))

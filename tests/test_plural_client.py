@@ -18,6 +18,7 @@ import uuid
 import pytest
 
 from tests.support.scripted_plural import (CLIENT_ID, LINK_ID, NOW, NOW_STAMP, SECRET, SEED_200, UTC, Answer)
+from tests.support.plural_create import create_payment_link
 from plural_cancel.errors import (PluralAuthError, PluralBadResponse, PluralError, PluralRateLimited,
                                   PluralRequestError, PluralServerError, PluralUnexpectedAnswer)
 from worker.links import LINK_STATUSES, PaymentLink
@@ -118,7 +119,7 @@ def test_a_puts_request_timestamp_is_the_reading_held_to_its_send_by_time(plural
 def test_token_is_reused_and_get_and_create_use_their_paths(plural, client):
     plural.answers.extend([Answer(200, {"status": "CREATED", "payment_link_id": LINK_ID}),
                            Answer(200, {"status": "CREATED", "payment_link_id": LINK_ID, "new": 1})])
-    created = client.create_payment_link(5000, "order_42", request_id="req-c", description="d")
+    created = create_payment_link(client, 5000, "order_42", request_id="req-c", description="d")
     fetched = client.get_payment_link(LINK_ID)
     assert len(plural.token_calls()) == 1
     post, get = plural.calls()
@@ -134,7 +135,7 @@ def test_put_and_create_carry_the_request_id_as_idempotency_key_get_and_token_do
     plural.answers.extend([Answer(200, {"status": "CREATED", "payment_link_id": LINK_ID}),
                            Answer(200, {"status": "CREATED", "payment_link_id": LINK_ID}),
                            Answer(200, SEED_200)])
-    client.create_payment_link(5000, "order_43", request_id="req-create")
+    create_payment_link(client, 5000, "order_43", request_id="req-create")
     client.get_payment_link(LINK_ID, "req-get")
     client.cancel_payment_link(LINK_ID, "req-put")
     (token,) = plural.token_calls()

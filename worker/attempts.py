@@ -66,10 +66,11 @@ return {c, g, slot}
 # Returns {attempts, opened}: attempts made (-1: stale, nothing written), opened 1 when
 # this failure opened the breaker.
 SETTLE = script(FINISH_FN, DEFER_FN, RECORD_FN, OBSERVE_FN, SECTIONS, """
+local kind = ARGV[1]
 local write_keys, breaker_keys, pace_keys = sections(KEYS, 1, ARGV[2], ARGV[3], ARGV[4])
 local write_args, breaker_args, pace_args = sections(ARGV, 8, ARGV[5], ARGV[6], ARGV[7])
 local write = finish
-if ARGV[1] == 'defer' then write = defer end
+if kind == 'defer' then write = defer end
 local attempts = write(write_keys, write_args)
 if attempts == -1 then return {-1, 0} end
 local opened = 0

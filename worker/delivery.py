@@ -14,7 +14,7 @@ import time
 import uuid
 
 from plural_cancel.config.celery import lease_seconds
-from plural_cancel.errors import PluralConnectionError, PluralRateLimited, PluralTimeout, SlotMissed
+from plural_cancel.errors import MalformedMessage, PluralConnectionError, PluralRateLimited, PluralTimeout, SlotMissed
 from plural_cancel.worker import breaker, malformed, metrics, reporting
 from plural_cancel.worker.attempts import Health, Settled
 from plural_cancel.worker.breaker import NO_NEWS
@@ -36,6 +36,16 @@ SLOT_LATENESS = 1 / PACING - 1 - 0.006
 Request-Timestamps holds the slots of ``1 + SLOT_LATENESS + 0.001`` s (the stamp is cut to
 the millisecond): under ``1 / PACING`` s, so never more than the limit. The 6 ms spare
 cover that millisecond and the slew between the clock that sleeps and the one that stamps."""
+
+
+def deliver(rt: Runtime, args: tuple, kwargs: dict) -> str:
+    """One message of the cancel task: its arguments read (``worker.malformed``), then the
+    cancel run (:func:`execute`), or the message refused; returns what became of it."""
+    try:
+        payment_link_id, request_id = malformed.parse_arguments(args, kwargs)
+    except MalformedMessage as problem:
+        return malformed.refuse(rt, args, kwargs, problem)
+    return execute(rt, payment_link_id, request_id)
 
 
 def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:

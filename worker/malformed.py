@@ -100,10 +100,7 @@ def refuse(rt: Runtime, args: tuple, kwargs: dict, problem: MalformedMessage) ->
     """A message that cannot run never vanishes: a ``failed`` / ``rejected`` record under its
     Request-ID when it has a usable one that is not taken (written by the one writer of an
     attempt's result, ``worker.attempts``), else a count (:data:`BAD_ARGUMENTS`)."""
-    given = {**dict(zip(ARGUMENTS, args)), **kwargs}
-    request_id, link_id = given.get("request_id"), given.get("payment_link_id")
-    request_id = request_id if _valid(validate_request_id, request_id) else None
-    link_id = link_id if _valid(validate_payment_link_id, link_id) else None
+    request_id, link_id = usable_ids(args, kwargs)
     error = {"http_status": None, "code": "MALFORMED_MESSAGE", "message": str(problem)}
     if request_id and rt.attempts.reject(request_id, link_id, error):
         log.error("cancel message refused: %s", problem, extra={"request_id": request_id, "payment_link_id": link_id,
@@ -114,6 +111,15 @@ def refuse(rt: Runtime, args: tuple, kwargs: dict, problem: MalformedMessage) ->
     log.error("cancel message dropped: %s (no usable request_id that is not already taken; counted as "
               "malformed)", problem)
     return "malformed"
+
+
+def usable_ids(args: tuple, kwargs: dict) -> tuple[str | None, str | None]:
+    """(request_id, payment_link_id) of a message, each None unless it is a valid id: a value
+    in the wrong field may be anything, personal data included, and is never repeated."""
+    given = {**dict(zip(ARGUMENTS, args)), **kwargs}
+    request_id, link_id = given.get("request_id"), given.get("payment_link_id")
+    return (request_id if _valid(validate_request_id, request_id) else None,
+            link_id if _valid(validate_payment_link_id, link_id) else None)
 
 
 def _valid(check, value) -> bool:

@@ -49,10 +49,6 @@ MAX_BODY = 1 << 20
 FALLBACK_TOKEN_LIFETIME = 300.0
 """Seconds a token is trusted when Generate Token gave no readable expiry (a 401 ends it sooner)."""
 
-# merchant_payment_link_reference: 1-50 of A-Za-z0-9-_, as documented for create.
-_REFERENCE = re.compile(r"[A-Za-z0-9_-]{1,50}")
-
-
 def new_request_id() -> str:
     """A fresh GUID for the Request-ID header."""
     return str(uuid.uuid4())
@@ -238,19 +234,6 @@ class PluralClient:
         request_id = validate_request_id(request_id) if request_id is not None else new_request_id()
         path = f"/pay/v1/paymentlink/{quote(payment_link_id, safe='')}"
         return self._link(self._bearer("GET", path, request_id), request_id)
-
-    def create_payment_link(self, amount_paisa: int, merchant_reference: str, *, currency: str = "INR",
-                            request_id: str | None = None, **extra: Any) -> PaymentLink:
-        """Create a link for ``amount_paisa`` (integer paisa); ``extra`` adds Plural's optional fields."""
-        if not isinstance(amount_paisa, int) or isinstance(amount_paisa, bool) or amount_paisa <= 0:
-            raise ValueError("amount_paisa must be a positive integer (paisa)")
-        if not isinstance(merchant_reference, str) or not _REFERENCE.fullmatch(merchant_reference):
-            raise ValueError("merchant_reference must be 1 to 50 characters of A-Z a-z 0-9 _ -")
-        request_id = validate_request_id(request_id) if request_id is not None else new_request_id()
-        body = {**extra, "amount": {"value": amount_paisa, "currency": currency},
-                "merchant_payment_link_reference": merchant_reference}
-        return self._link(self._bearer("POST", "/pay/v1/paymentlink", request_id, json_body=body),
-                          request_id)
 
     # -- Machinery --------------------------------------------------------------------
 

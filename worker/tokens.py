@@ -129,16 +129,18 @@ class MemoryTokenStore:
 # Deletes the cached token only when it is still the one that was rejected, so a
 # 401 seen late never throws away a fresher token fetched by another process.
 DROP_IF_SAME = """
-if redis.call('HGET', KEYS[1], 'fp') == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+local token, fingerprint = KEYS[1], ARGV[1]
+if redis.call('HGET', token, 'fp') == fingerprint then
+  return redis.call('DEL', token)
 end
 return 0
 """
 
 # KEYS: [1] lock key   ARGV: [1] owner token
 RELEASE_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+local lock, owner = KEYS[1], ARGV[1]
+if redis.call('GET', lock) == owner then
+  return redis.call('DEL', lock)
 end
 return 0
 """
