@@ -9,7 +9,9 @@ It starts ``python -m sandbox`` as a process and, per thread count and round, cr
 threads (each cancel inside ``within(20)``, as the task calls it; every answer checked
 to be CANCELLED). It prints this process's CPU milliseconds per cancel (the client, its
 HTTP stack and the link parsing: no Celery, no Redis) and cancels per second. Compare two
-versions of the client by running it from each checkout (``PYTHONPATH=that checkout``).
+versions of the client by running it from each checkout with that checkout's own
+``.venv`` (``make setup``): ``plural_cancel.worker`` and the other folders' subpackages come
+from the install, whichever checkout ``PYTHONPATH`` names.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from plural_cancel.worker.plural import USER_AGENT, PluralClient  # noqa: E402
 from tests.support.sandbox import start_sandbox_process  # noqa: E402
-from worker.plural import USER_AGENT, PluralClient  # noqa: E402
 
 
 def run(sandbox, count: int, threads: int) -> tuple[float, float]:

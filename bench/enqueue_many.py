@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from config.settings import Settings  # noqa: E402
+from plural_cancel.config.settings import Settings  # noqa: E402
+from plural_cancel.worker import create_app  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
-from worker import create_app  # noqa: E402
 
 app = None
 """The producer's app, built in :func:`main` for the bench's own Redis."""
@@ -62,7 +62,7 @@ def run_apply_async(links: list[str]) -> float:
     """Seconds to send one message per link with ``apply_async`` on one producer."""
     import uuid
 
-    from tasks.cancel import cancel_payment_link
+    from plural_cancel.tasks.cancel import cancel_payment_link
 
     pairs = [(link, str(uuid.uuid4())) for link in links]
     start = time.perf_counter()
@@ -75,7 +75,7 @@ def run_apply_async(links: list[str]) -> float:
 
 def run_enqueue_many(links: list[str]) -> float:
     """Seconds for ledger records and every link's message, published at once."""
-    from tasks.producer import new_request_ids, submit
+    from plural_cancel.tasks.producer import new_request_ids, submit
 
     start = time.perf_counter()
     submit(app, list(zip(new_request_ids(len(links)), links)))

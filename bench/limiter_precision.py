@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from worker.ratelimit import RedisRateLimiter, acquire  # noqa: E402
+from plural_cancel.worker.ratelimit import RedisRateLimiter, acquire  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 from tests.support.timing import largest_window  # noqa: E402
 

@@ -77,12 +77,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.harness import HEADER, Run, Worker, cpu_seconds, load_average, print_run  # noqa: E402
-from config.celery import DEFAULT_CONCURRENCY  # noqa: E402
-from config.settings import Settings  # noqa: E402
+from plural_cancel.config.celery import DEFAULT_CONCURRENCY  # noqa: E402
+from plural_cancel.config.settings import Settings  # noqa: E402
+from plural_cancel.worker.keys import Keys  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 from tests.support.sandbox import SandboxProcess, start_sandbox_process  # noqa: E402
 from tests.support.workers import service_env  # noqa: E402
-from worker.keys import Keys  # noqa: E402
 
 POLL = 0.2
 """Seconds between looks at the ledger (or the bare task's counter)."""
@@ -121,7 +121,7 @@ class Bench:
         self._links = 0
         self._notes: list[str] = []
         # The producer side, once, an app of its own for this bench's Redis.
-        from worker import create_app
+        from plural_cancel.worker import create_app
         self.app = create_app(Settings.from_env({"REDIS_URL": redis_url, "PLURAL_BASE_URL": sandbox.url,
                                                  "PLURAL_RATE_LIMIT": "10000"}))
 
@@ -192,7 +192,7 @@ class Bench:
 
     def product(self, n: int, latency_ms: float, pool: str = "threads", concurrency: int = DEFAULT_CONCURRENCY,
                 processes: int = 1, *, events: bool = False) -> Run:
-        from tasks import enqueue_many
+        from plural_cancel.tasks import enqueue_many
 
         app = self.app
         ids = self._fresh(n, latency_ms)

@@ -57,7 +57,7 @@ CREDENTIALS = {"client_id": "bench", "client_secret": "bench", "grant_type": "cl
 LEGACY = Path(__file__).resolve().parent / "legacy_sandbox_server.py"
 """The former hand-written HTTP layer over the same sandbox, for ``--compare``."""
 ASYNCIO_LOOP = [sys.executable, "-c", "import sys; sys.modules['uvloop'] = None\n"
-                "from sandbox.cli import main; raise SystemExit(main(sys.argv[1:]))"]
+                "from plural_cancel.sandbox.cli import main; raise SystemExit(main(sys.argv[1:]))"]
 """``python -m sandbox`` with uvloop made unimportable: aiohttp on asyncio's own loop, for ``--compare``."""
 AIM = 2000
 """Cancels a second the sandbox must answer one ``http.client`` keep-alive connection."""

@@ -42,12 +42,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from config.settings import Settings  # noqa: E402
-from tasks import enqueue_many  # noqa: E402
+from plural_cancel.config.settings import Settings  # noqa: E402
+from plural_cancel.tasks import enqueue_many  # noqa: E402
+from plural_cancel.worker import create_app  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 from tests.support.sandbox import is_throttle, start_sandbox_process  # noqa: E402
 from tests.support.workers import CeleryProcess, service_env  # noqa: E402
-from worker import create_app  # noqa: E402
 
 BASELINE = "70814a8"
 """The last commit with the controller before ``worker.pace`` (a 429 halved the rate for a minute)."""

@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from config.settings import Settings  # noqa: E402
-from tasks import enqueue_cancel, enqueue_many  # noqa: E402
+from plural_cancel.config.settings import Settings  # noqa: E402
+from plural_cancel.tasks import enqueue_cancel, enqueue_many  # noqa: E402
+from plural_cancel.worker import create_app  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
-from worker import create_app  # noqa: E402
 
 
 def timed(calls) -> list[float]:

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def app_enqueue(app, links: list[str]) -> list[str]:
-    from tasks import enqueue_many
+    from plural_cancel.tasks import enqueue_many
 
     return enqueue_many(links, app=app)
 

@@ -2,7 +2,6 @@
 the package ``plural_cancel.config``."""
 
 if __name__ == "config":
-    # The short name, inside this repository: the namespaced module takes its place.
-    from plural_cancel._short_names import install
-
-    install(__name__)
+    # The short name (from the repository root): no submodules of its own, so the settings
+    # never load twice: `from config.settings import ...` fails instead.
+    __path__ = []

@@ -3,27 +3,23 @@
     from plural_cancel import enqueue_cancel, enqueue_many, get_status, schedule_cancel, unschedule_cancel
 
 The code lives in the design card's folders, ``config/``, ``tasks/``, ``worker/`` and
-``sandbox/``, which are the subpackages ``plural_cancel.config``, ``plural_cancel.tasks``,
-``plural_cancel.worker`` and ``plural_cancel.sandbox``: installed, by pyproject's
-``package-dir``; in this repository (and an editable install of it), through this
-package's ``__path__``, which takes in the repository root. Every module of the product
-imports the others by their ``plural_cancel.`` names only, so a host project whose own
-``config``, ``tasks`` or ``worker`` package comes first on ``sys.path`` (a Django project
-built on cookiecutter-django has ``config/``) never shadows ours, and ours never shadow
-its. Inside this repository the short names (``celery -A worker``, ``from tasks import
-...``) stay the same modules (``plural_cancel._short_names``). The command line,
-``plural-cancel``, lives here, in ``plural_cancel.cli``; every error the product raises,
-in ``plural_cancel.errors``.
+``sandbox/``, which pyproject's ``package-dir`` makes the subpackages
+``plural_cancel.config``, ``plural_cancel.tasks``, ``plural_cancel.worker`` and
+``plural_cancel.sandbox``, installed and in an editable install alike (``make setup``).
+Every module of the product, and every test, benchmark and script, imports the others by
+their ``plural_cancel.`` names only, so a host project whose own ``config``, ``tasks`` or
+``worker`` package comes first on ``sys.path`` (a Django project built on
+cookiecutter-django has ``config/``) never shadows ours, and ours never shadow its.
+
+From the repository root the folders' short names are what the contract names
+(``celery -A worker``, ``python -m sandbox``, ``from tasks import ...``): each folder's
+``__init__`` then only re-exports the namespaced package's names and has no submodules
+(``import worker.ledger`` fails), so no module is ever loaded twice under two names. The
+command line, ``plural-cancel``, lives here, in ``plural_cancel.cli``; every error the
+product raises, in ``plural_cancel.errors``.
 """
 
 from __future__ import annotations
-
-import os
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isfile(os.path.join(_ROOT, "worker", "app.py")):
-    # This repository's checkout (not an installed copy): the folders sit beside this one.
-    __path__.append(_ROOT)  # noqa: F821 (a package's __path__)
 
 __all__ = ["enqueue_cancel", "enqueue_many", "get_status", "schedule_cancel", "unschedule_cancel",
            "get_schedule"]

@@ -89,17 +89,28 @@ customers' personal data is :data:`sandbox.links.DEMO_PERSONAL_DATA`.
 """
 
 if __name__ == "sandbox":
-    # The short name, inside this repository: the namespaced module takes its place.
-    from plural_cancel._short_names import install
+    import sys
 
-    install(__name__)
+    # The short name (`python -m sandbox`, from the repository root): the namespaced package's
+    # names, and no submodules of its own, so nothing loads twice: `import sandbox.server`
+    # fails instead. But for `python -m sandbox` itself, which must find `__main__.py` here
+    # (sys.argv[0] is "-m" while -m locates its module, and only then: documented);
+    # `__main__.py` imports the namespaced package alone.
+    if sys.argv[:1] != ["-m"]:
+        __path__ = []
+    from plural_cancel.sandbox import DEMO_LINKS, DEMO_PERSONAL_DATA, STATUSES, main
+
+    def __getattr__(name: str):
+        # The namespaced package's, loaded as it loads them: on first use.
+        if name in ("Sandbox", "SandboxServer", "serve"):
+            import plural_cancel.sandbox
+
+            return getattr(plural_cancel.sandbox, name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 else:
     from plural_cancel.sandbox.cli import main
     from plural_cancel.sandbox.links import DEMO_PERSONAL_DATA, STATUSES
     from plural_cancel.sandbox.state import DEMO_LINKS
-
-    __all__ = ["DEMO_LINKS", "DEMO_PERSONAL_DATA", "STATUSES", "Sandbox", "SandboxServer", "main",
-               "serve"]
 
     def __getattr__(name: str):
         # The server needs aiohttp (the ``sandbox`` extra), which every ``plural-cancel``
@@ -109,3 +120,5 @@ else:
 
             return getattr(server, name)
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+__all__ = ["DEMO_LINKS", "DEMO_PERSONAL_DATA", "STATUSES", "Sandbox", "SandboxServer", "main", "serve"]

@@ -57,7 +57,7 @@ pids+=($!)
 
 # Every setting set here (config/settings.py names them), as lines to paste into another
 # terminal; a secret is printed only when this script made it up (the sandbox's).
-exports=$("$VENV/bin/python" -c 'import os, sys; from config.settings import exports
+exports=$("$VENV/bin/python" -c 'import os, sys; from plural_cancel.config.settings import exports
 print("\n".join("  " + line for line in exports(os.environ, sys.argv[1:])))' ${reveal[@]+"${reveal[@]}"})
 
 cat <<MSG

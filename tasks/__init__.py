@@ -2,17 +2,17 @@
 
     from plural_cancel import enqueue_cancel, enqueue_many, get_status, schedule_cancel, unschedule_cancel
 
-(``from tasks import ...`` is the same, inside this repository.)
+(``from tasks import ...``, from the repository root, gives the same functions.)
 """
 
 if __name__ == "tasks":
-    # The short name, inside this repository: the namespaced module takes its place.
-    from plural_cancel._short_names import install
-
-    install(__name__)
+    # The short name (from the repository root): the namespaced package's names, and no
+    # submodules of its own, so nothing loads twice: `import tasks.producer` fails instead.
+    __path__ = []
+    from plural_cancel.tasks import (enqueue_cancel, enqueue_many, get_schedule, get_status, schedule_cancel,
+                                     unschedule_cancel)
 else:
     from plural_cancel.tasks.producer import (enqueue_cancel, enqueue_many, get_schedule, get_status, schedule_cancel,
                                               unschedule_cancel)
 
-    __all__ = ["enqueue_cancel", "enqueue_many", "get_status", "schedule_cancel", "unschedule_cancel",
-               "get_schedule"]
+__all__ = ["enqueue_cancel", "enqueue_many", "get_status", "schedule_cancel", "unschedule_cancel", "get_schedule"]

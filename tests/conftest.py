@@ -134,8 +134,8 @@ def healthy_sandbox(sandbox_process):
 
 def use_settings(redis_url: str, plural_url: str | None = None, **overrides):
     """A new app (the producer side) for ``redis_url`` and these settings, to pass as ``app=``."""
-    from config.settings import Settings
-    from worker import create_app
+    from plural_cancel.config.settings import Settings
+    from plural_cancel.worker import create_app
 
     env = {"REDIS_URL": redis_url, "PLURAL_CLIENT_ID": "test-client",
            "PLURAL_CLIENT_SECRET": "test-secret-do-not-leak"}
@@ -196,8 +196,8 @@ def store():
 @pytest.fixture
 def client(plural, store):
     """A Plural client of ``plural`` holding its token in ``store``."""
+    from plural_cancel.worker.plural import PluralClient
     from tests.support.scripted_plural import CLIENT_ID, NOW, SECRET
-    from worker.plural import PluralClient
 
     with PluralClient(plural.base_url, CLIENT_ID, SECRET, tokens=store, clock=lambda: NOW,
                       read_timeout=5) as c:

@@ -6,13 +6,13 @@ import time
 
 import pytest
 
-from config.settings import Settings
+from plural_cancel.config.settings import Settings
+from plural_cancel.worker.attempts import Attempts, Health
+from plural_cancel.worker.breaker import FAILURE, NO_NEWS, SUCCESS, RedisCircuitBreaker
+from plural_cancel.worker.keys import Keys
+from plural_cancel.worker.ledger import Ledger
+from plural_cancel.worker.ratelimit import RedisRateLimiter
 from tests.support.scripts import allow, record, reserve
-from worker.attempts import Attempts, Health
-from worker.breaker import FAILURE, NO_NEWS, SUCCESS, RedisCircuitBreaker
-from worker.keys import Keys
-from worker.ledger import Ledger
-from worker.ratelimit import RedisRateLimiter
 
 QUEUE = Settings.cancel_queue  # the queue list of every test's settings (CANCEL_QUEUE unset)
 

@@ -11,13 +11,13 @@ import uuid
 import pytest
 import redis
 
-from config.celery import BACKLOG_AHEAD
-from config.settings import Settings
+from plural_cancel.config.celery import BACKLOG_AHEAD
+from plural_cancel.config.settings import Settings
+from plural_cancel.worker.keys import Keys
+from plural_cancel.worker.ledger import Ledger
 from tests.support.scripts import claim
 from tests.conftest import use_settings, wait_for
 from tests.support.workers import service_env, start_worker
-from worker.keys import Keys
-from worker.ledger import Ledger
 
 QUEUE = Settings.cancel_queue
 
@@ -80,7 +80,7 @@ def test_a_held_cancel_that_ended_or_follows_is_skipped(redis_client):
 
 
 def test_enqueue_many_holds_what_the_fleet_cannot_run_soon_and_enqueue_cancel_goes_at_once(redis_url):
-    from tasks.producer import enqueue_cancel, enqueue_many, get_status
+    from plural_cancel.tasks.producer import enqueue_cancel, enqueue_many, get_status
 
     app = use_settings(redis_url, PLURAL_RATE_LIMIT="10")
     client = redis.Redis.from_url(redis_url)
@@ -111,7 +111,7 @@ def test_a_worker_drains_a_backlog_with_the_queue_kept_short(draining):
     plus the batch's first room that ``enqueue_many`` publishes itself: a pump tick that
     falls between its script and its publish does not see those yet (on a busy machine
     the list reached 142). Twice the room, never the backlog."""
-    from tasks.producer import enqueue_many
+    from plural_cancel.tasks.producer import enqueue_many
 
     redis_url, sandbox = draining
     app = use_settings(redis_url, sandbox.url, PLURAL_RATE_LIMIT="40")
@@ -135,7 +135,7 @@ def test_a_worker_drains_a_backlog_with_the_queue_kept_short(draining):
 
 
 def test_request_ids_made_in_bulk_are_uuid4_strings():
-    from tasks.producer import new_request_ids
+    from plural_cancel.tasks.producer import new_request_ids
 
     ids = new_request_ids(10_000)
     parsed = [uuid.UUID(rid) for rid in ids]

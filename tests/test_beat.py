@@ -37,7 +37,7 @@ def puts(sandbox, link_id: str) -> list[dict]:
 
 
 def test_a_scheduled_cancel_arrives_on_time_and_an_unscheduled_one_never(system):
-    from tasks import get_status, schedule_cancel, unschedule_cancel
+    from plural_cancel.tasks import get_status, schedule_cancel, unschedule_cancel
 
     app, sandbox = system["app"], system["sandbox"]
     kept, paid = sandbox.create_links(2, prefix="pl-sched-")
@@ -60,7 +60,7 @@ def test_a_scheduled_cancel_arrives_on_time_and_an_unscheduled_one_never(system)
 
 
 def test_two_beats_fire_each_due_cancel_once_and_the_second_takes_over(system):
-    from tasks import get_status, schedule_cancel
+    from plural_cancel.tasks import get_status, schedule_cancel
 
     app, sandbox, first = system["app"], system["sandbox"], system["beat"]
     second = start_beat(system["env"])

@@ -9,9 +9,9 @@ import time
 import pytest
 import redis
 
+from plural_cancel.worker.breaker import FAILURE, NO_NEWS, SUCCESS, Gate, RedisCircuitBreaker
+from plural_cancel.worker.keys import Keys
 from tests.support.scripts import allow, record
-from worker.breaker import FAILURE, NO_NEWS, SUCCESS, Gate, RedisCircuitBreaker
-from worker.keys import Keys
 
 KEY = Keys().breaker
 

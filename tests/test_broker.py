@@ -6,7 +6,7 @@ from tests.conftest import use_settings
 
 
 def test_the_app_uses_it_and_a_channel_reuses_one_client(redis_url):
-    from worker.broker import Transport
+    from plural_cancel.worker.broker import Transport
 
     app = use_settings(redis_url, "http://127.0.0.1:9/api")
     with app.connection_for_write() as conn:
@@ -26,8 +26,8 @@ def test_the_app_uses_it_and_a_channel_reuses_one_client(redis_url):
 
 def test_a_synchronous_get_skips_items_that_are_not_kombu_messages(redis_url, redis_client, caplog):
     """``basic_get`` (kombu's ``_get``, RPOP) drops what the worker's BRPOP path drops (``test_malformed``)."""
-    from worker import malformed
-    from worker.keys import Keys
+    from plural_cancel.worker import malformed
+    from plural_cancel.worker.keys import Keys
 
     app = use_settings(redis_url, "http://127.0.0.1:9/api")
     with app.connection_for_write() as conn:

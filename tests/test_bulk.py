@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from config.settings import Settings
+from plural_cancel.config.settings import Settings
 from tests.conftest import use_settings
 from tests.support import cli
 
@@ -100,7 +100,7 @@ def test_duplicates_are_enqueued_once_and_a_clean_file_exits_0(redis_url, redis_
 ])
 def test_bulk_says_how_long_its_backlog_takes_at_the_rate_limit(redis_url, tmp_path, waiting, lines, rate, says):
     """No worker: the cancels enqueued before (another producer's) wait in the ledger with the file's."""
-    from tasks import enqueue_many
+    from plural_cancel.tasks import enqueue_many
 
     if waiting:
         enqueue_many([f"pl-before-{n}" for n in range(waiting)], app=use_settings(redis_url))
@@ -162,8 +162,8 @@ def test_schedule_and_unschedule_from_the_command_line(redis_url, redis_client, 
 
 
 def test_unschedule_after_it_fired_says_too_late_and_names_the_request_id(redis_url, monkeypatch, capsys):
-    from tasks import schedule_cancel
-    from tasks.periodic import fire_schedules
+    from plural_cancel.tasks import schedule_cancel
+    from plural_cancel.tasks.periodic import fire_schedules
 
     app = use_settings(redis_url)
     request_id = schedule_cancel("pl-late", datetime(2020, 1, 1, tzinfo=timezone.utc), app=app)

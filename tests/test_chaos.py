@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from config.celery import DEFAULT_CONCURRENCY
+from plural_cancel.config.celery import DEFAULT_CONCURRENCY
 from tests.conftest import FIGURES, use_settings, wait_for
 from tests.support.fake_sentry import FakeSentry
 from tests.support.leaks import forbidden_values, found, redis_dump
@@ -133,7 +133,7 @@ def exits(processes) -> list[str]:
 
 @pytest.mark.slow
 def test_chaos_run(redis_aof, sandbox_process, sentry, services, record_property):
-    from tasks import enqueue_cancel, enqueue_many
+    from plural_cancel.tasks import enqueue_cancel, enqueue_many
 
     sandbox = sandbox_process
     started = time.time()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sandbox import DEMO_PERSONAL_DATA, SandboxServer
+from plural_cancel.sandbox import DEMO_PERSONAL_DATA, SandboxServer
 from plural_cancel.errors import PluralAuthError, PluralRequestError, PluralServerError
-from worker.plural import PluralClient
+from plural_cancel.worker.plural import PluralClient
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from config.celery import lease_seconds
-from config.settings import VARIABLES, Settings
+from plural_cancel.config.celery import lease_seconds
+from plural_cancel.config.settings import VARIABLES, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -10,7 +10,7 @@ import pytest
 from plural_cancel.errors import (PluralAuthError, PluralBadResponse, PluralConnectionError, PluralError,
                                   PluralRateLimited, PluralRequestError, PluralServerError, PluralTLSError,
                                   PluralTimeout, PluralUnexpectedAnswer, TokenUnavailable)
-from worker.classify import classify_http, parse_retry_after
+from plural_cancel.worker.classify import classify_http, parse_retry_after
 
 NOW = 1_720_511_828.0
 OMS = {"source": "OMS", "step": "PAYMENT_CREATION"}

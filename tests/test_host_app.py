@@ -79,7 +79,7 @@ def system(module_redis_url, sandbox_process, tmp_path_factory):
 
 
 def finished(app, request_id, timeout=30.0):
-    from tasks import get_status
+    from plural_cancel.tasks import get_status
 
     return wait_for(lambda: (s := get_status(request_id, app=app)) and s["state"] in ("succeeded", "failed") and s,
                     timeout, message=f"cancel {request_id} ended")
@@ -90,7 +90,7 @@ def runs(system, key="hostapp:ran") -> list[dict]:
 
 
 def test_host_tasks_run_on_the_host_worker_and_cancels_on_ours(system):
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
 
     app, sandbox, host = system["app"], system["sandbox"], system["host_client"]
     eta_sent = time.monotonic()
@@ -147,7 +147,7 @@ def called_back(system, request_id, timeout=20.0) -> dict:
 
 
 def test_a_paid_link_is_told_to_the_host_app_once_by_its_callback(system):
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
 
     app, sandbox = system["app"], system["sandbox"]
     [link_id] = sandbox.create_links(1, status="PROCESSED", prefix="pl-paid-")
@@ -165,7 +165,7 @@ def test_a_paid_link_is_told_to_the_host_app_once_by_its_callback(system):
 
 
 def test_followers_and_bulk_cancels_call_back_each_under_its_own_id(system):
-    from tasks import enqueue_cancel, enqueue_many, get_status
+    from plural_cancel.tasks import enqueue_cancel, enqueue_many, get_status
 
     app, sandbox = system["app"], system["sandbox"]
     [link_id] = sandbox.create_links(1, status="CREATED", prefix="pl-cb-twice-")
@@ -192,7 +192,7 @@ def test_a_callback_left_unsent_by_a_dead_worker_is_sent_by_another(system):
     pending entry, written in the same script as the end, is sent by any live worker."""
     app = system["app"]
     ledger, attempts = app.runtime.ledger, app.runtime.attempts
-    from worker.ledger import Callback
+    from plural_cancel.worker.ledger import Callback
 
     assert ledger.create_many([("died-before-callback", "pl-cb-dead")],
                               callback=Callback("orders.on_cancel_outcome", "orders")) == [1]
@@ -212,7 +212,7 @@ def test_a_callback_left_unsent_by_a_dead_worker_is_sent_by_another(system):
     ({"callback": "orders.on_cancel_outcome", "callback_queue": "plural-cancel"}, "callback_queue"),
 ])
 def test_a_bad_callback_is_refused_naming_the_field_and_nothing_is_written(system, options, field):
-    from tasks import enqueue_cancel, enqueue_many
+    from plural_cancel.tasks import enqueue_cancel, enqueue_many
 
     client = system["redis"]
     before = client.exists("plural-cancel:req:bad-callback"), client.llen("plural-cancel")

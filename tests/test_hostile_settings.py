@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from config.settings import REFERENCE, VARIABLES, Settings
+from plural_cancel.config.settings import REFERENCE, VARIABLES, Settings
 from plural_cancel.errors import ConfigError
 from tests.support import cli
 from tests.support.workers import ROOT

@@ -57,7 +57,7 @@ def test_inspect_ping_needs_no_plural_credentials(system):
 
 
 def test_inspect_active_lists_a_cancel_in_flight(healthy_sandbox, system):
-    from tasks import enqueue_cancel, get_status
+    from plural_cancel.tasks import enqueue_cancel, get_status
 
     app, sandbox = system["app"], healthy_sandbox
     [link_id] = sandbox.create_links(1, prefix="pl-inspect-")
@@ -84,7 +84,7 @@ def test_inspect_active_lists_a_cancel_in_flight(healthy_sandbox, system):
 def test_task_events_turned_on_at_run_time_reach_a_monitor(healthy_sandbox, system):
     """What Flower does (its ``enable_events`` option, on by default): ``control enable_events``,
     then it reads the events of every cancel from Redis. Off again afterwards."""
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
 
     app, sandbox = system["app"], healthy_sandbox
     assert json.loads(control(system["env"], "enable_events").stdout) == [{NODE: {"ok": "task events enabled"}}]

@@ -128,7 +128,7 @@ def test_the_bootsteps_ours_require_still_exist(where, step):
 
 def test_a_real_channel_has_what_the_broker_reads_from_it(redis_url):
     """``worker/broker.py`` reads the channel's connection, pool and queues (``_get_pool``, ``_create_client``)."""
-    from worker.broker import QoS, Transport
+    from plural_cancel.worker.broker import QoS, Transport
 
     with kombu.Connection(redis_url, transport=Transport) as connection:
         channel = connection.channel()

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from config.settings import Settings
+from plural_cancel.config.settings import Settings
+from plural_cancel.worker.keys import Keys
+from plural_cancel.worker.ledger import Ledger
 from tests.support.scripts import claim, record
-from worker.keys import Keys
-from worker.ledger import Ledger
 
 QUEUE = Settings.cancel_queue  # the queue list of every test's settings (CANCEL_QUEUE unset)
 
@@ -24,9 +24,9 @@ def ledger_for(client, **overrides) -> Ledger:
 
 def attempts_for(ledger: Ledger):
     """The one writer of an attempt's result, over ``ledger``, with a real breaker and limiter."""
-    from worker.attempts import Attempts
-    from worker.breaker import RedisCircuitBreaker
-    from worker.ratelimit import RedisRateLimiter
+    from plural_cancel.worker.attempts import Attempts
+    from plural_cancel.worker.breaker import RedisCircuitBreaker
+    from plural_cancel.worker.ratelimit import RedisRateLimiter
 
     keys = ledger.keys
     breaker = RedisCircuitBreaker(ledger.redis, keys.breaker, window=10, min_links=5, failure_rate=0.5, cooldown=30)
@@ -149,11 +149,11 @@ def test_an_index_entry_stays_until_its_cancel_ends(redis_client):
 def test_a_skewed_worker_clock_does_not_move_a_breaker_hold(redis_url, redis_client):
     """A worker whose clock runs an hour behind holds a cancel for the breaker's cooldown as
     Redis counts it, and its pump brings the cancel back on time."""
-    from config.settings import Settings
-    from worker.delivery import execute
-    from worker.publisher import pump
-    from worker import create_app
-    from worker.runtime import Runtime
+    from plural_cancel.config.settings import Settings
+    from plural_cancel.worker.delivery import execute
+    from plural_cancel.worker.publisher import pump
+    from plural_cancel.worker import create_app
+    from plural_cancel.worker.runtime import Runtime
 
     settings = Settings.from_env({"REDIS_URL": redis_url, "PLURAL_CLIENT_ID": "c", "PLURAL_CLIENT_SECRET": "s",
                                   "BREAKER_MIN_LINKS": "2", "BREAKER_COOLDOWN": "0.5"})
@@ -177,8 +177,8 @@ def test_a_skewed_worker_clock_does_not_move_a_breaker_hold(redis_url, redis_cli
 
 @pytest.mark.parametrize("bad", ["pl-ab", b"pl-ab"])
 def test_enqueue_many_takes_no_single_string(redis_url, bad):
+    from plural_cancel.tasks import enqueue_many
     from tests.conftest import use_settings
-    from tasks import enqueue_many
 
     with pytest.raises(TypeError, match="payment_link_ids"):
         enqueue_many(bad, app=use_settings(redis_url))
@@ -187,7 +187,7 @@ def test_enqueue_many_takes_no_single_string(redis_url, bad):
 def test_a_callback_is_pending_from_the_end_until_confirmed_and_taken_again_after_its_lease(redis_client):
     """The end of a cancel makes its callback pending in the same script; a sender that takes it
     and dies leaves it to be taken again once its lease ends, under the same task id."""
-    from worker.ledger import Callback
+    from plural_cancel.worker.ledger import Callback
 
     ledger = ledger_for(redis_client)
     attempts = attempts_for(ledger)
@@ -217,7 +217,7 @@ def test_a_callback_is_pending_from_the_end_until_confirmed_and_taken_again_afte
 
 def test_a_cancel_whose_budget_is_spent_ends_with_its_callback_pending(redis_client):
     """``gave_up`` is decided at admission (``worker.attempts``): the same end, the same callback."""
-    from worker.ledger import Callback
+    from plural_cancel.worker.ledger import Callback
 
     ledger = ledger_for(redis_client)
     attempts = attempts_for(ledger)

@@ -14,10 +14,10 @@ import pytest
 import redis
 from kombu import Producer
 
+from plural_cancel.worker import malformed
+from plural_cancel.worker.keys import Keys
 from tests.conftest import use_settings, wait_for
 from tests.support.workers import service_env, start_worker
-from worker import malformed
-from worker.keys import Keys
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def log_lines(system, text: str) -> list[dict]:
 
 def cancel_succeeds(system, prefix: str) -> None:
     """A real cancel, enqueued after the bad message, succeeds on the same worker process."""
-    from tasks import enqueue_cancel, get_status
+    from plural_cancel.tasks import enqueue_cancel, get_status
 
     app, sandbox, worker = system["app"], system["sandbox"], system["worker"]
     pid = worker.proc.pid

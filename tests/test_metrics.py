@@ -23,7 +23,7 @@ def value(samples, name: str, **labels) -> float:
 
 
 def finished(app, request_id, timeout=30.0):
-    from tasks import get_status
+    from plural_cancel.tasks import get_status
 
     return wait_for(lambda: (s := get_status(request_id, app=app)) and s["state"] in ("succeeded", "failed") and s,
                     timeout, message=f"cancel {request_id} terminal")
@@ -44,7 +44,7 @@ def system(redis_url, sandbox_process):
 
 
 def test_the_metrics_endpoint_counts_what_happened(system):
-    from tasks import enqueue_cancel, enqueue_many
+    from plural_cancel.tasks import enqueue_cancel, enqueue_many
 
     app, sandbox, port = system["app"], system["sandbox"], system["port"]
     app.runtime.redis.xgroup_create(app.runtime.keys.events, "orders", id="0", mkstream=True)
@@ -115,7 +115,7 @@ def test_the_metrics_endpoint_counts_what_happened(system):
 
 def test_the_malformed_messages_of_every_worker_are_one_counter(system):
     """Read from Redis at each scrape: what another worker counted shows here too."""
-    from worker import malformed
+    from plural_cancel.worker import malformed
 
     app, port = system["app"], system["port"]
     assert {value(scrape(port), "plural_cancel_malformed_messages_total", reason=r) for r in malformed.REASONS} == {0}

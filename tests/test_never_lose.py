@@ -13,7 +13,7 @@ import time
 import pytest
 import redis
 
-from config.settings import Settings
+from plural_cancel.config.settings import Settings
 from tests.conftest import use_settings, wait_for
 from tests.support.workers import service_env, start_worker
 
@@ -45,7 +45,7 @@ def system(module_redis_url, sandbox_process):
 
 
 def status(app, request_id):
-    from tasks import get_status
+    from plural_cancel.tasks import get_status
 
     return get_status(request_id, app=app)
 
@@ -61,7 +61,7 @@ def puts_for(sandbox, link_id):
 
 def busy_worker(system, prefix):
     """The worker's one thread held by a 3-s call; returns (running id, queued id, their links)."""
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
 
     app, sandbox, admin = system["app"], system["sandbox"], system["admin"]
     links = sandbox.create_links(2, prefix=prefix)
@@ -112,7 +112,7 @@ def test_redis_refusing_writes_around_a_delivery_loses_nothing_and_stops_no_work
 def test_an_exception_before_the_claim_loses_nothing(system):
     """The worker's Redis user may not run scripts for a while: the task fails before its claim,
     and Celery acknowledges the message; the record is still carried to its end."""
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
 
     app, sandbox, admin, worker = system["app"], system["sandbox"], system["admin"], system["worker"]
     [link_id] = sandbox.create_links(1, prefix="pl-noperm-")
@@ -147,7 +147,7 @@ def test_a_malformed_message_with_a_usable_request_id_ends_rejected(system, kwar
 
 
 def test_a_malformed_message_without_a_usable_request_id_is_counted(system):
-    from worker import malformed
+    from plural_cancel.worker import malformed
 
     app, admin = system["app"], system["admin"]
     before = malformed.counts(admin, app.runtime.keys)[malformed.BAD_ARGUMENTS]
@@ -163,9 +163,9 @@ def test_a_malformed_message_never_takes_the_request_id_of_a_scheduled_cancel(sy
     counted as malformed, and the scheduled cancel still fires and is sent under its id."""
     from datetime import datetime, timedelta, timezone
 
-    from tasks import get_schedule, schedule_cancel, unschedule_cancel
-    from tasks.periodic import fire_schedules
-    from worker import malformed
+    from plural_cancel.tasks import get_schedule, schedule_cancel, unschedule_cancel
+    from plural_cancel.tasks.periodic import fire_schedules
+    from plural_cancel.worker import malformed
 
     app, sandbox, admin = system["app"], system["sandbox"], system["admin"]
     [link_id] = sandbox.create_links(1, prefix="pl-sched-n2-")
@@ -188,7 +188,7 @@ def test_a_malformed_message_never_takes_the_request_id_of_a_scheduled_cancel(sy
 def test_a_follower_whose_leader_vanished_is_sent_under_its_own_request_id(system):
     """The leader's record is deleted (by hand, a pattern delete) while its follower waits:
     within the stall timeout the follower leads, and the link is cancelled under its id."""
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
 
     app, sandbox, admin = system["app"], system["sandbox"], system["admin"]
     [link_id] = sandbox.create_links(1, prefix="pl-orphan-")
@@ -209,7 +209,7 @@ def test_a_master_refusing_writes_for_want_of_replicas_stops_no_worker(sandbox_p
     replica gone: every write, the broker's BRPOP among them, is refused with NOREPLICAS. The
     worker rides it out as it does a demoted master or maxmemory, and carries on once the
     replica is back."""
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
     from tests.support.redis_server import RedisServer
 
     quick = ("--repl-diskless-sync-delay", "0")

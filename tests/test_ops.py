@@ -22,7 +22,7 @@ from tests.support.slow_tcp import SlowRelay
 from tests.support.workers import ROOT, service_env, skewed_clock, start_worker
 
 def finished(app, request_id, timeout=30.0):
-    from tasks import get_status
+    from plural_cancel.tasks import get_status
 
     return wait_for(lambda: (s := get_status(request_id, app=app)) and s["state"] in ("succeeded", "failed") and s,
                     timeout, message=f"cancel {request_id} terminal")
@@ -47,7 +47,7 @@ def _healthy(healthy_sandbox):
 
 def gave_up(system, links):
     """Cancel ``links`` through an outage until each has given up; returns their Request-IDs."""
-    from tasks import enqueue_many
+    from plural_cancel.tasks import enqueue_many
 
     app, sandbox = system["app"], system["sandbox"]
     sandbox.set_faults(outage=True, faults_skip_token=True)
@@ -59,7 +59,7 @@ def gave_up(system, links):
 
 
 def test_failed_retry_turns_a_dead_letter_into_a_success(system):
-    from tasks import get_status
+    from plural_cancel.tasks import get_status
 
     app, sandbox, env = system["app"], system["sandbox"], system["env"]
     [link_id] = sandbox.create_links(1, prefix="pl-ops-retry-")
@@ -113,7 +113,7 @@ def test_failed_retry_refuses_what_it_cannot_retry(system, args, code, says):
 
 
 def test_a_cancel_that_is_not_failed_is_not_retried(system):
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
 
     app, sandbox = system["app"], system["sandbox"]
     [link_id] = sandbox.create_links(1, prefix="pl-ops-done-")
@@ -135,7 +135,7 @@ def test_stats_follow_a_running_system(system, redis_url, sandbox_process):
     (The ``redis_url`` fixture flushes every database, the module's too: later tests here
     must not count on the module's records.)
     """
-    from tasks import enqueue_many
+    from plural_cancel.tasks import enqueue_many
 
     settings = dict(BREAKER_MIN_LINKS="2", BREAKER_WINDOW="1", BREAKER_COOLDOWN="120", CANCEL_RETRY_BASE="0.2",
                     CANCEL_RETRY_CAP="0.5")

@@ -55,7 +55,7 @@ def ended(app, request_ids) -> bool:
 
 
 def test_a_consumer_group_sees_each_outcome_once_across_a_worker_restart(system):
-    from tasks import enqueue_many
+    from plural_cancel.tasks import enqueue_many
 
     app, sandbox, client = system["app"], system["sandbox"], system["redis"]
     ensure_group(client, "order-expiry")  # before any cancel: the stream is made empty
@@ -95,7 +95,7 @@ def test_a_consumer_group_sees_each_outcome_once_across_a_worker_restart(system)
 def test_entries_a_crashed_consumer_held_are_taken_over_by_another(system):
     """Consumer "a" is handed entries and dies before acknowledging them: consumer "b" of the
     same group takes them over once idle (XAUTOCLAIM), and handles the new ones too."""
-    from tasks import enqueue_many
+    from plural_cancel.tasks import enqueue_many
 
     app, sandbox, client = system["app"], system["sandbox"], system["redis"]
     ensure_group(client, "crash-group", start="$")

@@ -23,8 +23,8 @@ JSON = {"Content-Type": "application/json"}
 
 @pytest.fixture
 def runtime(redis_url, plural):
-    from config.settings import Settings
-    from worker.runtime import Runtime
+    from plural_cancel.config.settings import Settings
+    from plural_cancel.worker.runtime import Runtime
 
     settings = Settings.from_env({"REDIS_URL": redis_url, "PLURAL_BASE_URL": plural.base_url,
                                   "PLURAL_CLIENT_ID": "client-7f3a", "PLURAL_CLIENT_SECRET": "s3cr3t-DO-NOT-LEAK-91c2",
@@ -38,7 +38,7 @@ def run(runtime, request_id: str = "req-outcome", link_id: str = LINK_ID, *, kee
     """One delivery of the cancel; again if it gave up its rate-limit slot ("late": a first
     call whose token fetch, on a busy machine, took longer than ``SLOT_LATENESS``), since
     these tests are about what an answer makes of the cancel. ``keep_late``: never again."""
-    from worker.delivery import execute
+    from plural_cancel.worker.delivery import execute
 
     runtime.ledger.create_many([(request_id, link_id)])
     given_up_until = time.monotonic() + 15
@@ -122,8 +122,8 @@ def test_an_unreadable_success_and_an_unreadable_link_are_retried(runtime, plura
 def test_a_token_that_could_not_be_had_is_not_an_attempt_and_no_news_of_plural(runtime, plural, redis_client):
     """Another process holds the token lock and never produces a token: the cancel waits,
     uncounted, and the breaker hears nothing."""
-    from worker.plural import PluralClient
-    from worker.tokens import RedisTokenCache
+    from plural_cancel.worker.plural import PluralClient
+    from plural_cancel.worker.tokens import RedisTokenCache
 
     settings = runtime.settings
     tokens = RedisTokenCache(runtime.redis, settings.client_id, settings.client_secret.reveal(),
@@ -141,7 +141,7 @@ def test_a_put_that_would_leave_late_for_its_rate_limit_slot_is_not_sent(runtime
     """The token took longer than the slot's lateness allows (as a stalled process would):
     the PUT is not sent, so calls bunched behind a stall never crowd Plural's second; the
     cancel is not an attempt, the breaker hears nothing, and it takes a new slot later."""
-    from worker.delivery import SLOT_LATENESS, execute
+    from plural_cancel.worker.delivery import SLOT_LATENESS, execute
 
     plural.token_answers.append(Answer(200, {"access_token": "tkn-slow", "expires_at": "2099-01-01T00:00:00Z"},
                                        delay=SLOT_LATENESS + 0.2))

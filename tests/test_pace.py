@@ -13,9 +13,9 @@ from collections import deque
 
 import pytest
 
+from plural_cancel.worker import pace
+from plural_cancel.worker.pace import Pace
 from tests.support.scripts import pace_at
-from worker import pace
-from worker.pace import Pace
 
 
 class Plural:

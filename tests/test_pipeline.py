@@ -11,7 +11,7 @@ import time
 import pytest
 import redis
 
-from config.settings import Settings
+from plural_cancel.config.settings import Settings
 from tests.support.scripts import claim
 from tests.conftest import use_settings, wait_for
 from tests.support.leaks import forbidden_values, found, redis_dump
@@ -34,7 +34,7 @@ def system(module_redis_url, sandbox_process):
 
 
 def finished(app, request_id, timeout=30.0):
-    from tasks import get_status
+    from plural_cancel.tasks import get_status
 
     return wait_for(lambda: (s := get_status(request_id, app=app)) and s["state"] in TERMINAL and s,
                     timeout, message=f"cancel {request_id} terminal")
@@ -45,7 +45,7 @@ def puts_for(sandbox, link_id):
 
 
 def test_enqueue_reaches_plural_and_the_result_comes_back(system):
-    from tasks import enqueue_cancel, get_status
+    from plural_cancel.tasks import enqueue_cancel, get_status
 
     app, sandbox = system["app"], system["sandbox"]
     [link_id] = sandbox.create_links(1, status="CREATED", prefix="pl-e2e-")
@@ -67,7 +67,7 @@ def test_enqueue_reaches_plural_and_the_result_comes_back(system):
 
 
 def test_the_outcome_is_appended_to_the_stream(system):
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
 
     app, sandbox = system["app"], system["sandbox"]
     [link_id] = sandbox.create_links(1, status="CREATED", prefix="pl-stream-")
@@ -88,7 +88,7 @@ def test_the_outcome_is_appended_to_the_stream(system):
     ("EXPIRED", "failed", "not_cancellable"),
 ])
 def test_a_refused_cancel_is_decided_by_the_links_status(system, link_status, state, outcome):
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
 
     app, sandbox = system["app"], system["sandbox"]
     [link_id] = sandbox.create_links(1, status=link_status, prefix=f"pl-{link_status.lower()[:4]}-")
@@ -103,7 +103,7 @@ def test_a_refused_cancel_is_decided_by_the_links_status(system, link_status, st
 
 
 def test_an_unknown_link_is_rejected(system):
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
 
     app = system["app"]
     status = finished(app, enqueue_cancel("pl-v1-000000000000-aa-nosuch", app=app))
@@ -113,7 +113,7 @@ def test_an_unknown_link_is_rejected(system):
 
 
 def test_a_payment_in_flight_is_tried_again_later(system):
-    from tasks import enqueue_cancel, get_status
+    from plural_cancel.tasks import enqueue_cancel, get_status
 
     app, sandbox = system["app"], system["sandbox"]
     [link_id] = sandbox.create_links(1, status="PAYMENT_INITIATED", prefix="pl-inflight-")
@@ -129,7 +129,7 @@ def test_a_payment_in_flight_is_tried_again_later(system):
 
 def _enqueue_repeatedly(redis_url: str, link_id: str, request_id: str, times: int, barrier) -> list[str]:
     app = use_settings(redis_url)
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
 
     barrier.wait()
     return [enqueue_cancel(link_id, request_id=request_id, app=app) for _ in range(times)]
@@ -153,7 +153,7 @@ def test_one_request_id_enqueued_50_times_from_5_processes_is_one_cancel(system)
 
 
 def test_a_request_id_reused_for_another_link_is_refused(system):
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
     from plural_cancel.errors import RequestIdConflict
 
     app = system["app"]
@@ -168,7 +168,7 @@ def test_a_request_id_reused_for_another_link_is_refused(system):
     ("pl-ok", "has space", "request_id"), ("pl-ok", "r" * 51, "request_id"), ("pl-ok", "", "request_id"),
 ])
 def test_bad_input_writes_nothing_and_sends_nothing(system, link_id, request_id, field):
-    from tasks import enqueue_cancel, enqueue_many
+    from plural_cancel.tasks import enqueue_cancel, enqueue_many
 
     client = redis.Redis.from_url(system["redis_url"])
 
@@ -185,7 +185,7 @@ def test_bad_input_writes_nothing_and_sends_nothing(system, link_id, request_id,
 
 
 def test_enqueue_many_cancels_them_all(system):
-    from tasks import enqueue_many
+    from plural_cancel.tasks import enqueue_many
 
     app, sandbox = system["app"], system["sandbox"]
     links = sandbox.create_links(40, status="CREATED", prefix="pl-many-")
@@ -197,7 +197,7 @@ def test_enqueue_many_cancels_them_all(system):
 
 
 def test_send_task_by_name_from_a_process_that_never_imported_tasks(system):
-    from tasks import get_status
+    from plural_cancel.tasks import get_status
 
     sandbox = system["sandbox"]
     [link_id] = sandbox.create_links(1, status="CREATED", prefix="pl-byname-")
@@ -231,7 +231,7 @@ def test_a_record_whose_message_never_left_is_sent_by_the_due_index(system):
 
 def test_nothing_personal_or_secret_is_left_in_redis(system):
     """Scan every key and value (broker messages included) after the runs above."""
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
 
     sandbox = system["sandbox"]
     # A demo link carries a full customer (e-mail, phone, names, addresses) in Plural's answer.
@@ -258,7 +258,7 @@ def test_a_cancel_whose_lease_ran_out_is_sent_again(system):
 def test_a_second_cancel_of_a_link_follows_the_live_one_and_ends_with_it(system):
     """Two producers, two Request-IDs, one link: Plural sees one Request-ID, and the second
     ends as soon as the first does (not after a lock's TTL)."""
-    from tasks import enqueue_cancel, enqueue_many, get_status
+    from plural_cancel.tasks import enqueue_cancel, enqueue_many, get_status
 
     app, sandbox = system["app"], system["sandbox"]
     [link_id] = sandbox.create_links(1, status="CREATED", prefix="pl-twice-")

@@ -17,13 +17,13 @@ import uuid
 
 import pytest
 
-from tests.support.scripted_plural import (CLIENT_ID, LINK_ID, NOW, NOW_STAMP, SECRET, SEED_200, UTC, Answer)
-from tests.support.plural_create import create_payment_link
 from plural_cancel.errors import (PluralAuthError, PluralBadResponse, PluralError, PluralRateLimited,
                                   PluralRequestError, PluralServerError, PluralUnexpectedAnswer)
-from worker.links import LINK_STATUSES, PaymentLink
-from worker.plural import PluralClient
-from worker.tokens import AccessToken, MemoryTokenStore
+from plural_cancel.worker.links import LINK_STATUSES, PaymentLink
+from plural_cancel.worker.plural import PluralClient
+from plural_cancel.worker.tokens import AccessToken, MemoryTokenStore
+from tests.support.plural_create import create_payment_link
+from tests.support.scripted_plural import (CLIENT_ID, LINK_ID, NOW, NOW_STAMP, SECRET, SEED_200, UTC, Answer)
 
 
 def leak_free(*texts: str, tokens: list[str] = ()) -> None:

@@ -14,13 +14,13 @@ import time
 
 import pytest
 
-from config.settings import Secret, Settings
+from plural_cancel.config.settings import Secret, Settings
+from plural_cancel.errors import (PluralBadResponse, PluralConnectionError, PluralServerError, PluralTLSError,
+                                  PluralTimeout, PluralUnexpectedAnswer)
+from plural_cancel.worker.plural import MAX_BODY, PluralClient
 from tests.support.forward_proxy import ForwardProxy
 from tests.support.scripted_plural import (CLIENT_ID, LINK_ID, NOW, SECRET, SEED_200, Answer, RecordingStore,
                                            ScriptedPlural, self_signed_tls)
-from plural_cancel.errors import (PluralBadResponse, PluralConnectionError, PluralServerError, PluralTLSError,
-                                  PluralTimeout, PluralUnexpectedAnswer)
-from worker.plural import MAX_BODY, PluralClient
 
 
 def closed_port() -> int:
@@ -120,7 +120,7 @@ def test_connection_refused():
 # is the transport's verdict and not the token step's.
 
 def cached_token_store() -> RecordingStore:
-    from worker.tokens import AccessToken
+    from plural_cancel.worker.tokens import AccessToken
 
     store = RecordingStore()
     store.get(lambda: AccessToken("cached-token", NOW + 3600))

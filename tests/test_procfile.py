@@ -95,7 +95,7 @@ def test_honcho_runs_the_procfile_a_cancel_succeeds_and_a_stop_leaves_no_process
         children = descendants(honcho.pid)
         assert len(children) >= 4, children  # a shell and celery for each of worker and beat
 
-        from tasks import enqueue_cancel, get_status
+        from plural_cancel.tasks import enqueue_cancel, get_status
 
         app = use_settings(redis_aof.url, sandbox.url)
         link_id = sandbox.create_links(1, prefix="pl-procfile-")[0]

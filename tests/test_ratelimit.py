@@ -9,10 +9,10 @@ import time
 import pytest
 import redis
 
+from plural_cancel.worker.keys import Keys
+from plural_cancel.worker.ratelimit import RedisRateLimiter
 from tests.support.scripts import acquire, reserve
 from tests.support.timing import largest_window
-from worker.keys import Keys
-from worker.ratelimit import RedisRateLimiter
 
 KEY = Keys().ratelimit
 

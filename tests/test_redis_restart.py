@@ -10,12 +10,12 @@ import time
 import pytest
 import redis
 
-from config.celery import DEFAULT_CONCURRENCY
-from config.settings import Settings
+from plural_cancel.config.celery import DEFAULT_CONCURRENCY
+from plural_cancel.config.settings import Settings
+from plural_cancel.worker.keys import Keys
 from tests.conftest import use_settings, wait_for
 from tests.support.redis_server import RedisServer
 from tests.support.workers import CeleryProcess, service_env, start_beat, start_worker
-from worker.keys import Keys
 
 QUEUE = Settings.cancel_queue  # the queue list of every test's settings (CANCEL_QUEUE unset)
 UNACKED = Keys().unacked  # kombu's hash of the messages our workers hold (worker.broker)
@@ -66,7 +66,7 @@ def exits(processes) -> list[str]:
 
 @pytest.mark.slow
 def test_workers_and_beat_ride_out_a_redis_restart(redis_aof, healthy_sandbox, services, capsys):
-    from tasks import enqueue_many
+    from plural_cancel.tasks import enqueue_many
 
     sandbox = healthy_sandbox
     # CANCEL_STALL_TIMEOUT: republish a live cancel whose message the crash lost (a
@@ -116,7 +116,7 @@ def test_workers_and_beat_ride_out_a_redis_restart(redis_aof, healthy_sandbox, s
 def test_a_worker_and_beat_started_while_redis_is_down_wait_for_it(redis_aof, healthy_sandbox, services):
     """They start, wait, and serve once Redis is up; beat then keeps its lock rule when
     Redis comes back without the lock (a failover to a replica that never saw it)."""
-    from tasks import enqueue_cancel, get_status
+    from plural_cancel.tasks import enqueue_cancel, get_status
 
     sandbox = healthy_sandbox
     env = service_env(redis_aof.url, sandbox.url)

@@ -16,9 +16,9 @@ import pytest
 import redis
 
 from plural_cancel.errors import NotReplicated
+from plural_cancel.worker import replication
 from tests.conftest import use_settings, wait_for
 from tests.support.redis_server import RedisServer
-from worker import replication
 
 
 QUICK = ("--repl-diskless-sync-delay", "0")
@@ -53,7 +53,7 @@ def on_replica(replica: RedisServer, key: str) -> bool:
 
 
 def test_auto_is_the_default_and_every_producer_write_waits_for_the_replica(master, replica):
-    from tasks import enqueue_cancel, enqueue_many, schedule_cancel, unschedule_cancel
+    from plural_cancel.tasks import enqueue_cancel, enqueue_many, schedule_cancel, unschedule_cancel
 
     app = use_settings(master.url)
     assert app.settings.wait_replicas == "auto"
@@ -72,7 +72,7 @@ def test_auto_is_the_default_and_every_producer_write_waits_for_the_replica(mast
 
 @pytest.mark.parametrize("call", ["enqueue", "schedule", "unschedule"])
 def test_a_replica_that_acknowledges_nothing_fails_the_write_in_about_a_second(master, replica, call):
-    from tasks import enqueue_cancel, schedule_cancel, unschedule_cancel
+    from plural_cancel.tasks import enqueue_cancel, schedule_cancel, unschedule_cancel
 
     app = use_settings(master.url)
     at = datetime.now(timezone.utc) + timedelta(hours=1)
@@ -92,7 +92,7 @@ def test_a_replica_that_acknowledges_nothing_fails_the_write_in_about_a_second(m
 
 def test_a_master_that_never_had_a_replica_takes_writes_counted_not_warned(master, caplog):
     """A standalone Redis has no failover to lose writes in: nothing waits, nothing is said."""
-    from tasks import enqueue_cancel, enqueue_many
+    from plural_cancel.tasks import enqueue_cancel, enqueue_many
 
     app = use_settings(master.url)
     with caplog.at_level(logging.WARNING, logger="plural_cancel.worker.replication"):
@@ -106,7 +106,7 @@ def test_a_master_that_never_had_a_replica_takes_writes_counted_not_warned(maste
 
 
 def test_zero_never_waits_and_counts_nothing(master, replica):
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
 
     app = use_settings(master.url, REDIS_WAIT_REPLICAS=0)
     replica.proc.send_signal(signal.SIGSTOP)
@@ -121,7 +121,7 @@ def test_a_replica_gone_fails_writes_for_the_grace_then_lets_them_through_warned
     more: within the grace they must fail, not go through and be thrown away. After it, a
     replica down for good: writes go through, counted, and warned about once a minute
     for the whole fleet."""
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
 
     now = [1000.0]
     app = use_settings(master.url)
@@ -147,7 +147,7 @@ def test_a_replica_gone_fails_writes_for_the_grace_then_lets_them_through_warned
 def test_a_replica_that_connects_during_a_write_is_waited_for(master):
     """The process knew no replica (no WAIT in its pipeline); the ROLE at the pipeline's end
     shows one: a second write on any connection, and WAIT for it, shows the replica holds both."""
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
 
     app = use_settings(master.url)
     enqueue_cancel("pl-late-0", app=app)  # known: no replica
@@ -165,7 +165,7 @@ def test_a_replica_that_connects_during_a_write_is_waited_for(master):
 
 
 def test_a_bad_setting_is_named():
-    from config.settings import Settings
+    from plural_cancel.config.settings import Settings
     from plural_cancel.errors import ConfigError
 
     for value in ("-1", "17", "always", "1.5"):

@@ -47,7 +47,7 @@ def _healthy(healthy_sandbox):
 
 
 def finished(app, request_id, timeout=30.0):
-    from tasks import get_status
+    from plural_cancel.tasks import get_status
 
     return wait_for(lambda: (s := get_status(request_id, app=app)) and s["state"] in ("succeeded", "failed") and s,
                     timeout, message=f"cancel {request_id} terminal")
@@ -58,7 +58,7 @@ def events_for(sentry, request_id):
 
 
 def test_a_cancel_that_gives_up_is_one_event_with_its_tags(system, sentry):
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
 
     app, sandbox = system["app"], system["sandbox"]
     [link_id] = sandbox.create_links(1, prefix="pl-sentry-gaveup-")
@@ -83,7 +83,7 @@ def test_a_cancel_that_gives_up_is_one_event_with_its_tags(system, sentry):
 
 def test_one_outage_is_one_issue(system, sentry):
     """Many cancels failing for one reason share one fingerprint: one Sentry issue."""
-    from tasks import enqueue_many
+    from plural_cancel.tasks import enqueue_many
 
     app, sandbox = system["app"], system["sandbox"]
     links = sandbox.create_links(3, prefix="pl-sentry-outage-")
@@ -100,8 +100,8 @@ def test_one_outage_is_one_issue(system, sentry):
 def test_a_message_whose_request_id_names_another_link_is_counted_and_reported_once(system, sentry):
     """An order that got a new link, sent by name under the order's old Request-ID: the
     second link is not cancelled, so someone must hear of it, with both links."""
-    from tasks import enqueue_cancel, get_status
-    from worker import malformed
+    from plural_cancel.tasks import enqueue_cancel, get_status
+    from plural_cancel.worker import malformed
 
     app, sandbox = system["app"], system["sandbox"]
     first, second = sandbox.create_links(2, prefix="pl-sentry-reuse-")
@@ -123,7 +123,7 @@ def test_a_message_whose_request_id_names_another_link_is_counted_and_reported_o
 
 
 def test_three_retries_then_success_report_nothing(system, sentry):
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
 
     app, sandbox = system["app"], system["sandbox"]
     [link_id] = sandbox.create_links(1, prefix="pl-sentry-retry-")
@@ -143,7 +143,7 @@ def test_three_retries_then_success_report_nothing(system, sentry):
 
 
 def test_a_paid_link_is_a_warning(system, sentry):
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
 
     app, sandbox = system["app"], system["sandbox"]
     [link_id] = sandbox.create_links(1, status="PROCESSED", prefix="pl-sentry-paid-")
@@ -159,8 +159,8 @@ def test_a_paid_link_is_a_warning(system, sentry):
 
 def test_no_envelope_holds_a_token_the_secret_or_customer_data(system, sentry):
     """After the runs above (the worker held a token, read customers' links), search every byte sent."""
-    from tasks import enqueue_cancel
-    from worker.tokens import RedisTokenCache
+    from plural_cancel.tasks import enqueue_cancel
+    from plural_cancel.worker.tokens import RedisTokenCache
 
     app, sandbox = system["app"], system["sandbox"]
     # A demo link: Plural's answer about it carries a full customer (e-mail, phone, names).
@@ -191,8 +191,8 @@ def test_the_scrubbers_mask_secrets_in_events_and_breadcrumbs(sentry):
     """
     script = textwrap.dedent(f"""
         import logging, sentry_sdk
-        from config.settings import Settings
-        from worker import reporting
+        from plural_cancel.config.settings import Settings
+        from plural_cancel.worker import reporting
         settings = Settings.from_env({{"SENTRY_DSN": {sentry.dsn!r}, "PLURAL_CLIENT_ID": "test-client",
                                        "PLURAL_CLIENT_SECRET": {SECRET!r}}})
         assert reporting.init(settings)
@@ -233,8 +233,8 @@ def test_worker_logs_one_json_line_per_state_change(system):
     """stderr is a file here, so every log line is a JSON object carrying the cancel's ids."""
     import json
 
-    from tasks import enqueue_cancel
-    from worker.tokens import RedisTokenCache
+    from plural_cancel.tasks import enqueue_cancel
+    from plural_cancel.worker.tokens import RedisTokenCache
 
     app, sandbox = system["app"], system["sandbox"]
     [link_id] = sandbox.create_links(1, prefix="pl-logs-")
@@ -270,8 +270,8 @@ def test_log_formatters_render_extras_and_mask_secrets():
     import json
     import logging
 
-    from worker.logs import JsonFormatter, TextFormatter
-    from worker.redaction import Redactor
+    from plural_cancel.worker.logs import JsonFormatter, TextFormatter
+    from plural_cancel.worker.redaction import Redactor
 
     redactor = Redactor([SECRET])
     record = logging.LogRecord("plural_cancel.tasks.cancel", logging.WARNING, __file__, 1, "cancel %s: %s for %s",
@@ -291,7 +291,7 @@ def test_the_breaker_opening_is_reported_once(system, redis_url, sandbox_process
 
     Last in this module: the ``redis_url`` fixture flushes every database, the module's too.
     """
-    from tasks import enqueue_many
+    from plural_cancel.tasks import enqueue_many
 
     env = service_env(redis_url, sandbox_process.url, SENTRY_DSN=sentry.dsn, BREAKER_MIN_LINKS="2",
                       BREAKER_COOLDOWN="60", CANCEL_RETRY_BASE="0.2", CANCEL_RETRY_CAP="0.5")

@@ -48,7 +48,7 @@ def cancel_puts(sandbox, since=0):
 
 
 def test_three_workers_share_one_rate_limit(redis_url, sandbox, workers):
-    from tasks import enqueue_many
+    from plural_cancel.tasks import enqueue_many
 
     env = service_env(redis_url, sandbox.url, PLURAL_RATE_LIMIT=20, PLURAL_RATE_BURST=0)
     workers.extend(start_worker(env, concurrency=8) for _ in range(3))
@@ -83,7 +83,7 @@ def test_an_outage_during_1000_cancels(redis_url, sandbox, workers):
     """Every cancel succeeds; during the outage only probes reach Plural; a worker killed
     mid-outage loses nothing; afterwards the backlog drains at the limit; no link is
     cancelled twice."""
-    from tasks import enqueue_many
+    from plural_cancel.tasks import enqueue_many
 
     limit = 50
     # A 2-s window: the breaker opens once half the links called in it fail, about 1 s into
@@ -138,7 +138,7 @@ def test_an_outage_during_1000_cancels(redis_url, sandbox, workers):
 
 
 def test_retry_after_is_honoured(redis_url, sandbox, workers):
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
 
     env = service_env(redis_url, sandbox.url, CANCEL_RETRY_BASE=0.1, CANCEL_RETRY_CAP=0.2)
     workers.append(start_worker(env, concurrency=4))
@@ -158,7 +158,7 @@ def test_retry_after_is_honoured(redis_url, sandbox, workers):
 
 
 def test_random_500s_and_timeouts_all_end_cancelled_with_one_request_id(redis_url, sandbox, workers):
-    from tasks import enqueue_many
+    from plural_cancel.tasks import enqueue_many
 
     env = service_env(redis_url, sandbox.url, PLURAL_RATE_LIMIT=100, PLURAL_READ_TIMEOUT=1,
                       CANCEL_RETRY_BASE=0.2, CANCEL_RETRY_CAP=2, BREAKER_COOLDOWN=1)
@@ -187,7 +187,7 @@ def test_random_500s_and_timeouts_all_end_cancelled_with_one_request_id(redis_ur
 def test_a_poison_link_never_holds_the_fleet(redis_url, sandbox, workers):
     """One link that answers 500 to every call, retried fast and often, never opens the
     breaker: cancels of healthy links enqueued meanwhile go straight through."""
-    from tasks import enqueue_cancel, enqueue_many
+    from plural_cancel.tasks import enqueue_cancel, enqueue_many
 
     env = service_env(redis_url, sandbox.url, CANCEL_RETRY_BASE=0.05, CANCEL_RETRY_CAP=0.1)
     workers.append(start_worker(env, concurrency=4))
@@ -218,7 +218,7 @@ def test_a_poison_link_never_holds_the_fleet(redis_url, sandbox, workers):
 def test_429s_slow_the_fleet_but_never_open_the_breaker(redis_url, sandbox, workers):
     """Every link throttled at once is a throttle, not an outage: each cancel comes back
     after Plural's Retry-After, not after a breaker's cooldown."""
-    from tasks import enqueue_many
+    from plural_cancel.tasks import enqueue_many
 
     # A storm of 429s cuts the fleet's pace once (worker.pace); a limit of 100/s drains the 12
     # links within about a second even so, and the time to each success is Retry-After's doing.

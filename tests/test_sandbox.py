@@ -21,8 +21,8 @@ import jsonschema
 import pytest
 import requests
 
-from sandbox import DEMO_LINKS, DEMO_PERSONAL_DATA, SandboxServer
-from sandbox.links import STATUSES
+from plural_cancel.sandbox import DEMO_LINKS, DEMO_PERSONAL_DATA, SandboxServer
+from plural_cancel.sandbox.links import STATUSES
 from tests.support.sandbox import start_sandbox_process
 
 ROOT = Path(__file__).resolve().parent.parent

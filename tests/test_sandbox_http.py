@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from sandbox import SandboxServer
+from plural_cancel.sandbox import SandboxServer
 from tests.support.sandbox import start_sandbox_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,8 +149,8 @@ def test_half_a_credential_pair_is_refused():
 def test_without_aiohttp_only_the_sandbox_fails_and_names_the_extra():
     # aiohttp made unimportable: the other commands' imports never reach it, the sandbox says what to install.
     script = ("import sys; sys.modules['aiohttp'] = None\n"
-              "import plural_cancel.cli, sandbox\n"
-              "from sandbox.cli import main\n"
+              "import plural_cancel.cli, plural_cancel.sandbox\n"
+              "from plural_cancel.sandbox.cli import main\n"
               "raise SystemExit(main(['--port', '0']))\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stderr

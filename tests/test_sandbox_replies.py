@@ -6,8 +6,8 @@ import json
 import random
 import sys
 
-from sandbox import replies
-from sandbox.links import iso_ms, sample_link
+from plural_cancel.sandbox import replies
+from plural_cancel.sandbox.links import iso_ms, sample_link
 
 
 def _stdlib(payload) -> bytes:

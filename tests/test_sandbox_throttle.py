@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from sandbox import SandboxServer
+from plural_cancel.sandbox import SandboxServer
 from tests.support.sandbox import is_throttle, start_sandbox_process, throttles_per_second
 
 ROOT = Path(__file__).resolve().parent.parent

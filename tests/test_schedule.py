@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from config.settings import Settings
+from plural_cancel.config.settings import Settings
 from tests.conftest import use_settings
 
 QUEUE = Settings.cancel_queue  # the queue list of every test's settings (CANCEL_QUEUE unset)
@@ -34,7 +34,7 @@ def records(redis_client) -> list[bytes]:
 
 
 def test_schedule_keeps_one_entry_per_link_and_moves_it(app, redis_client):
-    from tasks import get_schedule, schedule_cancel
+    from plural_cancel.tasks import get_schedule, schedule_cancel
 
     first = schedule_cancel("pl-move-1", soon(600), app=app)
     at = soon(1200)
@@ -55,7 +55,7 @@ def test_schedule_keeps_one_entry_per_link_and_moves_it(app, redis_client):
 
 
 def test_an_offset_other_than_utc_is_the_same_instant(app, redis_client):
-    from tasks import schedule_cancel
+    from plural_cancel.tasks import schedule_cancel
 
     ist = timezone(timedelta(hours=5, minutes=30))
     at = datetime(2031, 1, 1, 5, 30, tzinfo=ist)
@@ -74,7 +74,7 @@ def test_an_offset_other_than_utc_is_the_same_instant(app, redis_client):
     ("pl-ok", datetime(2031, 1, 1, tzinfo=timezone.utc), "r" * 51, "request_id"),
 ])
 def test_bad_input_raises_naming_the_field_and_writes_nothing(app, redis_client, link_id, at, request_id, field):
-    from tasks import schedule_cancel
+    from plural_cancel.tasks import schedule_cancel
 
     before = redis_client.dbsize()
     with pytest.raises(ValueError, match=rf"^{field}:"):
@@ -83,14 +83,14 @@ def test_bad_input_raises_naming_the_field_and_writes_nothing(app, redis_client,
 
 
 def test_unschedule_validates_its_link_id(app):
-    from tasks import unschedule_cancel
+    from plural_cancel.tasks import unschedule_cancel
 
     with pytest.raises(ValueError, match="^payment_link_id:"):
         unschedule_cancel("../etc", app=app)
 
 
 def test_one_request_id_never_names_two_links(app):
-    from tasks import enqueue_cancel, schedule_cancel
+    from plural_cancel.tasks import enqueue_cancel, schedule_cancel
     from plural_cancel.errors import RequestIdConflict
 
     schedule_cancel("pl-a", soon(600), request_id="shared-key", app=app)
@@ -102,8 +102,8 @@ def test_one_request_id_never_names_two_links(app):
 
 
 def test_unscheduled_in_time_never_fires(app, redis_client):
-    from tasks import get_schedule, schedule_cancel, unschedule_cancel
-    from tasks.periodic import fire_schedules
+    from plural_cancel.tasks import get_schedule, schedule_cancel, unschedule_cancel
+    from plural_cancel.tasks.periodic import fire_schedules
 
     schedule_cancel("pl-paid", soon(-1), app=app)  # already due: only the firer has not run yet
     assert unschedule_cancel("pl-paid", app=app) is True
@@ -115,8 +115,8 @@ def test_unscheduled_in_time_never_fires(app, redis_client):
 
 
 def test_firing_goes_through_the_ledger_and_unschedule_then_reports_it(app, redis_client):
-    from tasks import get_schedule, get_status, schedule_cancel, unschedule_cancel
-    from tasks.periodic import fire_schedules
+    from plural_cancel.tasks import get_schedule, get_status, schedule_cancel, unschedule_cancel
+    from plural_cancel.tasks.periodic import fire_schedules
 
     request_id = schedule_cancel("pl-due", soon(-0.5), app=app)
     later = schedule_cancel("pl-later", soon(600), app=app)
@@ -136,8 +136,8 @@ def test_firing_goes_through_the_ledger_and_unschedule_then_reports_it(app, redi
 
 
 def test_a_request_id_that_already_cancelled_this_link_fires_as_a_no_op(app, redis_client):
-    from tasks import enqueue_cancel, get_schedule, schedule_cancel
-    from tasks.periodic import fire_schedules
+    from plural_cancel.tasks import enqueue_cancel, get_schedule, schedule_cancel
+    from plural_cancel.tasks.periodic import fire_schedules
 
     enqueue_cancel("pl-again", request_id="order-1-expiry", app=app)
     schedule_cancel("pl-again", soon(-1), request_id="order-1-expiry", app=app)
@@ -166,10 +166,10 @@ def test_unschedule_true_means_never_sent_whenever_the_firer_stalls(redis_url, r
     """A firer that stalls between any two of its Redis calls (0.5 s before each here, past
     the 0.2-s hold an old firer held its entries for) against an unschedule at three moments:
     True must mean no record and nothing sent, False that the cancel was or will be."""
-    from tasks import get_schedule, schedule_cancel, unschedule_cancel
-    from tasks.periodic import fire_schedules
+    from plural_cancel.tasks import get_schedule, schedule_cancel, unschedule_cancel
+    from plural_cancel.tasks.periodic import fire_schedules
 
-    monkeypatch.setattr("tasks.periodic.HOLD", 0.2, raising=False)
+    monkeypatch.setattr("plural_cancel.tasks.periodic.HOLD", 0.2, raising=False)
     app = use_settings(redis_url)
     firer = paused(use_settings(redis_url), 0.5)
     request_id = schedule_cancel("pl-stall", soon(-1), app=app)
@@ -187,8 +187,8 @@ def test_unschedule_true_means_never_sent_whenever_the_firer_stalls(redis_url, r
 
 
 def test_scheduled_again_after_it_fired_is_a_new_schedule(app, redis_client):
-    from tasks import get_schedule, schedule_cancel
-    from tasks.periodic import fire_schedules
+    from plural_cancel.tasks import get_schedule, schedule_cancel
+    from plural_cancel.tasks.periodic import fire_schedules
 
     old = schedule_cancel("pl-twice", soon(-1), app=app)
     assert fire_schedules(app) == 1
@@ -200,8 +200,8 @@ def test_scheduled_again_after_it_fired_is_a_new_schedule(app, redis_client):
 
 
 def test_firers_running_at_once_fire_each_cancel_once(app, redis_client):
-    from tasks import schedule_cancel
-    from tasks.periodic import fire_schedules
+    from plural_cancel.tasks import schedule_cancel
+    from plural_cancel.tasks.periodic import fire_schedules
 
     for i in range(300):
         schedule_cancel(f"pl-crowd-{i:03d}", soon(-1), app=app)
@@ -233,8 +233,8 @@ def _stored(redis_client) -> dict:
 
 
 def test_a_batch_published_message_is_what_apply_async_stores_ids_aside(app, redis_client):
-    from tasks.cancel import cancel_payment_link
-    from worker.publisher import publish
+    from plural_cancel.tasks.cancel import cancel_payment_link
+    from plural_cancel.worker.publisher import publish
 
     kwargs = {"payment_link_id": "pl-same", "request_id": "rid-same"}
     with app.producer_or_acquire() as producer:  # the task's own apply_async, onto this test's Redis
@@ -256,7 +256,7 @@ def test_a_batch_published_message_is_what_apply_async_stores_ids_aside(app, red
 
 
 def test_publish_pushes_a_large_batch_in_order(app, redis_client):
-    from worker.publisher import PUBLISH_CHUNK, publish
+    from plural_cancel.worker.publisher import PUBLISH_CHUNK, publish
 
     pairs = [(f"rid-{i}", f"pl-{i}") for i in range(PUBLISH_CHUNK * 2 + 7)]
     publish(app, pairs)
@@ -269,8 +269,8 @@ def test_publish_pushes_a_large_batch_in_order(app, redis_client):
 
 def test_a_request_id_scheduled_for_one_link_is_refused_for_another_at_once(app, redis_client):
     """One Request-ID, one link, across enqueue and schedule: the second call is refused."""
-    from tasks import enqueue_cancel, get_schedule, schedule_cancel
-    from tasks.periodic import fire_schedules
+    from plural_cancel.tasks import enqueue_cancel, get_schedule, schedule_cancel
+    from plural_cancel.tasks.periodic import fire_schedules
 
     schedule_cancel("pl-mine", soon(-1), request_id="taken-later", app=app)
     with pytest.raises(ValueError, match="request_id"):
@@ -288,11 +288,11 @@ def test_a_request_id_scheduled_for_one_link_is_refused_for_another_at_once(app,
 
 def test_a_skewed_host_clock_fires_nothing_early(redis_url, redis_client):
     """A firer whose host clock runs 120 s ahead fires by Redis's clock: not a minute early."""
-    from config.settings import Settings
-    from tasks import get_schedule, schedule_cancel
-    from tasks.periodic import fire_schedules
-    from worker import create_app
-    from worker.runtime import Runtime
+    from plural_cancel.config.settings import Settings
+    from plural_cancel.tasks import get_schedule, schedule_cancel
+    from plural_cancel.tasks.periodic import fire_schedules
+    from plural_cancel.worker import create_app
+    from plural_cancel.worker.runtime import Runtime
 
     settings = Settings.from_env({"REDIS_URL": redis_url})
     the_app = create_app(settings, Runtime(settings, clock=lambda: time.time() + 120))
@@ -306,8 +306,8 @@ def test_a_skewed_host_clock_fires_nothing_early(redis_url, redis_client):
 
 def test_a_scheduled_cancel_carries_its_callback_when_it_fires(app, redis_client):
     """The callback given with the latest schedule_cancel of a link is the one its cancel carries."""
-    from tasks import schedule_cancel
-    from tasks.periodic import fire_schedules
+    from plural_cancel.tasks import schedule_cancel
+    from plural_cancel.tasks.periodic import fire_schedules
 
     callback = {"callback": "orders.on_cancel_outcome", "callback_queue": "orders"}
     with_callback = schedule_cancel("pl-cb-at", soon(-1), **callback, app=app)

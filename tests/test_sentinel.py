@@ -12,8 +12,8 @@ from collections import defaultdict
 import pytest
 import redis
 
-from config.celery import celery_config
-from config.settings import Settings
+from plural_cancel.config.celery import celery_config
+from plural_cancel.config.settings import Settings
 from plural_cancel.errors import ConfigError
 from tests.conftest import use_settings, wait_for
 from tests.support.sentinel import SentinelGroup
@@ -74,7 +74,7 @@ def test_with_sentinels_the_broker_beat_and_clients_take_the_same_master():
     assert (options["sentinels"], options["service_name"], options["db"], options["password"]) == \
         ([("127.0.0.1", 26379), ("10.0.0.2", 26380)], "m", 3, "p@ss")
 
-    from worker.runtime import Runtime
+    from plural_cancel.worker.runtime import Runtime
     client = Runtime(settings).redis
     pool = client.connection_pool
     assert (pool.service_name, pool.connection_kwargs["db"], pool.connection_kwargs["password"]) == ("m", 3, "p@ss")
@@ -85,7 +85,7 @@ def test_with_sentinels_the_broker_beat_and_clients_take_the_same_master():
 def test_the_broker_channel_is_ours_over_kombus_sentinel_channel():
     from kombu.transport.redis import SentinelChannel as KombuSentinelChannel
 
-    from worker.broker import Channel, SentinelChannel, SentinelTransport
+    from plural_cancel.worker.broker import Channel, SentinelChannel, SentinelTransport
 
     assert SentinelTransport.Channel is SentinelChannel
     assert SentinelChannel.__mro__[1:3] == (Channel, KombuSentinelChannel)
@@ -100,8 +100,8 @@ def test_redbeats_sentinel_clients_get_the_endless_retry():
     passes none of ``redbeat_redis_options``' connection options to its clients."""
     from redbeat.schedulers import get_redis
 
-    from worker import app as product_app
-    from worker.beat import follow_sentinel
+    from plural_cancel.worker import app as product_app
+    from plural_cancel.worker.beat import follow_sentinel
 
     app = type(product_app)(Settings.from_env({**SENTINELS, "REDIS_URL": "redis://:pw@x/2"}))  # an app of its own
     app.conf.update(celery_config(app.settings))
@@ -179,7 +179,7 @@ def first_put_after(sandbox, at: float) -> float:
 
 @pytest.mark.slow
 def test_workers_and_beat_follow_the_master_through_failovers(sentinel_group, healthy_sandbox, services, capsys):
-    from tasks import enqueue_many
+    from plural_cancel.tasks import enqueue_many
 
     group, sandbox = sentinel_group, healthy_sandbox
     settings = {"PLURAL_RATE_LIMIT": LIMIT, **QUICK_RECOVERY, **group.env}
@@ -263,7 +263,7 @@ def master_and_replica():
 def test_an_enqueue_waits_for_a_replica_and_says_when_none_acknowledged(master_and_replica):
     import signal
 
-    from tasks import enqueue_cancel, enqueue_many
+    from plural_cancel.tasks import enqueue_cancel, enqueue_many
     from plural_cancel.errors import NotReplicated
 
     master, replica = master_and_replica
@@ -292,7 +292,7 @@ def test_no_enqueue_that_returned_is_lost_in_a_failover(sentinel_group, wait, ca
     returned must be on the master in the end. (With ``wait="0"``, 100 of 908 were lost here.)"""
     import threading
 
-    from tasks import enqueue_cancel
+    from plural_cancel.tasks import enqueue_cancel
 
     group = sentinel_group
     settings = {**group.env, "REDIS_WAIT_REPLICAS": wait}

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from config.settings import PLURAL_BASES, VARIABLES, Settings, exports
+from plural_cancel.config.settings import PLURAL_BASES, VARIABLES, Settings, exports
 from plural_cancel.errors import ConfigError
 from tests.support.workers import ROOT
 
@@ -20,7 +20,7 @@ def test_defaults_follow_the_contract():
 
 
 def test_the_shutdown_grace_is_celerys_soft_shutdown_timeout():
-    from config.celery import celery_config
+    from plural_cancel.config.celery import celery_config
 
     assert celery_config(Settings.from_env({}))["worker_soft_shutdown_timeout"] == 15.0
     settings = Settings.from_env({"WORKER_SHUTDOWN_GRACE": "2.5"})
@@ -31,7 +31,7 @@ def test_the_shutdown_grace_is_celerys_soft_shutdown_timeout():
 def test_cancels_travel_on_a_queue_of_their_own():
     """CANCEL_QUEUE (``plural-cancel``): the default queue, the only one declared (so the only
     one a worker consumes), and the remote-control exchange; never Celery's ``celery``."""
-    from config.celery import celery_config
+    from plural_cancel.config.celery import celery_config
 
     config = celery_config(Settings.from_env({}))
     assert config["task_default_queue"] == "plural-cancel"
@@ -215,7 +215,7 @@ def test_settings_that_would_outlive_a_lease_are_refused(env, variable):
 
 
 def test_the_lease_is_derived_from_the_attempts_bound():
-    from config.celery import LEASE_MARGIN, celery_config, lease_seconds
+    from plural_cancel.config.celery import LEASE_MARGIN, celery_config, lease_seconds
 
     settings = Settings.from_env({"PLURAL_READ_TIMEOUT": "30"})
     assert settings.attempt_timeout == pytest.approx(1 + 2 * (3.05 + 30))  # a wait and two calls in full

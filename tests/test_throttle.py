@@ -63,7 +63,7 @@ def figures(sandbox, since: float, until: float) -> tuple[float, float, float]:
 
 def backlog(system, count: int, prefix: str) -> tuple[list[str], float]:
     """``count`` cancels enqueued at once (a clean-up): the fleet drains them at its pace."""
-    from tasks import enqueue_many
+    from plural_cancel.tasks import enqueue_many
 
     links = system["sandbox"].create_links(count, prefix=prefix)
     started = time.time()
@@ -117,7 +117,7 @@ def test_a_plural_limit_below_ours_is_tracked_with_few_429s(system, record_prope
 
 
 def test_a_throttle_in_plurals_words_is_retried_never_rejected(system):
-    from tasks.producer import get_statuses
+    from plural_cancel.tasks.producer import get_statuses
 
     sandbox, app = system["sandbox"], system["app"]
     sandbox.set_faults(plural_throttle_rate=0.3)

@@ -7,9 +7,9 @@ import time
 
 import redis
 
-from worker.keys import Keys
-from worker.plural import PluralClient
-from worker.tokens import REFRESH_MARGIN, AccessToken, MemoryTokenStore, RedisTokenCache
+from plural_cancel.worker.keys import Keys
+from plural_cancel.worker.plural import PluralClient
+from plural_cancel.worker.tokens import REFRESH_MARGIN, AccessToken, MemoryTokenStore, RedisTokenCache
 
 SECRET = "test-secret-do-not-leak"
 
@@ -178,8 +178,8 @@ def test_a_worker_an_hour_ahead_keeps_its_token_and_says_its_clock_is_off(redis_
     """One worker whose host clock runs an hour ahead, 1-hour tokens: judged by
     that clock every token is expired on arrival, and each cancel fetched one (32 token calls
     for 60 cancels). Judged by Redis's, one serves them all; the worker says its clock is off."""
-    from tasks import enqueue_many
-    from tasks.producer import get_statuses
+    from plural_cancel.tasks import enqueue_many
+    from plural_cancel.tasks.producer import get_statuses
     from tests.conftest import use_settings, wait_for
     from tests.support.workers import service_env, skewed_clock, start_worker
 

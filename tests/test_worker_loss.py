@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from config.settings import Settings
+from plural_cancel.config.settings import Settings
+from plural_cancel.worker.keys import Keys
 from tests.conftest import use_settings, wait_for
 from tests.support.workers import service_env, start_worker
-from worker.keys import Keys
 
 QUEUE = Settings.cancel_queue  # the queue list of every test's settings (CANCEL_QUEUE unset)
 UNACKED = Keys().unacked  # kombu's hash of the messages our workers hold (worker.broker)
@@ -15,7 +15,7 @@ SHORT_LEASE = {"PLURAL_CONNECT_TIMEOUT": 1, "PLURAL_READ_TIMEOUT": 3}
 
 
 def test_a_cancel_in_flight_on_a_killed_worker_completes_on_another(module_redis_url, sandbox_process, capsys):
-    from tasks import enqueue_cancel, get_status
+    from plural_cancel.tasks import enqueue_cancel, get_status
 
     sandbox = sandbox_process
     # Short timeouts make a short lease (a 9-s attempt, a 14-s lease; 32 s by default): the
@@ -78,7 +78,7 @@ def test_sigterm_hands_the_cancel_in_flight_back_after_the_grace(module_redis_ur
 
     import redis
 
-    from tasks import enqueue_cancel, enqueue_many, get_status
+    from plural_cancel.tasks import enqueue_cancel, enqueue_many, get_status
 
     sandbox = sandbox_process
     # A read timeout longer than the latency, so that the PUT outlasts the grace.

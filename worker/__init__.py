@@ -2,11 +2,12 @@
 ``plural_cancel.worker``."""
 
 if __name__ == "worker":
-    # The short name, inside this repository: the namespaced module takes its place.
-    from plural_cancel._short_names import install
-
-    install(__name__)
+    # The short name (celery -A worker, from the repository root): the namespaced package's
+    # names, and no submodules of its own, so nothing loads twice (a second Celery app,
+    # second metrics): `import worker.ledger` fails instead.
+    __path__ = []
+    from plural_cancel.worker import app, create_app
 else:
     from plural_cancel.worker.app import app, create_app
 
-    __all__ = ["app", "create_app"]
+__all__ = ["app", "create_app"]

@@ -14,7 +14,7 @@ from typing import Iterable
 
 import redis
 
-from sandbox.links import personal_data
+from plural_cancel.sandbox.links import personal_data
 
 _BODY = re.compile(rb'"body": ?"([A-Za-z0-9+/=]+)"')
 """A kombu message's base64 body, inside a queued or unacknowledged message."""

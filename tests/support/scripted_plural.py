@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from worker.tokens import MemoryTokenStore
+from plural_cancel.worker.tokens import MemoryTokenStore
 
 NOW = calendar.timegm((2024, 7, 9, 7, 57, 8)) + 0.022
 NOW_STAMP = "2024-07-09T07:57:08.022Z"

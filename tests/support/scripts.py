@@ -12,12 +12,12 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from worker.breaker import ALLOW_FN, RECORD_FN, Gate, RedisCircuitBreaker, parse_gate
-from worker.ledger import Claim, Ledger, parse_claim
-from worker.ledger_lua import CLAIM_FN
-from worker.pace import PACE_FN
-from worker.ratelimit import OBSERVE_FN, RESERVE_FN, RedisRateLimiter, Reservation, parse_reservation
-from worker.lua import script
+from plural_cancel.worker.breaker import ALLOW_FN, RECORD_FN, Gate, RedisCircuitBreaker, parse_gate
+from plural_cancel.worker.ledger import Claim, Ledger, parse_claim
+from plural_cancel.worker.ledger_lua import CLAIM_FN
+from plural_cancel.worker.pace import PACE_FN
+from plural_cancel.worker.ratelimit import OBSERVE_FN, RESERVE_FN, RedisRateLimiter, Reservation, parse_reservation
+from plural_cancel.worker.lua import script
 
 
 def run(client, source: str, function: str, keys: list[str], args: list[Any]) -> Any:

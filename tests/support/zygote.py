@@ -39,7 +39,7 @@ import warnings
 from pathlib import Path
 from typing import Mapping
 
-from config.settings import VARIABLES
+from plural_cancel.config.settings import VARIABLES
 
 MAIN = Path(__file__).with_name("_zygote_main.py")
 FREE = frozenset(VARIABLES) | {"PYTEST_CURRENT_TEST"}
