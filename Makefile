@@ -7,7 +7,7 @@ VENV   := .venv
 STAMP  := $(VENV)/.installed-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-fast setup redis-server bench clean
+.PHONY: run test test-fast lint setup redis-server bench clean
 
 run: setup redis-server
 	@bash scripts/run-local.sh
@@ -18,8 +18,12 @@ test: setup redis-server
 	$(VENV)/bin/pytest -q -n 6 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The edit loop: everything but the tests that start workers, beat, Sentinels or CLI processes.
-test-fast: setup redis-server
+test-fast: lint redis-server
 	$(VENV)/bin/pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
+
+# pyflakes, pycodestyle and import order ([tool.ruff] in pyproject.toml): zero findings.
+lint: setup
+	$(VENV)/bin/ruff check .
 
 setup: $(STAMP)
 

@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=3000, help="cancels per run")
     parser.add_argument("--threads", default="1,128", help="comma-separated thread counts")
-    parser.add_argument("--latency-ms", type=float, default=200.0, help="sandbox latency for runs of more than one thread")
+    parser.add_argument("--latency-ms", type=float, default=200.0,
+                        help="sandbox latency for runs of more than one thread")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
     sandbox = start_sandbox_process(client_id="bench", client_secret="bench", extra_args=["--no-demo-links"])

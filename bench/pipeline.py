@@ -22,8 +22,8 @@ sandbox latency (``PUT /_admin/faults``):
 (b) **bare** (``bench/bare_app.py``): one ``celery -A bench.bare_app worker`` with the same
     pool, concurrency, log level, late acks and prefetch 1, whose task makes only the same
     ``PUT`` (the same headers, a bearer token fetched once by this driver) through one
-    ``requests.Session``, as the product's client does, and counts itself done in Redis. ``N`` fresh links, enqueued with
-    ``apply_async`` in a loop inside kombu's ``Producer.batch`` (pipelined like
+    ``requests.Session``, as the product's client does, and counts itself done in Redis.
+    ``N`` fresh links, enqueued with ``apply_async`` in a loop inside kombu's ``Producer.batch`` (pipelined like
     ``enqueue_many``, so the driver's enqueue pace does not hold the bare worker back);
     the clock runs from the first enqueue to the last task's finish.
 (c) **sleep** (only with ``--modes ...,sleep``): the bare worker with a task that makes no
@@ -33,8 +33,9 @@ sandbox latency (``PUT /_admin/faults``):
 
 Each run compares the sandbox's count of successful cancels with ``ok``; a difference, a
 run cut off unfinished and any error the worker logged are noted under its row, and the
-exit status is 1 if any run left cancels unfinished. Per run it prints seconds, cancels/s, Redis commands per cancel (``INFO commandstats``, less the
-driver's polls; commands inside Lua scripts count too), worker CPU milliseconds per cancel,
+exit status is 1 if any run left cancels unfinished. Per run it prints seconds, cancels/s,
+Redis commands per cancel (``INFO commandstats``, less the driver's polls; commands inside
+Lua scripts count too), worker CPU milliseconds per cancel,
 and the CPU seconds of the worker, the sandbox, Redis and this driver. Per latency it prints
 product/bare of the best rates, and bare/product of their worker CPU per cancel: one
 process cannot use much more than one core, so that is the share of the bare task's speed
@@ -309,7 +310,6 @@ def _epoch(value: str) -> float:
         return float(value)
     except ValueError:
         return datetime.fromisoformat(value).timestamp()
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections import Counter
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import redis

@@ -198,9 +198,6 @@ def plain_http_allowed(url: str) -> bool:
         return False
 
 
-
-
-
 class Secret:
     """A string that never shows itself in ``repr``, ``str``, logs or tracebacks."""
 
@@ -385,7 +382,8 @@ class Settings:
         # lease on every call: refuse it rather than let two deliveries run at once.
         least = settings.limiter_max_wait + settings.connect_timeout + settings.read_timeout
         if numbers["attempt_timeout"] is None:
-            settings = replace(settings, attempt_timeout=round(least + settings.connect_timeout + settings.read_timeout, 3))
+            settings = replace(settings,
+                               attempt_timeout=round(least + settings.connect_timeout + settings.read_timeout, 3))
         elif settings.attempt_timeout < least:
             raise ConfigError("CANCEL_ATTEMPT_TIMEOUT", f"at least LIMITER_MAX_WAIT + PLURAL_CONNECT_TIMEOUT + "
                               f"PLURAL_READ_TIMEOUT ({least:g} s)", str(settings.attempt_timeout))
@@ -396,9 +394,11 @@ class Settings:
     def require_credentials(self) -> "Settings":
         """Return self when Plural credentials are set; the worker cannot run without them."""
         if not self.client_id:
-            raise ConfigError("PLURAL_CLIENT_ID", "set to the client id from Plural's dashboard (required by the worker)")
+            raise ConfigError("PLURAL_CLIENT_ID",
+                              "set to the client id from Plural's dashboard (required by the worker)")
         if not self.client_secret:
-            raise ConfigError("PLURAL_CLIENT_SECRET", "set to the client secret from Plural's dashboard (required by the worker)")
+            raise ConfigError("PLURAL_CLIENT_SECRET",
+                              "set to the client secret from Plural's dashboard (required by the worker)")
         return self
 
     def __repr__(self) -> str:

@@ -126,6 +126,10 @@ def __getattr__(name: str) -> Any:
 class PluralError(PluralCancelError):
     """Base of every error of talking to Plural."""
 
+    retryable = False
+    """Whether this kind of error can mend by trying again: set per kind below, read by the
+    retry policy (``plural_cancel.worker.policy``), which alone decides what a retry is."""
+
     def __init__(self, message: str, *, http_status: int | None = None, code: str | None = None,
                  details: Mapping[str, Any] | None = None, request_id: str | None = None,
                  retry_after: float | None = None, sent: bool = True):
@@ -142,15 +146,6 @@ class PluralError(PluralCancelError):
         timeout, TLS handshake, proxy, the deadline passed first, or the token step failed
         before the call was made), so Plural cannot have acted on it; True whenever it may
         have (a read timeout, a reset mid-answer, any HTTP answer)."""
-
-    @property
-    def retryable(self) -> bool:
-        """Whether trying again can help: the retry policy's answer for this kind of error."""
-        # Imported here: this module imports nothing of the product at load (every layer,
-        # ``config`` too, imports it), and the rule has one home, the policy.
-        from plural_cancel.worker.policy import RETRYABLE
-
-        return isinstance(self, RETRYABLE)
 
     def __str__(self) -> str:
         bits = [self.message]
@@ -187,6 +182,8 @@ def _rebuild(cls: type[PluralError], message: str, state: dict[str, Any]) -> Plu
 class PluralConnectionError(PluralError):
     """Plural could not be reached, or the connection broke mid-answer."""
 
+    retryable = True
+
 
 class PluralTimeout(PluralConnectionError):
     """Plural did not connect or answer within the timeout (the request may have been processed)."""
@@ -199,9 +196,13 @@ class PluralTLSError(PluralError):
 class PluralServerError(PluralError):
     """Plural answered 5xx."""
 
+    retryable = True
+
 
 class PluralRateLimited(PluralError):
     """Plural answered 429; ``retry_after`` holds its hint when it gave one."""
+
+    retryable = True
 
 
 class PluralAuthError(PluralError):
@@ -215,10 +216,14 @@ class PluralRequestError(PluralError):
 class PluralUnexpectedAnswer(PluralError):
     """A 4xx without Plural's error body (a WAF's page, a proxy's 407, a wrong path's 404): retried."""
 
+    retryable = True
+
 
 class TokenUnavailable(PluralError):
     """No token could be had in time: another process holds the refresh lock and produced
     none. No call was made (``sent`` False); the cancel is tried again later."""
+
+    retryable = True
 
     def __init__(self, message: str, **kwargs: Any):
         kwargs.setdefault("sent", False)

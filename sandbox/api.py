@@ -13,8 +13,16 @@ from typing import Any, Callable, Mapping
 
 from plural_cancel.sandbox.faults import FaultInjector, Faults
 from plural_cancel.sandbox.links import DEFAULT_LIFETIME, ID_RE, iso_ms, parse_iso
-from plural_cancel.sandbox.replies import (Reply, injected, invalid_request, json_reply, method_not_allowed, not_found,
-                                           plural_error, unauthorized)
+from plural_cancel.sandbox.replies import (
+    Reply,
+    injected,
+    invalid_request,
+    json_reply,
+    method_not_allowed,
+    not_found,
+    plural_error,
+    unauthorized,
+)
 from plural_cancel.sandbox.reqlog import Entry, RequestLog
 from plural_cancel.sandbox.request import Request
 from plural_cancel.sandbox.state import LinkError, LinkStore

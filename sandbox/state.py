@@ -14,9 +14,23 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from plural_cancel.sandbox.links import (CANCELLABLE, DEFAULT_LIFETIME, DEMO_LINKS, ID_RE, STATUSES, amount_due,
-                                         build_link, customer_for, demo_links, iso_minutes, iso_ms, new_link_id,
-                                         new_order_id, random_alnum, sample_link)
+from plural_cancel.sandbox.links import (
+    CANCELLABLE,
+    DEFAULT_LIFETIME,
+    DEMO_LINKS,
+    ID_RE,
+    STATUSES,
+    amount_due,
+    build_link,
+    customer_for,
+    demo_links,
+    iso_minutes,
+    iso_ms,
+    new_link_id,
+    new_order_id,
+    random_alnum,
+    sample_link,
+)
 
 __all__ = ["DEMO_LINKS", "STATUSES", "LinkError", "LinkStore"]
 

@@ -166,7 +166,8 @@ def test_a_delivery_whose_lease_ran_out_writes_nothing(parts, redis_client):
     """Fenced on the owner: after B took over, A's late finish and defer change nothing."""
     ledger, breaker, _, attempts = parts
     ledger.create_many([("req-a", LINK)])
-    assert attempts.admit("req-a", LINK, "owner-a", 0.2, budget=600.0, max_wait=1.0, probe_max_wait=1.0).claim.verdict == "claimed"
+    claim = attempts.admit("req-a", LINK, "owner-a", 0.2, budget=600.0, max_wait=1.0, probe_max_wait=1.0).claim
+    assert claim.verdict == "claimed"
     time.sleep(0.3)  # A's lease ran out
     assert admit(attempts, owner="owner-b").claim.verdict == "claimed"
     attempts.finish("req-a", LINK, "owner-b", health=Health(SUCCESS), state="succeeded", outcome="cancelled",

@@ -15,8 +15,8 @@ from plural_cancel.config.celery import BACKLOG_AHEAD
 from plural_cancel.config.settings import Settings
 from plural_cancel.worker.keys import Keys
 from plural_cancel.worker.ledger import Ledger
-from tests.support.scripts import claim
 from tests.conftest import use_settings, wait_for
+from tests.support.scripts import claim
 from tests.support.workers import service_env, start_worker
 
 QUEUE = Settings.cancel_queue

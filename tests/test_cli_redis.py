@@ -79,8 +79,8 @@ def test_a_password_in_the_query_is_never_shown_either():
     result = run_cli(f"redis://127.0.0.1:{free_port()}/0?socket_timeout=5&password={PASSWORD}", "status", "some-id")
     assert result.returncode == 2 and PASSWORD not in result.stderr
     assert result.stderr == ("plural-cancel: configuration error: REDIS_URL: must be a URL whose query holds only a "
-                             "rediss:// URL's ssl_cert_reqs, ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_check_hostname "
-                             "(the broker, kombu, takes no others)\n")
+                             "rediss:// URL's ssl_cert_reqs, ssl_ca_certs, ssl_certfile, ssl_keyfile, "
+                             "ssl_check_hostname (the broker, kombu, takes no others)\n")
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from plural_cancel.sandbox import DEMO_PERSONAL_DATA, SandboxServer
 from plural_cancel.errors import PluralAuthError, PluralRequestError, PluralServerError
+from plural_cancel.sandbox import DEMO_PERSONAL_DATA, SandboxServer
 from plural_cancel.worker.plural import PluralClient
 
 

@@ -10,10 +10,17 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from plural_cancel.errors import (PluralAuthError, PluralBadResponse, PluralRateLimited, PluralRequestError,
-                                  PluralServerError, PluralTimeout, PluralTLSError, TokenUnavailable)
-from plural_cancel.worker.decide import (ERROR, FAILED, SUCCEEDED, UNSETTLED, attempt, error_summary,
-                                         retry_reason)
+from plural_cancel.errors import (
+    PluralAuthError,
+    PluralBadResponse,
+    PluralRateLimited,
+    PluralRequestError,
+    PluralServerError,
+    PluralTimeout,
+    PluralTLSError,
+    TokenUnavailable,
+)
+from plural_cancel.worker.decide import ERROR, FAILED, SUCCEEDED, UNSETTLED, attempt, error_summary, retry_reason
 from plural_cancel.worker.links import PaymentLink
 
 LINK = "pl-decide-1"

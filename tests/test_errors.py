@@ -7,9 +7,19 @@ import pickle
 
 import pytest
 
-from plural_cancel.errors import (PluralAuthError, PluralBadResponse, PluralConnectionError, PluralError,
-                                  PluralRateLimited, PluralRequestError, PluralServerError, PluralTLSError,
-                                  PluralTimeout, PluralUnexpectedAnswer, TokenUnavailable)
+from plural_cancel.errors import (
+    PluralAuthError,
+    PluralBadResponse,
+    PluralConnectionError,
+    PluralError,
+    PluralRateLimited,
+    PluralRequestError,
+    PluralServerError,
+    PluralTimeout,
+    PluralTLSError,
+    PluralUnexpectedAnswer,
+    TokenUnavailable,
+)
 from plural_cancel.worker.classify import classify_http, parse_retry_after
 
 NOW = 1_720_511_828.0

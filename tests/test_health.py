@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from plural_cancel.heartbeat import BEAT, LOOP_STALL_LIMIT, WORKER, Heartbeat, heartbeat_path, judge, read
 from tests.conftest import wait_for
 from tests.support.redis_server import RedisServer
 from tests.support.workers import ROOT, CeleryProcess, service_env, start_beat, start_worker
-from plural_cancel.heartbeat import BEAT, LOOP_STALL_LIMIT, WORKER, Heartbeat, heartbeat_path, judge, read
 
 CLI = str(Path(sys.executable).with_name("plural-cancel"))
 MAX_AGE = 5.0
@@ -130,7 +130,8 @@ def test_the_command_needs_a_kind_and_says_where_it_looked(tmp_path):
     missing = health(env, "--beat")
     assert missing.returncode == 1
     assert missing.stderr.strip() == (f"plural-cancel: beat not live: no heartbeat file at "
-                                      f"{heartbeat_path(str(tmp_path), BEAT)} (not started here, or another HEALTH_DIR)")
+                                      f"{heartbeat_path(str(tmp_path), BEAT)} "
+                                      "(not started here, or another HEALTH_DIR)")
 
 
 NOW = 1_800_000_000.0
@@ -183,7 +184,8 @@ def test_the_health_command_loads_neither_celery_nor_redis_nor_requests(tmp_path
     from plural_cancel.cli import LAZY, cli
 
     probe = ("import sys\nfrom plural_cancel.cli import main\ncode = main(['health', '--worker'])\n"
-             "print(code, sorted(m for m in ('celery', 'kombu', 'redis', 'requests', 'plural_cancel.worker') if m in sys.modules))")
+             "print(code, sorted(m for m in ('celery', 'kombu', 'redis', 'requests', 'plural_cancel.worker')\n"
+             "                   if m in sys.modules))")
     env = {**os.environ, "HEALTH_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.stdout.split("\n")[0] == "1 []", done.stdout + done.stderr  # not live (no file), nothing heavy

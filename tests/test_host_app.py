@@ -18,8 +18,8 @@ import pytest
 import redis
 from celery import Celery
 
-from tests.support.scripts import claim
 from tests.conftest import use_settings, wait_for
+from tests.support.scripts import claim
 from tests.support.workers import CeleryProcess, service_env, start_worker
 
 HOST_APP = textwrap.dedent('''
@@ -128,7 +128,6 @@ def test_the_worker_consumes_only_the_cancel_queue(system):
     """Our worker's queues, as its own remote control reports them."""
     replies = system["app"].control.inspect(timeout=1.0).active_queues() or {}
     assert [[q["name"] for q in queues] for queues in replies.values()] == [["plural-cancel"]]
-
 
 
 # -- callbacks: the host app hears how its cancel ended, without polling ------------------

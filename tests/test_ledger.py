@@ -150,9 +150,9 @@ def test_a_skewed_worker_clock_does_not_move_a_breaker_hold(redis_url, redis_cli
     """A worker whose clock runs an hour behind holds a cancel for the breaker's cooldown as
     Redis counts it, and its pump brings the cancel back on time."""
     from plural_cancel.config.settings import Settings
+    from plural_cancel.worker import create_app
     from plural_cancel.worker.delivery import execute
     from plural_cancel.worker.publisher import pump
-    from plural_cancel.worker import create_app
     from plural_cancel.worker.runtime import Runtime
 
     settings = Settings.from_env({"REDIS_URL": redis_url, "PLURAL_CLIENT_ID": "c", "PLURAL_CLIENT_SECRET": "s",

@@ -21,6 +21,7 @@ from tests.support.redis_server import free_port
 from tests.support.slow_tcp import SlowRelay
 from tests.support.workers import ROOT, service_env, skewed_clock, start_worker
 
+
 def finished(app, request_id, timeout=30.0):
     from plural_cancel.tasks import get_status
 

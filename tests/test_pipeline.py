@@ -12,9 +12,9 @@ import pytest
 import redis
 
 from plural_cancel.config.settings import Settings
-from tests.support.scripts import claim
 from tests.conftest import use_settings, wait_for
 from tests.support.leaks import forbidden_values, found, redis_dump
+from tests.support.scripts import claim
 from tests.support.workers import service_env, start_worker
 
 QUEUE = Settings.cancel_queue  # the queue list of every test's settings (CANCEL_QUEUE unset)
@@ -153,8 +153,8 @@ def test_one_request_id_enqueued_50_times_from_5_processes_is_one_cancel(system)
 
 
 def test_a_request_id_reused_for_another_link_is_refused(system):
-    from plural_cancel.tasks import enqueue_cancel
     from plural_cancel.errors import RequestIdConflict
+    from plural_cancel.tasks import enqueue_cancel
 
     app = system["app"]
     enqueue_cancel("pl-reuse-a", request_id="reused-key", app=app)

@@ -17,13 +17,20 @@ import uuid
 
 import pytest
 
-from plural_cancel.errors import (PluralAuthError, PluralBadResponse, PluralError, PluralRateLimited,
-                                  PluralRequestError, PluralServerError, PluralUnexpectedAnswer)
+from plural_cancel.errors import (
+    PluralAuthError,
+    PluralBadResponse,
+    PluralError,
+    PluralRateLimited,
+    PluralRequestError,
+    PluralServerError,
+    PluralUnexpectedAnswer,
+)
 from plural_cancel.worker.links import LINK_STATUSES, PaymentLink
 from plural_cancel.worker.plural import PluralClient
 from plural_cancel.worker.tokens import AccessToken, MemoryTokenStore
 from tests.support.plural_create import create_payment_link
-from tests.support.scripted_plural import (CLIENT_ID, LINK_ID, NOW, NOW_STAMP, SECRET, SEED_200, UTC, Answer)
+from tests.support.scripted_plural import CLIENT_ID, LINK_ID, NOW, NOW_STAMP, SECRET, SEED_200, UTC, Answer
 
 
 def leak_free(*texts: str, tokens: list[str] = ()) -> None:
@@ -271,7 +278,8 @@ WAF_PAGE = "<html><body>Request blocked kevin.bob@example.com</body></html>"
 @pytest.mark.parametrize("method", ["PUT", "GET"])
 @pytest.mark.parametrize("status, body, headers, note", [
     (403, WAF_PAGE, {"Content-Type": "text/html"}, f"body is not JSON (text/html, {len(WAF_PAGE)} bytes)"),
-    (404, "404 page not found", {"Content-Type": "text/plain; charset=utf-8"}, "body is not JSON (text/plain, 18 bytes)"),
+    (404, "404 page not found", {"Content-Type": "text/plain; charset=utf-8"},
+     "body is not JSON (text/plain, 18 bytes)"),
     (407, "", {"Proxy-Authenticate": 'Basic realm="corp"'}, "body is empty"),
     (400, {"error": "Bad Request", "path": "/pay"}, {}, "not Plural's error shape"),
 ])

@@ -15,12 +15,27 @@ import time
 import pytest
 
 from plural_cancel.config.settings import Secret, Settings
-from plural_cancel.errors import (PluralBadResponse, PluralConnectionError, PluralServerError, PluralTLSError,
-                                  PluralTimeout, PluralUnexpectedAnswer)
+from plural_cancel.errors import (
+    PluralBadResponse,
+    PluralConnectionError,
+    PluralServerError,
+    PluralTimeout,
+    PluralTLSError,
+    PluralUnexpectedAnswer,
+)
 from plural_cancel.worker.plural import MAX_BODY, PluralClient
 from tests.support.forward_proxy import ForwardProxy
-from tests.support.scripted_plural import (CLIENT_ID, LINK_ID, NOW, SECRET, SEED_200, Answer, RecordingStore,
-                                           ScriptedPlural, self_signed_tls)
+from tests.support.scripted_plural import (
+    CLIENT_ID,
+    LINK_ID,
+    NOW,
+    SECRET,
+    SEED_200,
+    Answer,
+    RecordingStore,
+    ScriptedPlural,
+    self_signed_tls,
+)
 
 
 def closed_port() -> int:
@@ -243,7 +258,6 @@ def test_tls_failure_is_final(tmp_path, kind):
         server.close()
 
 
-
 # -- settings and proxies ----------------------------------------------------------------
 
 def test_from_settings_uses_the_secret_and_timeouts(plural):
@@ -262,7 +276,8 @@ def test_calls_go_through_the_proxy_when_one_is_set(plural):
         with PluralClient(plural.base_url, CLIENT_ID, SECRET, proxy_url=proxy.url()) as client:
             assert client.cancel_payment_link(LINK_ID, "req-proxy").status == "CANCELLED"
         assert [(p.method, p.target) for p in proxy.passed] == [
-            ("POST", f"{plural.base_url}/auth/v1/token"), ("PUT", f"{plural.base_url}/pay/v1/paymentlink/{LINK_ID}/cancel")]
+            ("POST", f"{plural.base_url}/auth/v1/token"),
+            ("PUT", f"{plural.base_url}/pay/v1/paymentlink/{LINK_ID}/cancel")]
     assert [seen.path for seen in plural.seen] == ["/api/auth/v1/token", f"/api/pay/v1/paymentlink/{LINK_ID}/cancel"]
 
 

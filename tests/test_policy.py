@@ -5,11 +5,27 @@ from __future__ import annotations
 
 import pytest
 
-from plural_cancel.errors import (PluralAuthError, PluralBadResponse, PluralConnectionError, PluralRateLimited,
-                                  PluralRequestError, PluralServerError, PluralTimeout, PluralTLSError,
-                                  PluralUnexpectedAnswer, TokenUnavailable)
-from plural_cancel.worker.policy import (HOLD_SPREAD, RETRYABLE, THROTTLE_SPREAD, THROTTLE_WAIT, RetryPolicy,
-                                         backoff, retryable, unsettled)
+from plural_cancel.errors import (
+    PluralAuthError,
+    PluralBadResponse,
+    PluralConnectionError,
+    PluralRateLimited,
+    PluralRequestError,
+    PluralServerError,
+    PluralTimeout,
+    PluralTLSError,
+    PluralUnexpectedAnswer,
+    TokenUnavailable,
+)
+from plural_cancel.worker.policy import (
+    HOLD_SPREAD,
+    THROTTLE_SPREAD,
+    THROTTLE_WAIT,
+    RetryPolicy,
+    backoff,
+    retryable,
+    unsettled,
+)
 
 
 def policy(jitter: float = 0.5, **overrides) -> RetryPolicy:
@@ -22,16 +38,8 @@ def policy(jitter: float = 0.5, **overrides) -> RetryPolicy:
     (PluralRequestError("x"), False), (PluralAuthError("x"), False), (PluralTLSError("x"), False),
     (PluralBadResponse("x"), False), (ValueError("x"), False), (None, False),
 ])
-def test_which_errors_are_retried_is_the_policys_and_the_errors_say_the_same(error, expected):
+def test_which_errors_are_retried(error, expected):
     assert retryable(error) is expected
-    if error is not None and hasattr(error, "retryable"):
-        assert error.retryable is expected  # PluralError.retryable answers from the policy's table
-
-
-def test_every_retryable_kind_is_an_error_of_talking_to_plural():
-    from plural_cancel.errors import PluralError
-
-    assert all(issubclass(kind, PluralError) for kind in RETRYABLE)
 
 
 @pytest.mark.parametrize("state, error, expected", [

@@ -45,8 +45,9 @@ def _hammer_process(redis_url: str, rate: float, duration: float) -> None:
 def test_threads_and_processes_together_never_exceed_the_limit_yet_drain_at_it(redis_url, redis_client):
     """Four threads and three processes, each with its own connection, reserve and sleep
     for 3 s. The slots granted hold no more than the limit in any 1-second window, give or
-    take one at its edges, and the backlog drains at 95% of the limit or better. Rate 20 as in the acceptance run: 50 ms between slots
-    leaves room for the scheduling noise of a busy test machine."""
+    take one at its edges, and the backlog drains at 95% of the limit or better. Rate 20 as in
+    the acceptance run: 50 ms between slots leaves room for the scheduling noise of a busy
+    test machine."""
     rate, duration = 20, 3.0
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_hammer_process, args=(redis_url, rate, duration)) for _ in range(3)]

@@ -20,7 +20,6 @@ from plural_cancel.worker import replication
 from tests.conftest import use_settings, wait_for
 from tests.support.redis_server import RedisServer
 
-
 QUICK = ("--repl-diskless-sync-delay", "0")
 """No 5-s wait before the first sync of a replica."""
 

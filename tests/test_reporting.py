@@ -249,7 +249,8 @@ def test_worker_logs_one_json_line_per_state_change(system):
     text = system["worker"].log()
     lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     assert lines and all({"ts", "level", "logger", "message"} <= set(line) for line in lines)
-    mine = [line for line in lines if line["logger"] == "plural_cancel.tasks.cancel" and line.get("request_id") == request_id]
+    mine = [line for line in lines
+            if line["logger"] == "plural_cancel.tasks.cancel" and line.get("request_id") == request_id]
     # "cancel running" is a DEBUG line: the worker logs at INFO, one line per outcome. The
     # first retry may come before the fault is lifted, so count the 503s the sandbox served.
     failed_puts = [r for r in sandbox.requests() if r["method"] == "PUT" and r["link_id"] == link_id

@@ -9,8 +9,8 @@ import pytest
 import redis
 
 from tests.conftest import use_settings, wait_for
-from tests.support.timing import largest_window
 from tests.support.sandbox import start_sandbox_process
+from tests.support.timing import largest_window
 from tests.support.workers import service_env, start_worker
 
 TERMINAL = ("succeeded", "failed")

@@ -117,8 +117,8 @@ def test_a_stop_drops_a_held_answer_and_exits_0_at_once():
 
 
 def test_python_m_sandbox_and_plural_cancel_sandbox_are_one_command():
-    from plural_cancel.sandbox.cli import sandbox
     from plural_cancel.cli import cli
+    from plural_cancel.sandbox.cli import sandbox
 
     assert cli.get_command(None, "sandbox") is sandbox
     helps = [subprocess.run(argv + ["--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)

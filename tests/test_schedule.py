@@ -90,8 +90,8 @@ def test_unschedule_validates_its_link_id(app):
 
 
 def test_one_request_id_never_names_two_links(app):
-    from plural_cancel.tasks import enqueue_cancel, schedule_cancel
     from plural_cancel.errors import RequestIdConflict
+    from plural_cancel.tasks import enqueue_cancel, schedule_cancel
 
     schedule_cancel("pl-a", soon(600), request_id="shared-key", app=app)
     with pytest.raises(RequestIdConflict, match="request_id"):

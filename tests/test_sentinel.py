@@ -16,8 +16,8 @@ from plural_cancel.config.celery import celery_config
 from plural_cancel.config.settings import Settings
 from plural_cancel.errors import ConfigError
 from tests.conftest import use_settings, wait_for
-from tests.support.sentinel import SentinelGroup
 from tests.support.redis_server import free_port
+from tests.support.sentinel import SentinelGroup
 from tests.support.workers import CeleryProcess, service_env, start_beat, start_worker
 
 SENTINELS = {"REDIS_SENTINELS": "127.0.0.1:26379,10.0.0.2:26380", "REDIS_SENTINEL_MASTER": "m"}
@@ -263,8 +263,8 @@ def master_and_replica():
 def test_an_enqueue_waits_for_a_replica_and_says_when_none_acknowledged(master_and_replica):
     import signal
 
-    from plural_cancel.tasks import enqueue_cancel, enqueue_many
     from plural_cancel.errors import NotReplicated
+    from plural_cancel.tasks import enqueue_cancel, enqueue_many
 
     master, replica = master_and_replica
     app = use_settings(master.url, REDIS_WAIT_REPLICAS=1)

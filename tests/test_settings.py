@@ -38,7 +38,8 @@ def test_cancels_travel_on_a_queue_of_their_own():
     assert [q.name for q in config["task_queues"]] == ["plural-cancel"] and not config["task_create_missing_queues"]
     assert config["control_exchange"] == "plural-cancel"
     assert "global_keyprefix" not in config["broker_transport_options"]  # send_task by name finds the plain list
-    assert celery_config(Settings.from_env({"CANCEL_QUEUE": "payments.cancel"}))["task_default_queue"] == "payments.cancel"
+    named = celery_config(Settings.from_env({"CANCEL_QUEUE": "payments.cancel"}))
+    assert named["task_default_queue"] == "payments.cancel"
     for bad in ("celery", "has space", "x" * 101, "-dash-first", "q/1"):
         with pytest.raises(ConfigError, match="CANCEL_QUEUE"):
             Settings.from_env({"CANCEL_QUEUE": bad})

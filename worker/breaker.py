@@ -42,8 +42,8 @@ from typing import Any, NamedTuple
 import redis
 
 from plural_cancel.errors import PluralBadResponse, PluralRateLimited, TokenUnavailable
-from plural_cancel.worker.policy import retryable
 from plural_cancel.worker.lua import Lua, script
+from plural_cancel.worker.policy import retryable
 from plural_cancel.worker.redis_clock import REDIS_NOW
 
 MAX_COOLDOWN = 600.0

@@ -19,9 +19,19 @@ import requests
 import urllib3
 from urllib3.exceptions import NewConnectionError, ReadTimeoutError
 
-from plural_cancel.errors import (MAX_MESSAGE, PluralAuthError, PluralBadResponse, PluralConnectionError, PluralError,
-                                  PluralRateLimited, PluralRequestError, PluralServerError, PluralTimeout,
-                                  PluralTLSError, PluralUnexpectedAnswer)
+from plural_cancel.errors import (
+    MAX_MESSAGE,
+    PluralAuthError,
+    PluralBadResponse,
+    PluralConnectionError,
+    PluralError,
+    PluralRateLimited,
+    PluralRequestError,
+    PluralServerError,
+    PluralTimeout,
+    PluralTLSError,
+    PluralUnexpectedAnswer,
+)
 
 # Codes Plural uses for refused credentials; documented with HTTP 422, not 401.
 AUTH_CODES = frozenset({"USER_AUTHENTICATION_FAILED", "INVALID_USER_ACCOUNT", "UNAUTHORIZED"})

@@ -44,7 +44,11 @@ def deliver(rt: Runtime, args: tuple, kwargs: dict) -> str:
     try:
         payment_link_id, request_id = malformed.parse_arguments(args, kwargs)
     except MalformedMessage as problem:
-        return malformed.refuse(rt, args, kwargs, problem)
+        refused = malformed.refuse(rt, args, kwargs, problem)
+        if refused is None:
+            return "malformed"
+        report_failed(refused.request_id, refused.payment_link_id or "", "rejected", 0, refused.error, None)
+        return "rejected"
     return execute(rt, payment_link_id, request_id)
 
 
@@ -67,7 +71,7 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
         error = claim.last_error
         log.warning("cancel failed: gave_up (retry budget spent)",
                     extra={**ids, "state": "failed", "outcome": "gave_up", "error": error})
-        reporting.report_failed(request_id, payment_link_id, "gave_up", claim.attempts, error, claim.link_status)
+        report_failed(request_id, payment_link_id, "gave_up", claim.attempts, error, claim.link_status)
         return "gave_up"
     if claim.verdict == "mismatch":
         # One Request-ID names one cancel: this message's link is not cancelled under it. Not a
@@ -201,7 +205,19 @@ def record(rt: Runtime, decision: Decision, payment_link_id: str, request_id: st
     log.log(level, "cancel %s: %s", step.state, step.outcome,
             extra={**fields, "state": step.state, "outcome": step.outcome, "error": error})
     if step.state == "failed":
-        reporting.report_failed(request_id, payment_link_id, step.outcome, attempts, error, link.status if link else None)
+        report_failed(request_id, payment_link_id, step.outcome, attempts, error, link.status if link else None)
     else:
         metrics.CANCELS.labels(step.outcome).inc()
     return step.outcome
+
+
+def report_failed(request_id: str, payment_link_id: str, outcome: str, attempts: int, error: dict | None,
+                  link_status: str | None) -> None:
+    """A cancel has just been recorded ``failed``: count it and report it, once.
+
+    Once, because only the delivery holding the claim finishes a record, and a
+    finished record is never claimed again.
+    """
+    metrics.CANCELS.labels(outcome).inc()
+    reporting.report_failure(request_id=request_id, payment_link_id=payment_link_id, outcome=outcome,
+                             attempts=attempts, error=error, link_status=link_status)

@@ -39,8 +39,7 @@ from typing import Any, Callable, Iterable
 import redis
 
 from plural_cancel.worker.keys import Keys
-from plural_cancel.worker.ledger_lua import (CALLBACKS_SENT, CREATE_MANY, PUMP, REJECT, REQUEUE,
-                                             TAKE_CALLBACKS)
+from plural_cancel.worker.ledger_lua import CALLBACKS_SENT, CREATE_MANY, PUMP, REJECT, REQUEUE, TAKE_CALLBACKS
 from plural_cancel.worker.links import format_timestamp
 from plural_cancel.worker.redaction import Redactor
 from plural_cancel.worker.replication import ReplicaWait

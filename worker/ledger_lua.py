@@ -118,8 +118,9 @@ return out
 # ``claim(K, A)`` returns {verdict, ...}: claimed/attempts/budget seconds left (the whole
 # budget before the first attempt)/throttles among the attempts, terminal/state,
 # following/leader, held/seconds the holder's lease still runs, early/seconds until its
-# due time, mismatch/the link its Request-ID belongs to (in the ledger or the schedule). Every verdict but ``claimed`` drops the copy:
-# the due index carries the cancel, so a duplicate message has nothing to do.
+# due time, mismatch/the link its Request-ID belongs to (in the ledger or the schedule).
+# Every verdict but ``claimed`` drops the copy: the due index carries the cancel, so a
+# duplicate message has nothing to do.
 # ``start_budget(K, A)``, with the claim's KEYS and ARGV, starts the retry budget.
 CLAIM_FN = Lua("""
 local function claim(K, A)

@@ -25,9 +25,6 @@ LINK_STATUSES = ("CREATED", "CLICKED", "PAYMENT_INITIATED", "PROCESSED",
 """Every status Plural documents for a payment link (there is no PAID or ACTIVE)."""
 
 
-
-
-
 def parse_timestamp(value: Any, name: str = "timestamp") -> datetime | None:
     """An ISO 8601 string as an aware UTC datetime; None for None or "".
 

@@ -60,4 +60,5 @@ local function sections(t, first, ...)
   return unpack(out)
 end
 """)
-"""Lua: ``sections(t, first, n1, n2, ...)`` returns ``t``'s items from ``first`` on, cut in tables of ``n1``, ``n2``..."""
+"""Lua: ``sections(t, first, n1, n2, ...)`` returns ``t``'s items from ``first`` on, cut in
+tables of ``n1``, ``n2``..."""

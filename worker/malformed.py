@@ -28,12 +28,11 @@ grow the hash:
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import redis
 
 from plural_cancel.errors import MalformedMessage
-from plural_cancel.worker import reporting
 from plural_cancel.worker.keys import Keys
 from plural_cancel.worker.validation import validate_payment_link_id, validate_request_id
 
@@ -96,21 +95,30 @@ def parse_arguments(args: tuple, kwargs: dict) -> tuple[str, str]:
     return given["payment_link_id"], given["request_id"]
 
 
-def refuse(rt: Runtime, args: tuple, kwargs: dict, problem: MalformedMessage) -> str:
+class Refusal(NamedTuple):
+    """A malformed message's cancel, written ``failed`` / ``rejected`` (:func:`refuse`)."""
+
+    request_id: str
+    payment_link_id: str | None
+    error: dict
+    """Its ``last_error``: what was wrong with the message."""
+
+
+def refuse(rt: Runtime, args: tuple, kwargs: dict, problem: MalformedMessage) -> Refusal | None:
     """A message that cannot run never vanishes: a ``failed`` / ``rejected`` record under its
     Request-ID when it has a usable one that is not taken (written by the one writer of an
-    attempt's result, ``worker.attempts``), else a count (:data:`BAD_ARGUMENTS`)."""
+    attempt's result, ``worker.attempts``; the caller reports it as it reports any failure),
+    else a count (:data:`BAD_ARGUMENTS`) and None."""
     request_id, link_id = usable_ids(args, kwargs)
     error = {"http_status": None, "code": "MALFORMED_MESSAGE", "message": str(problem)}
     if request_id and rt.attempts.reject(request_id, link_id, error):
         log.error("cancel message refused: %s", problem, extra={"request_id": request_id, "payment_link_id": link_id,
                                                                  "state": "failed", "outcome": "rejected"})
-        reporting.report_failed(request_id, link_id or "", "rejected", 0, error, None)
-        return "rejected"
+        return Refusal(request_id, link_id, error)
     count(rt.redis, rt.keys, BAD_ARGUMENTS)
     log.error("cancel message dropped: %s (no usable request_id that is not already taken; counted as "
               "malformed)", problem)
-    return "malformed"
+    return None
 
 
 def usable_ids(args: tuple, kwargs: dict) -> tuple[str | None, str | None]:

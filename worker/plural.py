@@ -30,12 +30,19 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ReadTimeoutError
 
 from plural_cancel.config.settings import plain_http_allowed
-from plural_cancel.errors import (LinkFormatError, PluralAuthError, PluralBadResponse, PluralError, PluralTimeout,
-                                  SlotMissed)
+from plural_cancel.errors import (
+    LinkFormatError,
+    PluralAuthError,
+    PluralBadResponse,
+    PluralError,
+    PluralTimeout,
+    SlotMissed,
+)
 from plural_cancel.worker.classify import TOKEN_CODES, classify_http, classify_transport
 from plural_cancel.worker.links import PaymentLink, format_timestamp, parse_timestamp
 from plural_cancel.worker.policy import TOKEN_REFRESHES
 from plural_cancel.worker.tokens import AccessToken, MemoryTokenStore, TokenStore
+
 # The one definition of a valid id, shared with the producer API; re-exported from here.
 from plural_cancel.worker.validation import validate_payment_link_id, validate_request_id
 

@@ -7,7 +7,7 @@ either an ending or a delay. Nothing else decides a retry:
 - **Retry or not** (:meth:`RetryPolicy.settle`): an answer that settles nothing yet (a
   payment in flight, a success whose link is still open, an answer that cannot be read)
   is tried again; an error is tried again when it is of a kind that can mend
-  (:data:`RETRYABLE`), else the cancel ends ``failed`` / ``rejected``.
+  (:func:`retryable`), else the cancel ends ``failed`` / ``rejected``.
 - **When** (:meth:`RetryPolicy.delay`): a failure backs off exponentially with full jitter
   (never earlier than Plural's ``Retry-After``), counting failed attempts alone; a throttle
   waits its own ``Retry-After`` and grows no backoff (the fleet's pace, ``worker.pace``,
@@ -29,15 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from plural_cancel.errors import (PluralConnectionError, PluralRateLimited, PluralServerError,
-                                  PluralUnexpectedAnswer, TokenUnavailable)
-
-RETRYABLE = (PluralConnectionError, PluralServerError, PluralRateLimited, PluralUnexpectedAnswer, TokenUnavailable)
-"""The kinds of error that trying again can mend (``PluralTimeout`` is a connection error;
-``PluralError.retryable`` answers from here). Not among them: a refusal in Plural's words
-(``PluralRequestError``), refused credentials (``PluralAuthError``), a TLS failure, an
-answer that cannot be read (``PluralBadResponse``: a redirect; an unreadable success is
-decided from the link, ``worker.decide``), and a request that could not be built."""
+from plural_cancel.errors import PluralError, PluralRateLimited
 
 TOKEN_REFRESHES = 1
 """Within one attempt, how many times a bearer token Plural refused is dropped and the call
@@ -56,9 +48,13 @@ HOLD_SPREAD = 2.0
 
 
 def retryable(error: BaseException | None) -> bool:
-    """Whether trying again can help after ``error``: an error of talking to Plural of a
-    kind in :data:`RETRYABLE`."""
-    return isinstance(error, RETRYABLE)
+    """Whether trying again can help after ``error``: an error of talking to Plural of a kind
+    that can mend (each kind's ``retryable``, in ``plural_cancel.errors``: no answer, a 5xx, a
+    throttle, an answer that is not Plural's, no token to be had). Not a refusal in Plural's
+    words, refused credentials, a TLS failure, an answer that cannot be read (a redirect; an
+    unreadable success is decided from the link, ``worker.decide``), or a request that
+    could not be built. This module is the only reader of that mark."""
+    return isinstance(error, PluralError) and error.retryable
 
 
 def unsettled(state: str, error: BaseException | None) -> bool:

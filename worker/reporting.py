@@ -39,7 +39,6 @@ from sentry_sdk.integrations.celery import CeleryIntegration
 from sentry_sdk.scrubber import DEFAULT_DENYLIST, EventScrubber
 
 from plural_cancel.config.settings import Settings
-from plural_cancel.worker import metrics
 from plural_cancel.worker.redaction import Redactor, redactor_for
 
 log = logging.getLogger(__name__)
@@ -113,18 +112,6 @@ def _before_send(redactor: Redactor, event: dict, hint: dict) -> dict | None:
     if record is not None and getattr(record, "sentry", None) == REPORTED:
         return None  # reported explicitly, with tags and a fingerprint; the log line is its echo
     return redactor.walk(event)
-
-
-def report_failed(request_id: str, payment_link_id: str, outcome: str, attempts: int, error: dict | None,
-                  link_status: str | None) -> None:
-    """A cancel has just been recorded ``failed``: count it and report it, once.
-
-    Once, because only the delivery holding the claim finishes a record, and a
-    finished record is never claimed again.
-    """
-    metrics.CANCELS.labels(outcome).inc()
-    report_failure(request_id=request_id, payment_link_id=payment_link_id, outcome=outcome,
-                   attempts=attempts, error=error, link_status=link_status)
 
 
 def report_failure(*, request_id: str, payment_link_id: str, outcome: str, attempts: int,

@@ -20,13 +20,12 @@ from plural_cancel.worker.attempts import Attempts
 from plural_cancel.worker.breaker import RedisCircuitBreaker
 from plural_cancel.worker.keys import Keys
 from plural_cancel.worker.ledger import Ledger
+from plural_cancel.worker.plural import PluralClient
+from plural_cancel.worker.policy import RetryPolicy
 from plural_cancel.worker.ratelimit import RedisRateLimiter
 from plural_cancel.worker.redaction import redactor_for
 from plural_cancel.worker.replication import ReplicaWait
-from plural_cancel.worker.plural import PluralClient
-from plural_cancel.worker.policy import RetryPolicy
 from plural_cancel.worker.tokens import RedisTokenCache
-
 
 MASTER_CHECK_INTERVAL = 1.0
 """Seconds between asks of the Sentinels for the master's address (``REDIS_SENTINELS`` only)."""
@@ -63,9 +62,9 @@ class Runtime:
 
     @cached_property
     def ledger(self) -> Ledger:
-        return Ledger(self.redis, result_ttl=self.settings.result_ttl, stall_timeout=self.settings.stall_timeout, rate=self.settings.rate_limit * PACING,
-                      queue=self.settings.cancel_queue, keys=self.keys, clock=self.clock,
-                      redactor=redactor_for(self.settings), replicas=self.replicas,
+        return Ledger(self.redis, result_ttl=self.settings.result_ttl, stall_timeout=self.settings.stall_timeout,
+                      rate=self.settings.rate_limit * PACING, queue=self.settings.cancel_queue, keys=self.keys,
+                      clock=self.clock, redactor=redactor_for(self.settings), replicas=self.replicas,
                       outcome_retention=self.settings.outcome_retention)
 
     @cached_property

@@ -10,8 +10,8 @@ import json
 
 import click
 
-from plural_cancel.sandbox.cli import sandbox
 from plural_cancel.cli.base import Failure, UsageFailure, configured_app
+from plural_cancel.sandbox.cli import sandbox
 
 
 @click.command()

@@ -16,8 +16,8 @@ import click
 import redis
 from kombu.exceptions import OperationalError
 
-from plural_cancel.errors import ConfigError
 from plural_cancel.cli.base import Failure, UsageFailure, configured_app, load_settings, master_not_found
+from plural_cancel.errors import ConfigError
 from plural_cancel.worker.links import format_timestamp
 
 RETRY_BATCH = 500

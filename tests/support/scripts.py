@@ -15,9 +15,9 @@ from typing import Any, Callable
 from plural_cancel.worker.breaker import ALLOW_FN, RECORD_FN, Gate, RedisCircuitBreaker, parse_gate
 from plural_cancel.worker.ledger import Claim, Ledger, parse_claim
 from plural_cancel.worker.ledger_lua import CLAIM_FN
+from plural_cancel.worker.lua import script
 from plural_cancel.worker.pace import PACE_FN
 from plural_cancel.worker.ratelimit import OBSERVE_FN, RESERVE_FN, RedisRateLimiter, Reservation, parse_reservation
-from plural_cancel.worker.lua import script
 
 
 def run(client, source: str, function: str, keys: list[str], args: list[Any]) -> Any:

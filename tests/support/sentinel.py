@@ -128,7 +128,8 @@ class SentinelGroup:
             with self.sentinel(port) as client:
                 if len(client.execute_command("SENTINEL SENTINELS", MASTER)) != len(self.sentinels) - 1:
                     return False
-                replicas = [r for r in client.execute_command("SENTINEL SLAVES", MASTER) if not (r["is_sdown"] or r["is_odown"])]
+                replicas = [r for r in client.execute_command("SENTINEL SLAVES", MASTER)
+                            if not (r["is_sdown"] or r["is_odown"])]
                 if not any(r.get("master-link-status") == "ok" for r in replicas):
                     return False
         with redis.Redis(port=master_port, socket_timeout=2) as master:
