@@ -26,9 +26,11 @@ QUICK = ("--repl-diskless-sync-delay", "0")
 
 def linked(replica: RedisServer, master: RedisServer) -> bool:
     """Linked on both sides: the master lists a replica only once it has put it online,
-    a moment after the replica reports its link up."""
+    a moment after the replica reports its link up; and the replica has acknowledged an
+    offset (a replica still busy loading, on a loaded machine, lets a WAIT run out)."""
+    role = redis.Redis(port=master.port).execute_command("ROLE")
     return (redis.Redis(port=replica.port).info("replication")["master_link_status"] == "up"
-            and replication.replicas_connected(redis.Redis(port=master.port).execute_command("ROLE")) > 0)
+            and replication.replicas_connected(role) > 0 and all(int(r[2]) > 0 for r in role[2]))
 
 
 @pytest.fixture
