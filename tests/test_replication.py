@@ -26,11 +26,14 @@ QUICK = ("--repl-diskless-sync-delay", "0")
 
 def linked(replica: RedisServer, master: RedisServer) -> bool:
     """Linked on both sides: the master lists a replica only once it has put it online,
-    a moment after the replica reports its link up; and the replica has acknowledged an
-    offset (a replica still busy loading, on a loaded machine, lets a WAIT run out)."""
-    role = redis.Redis(port=master.port).execute_command("ROLE")
-    return (redis.Redis(port=replica.port).info("replication")["master_link_status"] == "up"
-            and replication.replicas_connected(role) > 0 and all(int(r[2]) > 0 for r in role[2]))
+    a moment after the replica reports its link up; and the replica acknowledges a write
+    (one still busy loading, on a loaded machine, let the product's 1-s WAIT run out)."""
+    client = redis.Redis(port=master.port)
+    if not (redis.Redis(port=replica.port).info("replication")["master_link_status"] == "up"
+            and replication.replicas_connected(client.execute_command("ROLE")) > 0):
+        return False
+    client.set("test:replica-warm", "1")
+    return client.execute_command("WAIT", 1, 5000) >= 1
 
 
 @pytest.fixture
