@@ -79,12 +79,12 @@ def main() -> None:
     if args.child:
         child(args.child, args.count)
         return
-    scratch = Path(tempfile.mkdtemp(prefix="bench-scripts-"))
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(scratch / "tree"), args.baseline],
-                   check=True, capture_output=True)
     sys.path.insert(0, str(ROOT))
     from tests.support.redis_server import RedisServer
 
+    scratch = Path(tempfile.mkdtemp(prefix="bench-scripts-"))
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(scratch / "tree"), args.baseline],
+                   check=True, capture_output=True)
     server = RedisServer(prefix="pc-bench-scripts-")
     figures: dict[str, list[tuple[float, float]]] = {"baseline": [], "this tree": []}
     try:
