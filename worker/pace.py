@@ -15,20 +15,22 @@ the ratio of accepted to sent calls, so occasional rejections cost nothing):
   that is 4 throttled of the last 20 (20 %); at 100 a second, 20 of the last 200 (10 %).
   A lone 429, or 5 % at random, never cuts.
 - **How far.** To ``BETA`` (0.9) of what Plural accepts (never above the pace it cuts):
-  the most it accepted in one whole second of the last ``PEAK_SECONDS`` in which it was at
-  its limit (it throttled some calls, and the fleet sent at least ``FULL`` of its pace: a
-  Plural whose own limit is below ours accepts its limit each second and throttles the
-  rest, so that count is its limit); without such a second (the first of a drain, which
-  rarely starts on a boundary, or still gathering speed), the most it accepted in any
-  second or the share of the current pace that got through, whichever is more. Never
+  the most it accepted in one whole second of the last ``PEAK_SECONDS`` in which the fleet
+  sent at least ``FULL`` of its pace (a Plural whose own limit is below ours accepts its
+  limit each second and throttles the rest, so that count is its limit; and a second of
+  random 429s below its limit still counts all that was sent, so noise never reads as a
+  lower limit); without such a second (the first of a drain, which rarely starts on a
+  boundary, or still gathering speed), the most it accepted in any second or the share of
+  the current pace that got through, whichever is more. Never
   below ``FLOOR`` of ours. Calls sent before a cut say nothing of the pace after it, and the
   counts start afresh: a storm of 429s from every worker at once is one cut.
 - **Climbing back.** As CUBIC (TCP's, and botocore's adaptive retry mode's): from the cut
   the pace rises quickly, then levels off at ``LEVEL`` (0.97) of what Plural accepted (in
   ``cbrt(accepted * (LEVEL - BETA) / (GROWTH * limit))`` seconds: 3.4 s at a Plural limit
-  of 6/s with ours at 10/s, the same at 60/100), holds there ``HOLD`` (10) seconds, then
-  probes above it, faster the longer nothing throttles, up to ``PLURAL_RATE_LIMIT``:
-  never above it.
+  of 6/s with ours at 10/s, the same at 60/100), holds there ``HOLD`` (8) seconds, then
+  probes above it, gently at first (``PROBE_GROWTH``, under a third of the climb's: a
+  probe that finds the same limit costs a few throttled calls, not a burst), faster the
+  longer nothing throttles, up to ``PLURAL_RATE_LIMIT``: never above it.
 
 ``Pace``, :func:`rate` and :func:`observe` are the rule in Python, on a clock the caller
 passes; ``PACE_FN`` is the same rule in Lua, run by the limiter's scripts on Redis's
@@ -60,12 +62,17 @@ LEVEL = 0.97
 jitter of calls on their way (threads waking, hosts' schedulers) puts some over it."""
 PEAK_SECONDS = 3
 """Whole seconds of accepted calls a cut looks back over for the busiest."""
-HOLD = 10.0
+HOLD = 8.0
 """Seconds the climb holds at its level before it probes above it: a Plural whose own limit
 is below ours is probed every twenty seconds or so, not every few (each probe costs a few
 throttled calls)."""
 GROWTH = 0.001
 """The climb's cubic coefficient, as a share of the limit per second cubed."""
+PROBE_GROWTH = 0.0003
+"""The probe's, above the level: at 10/s with Plural at 6/s, a probe at GROWTH sent 8-9 calls
+a second before the share of 429s said "over" (about ten throttled: a fifth of a 10-s
+window); at this it ends nearer 7 (``bench/README.md``). A Plural whose limit came back
+to ours is reached about 20 s after the cut."""
 FLOOR = 0.1
 """The lowest pace, as a share of the limit."""
 FULL = 0.8
@@ -105,8 +112,8 @@ def rate(state: Pace, limit: float, now: float) -> float:
     growth = GROWTH * limit
     lag = ((state.target - state.start) / growth) ** (1 / 3) if state.target > state.start else 0.0
     t = now - state.cut - lag
-    if t > 0:
-        t = max(0.0, t - HOLD)
+    if t > 0:  # past the level: the hold, then the probe
+        t, growth = max(0.0, t - HOLD), PROBE_GROWTH * limit
     return max(state.start, min(limit, state.target + growth * t * t * t))
 
 
@@ -146,13 +153,11 @@ def observe(state: Pace, limit: float, now: float, throttled: bool, sent_at: flo
 
 def _accepts(accepted: Mapping[int, int], refused: Mapping[int, int], first: int, second: int,
              current: float, through: float) -> float:
-    """What Plural accepts a second: the most it accepted in a whole recent second at its
-    limit (one in which it also throttled, and the fleet sent at least ``FULL`` of the
-    ``current`` pace: not a second of a drain still gathering speed); without one, the most
-    it accepted in any second, or ``through`` (the share of the pace that got through),
-    whichever is more."""
-    at_limit = [n for s, n in accepted.items()
-                if first < s < second and refused.get(s) and n + refused[s] >= FULL * current]
+    """What Plural accepts a second: the most it accepted in a whole recent second in which
+    the fleet sent at least ``FULL`` of the ``current`` pace (not a second of a drain still
+    gathering speed); without one, the most it accepted in any second, or ``through`` (the
+    share of the pace that got through), whichever is more."""
+    at_limit = [n for s, n in accepted.items() if first < s < second and n + refused.get(s, 0) >= FULL * current]
     return max(at_limit) if at_limit else max(max(accepted.values(), default=0), through)
 
 
@@ -174,7 +179,7 @@ def from_fields(fields: Mapping[str, str]) -> Pace:
 PACE_FN = Lua(f"""
 local PACE = {{window = {WINDOW!r}, min_calls = {MIN_CALLS!r}, noise = {NOISE!r}, confidence = {CONFIDENCE!r},
                beta = {BETA!r}, level = {LEVEL!r}, peak_seconds = {PEAK_SECONDS!r}, hold = {HOLD!r},
-               growth = {GROWTH!r}, floor = {FLOOR!r}, full = {FULL!r}}}
+               growth = {GROWTH!r}, probe_growth = {PROBE_GROWTH!r}, floor = {FLOOR!r}, full = {FULL!r}}}
 
 -- Calls per second granted at ``now``: ``limit`` unless the pace was cut, else the climb.
 local function pace_rate(key, limit, now)
@@ -186,7 +191,9 @@ local function pace_rate(key, limit, now)
   local lag = 0
   if target > start then lag = ((target - start) / growth) ^ (1 / 3) end
   local t = now - cut - lag
-  if t > 0 then t = math.max(0, t - PACE.hold) end
+  if t > 0 then  -- past the level: the hold, then the probe
+    t, growth = math.max(0, t - PACE.hold), PACE.probe_growth * limit
+  end
   return math.max(start, math.min(limit, target + growth * t * t * t))
 end
 
@@ -241,7 +248,7 @@ local function pace_observe(key, limit, now, throttled, sent_at)
     local busiest, any = nil, current * (1 - thrown / calls)
     for s, n in pairs(accepted) do
       any = math.max(any, n)
-      if s > math.floor(since) and s < second and refused[s] and n + refused[s] >= PACE.full * current then
+      if s > math.floor(since) and s < second and n + (refused[s] or 0) >= PACE.full * current then
         busiest = math.max(busiest or 0, n)
       end
     end
