@@ -324,10 +324,12 @@ def test_chaos_run(redis_aof, sandbox_process, sentry, services, record_property
     assert doubled == [], f"links that saw more than one Request-ID: {doubled[:5]}"
     assert strangers == []
     assert set(by_link) >= set(links)
-    # The controller before the pace drained at 0.1-0.5 of the limit with these 429s. The pace
-    # itself is held to its figures in test_throttle; here the bound leaves room for a machine
-    # so starved that its workers give slots up as late (a CI run: 123 of them, drain 0.78).
-    assert len(drain) >= 0.7 * LIMIT * DRAIN, \
+    # The pace after the outage, with its 429s: at least 0.85 of the limit granted (the
+    # controller before it: 0.1-0.5). A slot the limiter granted but a starved worker gave up
+    # as late (a CI run with six test processes on two cores: 123 of them, the drain sent at
+    # 0.78) is the machine's, not the pace's: counted with what was sent (the run's late
+    # slots, most of them in the drain), and what was sent still at least 0.7.
+    assert len(drain) + late >= 0.85 * LIMIT * DRAIN and len(drain) >= 0.7 * LIMIT * DRAIN, \
         f"the drain after the outage went at {len(drain) / DRAIN:.1f}/s ({late} slots given up as late)"
     assert drain_share > 0  # with its 429s
     assert ten_seconds <= 10 * LIMIT + BURST
