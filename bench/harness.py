@@ -13,12 +13,27 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from tests.support.workers import CELERY
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def baseline_tree(rev: str) -> Iterator[Path]:
+    """The commit ``rev`` checked out into a temporary ``git worktree`` of this repository (its
+    code is run by this virtual environment, that tree first on ``PYTHONPATH``), removed after."""
+    tree = Path(tempfile.mkdtemp(prefix="bench-baseline-")) / "tree"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev],
+                   check=True, capture_output=True)
+    try:
+        yield tree
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
 
 
 @dataclass

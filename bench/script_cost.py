@@ -24,7 +24,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -80,16 +79,21 @@ def main() -> None:
         child(args.child, args.count)
         return
     sys.path.insert(0, str(ROOT))
+    from bench.harness import baseline_tree
+
+    with baseline_tree(args.baseline) as baseline:
+        compare(baseline, args)
+
+
+def compare(baseline: Path, args: argparse.Namespace) -> None:
+    """``args.rounds`` rounds of the baseline's measurement and this tree's, then the medians."""
     from tests.support.redis_server import RedisServer
 
-    scratch = Path(tempfile.mkdtemp(prefix="bench-scripts-"))
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(scratch / "tree"), args.baseline],
-                   check=True, capture_output=True)
     server = RedisServer(prefix="pc-bench-scripts-")
     figures: dict[str, list[tuple[float, float]]] = {"baseline": [], "this tree": []}
     try:
         for round_ in range(1, args.rounds + 1):
-            for label, tree in (("baseline", scratch / "tree"), ("this tree", ROOT)):
+            for label, tree in (("baseline", baseline), ("this tree", ROOT)):
                 command = [sys.executable, __file__, "--child", str(server.port), "--count", str(args.count)]
                 out = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree, check=True,
                                      capture_output=True, text=True).stdout.split()
@@ -105,8 +109,6 @@ def main() -> None:
               f"{t_call:.1f}, {t_cpu:.0f}: x{t_call / b_call:.2f} and x{t_cpu / b_cpu:.2f} ({args.baseline})")
     finally:
         server.stop()
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(scratch / "tree")],
-                       capture_output=True)
 
 
 if __name__ == "__main__":

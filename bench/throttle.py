@@ -29,10 +29,9 @@ figures are the output. About 12 minutes in all for two rates.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.harness import baseline_tree  # noqa: E402
 from plural_cancel.config.settings import Settings  # noqa: E402
 from plural_cancel.tasks import enqueue_many  # noqa: E402
 from plural_cancel.worker import create_app  # noqa: E402
@@ -171,12 +171,14 @@ def main() -> None:
     rates = [float(r) for r in args.rates.split(",")]
     cases = set(args.cases.split(","))
     designs = [("this tree", ROOT)]
-    scratch = None
-    if not args.no_baseline:
-        scratch = Path(tempfile.mkdtemp(prefix="bench-throttle-"))
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(scratch / "tree"), args.baseline],
-                       check=True, capture_output=True)
-        designs.insert(0, (f"baseline {args.baseline}", scratch / "tree"))
+    with contextlib.ExitStack() as stack:
+        if not args.no_baseline:
+            designs.insert(0, (f"baseline {args.baseline}", stack.enter_context(baseline_tree(args.baseline))))
+        report(designs, rates, cases)
+
+
+def report(designs: list[tuple[str, Path]], rates: list[float], cases: set[str]) -> None:
+    """Every design at every rate, then the summary."""
     server = RedisServer(prefix="pc-bench-throttle-")
     sandbox = start_sandbox_process()
     try:
@@ -197,9 +199,6 @@ def main() -> None:
     finally:
         sandbox.stop()
         server.stop()
-        if scratch is not None:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(scratch / "tree")],
-                           capture_output=True)
 
 
 if __name__ == "__main__":

@@ -98,27 +98,21 @@ if __name__ == "sandbox":
     # `__main__.py` imports the namespaced package alone.
     if sys.argv[:1] != ["-m"]:
         __path__ = []
-    from plural_cancel.sandbox import DEMO_LINKS, DEMO_PERSONAL_DATA, STATUSES, main
 
-    def __getattr__(name: str):
-        # The namespaced package's, loaded as it loads them: on first use.
-        if name in ("Sandbox", "SandboxServer", "serve"):
-            import plural_cancel.sandbox
+# After the short name's guard (E402).
+from plural_cancel.sandbox.cli import main  # noqa: E402
+from plural_cancel.sandbox.links import DEMO_PERSONAL_DATA, STATUSES  # noqa: E402
+from plural_cancel.sandbox.state import DEMO_LINKS  # noqa: E402
 
-            return getattr(plural_cancel.sandbox, name)
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-else:
-    from plural_cancel.sandbox.cli import main
-    from plural_cancel.sandbox.links import DEMO_PERSONAL_DATA, STATUSES
-    from plural_cancel.sandbox.state import DEMO_LINKS
 
-    def __getattr__(name: str):
-        # The server needs aiohttp (the ``sandbox`` extra), which every ``plural-cancel``
-        # command would otherwise import, through the ``sandbox`` command, for nothing.
-        if name in ("Sandbox", "SandboxServer", "serve"):
-            from plural_cancel.sandbox import server
+def __getattr__(name: str):
+    # The server needs aiohttp (the ``sandbox`` extra), which every ``plural-cancel``
+    # command would otherwise import, through the ``sandbox`` command, for nothing.
+    if name in ("Sandbox", "SandboxServer", "serve"):
+        from plural_cancel.sandbox import server
 
-            return getattr(server, name)
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        return getattr(server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["DEMO_LINKS", "DEMO_PERSONAL_DATA", "STATUSES", "Sandbox", "SandboxServer", "main", "serve"]

@@ -6,8 +6,7 @@ if __name__ == "worker":
     # names, and no submodules of its own, so nothing loads twice (a second Celery app,
     # second metrics): `import worker.ledger` fails instead.
     __path__ = []
-    from plural_cancel.worker import app, create_app
-else:
-    from plural_cancel.worker.app import app, create_app
+
+from plural_cancel.worker.app import app, create_app  # noqa: E402 (after the short name's guard)
 
 __all__ = ["app", "create_app"]

@@ -99,7 +99,7 @@ class Pace:
     accepted: Mapping[int, int] = field(default_factory=dict)
     """Whole second -> calls Plural accepted in it (the last ``PEAK_SECONDS`` + 1)."""
     refused: Mapping[int, int] = field(default_factory=dict)
-    """Whole second -> calls Plural throttled in it: a second with some was one at its limit."""
+    """Whole second -> calls Plural throttled in it (with ``accepted``, what the fleet sent in it)."""
     since: float = 0.0
     """When answers began to be counted, after the pace was idle: the second it fell in is
     not a whole second of them (a drain rarely starts on a second's boundary)."""
@@ -157,8 +157,8 @@ def _accepts(accepted: Mapping[int, int], refused: Mapping[int, int], first: int
     the fleet sent at least ``FULL`` of the ``current`` pace (not a second of a drain still
     gathering speed); without one, the most it accepted in any second, or ``through`` (the
     share of the pace that got through), whichever is more."""
-    at_limit = [n for s, n in accepted.items() if first < s < second and n + refused.get(s, 0) >= FULL * current]
-    return max(at_limit) if at_limit else max(max(accepted.values(), default=0), through)
+    at_pace = [n for s, n in accepted.items() if first < s < second and n + refused.get(s, 0) >= FULL * current]
+    return max(at_pace) if at_pace else max(max(accepted.values(), default=0), through)
 
 
 def _decay(state: Pace, now: float) -> float:
