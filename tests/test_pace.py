@@ -129,3 +129,20 @@ def test_the_lua_copy_follows_the_python_rule_call_by_call(redis_client):
         assert cut == (state.cut != before and state.cut == pytest.approx(now + 0.02)), step
     stored = pace.from_fields({k.decode(): v.decode() for k, v in redis_client.hgetall(key).items()})
     assert stored.cut == pytest.approx(state.cut, abs=1e-5) and stored.accepted == state.accepted
+
+
+def test_a_lower_limit_with_noise_at_ten_a_second_keeps_its_goodput_and_few_429s_in_any_window():
+    """At 10/s with Plural's own limit at 6/s and 5 % of calls throttled at random, over six
+    runs: the goodput and the worst 10-s window the bench's aims name (0.85 and 0.20), on
+    average and at worst. A probe that rose as fast as the climb reached 8-9 calls a second
+    before the share said "over", and a second of noise read as a lower limit: mean
+    goodput 0.86, worst window 0.21 (bench/README.md)."""
+    goodput, worst = [], []
+    for seed in (2, 5, 13, 17, 23, 29):
+        _, _, seen = drive(10, Plural(limit=6, noise=0.05, seed=seed), 150)
+        later = [seen[s] for s in range(30, 150)]
+        goodput.append(sum(n - k for n, k, _ in later) / len(later) / 6)
+        worst.append(max(sum(seen[s][1] for s in range(t, t + 10)) / sum(seen[s][0] for s in range(t, t + 10))
+                         for t in range(30, 140)))
+    assert sum(goodput) / len(goodput) >= 0.87 and min(goodput) >= 0.84, goodput
+    assert max(worst) <= 0.20, worst
