@@ -86,6 +86,8 @@ REFERENCE = (
     Variable("PLURAL_CLIENT_ID", "Generate Token client id (required by the worker)", "text", field="client_id"),
     Variable("PLURAL_CLIENT_SECRET", "Generate Token client secret (required by the worker)", "text",
              field="client_secret"),
+    Variable("PLURAL_ACCOUNTS_FILE", "TOML file of Plural accounts (see Many Plural accounts)", _FILE,
+             field="accounts_file"),
     Variable("REDIS_URL", "broker, ledger, token cache, limiter, breaker, schedules", "a redis://, rediss:// or "
              "unix:// URL: port 1-65535, path a database number, no query but a rediss:// URL's ssl_* options",
              field="redis_url"),
@@ -232,6 +234,10 @@ class Settings:
     plural_base_url: str = PLURAL_BASES["uat"]
     client_id: str | None = None
     client_secret: Secret | None = field(default=None)
+    accounts_file: str | None = None
+    """Path of the TOML file of Plural accounts (``PLURAL_ACCOUNTS_FILE``), read by
+    ``config.accounts`` and never here: the settings stay a value; unset: one account, from
+    ``client_id`` and ``client_secret``."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis's URL; with ``redis_sentinels`` only its database number and credentials are used."""
     redis_sentinels: tuple[tuple[str, int], ...] = ()
@@ -366,6 +372,7 @@ class Settings:
             plural_base_url=base_url,
             client_id=get("PLURAL_CLIENT_ID"),
             client_secret=Secret(secret) if secret else None,
+            accounts_file=get("PLURAL_ACCOUNTS_FILE"),
             redis_url=redis_url,
             redis_sentinels=sentinels,
             redis_sentinel_master=sentinel_master,

@@ -320,3 +320,14 @@ def test_outcome_retention_is_result_ttl_unless_set():
     assert Settings.from_env({"RESULT_TTL": "86400", "OUTCOME_RETENTION": "7200"}).outcome_retention == 7200
     with pytest.raises(ConfigError, match="OUTCOME_RETENTION"):
         Settings.from_env({"OUTCOME_RETENTION": "60"})
+
+
+def test_the_accounts_file_is_a_path_the_settings_keep_but_never_read(tmp_path):
+    """PLURAL_ACCOUNTS_FILE: kept as given (blank is unset); reading it is config.accounts' work,
+    so a path to nothing is no error here (a producer host never reads it)."""
+    assert Settings.from_env({}).accounts_file is None
+    assert Settings.from_env({"PLURAL_ACCOUNTS_FILE": "  "}).accounts_file is None
+    missing = str(tmp_path / "no-such-accounts.toml")
+    assert Settings.from_env({"PLURAL_ACCOUNTS_FILE": f" {missing} "}).accounts_file == missing
+    with pytest.raises(ConfigError, match="^PLURAL_ACCOUNTS_FILE: must be a value without control characters"):
+        Settings.from_env({"PLURAL_ACCOUNTS_FILE": "/etc/accounts\n.toml"})
