@@ -14,6 +14,7 @@ from plural_cancel.tasks.producer import schedule_store
 from plural_cancel.worker import app
 from plural_cancel.worker.ledger import Created
 from plural_cancel.worker.publisher import publish
+from plural_cancel.worker.runtime import PACING
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,10 @@ def fire_schedules(app_: Celery) -> int:
         results = store.fire(rt.ledger, limit=FIRE_BATCH)
         for entry in results:
             if entry.created is Created.CONFLICT:
-                log.error("scheduled cancel of %s not fired: request_id %s is used for another link",
-                          entry.payment_link_id, entry.request_id)
+                log.error("scheduled cancel of %s (account %s) not fired: request_id %s is used for another link or "
+                          "account", entry.payment_link_id, entry.account, entry.request_id)
         if results:
-            publish(app_, rt.ledger.take_due(0, ahead=BACKLOG_AHEAD))
+            publish(app_, rt.ledger.take_due(0, ahead=BACKLOG_AHEAD, pacing=PACING))
         fired += len(results)
         if len(results) < FIRE_BATCH:
             break

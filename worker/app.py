@@ -115,10 +115,16 @@ SKIPPED_EVERY = 60.0
 """Seconds between two "skipped" lines of one pump step while Redis stays away."""
 
 
+def refresh_accounts(app_) -> None:
+    """The accounts file read again if it changed, and the accounts published (``Runtime.refresh_accounts``)."""
+    app_.runtime.refresh_accounts()
+
+
 class DuePump(bootsteps.StartStopStep):
     """Sends due cancels back to the queue, from every worker, a few times a second: deferred
     ones whose time has come, and live ones whose message was lost or whose lease ran out;
-    then the callbacks of cancels that have ended.
+    then the callbacks of cancels that have ended. Before them, the accounts file is looked
+    at (its changes are in force within ``RELOAD_INTERVAL``, ``config.accounts``).
 
     A bootstep on the worker's own timer rather than a beat job: cancels then come back
     within ``PUMP_INTERVAL`` of their due time even when beat is down. Several workers
@@ -143,7 +149,7 @@ class DuePump(bootsteps.StartStopStep):
                 log.warning("%s skipped: %s", step.__name__, why)
 
         def tick():
-            for step in (pump, send_callbacks):  # one failing does not hold the other back
+            for step in (refresh_accounts, pump, send_callbacks):  # one failing does not hold the others back
                 try:
                     step(worker.app)
                 except (*REDIS_AWAY, OperationalError) as exc:
@@ -176,9 +182,11 @@ def _check_settings_under_celery(app: CancelApp) -> None:
     try:
         settings = app.settings
         if _celery_command(sys.argv[1:]) == "worker":
-            # The worker cannot work without them; beat, inspect, control and the rest
+            # The worker cannot work without accounts; beat, inspect, control and the rest
             # never call Plural (an operator's shell asks the workers with REDIS_URL alone).
-            settings.require_credentials()
+            # Read here, so a bad accounts file stops start-up with its one line.
+            if not app.runtime.book.accounts():
+                settings.require_credentials()  # names the variable: no file, no PLURAL_CLIENT_ID
     except ConfigError as exc:
         sys.stderr.write(f"plural-cancel: configuration error: {exc}\n")
         raise SystemExit(2) from None

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from plural_cancel.worker.breaker import ALLOW_FN, NO_NEWS, RECORD_FN, Gate, RedisCircuitBreaker, parse_gate
+from plural_cancel.worker.keys import DEFAULT_ACCOUNT
 from plural_cancel.worker.ledger import STALE, Claim, Ledger, parse_claim
 from plural_cancel.worker.ledger_lua import CLAIM_FN, DEFER_FN, FINISH_FN, GIVE_UP_FN
 from plural_cancel.worker.lua import SECTIONS, script
@@ -80,6 +81,19 @@ return {attempts, opened}
 """)
 
 
+# KEYS: the claim's, then the finish's, as many of each as ARGV[1-2] say
+# ARGV: [1-2] how many KEYS each section holds  [3-4] how many ARGV each takes, then the
+#       sections' ARGV in the same order
+# Returns {claim} when the claim is refused, else {claim, attempts}: ended failed/rejected.
+REFUSE = script(CLAIM_FN, FINISH_FN, SECTIONS, """
+local claim_keys, finish_keys = sections(KEYS, 1, ARGV[1], ARGV[2])
+local claim_args, finish_args = sections(ARGV, 5, ARGV[3], ARGV[4])
+local c = claim(claim_keys, claim_args)
+if c[1] ~= 'claimed' then return {c} end
+return {c, finish(finish_keys, finish_args)}
+""")
+
+
 @dataclass(frozen=True)
 class Admission:
     """What :meth:`Attempts.admit` decided for one delivery."""
@@ -126,23 +140,28 @@ class Settled:
 
 
 class Attempts:
-    """The ledger, breaker and limiter of one process, asked together around each call."""
+    """The ledger and one account's breaker and limiter, asked together around each call of
+    that account's cancels."""
 
-    def __init__(self, ledger: Ledger, breaker: RedisCircuitBreaker, limiter: RedisRateLimiter):
+    def __init__(self, ledger: Ledger, breaker: RedisCircuitBreaker, limiter: RedisRateLimiter, *,
+                 account: str = DEFAULT_ACCOUNT):
         self.ledger = ledger
         self.breaker = breaker
         self.limiter = limiter
+        self.account = account
         self._admit = ledger.redis.register_script(ADMIT)
         self._settle = ledger.redis.register_script(SETTLE)
+        self._refuse = ledger.redis.register_script(REFUSE)
 
     def admit(self, request_id: str, payment_link_id: str, owner: str, lease: float, *, budget: float,
               max_wait: float, probe_max_wait: float) -> Admission:
         """Claim the cancel for ``lease`` seconds (ending it ``gave_up`` when its ``budget``,
         seconds from its first attempt, is spent), then ask the breaker, then reserve a slot
         at most ``max_wait`` seconds away (``probe_max_wait`` for the breaker's probe)."""
-        claim_keys, claim_args = self.ledger.claim_call(request_id, payment_link_id, owner, lease, budget)
+        claim_keys, claim_args = self.ledger.claim_call(request_id, payment_link_id, owner, lease, budget,
+                                                        self.account)
         gave_up_keys, gave_up_args = self.ledger.finish_call(request_id, payment_link_id, owner, state="failed",
-                                                             outcome="gave_up", attempted=False)
+                                                             outcome="gave_up", attempted=False, account=self.account)
         allow_keys, allow_args = self.breaker.allow_call(owner)
         reserve_keys, reserve_args = self.limiter.reserve_call(max_wait)
         sections = (claim_keys, gave_up_keys, allow_keys, reserve_keys)
@@ -159,7 +178,7 @@ class Attempts:
                **fields: Any) -> Settled:
         """End the cancel (``fields`` as :meth:`Ledger.finish_call` takes them) and tell the
         breaker and limiter what ``health`` says, in one round trip, if ``owner`` still holds it."""
-        keys, args = self.ledger.finish_call(request_id, payment_link_id, owner, **fields)
+        keys, args = self.ledger.finish_call(request_id, payment_link_id, owner, account=self.account, **fields)
         return self._settle_call("finish", keys, args, health, payment_link_id, owner)
 
     def defer(self, request_id: str, payment_link_id: str, owner: str, *, health: Health = NOTHING,
@@ -169,10 +188,25 @@ class Attempts:
         keys, args = self.ledger.defer_call(request_id, owner, **fields)
         return self._settle_call("defer", keys, args, health, payment_link_id, owner)
 
-    def reject(self, request_id: str, payment_link_id: str | None, error: dict) -> bool:
+    def reject(self, request_id: str, payment_link_id: str | None, error: dict, account: str | None = None) -> bool:
         """End a malformed message's cancel ``failed`` / ``rejected`` (``Ledger.reject``); False
         when its Request-ID is taken and nothing was written."""
-        return self.ledger.reject(request_id, payment_link_id, error)
+        return self.ledger.reject(request_id, payment_link_id, error, account)
+
+    def refuse(self, request_id: str, payment_link_id: str, owner: str, lease: float, *, account: str,
+               error: dict) -> Claim:
+        """End a well-formed cancel of an account no worker knows ``failed`` / ``rejected``, with
+        ``error`` as its last error: claimed (its record created if the message was sent by
+        name), then finished, in one round trip. The claim as it was: anything but
+        ``claimed`` means this copy had nothing to end (``Attempts.admit``'s verdicts)."""
+        claim_keys, claim_args = self.ledger.claim_call(request_id, payment_link_id, owner, lease, 0.0, account)
+        finish_keys, finish_args = self.ledger.finish_call(request_id, payment_link_id, owner, state="failed",
+                                                           outcome="rejected", attempted=False, last_error=error,
+                                                           account=account)
+        reply = self._refuse(keys=[*claim_keys, *finish_keys],
+                             args=[len(claim_keys), len(finish_keys), len(claim_args), len(finish_args),
+                                   *claim_args, *finish_args])
+        return parse_claim(reply[0])
 
     def _settle_call(self, write: str, keys: list[str], args: list[Any], health: Health,
                      payment_link_id: str, owner: str) -> Settled:

@@ -19,9 +19,10 @@ from plural_cancel.worker import breaker, malformed, metrics, reporting
 from plural_cancel.worker.attempts import Health, Settled
 from plural_cancel.worker.breaker import NO_NEWS
 from plural_cancel.worker.decide import Decision, attempt, error_summary, retry_reason
+from plural_cancel.worker.keys import DEFAULT_ACCOUNT
 from plural_cancel.worker.links import format_timestamp
 from plural_cancel.worker.policy import unsettled
-from plural_cancel.worker.runtime import PACING, Runtime
+from plural_cancel.worker.runtime import PACING, Lane, Runtime
 
 # Every line of a cancel's path under its task's name, so that log filters need one name.
 log = logging.getLogger("plural_cancel.tasks.cancel")
@@ -42,36 +43,62 @@ def deliver(rt: Runtime, args: tuple, kwargs: dict) -> str:
     """One message of the cancel task: its arguments read (``worker.malformed``), then the
     cancel run (:func:`execute`), or the message refused; returns what became of it."""
     try:
-        payment_link_id, request_id = malformed.parse_arguments(args, kwargs)
+        payment_link_id, request_id, account = malformed.parse_arguments(args, kwargs)
     except MalformedMessage as problem:
         refused = malformed.refuse(rt, args, kwargs, problem)
         if refused is None:
             return "malformed"
-        report_failed(refused.request_id, refused.payment_link_id or "", "rejected", 0, refused.error, None)
+        report_failed(refused.request_id, refused.payment_link_id or "", "rejected", 0, refused.error, None,
+                      account=refused.account)
         return "rejected"
-    return execute(rt, payment_link_id, request_id)
+    lane = rt.lane(account)
+    if lane is None:
+        return refuse_account(rt, payment_link_id, request_id, account)
+    return execute(rt, payment_link_id, request_id, lane)
 
 
-def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
-    """Run one delivery of one cancel; returns what became of it (for logs and tests).
+def refuse_account(rt: Runtime, payment_link_id: str, request_id: str, account: str) -> str:
+    """A cancel of an account this worker does not know, even after reading the accounts file
+    again (never in it, or removed from it): it ends ``failed`` / ``rejected``, with a
+    ``last_error`` naming the account, as a malformed message does."""
+    error = {"http_status": None, "code": "UNKNOWN_ACCOUNT",
+             "message": f"account {account!r} is not in the workers' accounts (PLURAL_ACCOUNTS_FILE)"}
+    claim = rt.attempts.refuse(request_id, payment_link_id, uuid.uuid4().hex, lease_seconds(rt.settings),
+                               account=account, error=error)
+    if claim.verdict != "claimed":
+        return claim.verdict  # a copy of a cancel already ended, or held by another delivery
+    log.error("cancel refused: account %r is not in the workers' accounts", account,
+              extra={"request_id": request_id, "payment_link_id": payment_link_id, "account": account,
+                     "state": "failed", "outcome": "rejected"})
+    report_failed(request_id, payment_link_id, "rejected", claim.attempts, error, None, account=account)
+    return "rejected"
 
-    Every write goes through ``rt.attempts``: one round trip when this copy has nothing
-    to do (or the budget is spent), two otherwise (``worker.attempts``).
+
+def execute(rt: Runtime, payment_link_id: str, request_id: str, lane: Lane | None = None) -> str:
+    """Run one delivery of one cancel of ``lane``'s account (the default one unless given);
+    returns what became of it (for logs and tests).
+
+    Every write goes through the lane's ``attempts``: one round trip when this copy has
+    nothing to do (or the budget is spent), two otherwise (``worker.attempts``).
     """
     settings, policy = rt.settings, rt.policy
+    lane = lane or rt.lane(DEFAULT_ACCOUNT)
+    attempts, account = lane.attempts, lane.account.name
     owner = uuid.uuid4().hex
     began = time.monotonic()
     probe_max_wait = min(PROBE_MAX_WAIT, settings.attempt_timeout - settings.connect_timeout - settings.read_timeout)
-    admitted = rt.attempts.admit(request_id, payment_link_id, owner, lease_seconds(settings), budget=policy.budget,
-                                 max_wait=settings.limiter_max_wait, probe_max_wait=probe_max_wait)
+    admitted = attempts.admit(request_id, payment_link_id, owner, lease_seconds(settings), budget=policy.budget,
+                              max_wait=settings.limiter_max_wait, probe_max_wait=probe_max_wait)
     answered = time.monotonic()
     claim = admitted.claim
-    ids = {"request_id": request_id, "payment_link_id": payment_link_id, "attempts": claim.attempts}
+    ids = {"request_id": request_id, "payment_link_id": payment_link_id, "account": account,
+           "attempts": claim.attempts}
     if claim.verdict == "gave_up":
         error = claim.last_error
         log.warning("cancel failed: gave_up (retry budget spent)",
                     extra={**ids, "state": "failed", "outcome": "gave_up", "error": error})
-        report_failed(request_id, payment_link_id, "gave_up", claim.attempts, error, claim.link_status)
+        report_failed(request_id, payment_link_id, "gave_up", claim.attempts, error, claim.link_status,
+                      account=account)
         return "gave_up"
     if claim.verdict == "mismatch":
         # One Request-ID names one cancel: this message's link is not cancelled under it. Not a
@@ -82,7 +109,7 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
                   extra={**ids, "sentry": reporting.REPORTED})
         malformed.count(rt.redis, rt.keys, malformed.REQUEST_ID_CONFLICT)
         reporting.report_request_id_conflict(request_id=request_id, payment_link_id=payment_link_id,
-                                             taken_by=claim.link)
+                                             taken_by=claim.link, account=account)
         return "conflict"
     if claim.verdict != "claimed":
         # A copy with nothing to do (ended, following, held by another delivery, early):
@@ -94,22 +121,22 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
     gate = admitted.gate
     if not gate.allowed:
         # Plural is down: wait for the reopening time without spending an attempt.
-        if not _accepted(rt, rt.attempts.defer(request_id, payment_link_id, owner,
-                                               delay=policy.breaker_hold(gate.retry_in), attempted=False), ids):
+        if not _accepted(rt, attempts.defer(request_id, payment_link_id, owner,
+                                            delay=policy.breaker_hold(gate.retry_in), attempted=False), ids):
             return "stale"
         log.info("cancel held: the circuit breaker is open", extra={**ids, "state": waiting, "reason": "breaker"})
-        metrics.DEFERRALS.labels("breaker").inc()
+        metrics.DEFERRALS.labels("breaker", account).inc()
         return "held"
     max_wait = probe_max_wait if gate.probe else settings.limiter_max_wait
     slot = admitted.slot
     if not slot.granted:
         # A probe that got no slot learnt nothing: its settle frees the probe slot.
-        if not _accepted(rt, rt.attempts.defer(request_id, payment_link_id, owner, attempted=False,
-                                               delay=policy.slot_hold(slot.wait, max_wait),
-                                               health=Health(NO_NEWS, gate.probe)), ids):
+        if not _accepted(rt, attempts.defer(request_id, payment_link_id, owner, attempted=False,
+                                            delay=policy.slot_hold(slot.wait, max_wait),
+                                            health=Health(NO_NEWS, gate.probe)), ids):
             return "stale"
         log.info("cancel held: rate limit", extra={**ids, "state": waiting, "reason": "rate_limit"})
-        metrics.DEFERRALS.labels("rate_limit").inc()
+        metrics.DEFERRALS.labels("rate_limit", account).inc()
         return "throttled"
     # Redis's clock put the slot ``wait`` after it ran the script, which was somewhere between
     # the asking and the answer: sleep from the answer (never early), send by SLOT_LATENESS
@@ -120,22 +147,22 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str) -> str:
 
     # The attempt's calls share what is left of its bound, so it ends inside its lease.
     try:
-        with rt.plural.within(settings.attempt_timeout - (time.monotonic() - began),
-                              send_by=began + slot.wait + SLOT_LATENESS):
-            decision = attempt(rt.plural, payment_link_id, request_id)
+        with lane.plural.within(settings.attempt_timeout - (time.monotonic() - began),
+                                send_by=began + slot.wait + SLOT_LATENESS):
+            decision = attempt(lane.plural, payment_link_id, request_id)
     except SlotMissed:
         # The PUT would have left too late (the process stalled: CPU starvation, a GC pause,
         # a queue for the GIL, a token being fetched), together with those of the slots after
         # it, and crowded Plural's second past the limit. The slot is given up, nothing was
         # sent, and the cancel takes a new one.
-        if not _accepted(rt, rt.attempts.defer(request_id, payment_link_id, owner, attempted=False,
-                                               delay=policy.slot_hold(0.0, max_wait),
-                                               health=Health(NO_NEWS, gate.probe)), ids):
+        if not _accepted(rt, attempts.defer(request_id, payment_link_id, owner, attempted=False,
+                                            delay=policy.slot_hold(0.0, max_wait),
+                                            health=Health(NO_NEWS, gate.probe)), ids):
             return "stale"
         log.info("cancel held: late for its rate-limit slot", extra={**ids, "state": waiting, "reason": "rate_limit"})
-        metrics.DEFERRALS.labels("rate_limit").inc()
+        metrics.DEFERRALS.labels("rate_limit", account).inc()
         return "late"
-    return record(rt, decision, payment_link_id, request_id, owner,
+    return record(rt, decision, payment_link_id, request_id, owner, lane=lane,
                   attempts=claim.attempts + int(decision.attempted), throttles=claim.throttles,
                   budget_left=claim.budget_left - (time.monotonic() - began), probe=gate.probe, sent_at=slot.at)
 
@@ -162,36 +189,41 @@ def _accepted(rt: Runtime, settled: Settled, ids: dict, error: Exception | None 
         code = getattr(error, "code", None)
         # Reported to Sentry once, with tags, below; the "sentry" extra keeps the logging
         # integration from reporting this line a second time.
-        log.error("circuit breaker opened: Plural is failing (%s); cancels are held until it reopens",
-                  code or type(error).__name__, extra={"sentry": reporting.REPORTED})
-        metrics.BREAKER_OPENINGS.inc()
+        account = ids.get("account", DEFAULT_ACCOUNT)
+        log.error("circuit breaker opened for account %s: Plural is failing (%s); its cancels are held until it "
+                  "reopens", account, code or type(error).__name__, extra={"sentry": reporting.REPORTED,
+                                                                           "account": account})
+        metrics.BREAKER_OPENINGS.labels(account).inc()
         reporting.report_breaker_opened(code=code, http_status=getattr(error, "http_status", None),
-                                        cooldown=rt.settings.breaker_cooldown)
+                                        cooldown=rt.settings.breaker_cooldown, account=account)
     return True
 
 
 def record(rt: Runtime, decision: Decision, payment_link_id: str, request_id: str, owner: str, *,
-           attempts: int, budget_left: float, throttles: int = 0, probe: bool = False, sent_at: float = 0.0) -> str:
+           attempts: int, budget_left: float, throttles: int = 0, probe: bool = False, sent_at: float = 0.0,
+           lane: Lane | None = None) -> str:
     """Write what the policy makes of ``decision``: an ending, or a retry inside the budget left
     (seconds), with what the attempt showed of Plural's health, in one round trip.
     ``attempts``: made so far, this one included; ``throttles``: of those before it, the ones
-    Plural throttled."""
+    Plural throttled. ``lane``: the cancel's account's (the default one's unless given)."""
+    lane = lane or rt.lane(DEFAULT_ACCOUNT)
+    account = lane.account.name
     error = error_summary(decision.error)
     seen = health(decision, probe, sent_at)
-    fields = {"request_id": request_id, "payment_link_id": payment_link_id, "attempts": attempts}
+    fields = {"request_id": request_id, "payment_link_id": payment_link_id, "account": account, "attempts": attempts}
     step = rt.policy.settle(decision.state, decision.outcome, decision.error, attempts=attempts,
                             throttles=throttles, budget_left=budget_left)
     if step.state == "retry":
-        settled = rt.attempts.defer(request_id, payment_link_id, owner, health=seen, delay=step.delay,
-                                    attempted=decision.attempted, last_error=error,
-                                    throttled=step.throttled and decision.attempted)
+        settled = lane.attempts.defer(request_id, payment_link_id, owner, health=seen, delay=step.delay,
+                                      attempted=decision.attempted, last_error=error,
+                                      throttled=step.throttled and decision.attempted)
         if not _accepted(rt, settled, fields, decision.error):
             return "stale"
         log.info("cancel retrying in %.1fs", step.delay, extra={**fields, "state": "retrying", "error": error})
-        metrics.RETRIES.labels(retry_reason(decision)).inc()
+        metrics.RETRIES.labels(retry_reason(decision), account).inc()
         return "retrying"
     link = decision.link
-    settled = rt.attempts.finish(
+    settled = lane.attempts.finish(
         request_id, payment_link_id, owner, health=seen, state=step.state,
         outcome=step.outcome, attempted=decision.attempted,
         link_status=link.status if link else None,
@@ -205,19 +237,21 @@ def record(rt: Runtime, decision: Decision, payment_link_id: str, request_id: st
     log.log(level, "cancel %s: %s", step.state, step.outcome,
             extra={**fields, "state": step.state, "outcome": step.outcome, "error": error})
     if step.state == "failed":
-        report_failed(request_id, payment_link_id, step.outcome, attempts, error, link.status if link else None)
+        report_failed(request_id, payment_link_id, step.outcome, attempts, error, link.status if link else None,
+                      account=account)
     else:
-        metrics.CANCELS.labels(step.outcome).inc()
+        metrics.CANCELS.labels(step.outcome, account).inc()
     return step.outcome
 
 
 def report_failed(request_id: str, payment_link_id: str, outcome: str, attempts: int, error: dict | None,
-                  link_status: str | None) -> None:
+                  link_status: str | None, *, account: str | None = None) -> None:
     """A cancel has just been recorded ``failed``: count it and report it, once.
 
     Once, because only the delivery holding the claim finishes a record, and a
     finished record is never claimed again.
     """
-    metrics.CANCELS.labels(outcome).inc()
+    account = account or DEFAULT_ACCOUNT
+    metrics.CANCELS.labels(outcome, account).inc()
     reporting.report_failure(request_id=request_id, payment_link_id=payment_link_id, outcome=outcome,
-                             attempts=attempts, error=error, link_status=link_status)
+                             attempts=attempts, error=error, link_status=link_status, account=account)

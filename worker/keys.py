@@ -13,6 +13,15 @@ from dataclasses import dataclass
 
 PREFIX = "plural-cancel"
 
+DEFAULT_ACCOUNT = "default"
+"""The account of a cancel that names none (``PLURAL_CLIENT_ID``'s, as before accounts)."""
+
+
+def account_arg(account: str) -> str:
+    """An account as the ledger's scripts take it and records store it: '' for
+    :data:`DEFAULT_ACCOUNT` (a single-account fleet's records and keys stay as they were)."""
+    return "" if account == DEFAULT_ACCOUNT else account
+
 
 @dataclass(frozen=True)
 class Keys:
@@ -24,10 +33,14 @@ class Keys:
         """Hash: the status record of one cancel (the ledger)."""
         return f"{self.prefix}:req:{request_id}"
 
-    def link(self, payment_link_id: str) -> str:
-        """String: the Request-ID of this link's live cancel, the one Plural sees (no TTL:
-        removed when that cancel ends)."""
-        return f"{self.prefix}:link:{payment_link_id}"
+    def link(self, payment_link_id: str, account: str = DEFAULT_ACCOUNT) -> str:
+        """String: the Request-ID of this (account, link)'s live cancel, the one Plural sees (no
+        TTL: removed when that cancel ends). ``link:<link>`` for the default account,
+        ``link:<account>:<link>`` for another (a link id has no ``:``); ``link("")`` is the
+        prefix the scripts extend (``link_key`` in ``worker.ledger_lua``)."""
+        if account == DEFAULT_ACCOUNT or not payment_link_id:
+            return f"{self.prefix}:link:{payment_link_id}"
+        return f"{self.prefix}:link:{account}:{payment_link_id}"
 
     def followers(self, request_id: str) -> str:
         """Set: Request-IDs of later cancels of the same link that end with this one."""
@@ -46,6 +59,37 @@ class Keys:
         pushed at the head when enqueued, taken from the tail by the pump when the fleet has
         room for them; they then enter ``due`` like any published cancel."""
         return f"{self.prefix}:backlog"
+
+    def account_key(self, account: str, what: str) -> str:
+        """One of an account's own keys: ``what`` is ``ratelimit``, ``breaker`` (each with the
+        keys beside it), ``token``, ``token-lock``, ``backlog`` or ``stats``.
+
+        Another account's are ``acct:<name>:<what>``, but for two the ledger's scripts
+        derive from the shared key they are given: ``backlog:<name>`` (List: as
+        :attr:`backlog`, its held cancels) and ``stats:<name>`` (Hash: as :attr:`stats`, for
+        its cancels alone). The default account keeps the keys it had before accounts
+        (:attr:`ratelimit`, :attr:`breaker`, :meth:`token`, :attr:`backlog`) and counts its
+        cancels in ``stats:default``."""
+        if what == "stats":
+            return f"{self.stats}:{account}"
+        if account == DEFAULT_ACCOUNT:
+            return {"ratelimit": self.ratelimit, "breaker": self.breaker, "backlog": self.backlog}[what]
+        if what == "backlog":
+            return f"{self.backlog}:{account}"
+        return f"{self.prefix}:acct:{account}:{what}"
+
+    @property
+    def accounts(self) -> str:
+        """Hash: account name -> its rate limit (calls per second), every account the workers
+        know, written by them whole at each reload of the accounts file (never a secret):
+        producers check a name here, and the pump reads each account's rate."""
+        return f"{self.prefix}:accounts"
+
+    @property
+    def backlogs(self) -> str:
+        """Set: names of the accounts whose backlog (:meth:`account_key` ``backlog``) may hold
+        cancels; the pump takes each one's turn and drops an account once its backlog is empty."""
+        return f"{self.prefix}:backlogs"
 
     @property
     def failed(self) -> str:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable
 
 import redis
 
-from plural_cancel.worker.keys import Keys
+from plural_cancel.worker.keys import DEFAULT_ACCOUNT, Keys, account_arg
 from plural_cancel.worker.ledger_lua import CALLBACKS_SENT, CREATE_MANY, PUMP, REJECT, REQUEUE, TAKE_CALLBACKS
 from plural_cancel.worker.links import format_timestamp
 from plural_cancel.worker.redaction import Redactor
@@ -169,30 +169,32 @@ class Ledger:
 
     # -- producers -------------------------------------------------------------------
 
-    def create_call(self, request_id: str, payment_link_id: str) -> tuple[list[str], list[Any]]:
+    def create_call(self, request_id: str, payment_link_id: str,
+                    account: str = DEFAULT_ACCOUNT) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of ``CREATE_FN`` for one cancel with no callback, not held (how a
         claim creates the record of a message sent by name)."""
         k = self.keys
-        return ([k.record(request_id), k.link(payment_link_id), k.due, k.stats, k.schedule_ids, self.queue,
+        return ([k.record(request_id), k.link(payment_link_id, account), k.due, k.stats, k.schedule_ids, self.queue,
                  k.record(""), k.followers("")],
-                [request_id, payment_link_id, repr(self.stall_timeout), repr(self.rate), "", ""])
+                [request_id, payment_link_id, repr(self.stall_timeout), repr(self.rate), "", "",
+                 account_arg(account)])
 
     def create_many(self, items: Iterable[tuple[str, str]], callback: Callback | None = None, *,
-                    hold: bool = False) -> list[Created]:
+                    hold: bool = False, account: str = DEFAULT_ACCOUNT) -> list[Created]:
         """Create records for (request_id, payment_link_id) pairs, ``CREATE_CHUNK`` per script
         call in one pipeline, each with ``callback`` (a record created already keeps the
         callback it was created with).
 
-        ``hold``: the new cancels wait in the backlog until a pump has room for them
-        (:meth:`take_due`); otherwise they are due at once and their messages are the
-        caller's to publish.
+        ``hold``: the new cancels wait in their account's backlog until a pump has room for
+        them (:meth:`take_due`); otherwise they are due at once and their messages are the
+        caller's to publish. Every pair is a cancel of ``account``.
 
         Returns what became of each pair (:class:`Created`).
         """
         items = list(items)
         keys = self.batch_keys()
         head = [repr(self.stall_timeout), repr(self.rate), callback.task if callback else "",
-                callback.queue if callback else "", int(hold)]
+                callback.queue if callback else "", int(hold), account_arg(account)]
         pipe = self.redis.pipeline(transaction=False)
         for start in range(0, len(items), CREATE_CHUNK):
             args = head + [x for pair in items[start:start + CREATE_CHUNK] for x in pair]
@@ -206,22 +208,24 @@ class Ledger:
     def batch_keys(self) -> list[str]:
         """The keys of a batch of ``CREATE_FN`` calls (``CREATE_MANY``; ``worker.schedule``'s
         ``FIRE``): due, stats, schedule ids, the queue, the record, followers and link key
-        prefixes, the backlog."""
+        prefixes, the backlog, the backlogs set."""
         k = self.keys
-        return [k.due, k.stats, k.schedule_ids, self.queue, k.record(""), k.followers(""), k.link(""), k.backlog]
+        return [k.due, k.stats, k.schedule_ids, self.queue, k.record(""), k.followers(""), k.link(""), k.backlog,
+                k.backlogs]
 
     # -- the worker (through ``worker.attempts``, which runs these in two round trips) --
 
     def claim_call(self, request_id: str, payment_link_id: str, owner: str, lease: float,
-                   budget: float) -> tuple[list[str], list[Any]]:
+                   budget: float, account: str = DEFAULT_ACCOUNT) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of the claim script (``CLAIM_FN``): ``lease`` and the retry ``budget``
         (the retry policy's: from the first attempt) in seconds."""
-        keys, args = self.create_call(request_id, payment_link_id)
+        keys, args = self.create_call(request_id, payment_link_id, account)
         return keys, [*args, owner, repr(lease), repr(budget)]
 
     def finish_call(self, request_id: str, payment_link_id: str, owner: str, *, state: str, outcome: str,
                     attempted: bool, link_status: str | None = None, cancelled_at: str | None = None,
-                    amount: dict | None = None, last_error: dict | None = None) -> tuple[list[str], list[Any]]:
+                    amount: dict | None = None, last_error: dict | None = None,
+                    account: str = DEFAULT_ACCOUNT) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of the finish script (``FINISH_FN``)."""
         fields = {"state": state, "outcome": outcome}
         if link_status:
@@ -233,7 +237,7 @@ class Ledger:
         if last_error:
             fields["last_error"] = self._error_json(last_error)
         k = self.keys
-        keys = [k.record(request_id), k.link(payment_link_id), k.due, k.failed, k.events, k.stats,
+        keys = [k.record(request_id), k.link(payment_link_id, account), k.due, k.failed, k.events, k.stats,
                 k.finished(""), k.followers(request_id), k.record(""), k.callbacks]
         return keys, [request_id, owner, self.result_ttl, int(attempted), self.outcome_retention,
                       json.dumps(fields), STATS_BUCKET]
@@ -251,31 +255,39 @@ class Ledger:
         return ([self.keys.record(request_id), self.keys.due, self.keys.stats],
                 [request_id, owner, repr(max(0.0, delay)), int(attempted), error, int(throttled)])
 
-    def reject(self, request_id: str, payment_link_id: str | None, error: dict) -> bool:
+    def reject(self, request_id: str, payment_link_id: str | None, error: dict,
+               account: str | None = None) -> bool:
         """End a malformed message's cancel ``failed`` / ``rejected`` under its Request-ID, with
-        ``error`` as its last error; False (nothing written) when that Request-ID is taken: it
-        has a record, or a scheduled cancel will carry it."""
+        ``error`` as its last error (and ``account``, when the message named a valid one);
+        False (nothing written) when that Request-ID is taken: it has a record, or a scheduled
+        cancel will carry it."""
         keys, args = self.finish_call(request_id, payment_link_id or "", "", state="failed", outcome="rejected",
                                       attempted=False, last_error=error)
-        return bool(int(self._reject(keys=[*keys, self.keys.schedule_ids], args=[*args, payment_link_id or ""])))
+        return bool(int(self._reject(keys=[*keys, self.keys.schedule_ids],
+                                     args=[*args, payment_link_id or "", account_arg(account or DEFAULT_ACCOUNT)])))
 
     # -- periodic work ---------------------------------------------------------------
 
-    def take_due(self, limit: int, *, ahead: float = 0.0, rate: float | None = None) -> list[tuple[str, str]]:
-        """Live cancels to publish now, as (request_id, link): up to ``limit`` whose time has
-        come, then, with ``ahead`` seconds, held ones from the backlog (oldest first) until
-        ``ahead`` seconds of work at ``rate`` (per second; the configured rate unless given)
-        are queued, running or due by then. None from the backlog while the breaker is open.
+    def take_due(self, limit: int, *, ahead: float = 0.0, rate: float | None = None,
+                 pacing: float = 1.0) -> list[tuple[str, ...]]:
+        """Live cancels to publish now, as (request_id, link), or (request_id, link, account)
+        for an account but the default one (as ``worker.publisher.publish`` takes them): up to
+        ``limit`` whose time has come, then, with ``ahead`` seconds, each account's turn at its backlog: held
+        ones (oldest first) until ``ahead`` seconds of its work at its rate are queued or
+        running. The default account's rate is ``rate`` (per second; the configured rate
+        unless given), another's the one published for it (``Keys.accounts``) times
+        ``pacing``. None from an account's backlog while its breaker is open.
 
         They stay in the index, due again once the stall timeout (and the queue's
         backlog) has passed: if their message is lost too, they come back again.
         """
         k = self.keys
         flat = self._pump(keys=[k.due, k.record(""), self.queue, k.backlog, k.stats, k.breaker, k.link(""),
-                                k.followers("")],
-                          args=[limit, repr(self.stall_timeout), repr(rate or self.rate), repr(ahead)])
-        pairs = [as_text(x) for x in flat]
-        return list(zip(pairs[0::2], pairs[1::2]))
+                                k.followers(""), k.accounts, k.backlogs, f"{k.prefix}:acct:"],
+                          args=[limit, repr(self.stall_timeout), repr(rate or self.rate), repr(ahead), repr(pacing)])
+        items = [as_text(x) for x in flat]
+        return [(rid, link, account) if account else (rid, link)
+                for rid, link, account in zip(items[0::3], items[1::3], items[2::3])]
 
     def take_callbacks(self, limit: int, lease: float) -> list[PendingCallback]:
         """Up to ``limit`` callbacks due, each held ``lease`` seconds: sent again after that
@@ -305,10 +317,12 @@ class Ledger:
         # A record may have expired since it failed (FINISH prunes those from the set later).
         return [record for record in self.statuses([as_text(rid) for rid in ids]) if record]
 
-    def requeue(self, request_ids: Iterable[str]) -> list[tuple[str, str, str]]:
+    def requeue(self, request_ids: Iterable[str]) -> list[tuple[str, ...]]:
         """Dead letters back to ``queued`` (a fresh budget from their next claim, attempts kept).
-        Returns (request_id, verdict, link), verdict ``requeued`` (publish it), ``following``
-        (another cancel of its link is live: it ends with that one), ``missing`` or ``not_failed``."""
+        Returns (request_id, verdict, link), with the account after it for an account but the
+        default one, verdict ``requeued`` (publish it),
+        ``following`` (another cancel of its link is live: it ends with that one), ``missing``
+        or ``not_failed``."""
         ids = list(request_ids)
         k = self.keys
         pipe = self.redis.pipeline(transaction=False)
@@ -318,7 +332,8 @@ class Ledger:
                           args=[rid, STATS_BUCKET, repr(self.stall_timeout), repr(self.rate)], client=pipe)
         token = self.replicas.extend(pipe)
         replies = self.replicas.check(pipe.execute(), token)
-        return [(rid, as_text(verdict), as_text(link)) for rid, (verdict, link) in zip(ids, replies)]
+        return [(rid, as_text(verdict), as_text(link), *((as_text(account),) if as_text(account) else ()))
+                for rid, (verdict, link, account) in zip(ids, replies)]
 
     def stats(self) -> dict[str, Any]:
         """``{"active": {queued|running|retrying: n}, "outcomes": {outcome: n}, "deferred": n,
@@ -339,6 +354,20 @@ class Ledger:
         return {"active": {state: max(0, int(active.get(state.encode(), 0))) for state in ACTIVE},
                 "outcomes": {k: n for k, n in sorted(outcomes.items()) if n > 0},
                 "deferred": max(0, int(active.get(b"deferred", 0))), "backlog": backlog, "dead_letters": dead}
+
+    def account_stats(self, accounts: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Each account's own counts: ``{name: {"active": {queued|running|retrying: n},
+        "backlog": n}}``, from its counters (``Keys.account_key`` ``stats``) and its backlog's
+        length, one round trip for all. Outcomes and dead letters are the fleet's
+        (:meth:`stats`); a dead letter's record names its account (``failed --account``)."""
+        names = list(accounts)
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(self.keys.account_key(name, "stats")).llen(self.keys.account_key(name, "backlog"))
+        replies = pipe.execute()
+        return {name: {"active": {state: max(0, int(counts.get(state.encode(), 0))) for state in ACTIVE},
+                       "backlog": backlog}
+                for name, counts, backlog in zip(names, replies[0::2], replies[1::2])}
 
     def consumer_groups(self) -> dict[str, dict[str, Any]]:
         """Each consumer group of the outcome stream: ``{name: {"lag": entries not yet
@@ -411,6 +440,7 @@ def format_record(request_id: str, raw: dict[str, str]) -> dict[str, Any]:
     return {
         "request_id": request_id,
         "payment_link_id": raw.get("payment_link_id"),
+        "account": raw.get("account") or DEFAULT_ACCOUNT,
         "state": raw.get("state"),
         "outcome": raw.get("outcome") or None,
         "link_status": raw.get("link_status") or None,

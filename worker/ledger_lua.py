@@ -24,9 +24,39 @@ from plural_cancel.worker.redis_clock import REDIS_NOW
 # and the backlog estimate.
 _PRELUDE = Lua("""
 local ACTIVE = {queued = true, running = true, retrying = true}
-local function count_move(stats, from, to)
-  if from ~= to and ACTIVE[from] then redis.call('HINCRBY', stats, from, -1) end
-  if from ~= to and ACTIVE[to] then redis.call('HINCRBY', stats, to, 1) end
+-- An account as records store it and scripts take it: '' (or no field) is the default one.
+local function account_name(account)
+  if account == nil or account == '' or account == false then return 'default' end
+  return account
+end
+-- The fleet's counts and the account's own beside them (``Keys.account_key``: ``stats:<name>``).
+local function count_move(stats, from, to, account)
+  if from == to then return end
+  local own = stats .. ':' .. account_name(account)
+  if ACTIVE[from] then
+    redis.call('HINCRBY', stats, from, -1)
+    redis.call('HINCRBY', own, from, -1)
+  end
+  if ACTIVE[to] then
+    redis.call('HINCRBY', stats, to, 1)
+    redis.call('HINCRBY', own, to, 1)
+  end
+end
+-- ``Keys.link``: one live cancel per (account, link); the default account's keys as before accounts.
+local function link_key(links, account, link_id)
+  if account == nil or account == '' or account == false then return links .. link_id end
+  return links .. account .. ':' .. link_id
+end
+-- What the schedule names a link of an account by (``worker.schedule``), and a Request-ID
+-- taken by a scheduled cancel maps to: the link id, ``<account>:<link>`` for another account.
+local function slot_of(account, link_id)
+  if account == nil or account == '' or account == false then return link_id end
+  return account .. ':' .. link_id
+end
+-- ``Keys.account_key``: an account's backlog beside the default one's.
+local function backlog_key(backlog, account)
+  if account == nil or account == '' or account == false then return backlog end
+  return backlog .. ':' .. account
 end
 -- When a message sent now should have been taken by: the stall timeout plus the time
 -- the queue's backlog needs at the rate limit, so a long queue is not republished.
@@ -35,37 +65,39 @@ local function recheck_at(now, queue, stall, rate)
 end
 """, needs=(REDIS_NOW,))
 
-# KEYS: [1] record  [2] link (the Request-ID of its live cancel)  [3] due  [4] stats
-#       [5] schedule ids  [6] the queue (list)  [7] record key prefix  [8] followers key prefix
-#       [9] backlog (list; used only when ``hold``)
+# KEYS: [1] record  [2] link (the Request-ID of its live cancel, ``Keys.link``)  [3] due
+#       [4] stats  [5] schedule ids  [6] the queue (list)  [7] record key prefix
+#       [8] followers key prefix  [9] backlog (list; used only when ``hold``: the account's is
+#       beside it)  [10] backlogs (set of accounts with a backlog; only when ``hold``)
 # ARGV: [1] request_id  [2] payment_link_id  [3] stall timeout (seconds)  [4] rate (per second)
-#       [5] callback task name ('' for none)  [6] callback queue
-# ``hold``: a bulk cancel waits in the backlog, not the due index, until the pump has room
-# for it (``PUMP``); it is then published like any other.
-# Returns 1 created (publish its message, unless held), 2 created following the link's live
-# cancel (publish nothing), 0 the same cancel exists already, -1 the Request-ID belongs to
-# another link (in the ledger or in the schedule).
+#       [5] callback task name ('' for none)  [6] callback queue  [7] account ('': default)
+# ``hold``: a bulk cancel waits in its account's backlog, not the due index, until the pump
+# has room for it (``PUMP``); it is then published like any other.
+# Returns 1 created (publish its message, unless held), 2 created following the live cancel
+# of its (account, link) (publish nothing), 0 the same cancel exists already, -1 the
+# Request-ID belongs to another link or account (in the ledger or in the schedule).
 CREATE_FN = Lua("""
 -- ``now`` and ``uncounted`` are for CREATE_MANY: one clock reading per batch, and the
 -- stats counted once for the batch (Lua calls into Redis are most of a create's cost).
 local function create(K, A, hold, now, uncounted)
-  local record, link, due, stats, schedule_ids, queue, records, followers, backlog = unpack(K, 1, 9)
-  local rid, link_id, stall, rate, callback, callback_queue = unpack(A, 1, 6)
-  local existing = redis.call('HGET', record, 'payment_link_id')
-  if existing then
-    if existing ~= link_id then return -1 end
+  local record, link, due, stats, schedule_ids, queue, records, followers, backlog, backlogs = unpack(K, 1, 10)
+  local rid, link_id, stall, rate, callback, callback_queue, account = unpack(A, 1, 7)
+  local existing = redis.call('HMGET', record, 'payment_link_id', 'account')
+  if existing[1] then
+    if existing[1] ~= link_id or account_name(existing[2]) ~= account_name(account) then return -1 end
     return 0
   end
   local scheduled = redis.call('HGET', schedule_ids, rid)
-  if scheduled and scheduled ~= link_id then return -1 end
+  if scheduled and scheduled ~= slot_of(account, link_id) then return -1 end
   now = now or redis_now()
   -- No EXPIRE: a live record never expires; RESULT_TTL starts when it ends. Only what a
   -- new record cannot do without: the Request-ID is in the key, attempts start at none,
   -- and it was last updated when created (``format_record``). A million of them waiting
   -- in a backlog is a million of these hashes.
   redis.call('HSET', record, 'payment_link_id', link_id, 'state', 'queued', 'created_at', fmt(now))
+  if account ~= '' then redis.call('HSET', record, 'account', account) end
   if callback ~= '' then redis.call('HSET', record, 'callback', callback, 'callback_queue', callback_queue) end
-  if not uncounted then count_move(stats, nil, 'queued') end
+  if not uncounted then count_move(stats, nil, 'queued', account) end
   -- Lead the link unless a live cancel leads it (one GET in the usual case: none).
   local leader = redis.call('SET', link, rid, 'NX', 'GET')
   if leader then
@@ -80,7 +112,9 @@ local function create(K, A, hold, now, uncounted)
     redis.call('SET', link, rid)
   end
   if hold then
-    redis.call('LPUSH', backlog, rid)
+    if redis.call('LPUSH', backlog_key(backlog, account), rid) == 1 then
+      redis.call('SADD', backlogs, account_name(account))
+    end
   else
     redis.call('ZADD', due, recheck_at(now, queue, stall, rate), rid)
   end
@@ -89,45 +123,52 @@ end
 """, needs=(_PRELUDE,))
 
 # KEYS: [1] due  [2] stats  [3] schedule ids  [4] the queue (list)  [5] record key prefix
-#       [6] followers key prefix  [7] link key prefix  [8] backlog (list)
+#       [6] followers key prefix  [7] link key prefix  [8] backlog (list)  [9] backlogs (set)
 # ARGV: [1] stall timeout (seconds)  [2] rate (per second)  [3] callback task name ('' for
-#       none)  [4] callback queue  [5] hold (0/1), then [6..] pairs: request_id, payment_link_id
+#       none)  [4] callback queue  [5] hold (0/1)  [6] account ('': default), then [7..]
+#       pairs: request_id, payment_link_id
 # Creates many records in one call (CREATE_FN each): a producer's batch costs one round
 # trip and one command per chunk, not one per link. Returns CREATE_FN's code per pair.
 CREATE_MANY = script(CREATE_FN, """
-local due, stats, schedule_ids, queue, records, followers, links, backlog = unpack(KEYS, 1, 8)
+local due, stats, schedule_ids, queue, records, followers, links, backlog, backlogs = unpack(KEYS, 1, 9)
 local stall, rate, callback, callback_queue = unpack(ARGV, 1, 4)
-local hold, now = ARGV[5] == '1', redis_now()
-local K = {'', '', due, stats, schedule_ids, queue, records, followers, backlog}
-local A = {'', '', stall, rate, callback, callback_queue}
+local hold, account, now = ARGV[5] == '1', ARGV[6], redis_now()
+local K = {'', '', due, stats, schedule_ids, queue, records, followers, backlog, backlogs}
+local A = {'', '', stall, rate, callback, callback_queue, account}
 local out, created = {}, 0
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   local rid, link_id = ARGV[i], ARGV[i + 1]
-  K[1], K[2], A[1], A[2] = records .. rid, links .. link_id, rid, link_id
+  K[1], K[2], A[1], A[2] = records .. rid, link_key(links, account, link_id), rid, link_id
   local code = create(K, A, hold, now, true)
   if code > 0 then created = created + 1 end
   out[#out + 1] = code
 end
-if created > 0 then redis.call('HINCRBY', stats, 'queued', created) end
+if created > 0 then
+  redis.call('HINCRBY', stats, 'queued', created)
+  redis.call('HINCRBY', stats .. ':' .. account_name(account), 'queued', created)
+end
 return out
 """)
 
-# KEYS: CREATE_FN's eight (a message sent by name creates its record here)
-# ARGV: [1-6] CREATE_FN's  [7] owner  [8] lease seconds  [9] the retry budget (seconds from
+# KEYS: CREATE_FN's first eight (a message sent by name creates its record here)
+# ARGV: [1-7] CREATE_FN's  [8] owner  [9] lease seconds  [10] the retry budget (seconds from
 #       the first attempt: the retry policy's, ``worker.policy``)
 # ``claim(K, A)`` returns {verdict, ...}: claimed/attempts/budget seconds left (the whole
 # budget before the first attempt)/throttles among the attempts, terminal/state,
 # following/leader, held/seconds the holder's lease still runs, early/seconds until its
-# due time, mismatch/the link its Request-ID belongs to (in the ledger or the schedule).
+# due time, mismatch/the link its Request-ID belongs to (in the ledger or the schedule;
+# ``<account>:<link>`` for another account's: ``slot_of``).
 # Every verdict but ``claimed`` drops the copy: the due index carries the cancel, so a
 # duplicate message has nothing to do.
 # ``start_budget(K, A)``, with the claim's KEYS and ARGV, starts the retry budget.
 CLAIM_FN = Lua("""
 local function claim(K, A)
   local record, link, due, stats, schedule_ids = unpack(K, 1, 5)
-  local rid, owner, lease, budget = A[1], A[7], tonumber(A[8]), tonumber(A[9])
+  local rid, account, owner, lease, budget = A[1], A[7], A[8], tonumber(A[9]), tonumber(A[10])
   if create(K, A, false) == -1 then
-    return {'mismatch', redis.call('HGET', record, 'payment_link_id') or redis.call('HGET', schedule_ids, rid) or ''}
+    local taken = redis.call('HMGET', record, 'payment_link_id', 'account')
+    if taken[1] then return {'mismatch', slot_of(taken[2], taken[1])} end
+    return {'mismatch', redis.call('HGET', schedule_ids, rid) or ''}
   end
   local r = redis.call('HMGET', record, 'state', 'follows', 'next_attempt_at', 'deadline', 'attempts', 'lease_until',
                        'throttles')
@@ -148,15 +189,15 @@ local function claim(K, A)
   redis.call('PERSIST', record)
   redis.call('SET', link, rid, 'NX')
   redis.call('ZADD', due, lease_end, rid)
-  count_move(stats, state, 'running')
+  count_move(stats, state, 'running', account)
   if next_at then redis.call('HINCRBY', stats, 'deferred', -1) end
   return {'claimed', r[5] or '0', fmt(deadline - now), r[7] or '0'}
 end
 
 -- A call of the claimed cancel is let through: its retry budget starts now if this is its
--- first attempt (the deadline is the ledger's field; the budget, CLAIM's ARGV[9], the policy's).
+-- first attempt (the deadline is the ledger's field; the budget, CLAIM's ARGV[10], the policy's).
 local function start_budget(K, A)
-  local record, budget = K[1], tonumber(A[9])
+  local record, budget = K[1], tonumber(A[10])
   if not redis.call('HGET', record, 'deadline') then
     redis.call('HSET', record, 'deadline', fmt(redis_now() + budget))
   end
@@ -173,11 +214,13 @@ end
 FINISH_FN = Lua("""
 -- Ends one record: its fields, its expiry (RESULT_TTL from now), its counts, its event,
 -- and its callback, if it has one, pending (sent by a worker's pump: worker.publisher).
-local function close(K, A, key, rid, before, fields, now, event)
+local function close(K, A, key, rid, before, fields, now, event, account)
   local events, stats, finished, callbacks = K[5], K[6], K[7], K[10]
   local ttl, retention, bucket_seconds = tonumber(A[3]), tonumber(A[5]), tonumber(A[7])
   table.insert(event, 'at')
   table.insert(event, fmt(now))
+  table.insert(event, 'account')
+  table.insert(event, account_name(account))
   for k, v in pairs(fields) do
     redis.call('HSET', key, k, v)
     table.insert(event, k)
@@ -186,7 +229,7 @@ local function close(K, A, key, rid, before, fields, now, event)
   redis.call('HSET', key, 'updated_at', fmt(now), 'next_attempt_at', '')
   redis.call('HDEL', key, 'owner', 'lease_until')
   redis.call('EXPIRE', key, ttl)
-  count_move(stats, before, fields['state'])
+  count_move(stats, before, fields['state'], account)
   -- Counted in the hour it finished; the hash expires with the last record it counts.
   local bucket = math.floor(now / bucket_seconds) * bucket_seconds
   redis.call('HINCRBY', finished .. bucket, fields['outcome'], 1)
@@ -202,12 +245,12 @@ end
 local function finish(K, A)
   local record, link, due, failed, followers, records = K[1], K[2], K[3], K[4], K[8], K[9]
   local rid, owner, ttl, attempted, fields = A[1], A[2], tonumber(A[3]), tonumber(A[4]), cjson.decode(A[6])
-  local r = redis.call('HMGET', record, 'state', 'owner', 'payment_link_id')
+  local r = redis.call('HMGET', record, 'state', 'owner', 'payment_link_id', 'account')
   if r[1] ~= 'running' or r[2] ~= owner then return -1 end
   local now = redis_now()
   local attempts = redis.call('HINCRBY', record, 'attempts', attempted)
   close(K, A, record, rid, r[1], fields, now,
-        {'request_id', rid, 'payment_link_id', r[3], 'attempts', tostring(attempts)})
+        {'request_id', rid, 'payment_link_id', r[3], 'attempts', tostring(attempts)}, r[4])
   redis.call('ZREM', due, rid)
   if fields['state'] == 'failed' then
     redis.call('ZADD', failed, now, rid)
@@ -224,7 +267,7 @@ local function finish(K, A)
     local key = records .. f
     local fr = redis.call('HMGET', key, 'state', 'payment_link_id', 'follows')
     if fr[3] == rid and ACTIVE[fr[1] or ''] then
-      close(K, A, key, f, fr[1], shared, now, {'request_id', f, 'payment_link_id', fr[2], 'follows', rid})
+      close(K, A, key, f, fr[1], shared, now, {'request_id', f, 'payment_link_id', fr[2], 'follows', rid}, r[4])
       redis.call('ZREM', due, f)
     end
   end
@@ -249,17 +292,20 @@ end
 # KEYS: FINISH_FN's ten (the link, due and followers are not used), then [11] schedule ids
 # ARGV: FINISH_FN's seven (owner unused, attempted 0, fields state=failed, outcome=rejected,
 #       last_error), then [8] the payment link id ('' when the message had no valid one)
+#       [9] the account ('': default, or the message had no valid one)
 # A message too malformed to run that still carries a usable Request-ID: its record is
 # written ended, unless that Request-ID is taken, by a record or by a scheduled cancel
 # (then nothing is written and the caller counts the message as malformed: a message
 # never takes the Request-ID of a cancel that is to fire later). Returns 1 written, 0 not.
 REJECT = script(FINISH_FN, """
 local record, schedule_ids = KEYS[1], KEYS[11]
-local rid, fields, link_id = ARGV[1], cjson.decode(ARGV[6]), ARGV[8]
+local rid, fields, link_id, account = ARGV[1], cjson.decode(ARGV[6]), ARGV[8], ARGV[9]
 if redis.call('EXISTS', record) == 1 or redis.call('HEXISTS', schedule_ids, rid) == 1 then return 0 end
 local now = redis_now()
 redis.call('HSET', record, 'payment_link_id', link_id, 'created_at', fmt(now))
-close(KEYS, ARGV, record, rid, nil, fields, now, {'request_id', rid, 'payment_link_id', link_id, 'attempts', '0'})
+if account ~= '' then redis.call('HSET', record, 'account', account) end
+close(KEYS, ARGV, record, rid, nil, fields, now, {'request_id', rid, 'payment_link_id', link_id, 'attempts', '0'},
+      account)
 return 1
 """)
 
@@ -271,7 +317,7 @@ DEFER_FN = Lua("""
 local function defer(K, A)
   local record, due, stats = K[1], K[2], K[3]
   local rid, owner, delay, attempted, last_error, throttled = A[1], A[2], tonumber(A[3]), tonumber(A[4]), A[5], A[6]
-  local r = redis.call('HMGET', record, 'state', 'owner')
+  local r = redis.call('HMGET', record, 'state', 'owner', 'account')
   if r[1] ~= 'running' or r[2] ~= owner then return -1 end
   local now = redis_now()
   local at = now + delay
@@ -283,36 +329,43 @@ local function defer(K, A)
   redis.call('HSET', record, 'state', state, 'updated_at', fmt(now), 'next_attempt_at', fmt(at))
   redis.call('HDEL', record, 'owner', 'lease_until')
   if last_error ~= '' then redis.call('HSET', record, 'last_error', last_error) end
-  count_move(stats, r[1], state)
+  count_move(stats, r[1], state, r[3])
   redis.call('HINCRBY', stats, 'deferred', 1)
   redis.call('ZADD', due, at, rid)
   return attempts
 end
 """, needs=(_PRELUDE,))
 
-# KEYS: [1] due  [2] record key prefix  [3] the queue (list)  [4] backlog (list)  [5] stats
-#       [6] breaker (hash)  [7] link key prefix  [8] followers key prefix
-# ARGV: [1] how many due ones at most  [2] stall timeout (seconds)  [3] rate (per second)
-#       [4] seconds of work to keep ahead of the workers (0: take nothing from the backlog)
+# KEYS: [1] due  [2] record key prefix  [3] the queue (list)  [4] backlog (list: the default
+#       account's; another's is beside it)  [5] stats  [6] breaker (hash: the default
+#       account's)  [7] link key prefix  [8] followers key prefix  [9] accounts (hash: name ->
+#       rate limit)  [10] backlogs (set)  [11] account key prefix (``acct:``: another
+#       account's breaker is ``acct:<name>:breaker``)
+# ARGV: [1] how many due ones at most  [2] stall timeout (seconds)  [3] the default account's
+#       rate (per second, as granted now)  [4] seconds of work to keep ahead of the workers
+#       (0: take nothing from the backlogs)  [5] share of an account's rate limit granted
+#       (``PACING``)
 # Takes the live cancels whose time has come (a retry due, a message never taken, a
-# lease run out) and returns {request_id, payment_link_id, ...} to publish. Each stays
-# in the index, due again at ``recheck_at``: a publish that fails, or a message that
+# lease run out) and returns {request_id, payment_link_id, account, ...} to publish. Each
+# stays in the index, due again at ``recheck_at``: a publish that fails, or a message that
 # vanishes later, is found again then. Ended and expired ones leave it. A follower is
 # checked for its leader: while that is live it waits on; once its record has gone
 # (deleted by hand, a pattern delete) or ended without ending it (its followers set
 # gone), the follower leads its link and is sent under its own Request-ID, because the
 # link still needs cancelling; or it follows the link's new live cancel, if it has one.
-# Then, unless the breaker is open, held cancels from the backlog (oldest first) up to
-# the room: ARGV[4] seconds at the rate, less what will run in that time anyway (the
-# queue, the cancels running, the due ones, those due by then). Each enters the due
-# index as a published one does.
+# Then each account's turn at its own backlog (oldest first), unless its breaker is open:
+# up to its own room, ARGV[4] seconds at its rate less the cancels of its own that will
+# run in that time anyway (queued and published, running). Accounts do not share a room,
+# so one account's backlog, however long, never takes another's turn. Each cancel taken
+# enters the due index as a published one does.
 PUMP = script(_PRELUDE, """
-local index, records, queue, backlog, stats, breaker, links, followers = unpack(KEYS, 1, 8)
-local limit, stall, rate, ahead = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local index, records, queue, backlog, stats, breaker, links, followers, accounts, backlogs, acct = unpack(KEYS, 1, 11)
+local limit, stall, rate, ahead, pacing = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
+                                          tonumber(ARGV[4]), tonumber(ARGV[5])
 -- Whether a follower whose leader is gone leads now (true), or follows the link's live cancel.
-local function lead(rid, link, gone)
+local function lead(rid, link, gone, account)
   redis.call('HDEL', records .. rid, 'follows')
-  local key = links .. link
+  local key = link_key(links, account, link)
   local leader = redis.call('GET', key)
   if leader and leader ~= rid and leader ~= gone and ACTIVE[redis.call('HGET', records .. leader, 'state') or ''] then
     redis.call('HSET', records .. rid, 'follows', leader)
@@ -326,12 +379,10 @@ end
 local now = redis_now()
 local due = {}
 if limit > 0 then due = redis.call('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, limit) end
--- Counted before the due ones are taken: they are among those due by then.
-local soon = redis.call('LLEN', queue) + redis.call('ZCOUNT', index, '-inf', now + ahead)
 local recheck = recheck_at(now, queue, stall, rate)
 local out = {}
 for _, rid in ipairs(due) do
-  local r = redis.call('HMGET', records .. rid, 'state', 'payment_link_id', 'follows')
+  local r = redis.call('HMGET', records .. rid, 'state', 'payment_link_id', 'follows', 'account')
   if not ACTIVE[r[1] or ''] then
     redis.call('ZREM', index, rid)
   else
@@ -341,31 +392,48 @@ for _, rid in ipairs(due) do
       if ACTIVE[redis.call('HGET', records .. r[3], 'state') or ''] then
         redis.call('SADD', followers .. r[3], rid)  -- in case its followers set went: ended with it
       else
-        send = lead(rid, r[2], r[3])
+        send = lead(rid, r[2], r[3], r[4])
       end
     end
     if send then
       table.insert(out, rid)
       table.insert(out, r[2])
+      table.insert(out, r[4] or '')
     end
   end
 end
-if ahead <= 0 or redis.call('HGET', breaker, 'state') == 'open' then return out end
-soon = soon + math.max(0, tonumber(redis.call('HGET', stats, 'running') or '0'))
-local room = math.floor(rate * ahead - soon)
-local looked = 0
--- Bounded, so a backlog of entries claimed meanwhile never holds Redis in one long call.
-while room > 0 and looked < room + 1000 do
-  looked = looked + 1
-  local rid = redis.call('RPOP', backlog)
-  if not rid then break end
-  local r = redis.call('HMGET', records .. rid, 'state', 'payment_link_id', 'follows')
-  -- Anything else was claimed meanwhile (a message sent by name), or ended: it is not ours.
-  if r[1] == 'queued' and not r[3] and not redis.call('ZSCORE', index, rid) then
-    redis.call('ZADD', index, recheck, rid)
-    table.insert(out, rid)
-    table.insert(out, r[2])
-    room = room - 1
+if ahead <= 0 then return out end
+for _, name in ipairs(redis.call('SMEMBERS', backlogs)) do
+  local account = name
+  if name == 'default' then account = '' end
+  local list = backlog_key(backlog, account)
+  local held = redis.call('LLEN', list)
+  local own_breaker = breaker
+  if account ~= '' then own_breaker = acct .. account .. ':breaker' end
+  if held == 0 then
+    redis.call('SREM', backlogs, name)
+  elseif redis.call('HGET', own_breaker, 'state') ~= 'open' then
+    local own_rate = rate
+    if account ~= '' then own_rate = (tonumber(redis.call('HGET', accounts, name) or '') or rate) * pacing end
+    local counts = redis.call('HMGET', stats .. ':' .. name, 'queued', 'running')
+    local busy = math.max(0, (tonumber(counts[1] or '0') or 0) - held) + math.max(0, tonumber(counts[2] or '0') or 0)
+    local room = math.floor(own_rate * ahead - busy)
+    local looked = 0
+    -- Bounded, so a backlog of entries claimed meanwhile never holds Redis in one long call.
+    while room > 0 and looked < room + 1000 do
+      looked = looked + 1
+      local rid = redis.call('RPOP', list)
+      if not rid then break end
+      local r = redis.call('HMGET', records .. rid, 'state', 'payment_link_id', 'follows')
+      -- Anything else was claimed meanwhile (a message sent by name), or ended: it is not ours.
+      if r[1] == 'queued' and not r[3] and not redis.call('ZSCORE', index, rid) then
+        redis.call('ZADD', index, recheck, rid)
+        table.insert(out, rid)
+        table.insert(out, r[2])
+        table.insert(out, account)
+        room = room - 1
+      end
+    end
   end
 end
 return out
@@ -376,14 +444,14 @@ return out
 # ARGV: [1] request_id  [2] bucket seconds  [3] stall timeout (seconds)  [4] rate (per second)
 # A dead letter back to queued, live again (no expiry), attempts kept; its budget starts
 # afresh at its next claim. It leads its link again, or follows the link's live cancel
-# when another has started meanwhile. Returns {verdict, link}: requeued (publish it),
-# following (publish nothing), missing or not_failed.
+# when another has started meanwhile. Returns {verdict, link, account}: requeued (publish
+# it), following (publish nothing), missing or not_failed.
 REQUEUE = script(_PRELUDE, """
 local record, failed, due, stats, hours, links, records, followers, queue = unpack(KEYS, 1, 9)
 local rid, bucket_seconds, stall, rate = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local r = redis.call('HMGET', record, 'state', 'payment_link_id', 'outcome', 'updated_at')
+local r = redis.call('HMGET', record, 'state', 'payment_link_id', 'outcome', 'updated_at', 'account')
 redis.call('ZREM', failed, rid)
-if r[1] ~= 'failed' then return {r[1] and 'not_failed' or 'missing', r[2] or ''} end
+if r[1] ~= 'failed' then return {r[1] and 'not_failed' or 'missing', r[2] or '', r[5] or ''} end
 -- Uncount it from the hour it failed in, while that hash lives.
 local finished = hours .. (math.floor((tonumber(r[4]) or 0) / bucket_seconds) * bucket_seconds)
 if r[3] and redis.call('HGET', finished, r[3]) then redis.call('HINCRBY', finished, r[3], -1) end
@@ -391,18 +459,18 @@ local now = redis_now()
 redis.call('HSET', record, 'state', 'queued', 'updated_at', fmt(now), 'next_attempt_at', '')
 redis.call('HDEL', record, 'outcome', 'owner', 'lease_until', 'deadline', 'follows')
 redis.call('PERSIST', record)
-count_move(stats, 'failed', 'queued')
-local link = links .. r[2]
+count_move(stats, 'failed', 'queued', r[5])
+local link = link_key(links, r[5], r[2])
 local leader = redis.call('GET', link)
 -- Due in the index either way: a follower is checked for its leader there (PUMP).
 redis.call('ZADD', due, recheck_at(now, queue, stall, rate), rid)
 if leader and leader ~= rid and ACTIVE[redis.call('HGET', records .. leader, 'state') or ''] then
   redis.call('HSET', record, 'follows', leader)
   redis.call('SADD', followers .. leader, rid)
-  return {'following', r[2]}
+  return {'following', r[2], r[5] or ''}
 end
 redis.call('SET', link, rid)
-return {'requeued', r[2]}
+return {'requeued', r[2], r[5] or ''}
 """)
 
 # KEYS: [1] callbacks (pending index)  [2] record key prefix

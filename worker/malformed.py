@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import redis
 
 from plural_cancel.errors import MalformedMessage
-from plural_cancel.worker.keys import Keys
-from plural_cancel.worker.validation import validate_payment_link_id, validate_request_id
+from plural_cancel.worker.keys import DEFAULT_ACCOUNT, Keys
+from plural_cancel.worker.validation import validate_account_name, validate_payment_link_id, validate_request_id
 
 if TYPE_CHECKING:
     from plural_cancel.worker.runtime import Runtime
@@ -68,12 +68,15 @@ def counts(client: redis.Redis, keys: Keys) -> dict[str, int]:
     return {reason: seen.get(reason, 0) for reason in REASONS}
 
 
-ARGUMENTS = ("payment_link_id", "request_id")
-"""The cancel task's arguments, by keyword (or in this order by position)."""
+ARGUMENTS = ("payment_link_id", "request_id", "account")
+"""The cancel task's arguments, by keyword (or in this order by position); ``account`` may be
+left out (the default account)."""
 
 
-def parse_arguments(args: tuple, kwargs: dict) -> tuple[str, str]:
-    """(payment_link_id, request_id) from a message's arguments, or :class:`MalformedMessage`."""
+def parse_arguments(args: tuple, kwargs: dict) -> tuple[str, str, str]:
+    """(payment_link_id, request_id, account) from a message's arguments, or :class:`MalformedMessage`.
+    Whether the account is one the workers know is not a message's fault: ``worker.delivery``
+    asks."""
     if len(args) > len(ARGUMENTS):
         raise MalformedMessage(f"{len(args)} positional arguments; the task takes {', '.join(ARGUMENTS)}")
     given = dict(zip(ARGUMENTS, args))
@@ -83,7 +86,10 @@ def parse_arguments(args: tuple, kwargs: dict) -> tuple[str, str]:
         names = ", ".join(str(name)[:40] for name in twice or unknown)
         raise MalformedMessage(f"{'arguments given twice' if twice else 'unknown arguments'}: {names}")
     given.update(kwargs)
-    for name, check in (("payment_link_id", validate_payment_link_id), ("request_id", validate_request_id)):
+    if given.get("account") is None:
+        given["account"] = DEFAULT_ACCOUNT
+    for name, check in (("payment_link_id", validate_payment_link_id), ("request_id", validate_request_id),
+                        ("account", validate_account_name)):
         if name not in given:
             raise MalformedMessage(f"{name}: missing")
         try:
@@ -92,7 +98,7 @@ def parse_arguments(args: tuple, kwargs: dict) -> tuple[str, str]:
             # Not echoed: a value in the wrong field may be anything, personal data included.
             kind = type(given[name]).__name__
             raise MalformedMessage(f"{name}: must be a string of 1-50 allowed characters (got a {kind})") from None
-    return given["payment_link_id"], given["request_id"]
+    return given["payment_link_id"], given["request_id"], given["account"]
 
 
 class Refusal(NamedTuple):
@@ -102,6 +108,8 @@ class Refusal(NamedTuple):
     payment_link_id: str | None
     error: dict
     """Its ``last_error``: what was wrong with the message."""
+    account: str | None = None
+    """The message's account when it named a valid one (or none: the default)."""
 
 
 def refuse(rt: Runtime, args: tuple, kwargs: dict, problem: MalformedMessage) -> Refusal | None:
@@ -110,11 +118,13 @@ def refuse(rt: Runtime, args: tuple, kwargs: dict, problem: MalformedMessage) ->
     attempt's result, ``worker.attempts``; the caller reports it as it reports any failure),
     else a count (:data:`BAD_ARGUMENTS`) and None."""
     request_id, link_id = usable_ids(args, kwargs)
+    account = usable_account(args, kwargs)
     error = {"http_status": None, "code": "MALFORMED_MESSAGE", "message": str(problem)}
-    if request_id and rt.attempts.reject(request_id, link_id, error):
+    if request_id and rt.attempts.reject(request_id, link_id, error, account):
         log.error("cancel message refused: %s", problem, extra={"request_id": request_id, "payment_link_id": link_id,
-                                                                 "state": "failed", "outcome": "rejected"})
-        return Refusal(request_id, link_id, error)
+                                                                 "account": account, "state": "failed",
+                                                                 "outcome": "rejected"})
+        return Refusal(request_id, link_id, error, account)
     count(rt.redis, rt.keys, BAD_ARGUMENTS)
     log.error("cancel message dropped: %s (no usable request_id that is not already taken; counted as "
               "malformed)", problem)
@@ -128,6 +138,15 @@ def usable_ids(args: tuple, kwargs: dict) -> tuple[str | None, str | None]:
     request_id, link_id = given.get("request_id"), given.get("payment_link_id")
     return (request_id if _valid(validate_request_id, request_id) else None,
             link_id if _valid(validate_payment_link_id, link_id) else None)
+
+
+def usable_account(args: tuple, kwargs: dict) -> str | None:
+    """A message's account when it names a valid one (or none at all: the default), else None."""
+    given = {**dict(zip(ARGUMENTS, args)), **kwargs}
+    account = given.get("account")
+    if account is None:
+        return DEFAULT_ACCOUNT
+    return account if _valid(validate_account_name, account) else None
 
 
 def _valid(check, value) -> bool:

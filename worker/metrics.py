@@ -2,21 +2,28 @@
 
 Counted in this process, as things happen (names as Prometheus shows them):
 
-- ``plural_cancel_cancels_total{outcome}``: cancels that reached a final outcome;
+Every figure of one account's cancels carries its ``account`` label (one series per account
+the workers know: bounded by the accounts file).
+
+- ``plural_cancel_cancels_total{outcome,account}``: cancels that reached a final outcome;
 - ``plural_cancel_plural_request_seconds{call}``: latency of each call to Plural
   (``cancel``: the PUT, ``get``: the GET after an unclear refusal), in seconds;
-- ``plural_cancel_retries_total{reason}``: attempts that ended in a retry, by error;
-- ``plural_cancel_deferrals_total{reason}``: cancels held back before calling Plural
+- ``plural_cancel_retries_total{reason,account}``: attempts that ended in a retry, by error;
+- ``plural_cancel_deferrals_total{reason,account}``: cancels held back before calling Plural
   (``breaker``: it is open; ``rate_limit``: no slot soon enough);
 - ``plural_cancel_limiter_wait_seconds``: seconds slept for a granted rate-limit slot;
-- ``plural_cancel_breaker_openings_total``: openings of the breaker caused here.
+- ``plural_cancel_breaker_openings_total{account}``: openings of a breaker caused here.
 
 Read from Redis at each scrape (shared by every worker, so each one shows the same):
-``plural_cancel_breaker_state{state}`` (1 for the current one of closed, open,
-half_open), ``plural_cancel_records{state}`` (see ``Ledger.stats``),
+``plural_cancel_breaker_state{state,account}`` (1 for the current one of closed, open,
+half_open), ``plural_cancel_records{state}`` (see ``Ledger.stats``) and
+``plural_cancel_account_records{state,account}`` (queued, running, retrying, and
+``backlog``: ``Ledger.account_stats``),
 ``plural_cancel_queue_depth``, ``plural_cancel_backlog``, ``plural_cancel_deferred``,
-``plural_cancel_dead_letters``, ``plural_cancel_rate_limit_per_second`` (the pace) and
-``plural_cancel_throttled_share`` (what it follows, ``worker.pace``), the counters
+``plural_cancel_dead_letters``, ``plural_cancel_rate_limit_per_second{account}`` (the
+pace) and ``plural_cancel_throttled_share{account}`` (what it follows, ``worker.pace``),
+``plural_cancel_accounts_reload_failures_total`` (this process's failed reloads of the
+accounts file: the last good one stays in force), the counters
 ``plural_cancel_malformed_messages_total{reason}`` (messages dropped as malformed by
 any worker, see ``worker.malformed``) and ``plural_cancel_unreplicated_writes_total``
 (``worker.replication``), ``plural_cancel_clock_offset_seconds`` (this worker's host
@@ -49,17 +56,22 @@ from plural_cancel.worker.replication import unreplicated_writes
 
 log = logging.getLogger(__name__)
 
-CANCELS = Counter("plural_cancel_cancels", "Cancels that reached a final outcome, by outcome.", ["outcome"])
+CANCELS = Counter("plural_cancel_cancels", "Cancels that reached a final outcome, by outcome.",
+                  ["outcome", "account"])
 PLURAL_SECONDS = Histogram(
     "plural_cancel_plural_request_seconds", "Seconds each call to Plural took, by call (cancel, get).",
     ["call"], buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0))
-RETRIES = Counter("plural_cancel_retries", "Attempts that ended in a retry, by the error behind it.", ["reason"])
+RETRIES = Counter("plural_cancel_retries", "Attempts that ended in a retry, by the error behind it.",
+                  ["reason", "account"])
 DEFERRALS = Counter("plural_cancel_deferrals", "Cancels held back before calling Plural (breaker, rate_limit).",
-                    ["reason"])
+                    ["reason", "account"])
 LIMITER_WAIT = Histogram("plural_cancel_limiter_wait_seconds", "Seconds slept for a granted rate-limit slot.",
                          buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
 BREAKER_OPENINGS = Counter("plural_cancel_breaker_openings",
-                           "Openings of the circuit breaker caused by this process.")
+                           "Openings of an account's circuit breaker caused by this process.", ["account"])
+ACCOUNTS_RELOAD_FAILURES = Counter("plural_cancel_accounts_reload_failures",
+                                   "Reloads of the accounts file (PLURAL_ACCOUNTS_FILE) that failed in this process: "
+                                   "the last good accounts stay in force (see the worker log).")
 
 BREAKER_STATES = ("closed", "open", "half_open")
 SUCCEEDED = ("cancelled", "already_cancelled")
@@ -95,8 +107,16 @@ def snapshot(rt) -> dict[str, Any]:
                         "failed": sum(n for k, n in finished.items() if k not in SUCCEEDED)}
     # The Celery queue is kombu's list in the same database; its length is the backlog.
     shared["queue_depth"] = rt.redis.llen(rt.settings.cancel_queue)
-    shared["breaker"] = rt.breaker.state()
-    shared["rate"], shared["throttled_share"] = rt.limiter.pace()
+    rates = rt.published_accounts()
+    shared["accounts"] = {}
+    for name, own in rt.ledger.account_stats(rates).items():
+        rate, share = rt.limiter_of(name, rates[name]).pace()
+        shared["accounts"][name] = {**own, "breaker": rt.breaker_of(name).state(), "rate": rate,
+                                    "throttled_share": share}
+    default = shared["accounts"].get("default")
+    shared["breaker"] = default["breaker"] if default else rt.breaker.state()
+    shared["rate"], shared["throttled_share"] = (default["rate"], default["throttled_share"]) if default \
+        else rt.limiter.pace()
     shared["malformed"] = malformed.counts(rt.redis, rt.keys)
     shared["unreplicated_writes"] = unreplicated_writes(rt.redis, rt.keys)
     shared["consumer_groups"] = rt.ledger.consumer_groups()
@@ -120,16 +140,25 @@ class SharedStateCollector(Collector):
         except Exception as exc:  # a scrape must not fail because Redis blinked
             log.warning("metrics: shared state unreadable (%s)", type(exc).__name__)
             return
-        breaker = GaugeMetricFamily("plural_cancel_breaker_state", "1 for the breaker's current state.",
-                                    labels=["state"])
-        for state in BREAKER_STATES:
-            breaker.add_metric([state], 1.0 if shared["breaker"]["state"] == state else 0.0)
+        accounts = shared.get("accounts") or {"default": shared}
+        breaker = GaugeMetricFamily("plural_cancel_breaker_state", "1 for an account's breaker's current state.",
+                                    labels=["state", "account"])
+        for name, own in accounts.items():
+            for state in BREAKER_STATES:
+                breaker.add_metric([state, name], 1.0 if own["breaker"]["state"] == state else 0.0)
         yield breaker
         records = GaugeMetricFamily("plural_cancel_records", "Cancels in the ledger by state (queued, running, "
                                     "retrying: now; succeeded, failed: within RESULT_TTL).", labels=["state"])
         for state, n in shared["states"].items():
             records.add_metric([state], n)
         yield records
+        own_records = GaugeMetricFamily("plural_cancel_account_records", "An account's live cancels by state "
+                                        "(queued, running, retrying; backlog: of its queued, those held in "
+                                        "its backlog).", labels=["state", "account"])
+        for name, own in accounts.items():
+            for state, n in {**own.get("active", {}), "backlog": own.get("backlog", 0)}.items():
+                own_records.add_metric([state, name], n)
+        yield own_records
         yield GaugeMetricFamily("plural_cancel_queue_depth", "Messages waiting in the Celery queue.",
                                 value=shared["queue_depth"])
         yield GaugeMetricFamily("plural_cancel_backlog", "Bulk cancels waiting their turn in the ledger (held "
@@ -139,12 +168,18 @@ class SharedStateCollector(Collector):
         yield GaugeMetricFamily("plural_cancel_dead_letters",
                                 "Cancels that ended failed (plural-cancel failed list).",
                                 value=shared["dead_letters"])
-        yield GaugeMetricFamily("plural_cancel_rate_limit_per_second",
-                                "Calls per second the limiter grants now: the pace, lower while Plural throttles "
-                                "a share of calls (worker.pace).", value=shared["rate"])
-        yield GaugeMetricFamily("plural_cancel_throttled_share",
-                                "Share of Plural's recent answers that were throttles (429, or a rate limit in "
-                                "Plural's words), weighted over about the last 2 s.", value=shared["throttled_share"])
+        rate = GaugeMetricFamily("plural_cancel_rate_limit_per_second",
+                                 "Calls per second an account's limiter grants now: the pace, lower while Plural "
+                                 "throttles a share of calls (worker.pace).", labels=["account"])
+        throttled = GaugeMetricFamily("plural_cancel_throttled_share",
+                                      "Share of Plural's recent answers to an account's calls that were throttles "
+                                      "(429, or a rate limit in Plural's words), weighted over about the last 2 s.",
+                                      labels=["account"])
+        for name, own in accounts.items():
+            rate.add_metric([name], own["rate"])
+            throttled.add_metric([name], own["throttled_share"])
+        yield rate
+        yield throttled
         # A counter: the hash only grows, so rate() and increase() apply. Every worker
         # serves the same fleet-wide figure; aggregate with max, not sum.
         dropped = CounterMetricFamily("plural_cancel_malformed_messages",

@@ -22,6 +22,8 @@ from kombu.entity import maybe_delivery_mode
 from kombu.transport.redis import Channel as RedisChannel
 
 from plural_cancel.config.celery import BACKLOG_AHEAD, CALLBACK_LEASE, CANCEL_TASK, PUMP_INTERVAL
+from plural_cancel.worker.keys import DEFAULT_ACCOUNT
+from plural_cancel.worker.runtime import PACING
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +39,11 @@ CALLBACK_BATCH = 200
 PUBLISH_CHUNK = 1000
 """Messages sent to Redis per round trip when a batch is published."""
 
-def publish(app_: Celery, pairs: list[tuple[str, str]]) -> None:
-    """Publish one cancel message per (request_id, payment_link_id), ``PUBLISH_CHUNK`` per round trip.
+def publish(app_: Celery, pairs: list[tuple[str, ...]]) -> None:
+    """Publish one cancel message per (request_id, payment_link_id) or (request_id,
+    payment_link_id, account), ``PUBLISH_CHUNK`` per round trip. A message names its account
+    (the task's ``account``) unless it is the default one: a single account's messages are
+    as they were before accounts.
 
     Why not ``apply_async`` in a loop: Celery has no batch publish. Each ``apply_async``
     (``group`` too) routes, builds, reprs and signals its message on its own, then waits
@@ -68,9 +73,9 @@ def publish(app_: Celery, pairs: list[tuple[str, str]]) -> None:
         with channel.conn_or_acquire() as client:  # the client kombu's own _put would use
             for start in range(0, len(pairs), PUBLISH_CHUNK):
                 pipe = client.pipeline(transaction=False)
-                for request_id, link_id in pairs[start:start + PUBLISH_CHUNK]:
+                for item in pairs[start:start + PUBLISH_CHUNK]:
                     task_id = str(uuid.uuid4())
-                    kwargs = {"payment_link_id": link_id, "request_id": request_id}
+                    kwargs = _kwargs(*item)
                     body = json.dumps([args, kwargs, embed]).encode()
                     message = dict(template, body=base64.b64encode(body).decode(),
                                    headers=dict(template["headers"], id=task_id, root_id=task_id,
@@ -100,17 +105,26 @@ def _stored_template(app_: Celery, channel, queue: str) -> dict:
     return message
 
 
-def _publish_each(app_: Celery, producer, pairs: list[tuple[str, str]]) -> None:
-    for request_id, link_id in pairs:
-        app_.send_task(CANCEL_TASK, kwargs={"payment_link_id": link_id, "request_id": request_id},
-                       producer=producer, ignore_result=True)
+def _kwargs(request_id: str, payment_link_id: str, account: str = DEFAULT_ACCOUNT) -> dict[str, str]:
+    """A cancel message's keyword arguments (the task's)."""
+    kwargs = {"payment_link_id": payment_link_id, "request_id": request_id}
+    if account != DEFAULT_ACCOUNT:
+        kwargs["account"] = account
+    return kwargs
+
+
+def _publish_each(app_: Celery, producer, pairs: list[tuple[str, ...]]) -> None:
+    for item in pairs:
+        app_.send_task(CANCEL_TASK, kwargs=_kwargs(*item), producer=producer, ignore_result=True)
 
 
 def pump(app_: Celery) -> int:
     """Send live cancels whose time has come back to the queue (run by every worker); returns
     how many: deferred ones now due, any whose message was lost or whose lease ran out, then
-    bulk cancels from the ledger's backlog, as far as the fleet has room for them in the
-    next ``BACKLOG_AHEAD`` seconds at the current rate (none while the breaker is open).
+    bulk cancels from each account's backlog, as far as the fleet has room for that
+    account's in the next ``BACKLOG_AHEAD`` seconds at its rate (none while its breaker is
+    open): each account has a room of its own, so a long backlog of one never holds
+    another's back.
 
     At most about two ticks' worth of the current rate limit per tick: a backlog that
     comes due at once (the breaker reopening) then reaches the queue at roughly the
@@ -120,10 +134,11 @@ def pump(app_: Celery) -> int:
     """
     rt = app_.runtime
     rate = rt.limiter.effective_rate()
-    limit = max(PUMP_MIN_BATCH, math.ceil(min(PUMP_BATCH, rate * PUMP_INTERVAL * 2)))
-    pairs = rt.ledger.take_due(limit, ahead=BACKLOG_AHEAD, rate=rate)
-    publish(app_, pairs)
-    return len(pairs)
+    fleet = max(rate, sum(rt.published_accounts().values()) * PACING)
+    limit = max(PUMP_MIN_BATCH, math.ceil(min(PUMP_BATCH, fleet * PUMP_INTERVAL * 2)))
+    items = rt.ledger.take_due(limit, ahead=BACKLOG_AHEAD, rate=rate, pacing=PACING)
+    publish(app_, items)
+    return len(items)
 
 
 def send_callbacks(app_: Celery) -> int:

@@ -115,7 +115,8 @@ def _before_send(redactor: Redactor, event: dict, hint: dict) -> dict | None:
 
 
 def report_failure(*, request_id: str, payment_link_id: str, outcome: str, attempts: int,
-                   error: Mapping[str, Any] | None = None, link_status: str | None = None) -> None:
+                   error: Mapping[str, Any] | None = None, link_status: str | None = None,
+                   account: str = "default") -> None:
     """Report one terminal failure of a cancel (a no-op when Sentry is off).
 
     ``error`` is the status record's ``last_error`` (``http_status``, ``code``, ``message``);
@@ -126,35 +127,39 @@ def report_failure(*, request_id: str, payment_link_id: str, outcome: str, attem
     status = error.get("http_status")
     detail = ", ".join(x for x in (error.get("code"), f"HTTP {status}" if status else None) if x)
     title = f"Cancel failed: {outcome}" + (f" ({detail})" if detail else "")
-    tags = {"payment_link_id": payment_link_id, "request_id": request_id, "outcome": outcome,
+    tags = {"payment_link_id": payment_link_id, "request_id": request_id, "account": account, "outcome": outcome,
             "plural_code": code, "http_status": str(status) if status else "none",
             "attempts": str(attempts), "link_status": link_status or "none"}
     sentry_sdk.capture_message(
         title, level="warning" if outcome == "not_cancellable" else "error",
         tags=tags, fingerprint=["plural-cancel", "cancel-failed", outcome, code],
-        contexts={"cancel": {"request_id": request_id, "payment_link_id": payment_link_id,
+        contexts={"cancel": {"request_id": request_id, "payment_link_id": payment_link_id, "account": account,
                              "attempts": attempts, "link_status": link_status, "last_error": error or None}})
 
 
-def report_request_id_conflict(*, request_id: str, payment_link_id: str, taken_by: str) -> None:
+def report_request_id_conflict(*, request_id: str, payment_link_id: str, taken_by: str,
+                               account: str = "default") -> None:
     """Report a cancel message for ``payment_link_id`` whose ``request_id`` names the cancel of
     another link (``taken_by``): that link is not cancelled, and someone must send it under a
     Request-ID of its own. One Sentry issue for all of them; an event per message."""
     sentry_sdk.capture_message(
         "Cancel message refused: its request_id names another link's cancel", level="error",
-        tags={"request_id": request_id, "payment_link_id": payment_link_id, "taken_by": taken_by},
+        tags={"request_id": request_id, "payment_link_id": payment_link_id, "account": account, "taken_by": taken_by},
         fingerprint=["plural-cancel", "request-id-conflict"],
         contexts={"cancel": {"request_id": request_id, "payment_link_id": payment_link_id,
                              "request_id_names_link": taken_by}})
 
 
-def report_breaker_opened(*, code: str | None, http_status: int | None, cooldown: float) -> None:
-    """Report that the circuit breaker opened (once per opening; ``cooldown`` in seconds)."""
+def report_breaker_opened(*, code: str | None, http_status: int | None, cooldown: float,
+                          account: str = "default") -> None:
+    """Report that an account's circuit breaker opened (once per opening; ``cooldown`` in seconds)."""
     sentry_sdk.capture_message(
         "Circuit breaker opened: Plural is failing; cancels are held", level="error",
-        tags={"plural_code": code or "none", "http_status": str(http_status) if http_status else "none"},
-        fingerprint=["plural-cancel", "breaker-opened"],
-        contexts={"breaker": {"cooldown_seconds": cooldown, "plural_code": code, "http_status": http_status}})
+        tags={"account": account, "plural_code": code or "none",
+              "http_status": str(http_status) if http_status else "none"},
+        fingerprint=["plural-cancel", "breaker-opened", account],
+        contexts={"breaker": {"account": account, "cooldown_seconds": cooldown, "plural_code": code,
+                              "http_status": http_status}})
 
 
 def _interval(schedule: Any) -> float | None:

@@ -1,7 +1,9 @@
 """What one worker or producer process needs, built once from the settings.
 
-One Redis connection pool, one ledger, one Plural client on one pooled HTTP session
-and one shared token cache per process; threads of the pool share them.
+One Redis connection pool and one ledger per process; per Plural account (``lane``), one
+rate limit, breaker, token cache and Plural client on one pooled HTTP session, built
+when the account is first met and again when the accounts file changes it. Threads of
+the pool share them.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from typing import Callable
 import redis
 
 from plural_cancel.config import sentinel
+from plural_cancel.config.accounts import Account, AccountBook
 from plural_cancel.config.settings import Settings
+from plural_cancel.errors import ConfigError
+from plural_cancel.worker import accounts, metrics
 from plural_cancel.worker.attempts import Attempts
 from plural_cancel.worker.breaker import RedisCircuitBreaker
-from plural_cancel.worker.keys import Keys
+from plural_cancel.worker.keys import DEFAULT_ACCOUNT, Keys
 from plural_cancel.worker.ledger import Ledger
 from plural_cancel.worker.plural import PluralClient
 from plural_cancel.worker.policy import RetryPolicy
@@ -46,6 +51,11 @@ class Runtime:
         """Returns a float in [0, 1): the one source of randomness for retry delays."""
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._lanes: dict[str, Lane] = {}
+        self._published_at = -accounts.REPUBLISH_EVERY
+        self.known_accounts: dict[str, float] = {}
+        """Account name -> monotonic time until which this process takes it as known
+        (``worker.accounts.check_account``)."""
 
     @cached_property
     def redis(self) -> redis.Redis:
@@ -80,30 +90,90 @@ class Runtime:
                            sentinel=bool(self.settings.redis_sentinels))
 
     @cached_property
-    def limiter(self) -> RedisRateLimiter:
-        """The one rate limit to Plural shared by every worker process and host."""
+    def book(self) -> AccountBook:
+        """The Plural accounts in force (``PLURAL_ACCOUNTS_FILE``, and ``default`` from
+        ``PLURAL_CLIENT_ID``), re-read as the file changes (:meth:`refresh_accounts`)."""
+        return AccountBook(self.settings, on_reload_failure=lambda exc: metrics.ACCOUNTS_RELOAD_FAILURES.inc())
+
+    def refresh_accounts(self) -> bool:
+        """Re-read the accounts file if it changed, and publish the accounts in force
+        (``worker.accounts``) when they changed or ``REPUBLISH_EVERY`` seconds have passed.
+        Run by every worker's pump; returns True when the accounts changed."""
+        changed = self.book.refresh()
+        now = time.monotonic()
+        if changed or now - self._published_at >= accounts.REPUBLISH_EVERY:
+            accounts.publish(self.redis, self.keys, self.book.accounts())
+            self._published_at = now
+        return changed
+
+    def local_accounts(self) -> dict[str, Account]:
+        """This process's own accounts ({} when it has none, or its file cannot be read: a
+        producer host needs none, ``worker.accounts.check_account``)."""
+        try:
+            return self.book.accounts()
+        except ConfigError:
+            return {}
+
+    def published_accounts(self) -> dict[str, float]:
+        """The accounts the workers published, name -> rate limit; the default one at
+        ``PLURAL_RATE_LIMIT`` when none is published yet."""
+        return accounts.published(self.redis, self.keys) or {DEFAULT_ACCOUNT: self.settings.rate_limit}
+
+    def lane(self, account: str) -> Lane | None:
+        """``account``'s own rate limit, breaker and Plural client, or None when this process
+        does not know the account (the accounts file is read again first). Built when first
+        asked, and again when the file changes the account."""
+        found = self.book.get(account)
+        if found is None:
+            return None
+        lane = self._lanes.get(account)
+        if lane is not None and lane.account == found:
+            return lane
+        with self._lock:
+            lane = self._lanes.get(account)
+            if lane is None or lane.account != found:
+                lane = self._lanes[account] = Lane.build(self, found)
+        return lane
+
+    def limiter_of(self, account: str, rate: float) -> RedisRateLimiter:
+        """The rate limit of ``account``'s calls to Plural (``rate`` per second), shared by every
+        worker process and host."""
         # Paced a little under the limit: a granted slot still has a thread wake-up and a
         # network hop before it reaches Plural, and that jitter must not push a second
         # past the limit there (``bench/README.md``, limiter precision).
-        return RedisRateLimiter(self.redis, self.keys.ratelimit, self.settings.rate_limit * PACING,
+        return RedisRateLimiter(self.redis, self.keys.account_key(account, "ratelimit"), rate * PACING,
                                 self.settings.rate_burst)
+
+    def breaker_of(self, account: str) -> RedisCircuitBreaker:
+        """``account``'s circuit breaker, shared by every worker process and host."""
+        return RedisCircuitBreaker.from_settings(self.redis, self.keys.account_key(account, "breaker"), self.settings)
+
+    @cached_property
+    def limiter(self) -> RedisRateLimiter:
+        """The default account's rate limit (``PLURAL_RATE_LIMIT``): a producer's, and the pump's
+        measure of the default account's pace."""
+        return self.limiter_of(DEFAULT_ACCOUNT, self.settings.rate_limit)
 
     @cached_property
     def breaker(self) -> RedisCircuitBreaker:
-        """The circuit breaker shared by every worker process and host."""
-        return RedisCircuitBreaker.from_settings(self.redis, self.keys.breaker, self.settings)
+        """The default account's circuit breaker."""
+        return self.breaker_of(DEFAULT_ACCOUNT)
 
     @cached_property
     def attempts(self) -> Attempts:
-        """Ledger, breaker and limiter asked together: one round trip before a call to Plural, one after."""
+        """The default account's ledger, breaker and limiter asked together (a lane's own are
+        ``lane(name).attempts``); also the writer of a refused message's record."""
         return Attempts(self.ledger, self.breaker, self.limiter)
 
-    @cached_property
+    @property
     def plural(self) -> PluralClient:
-        """The Plural client; needs credentials, so only the worker (not producers) builds it."""
-        settings = self.settings.require_credentials()
-        tokens = RedisTokenCache(self.redis, settings.client_id, settings.client_secret.reveal(), keys=self.keys)
-        return PluralClient.from_settings(settings, tokens=tokens)
+        """The default account's Plural client; needs credentials, so only the worker (not
+        producers) builds it."""
+        lane = self.lane(DEFAULT_ACCOUNT)
+        if lane is None:
+            self.settings.require_credentials()  # names the variable that is missing
+            raise KeyError(DEFAULT_ACCOUNT)
+        return lane.plural
 
     def _follow_master(self, pool) -> None:
         # redis-py asks the Sentinels for the master only when it opens a connection. After a
@@ -121,10 +191,35 @@ class Runtime:
 
     def close(self) -> None:
         self._closed.set()
-        if "plural" in self.__dict__:
-            self.plural.close()
+        for lane in list(self._lanes.values()):
+            lane.plural.close()
         if "redis" in self.__dict__:
             self.redis.close()
             if self.settings.redis_sentinels:  # and its connections to the Sentinels
                 for client in self.redis.connection_pool.sentinel_manager.sentinels:
                     client.close()
+
+
+class Lane:
+    """One Plural account's own: its rate limit and pace, its breaker, its token cache and
+    client, and the ``Attempts`` that asks them with the ledger. None of it is shared with
+    another account, so one account's throttling, outage or bad credentials never slows,
+    holds or fails another's cancels."""
+
+    def __init__(self, account: Account, limiter: RedisRateLimiter, breaker: RedisCircuitBreaker,
+                 attempts: Attempts, plural: PluralClient):
+        self.account = account
+        self.limiter = limiter
+        self.breaker = breaker
+        self.attempts = attempts
+        self.plural = plural
+
+    @classmethod
+    def build(cls, rt: Runtime, account: Account) -> "Lane":
+        name = account.name
+        limiter = rt.limiter_of(name, account.rate_limit)
+        breaker = rt.breaker_of(name)
+        tokens = RedisTokenCache(rt.redis, account.client_id, account.client_secret.reveal(), keys=rt.keys,
+                                 account=name)
+        plural = PluralClient.from_settings(account.settings(rt.settings), tokens=tokens)
+        return cls(account, limiter, breaker, Attempts(rt.ledger, breaker, limiter, account=name), plural)

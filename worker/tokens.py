@@ -1,6 +1,7 @@
 """The Plural access token and the stores the client takes it from: in memory, or shared through Redis.
 
-In Redis: one token per client id. It is refreshed 60 s before it expires (a quarter of
+In Redis: one token per account (``Keys.token`` of its client id for the default account,
+``Keys.account_key`` for another, encrypted under a key of its own). It is refreshed 60 s before it expires (a quarter of
 its life before, for a token that lives under 4 minutes: see :func:`refresh_margin`), by
 one process at a time (a single-flight lock: N processes needing a token cause one
 Generate Token call, the others wait briefly and reuse it), and dropped on a 401.
@@ -31,7 +32,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from plural_cancel.errors import TokenUnavailable
-from plural_cancel.worker.keys import Keys
+from plural_cancel.worker.keys import DEFAULT_ACCOUNT, Keys
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +161,17 @@ class RedisTokenCache:
 
     def __init__(self, client: redis.Redis, client_id: str, client_secret: str, *,
                  keys: Keys = Keys(), clock: Callable[[], float] | None = None,
-                 monotonic: Callable[[], float] = time.monotonic, wait_timeout: float = 20.0):
+                 monotonic: Callable[[], float] = time.monotonic, wait_timeout: float = 20.0,
+                 account: str = DEFAULT_ACCOUNT):
         self._redis = client
-        self._key = keys.token(client_id)
-        self._lock_key = keys.token_lock(client_id)
-        self._fernet, self._fp_key = _derive_keys(client_id, client_secret)
+        if account == DEFAULT_ACCOUNT:
+            self._key, self._lock_key = keys.token(client_id), keys.token_lock(client_id)
+            info = client_id
+        else:
+            # Two accounts may share a client id (one per Plural environment): each has its own key.
+            self._key, self._lock_key = keys.account_key(account, "token"), keys.account_key(account, "token-lock")
+            info = f"{account}/{client_id}"
+        self._fernet, self._fp_key = _derive_keys(info, client_secret)
         self._clock = clock
         self._monotonic = monotonic
         self._wait_timeout = wait_timeout
@@ -273,8 +280,9 @@ class RedisTokenCache:
         return hmac.new(self._fp_key, token.encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def _derive_keys(client_id: str, client_secret: str) -> tuple[Fernet, bytes]:
-    """A Fernet key and a fingerprint key, both derived from the client secret with HKDF."""
+def _derive_keys(info: str, client_secret: str) -> tuple[Fernet, bytes]:
+    """A Fernet key and a fingerprint key, both derived from the client secret with HKDF
+    (``info``: the client id, ``<account>/<client id>`` for an account but the default)."""
     material = HKDF(algorithm=hashes.SHA256(), length=64, salt=b"plural-cancel/token-cache/v1",
-                    info=client_id.encode()).derive(client_secret.encode())
+                    info=info.encode()).derive(client_secret.encode())
     return Fernet(base64.urlsafe_b64encode(material[:32])), material[32:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+from plural_cancel.config.accounts import ACCOUNT_NAME
 from plural_cancel.config.settings import QUEUE_NAME
 from plural_cancel.worker.ledger import Callback
 
@@ -24,6 +25,14 @@ def validate_request_id(value: object) -> str:
     """Return ``value`` if it is a usable Request-ID (1-50 of ``A-Za-z0-9._:-``); else ValueError."""
     if not isinstance(value, str) or not _REQUEST_ID.fullmatch(value):
         raise ValueError(f"request_id: must be 1-50 characters of A-Z a-z 0-9 . _ : - (got {_shown(value)})")
+    return value
+
+
+def validate_account_name(value: object) -> str:
+    """Return ``value`` if it is an account's name (1-50 of ``A-Za-z0-9_-``); else ValueError.
+    Whether the workers know it is :func:`worker.accounts.check_account`'s question."""
+    if not isinstance(value, str) or not ACCOUNT_NAME.fullmatch(value):
+        raise ValueError(f"account: must be 1-50 characters of A-Z a-z 0-9 _ - (got {_shown(value)})")
     return value
 
 

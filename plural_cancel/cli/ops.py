@@ -80,10 +80,9 @@ def failed_retry(request_id: str | None, retry_all: bool):
         ids = [request_id] if request_id else [r["request_id"] for r in ledger.failed()]
         for start in range(0, len(ids), RETRY_BATCH):
             results = ledger.requeue(ids[start:start + RETRY_BATCH])
-            pairs = [(rid, link) for rid, verdict, link in results if verdict == "requeued"]
-            skipped += [(rid, verdict) for rid, verdict, _ in results if verdict not in ("requeued", "following")]
-            publish(app, pairs)
-            requeued += sum(verdict in ("requeued", "following") for _, verdict, _ in results)
+            publish(app, [(rid, link, *account) for rid, verdict, link, *account in results if verdict == "requeued"])
+            skipped += [(rid, verdict) for rid, verdict, *_ in results if verdict not in ("requeued", "following")]
+            requeued += sum(verdict in ("requeued", "following") for _, verdict, *_ in results)
     except (redis.RedisError, OperationalError) as exc:  # base.Commands makes it one line
         if requeued:
             exc.add_note(f"{requeued} requeued before it")

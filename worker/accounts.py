@@ -1,0 +1,77 @@
+"""The accounts the workers know, published in Redis for producers and the pump.
+
+Each worker reads the accounts file (``config.accounts.AccountBook``) and writes the names
+of the accounts in force, each with its rate limit, to one hash (``Keys.accounts``),
+whole, at start and after every reload; never a secret. A producer host then needs no
+file to check a name (:func:`check_account`), and the pump reads each account's rate from
+the same hash (``worker.ledger_lua``'s ``PUMP``).
+
+Several workers write the hash: each writes what its own file says, so for the minute a
+changed file takes to reach them all, the last writer wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import redis
+
+from plural_cancel.config.accounts import Account
+from plural_cancel.worker.keys import DEFAULT_ACCOUNT, Keys
+from plural_cancel.worker.validation import validate_account_name
+
+if TYPE_CHECKING:
+    from plural_cancel.worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+REPUBLISH_EVERY = 30.0
+"""Seconds between two writes of the hash by one worker when nothing changed: a worker of
+an older file that wrote last is put right within this."""
+
+SHOWN_NAMES = 20
+"""Most account names an unknown account's error lists."""
+
+
+def publish(client: redis.Redis, keys: Keys, accounts: dict[str, Account]) -> None:
+    """Replace the published accounts with ``accounts`` (name -> rate limit), in one MULTI."""
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(keys.accounts)
+    if accounts:
+        pipe.hset(keys.accounts, mapping={name: repr(account.rate_limit) for name, account in accounts.items()})
+    pipe.execute()
+
+
+def published(client: redis.Redis, keys: Keys) -> dict[str, float]:
+    """The accounts the workers published: name -> rate limit (calls per second); {} when
+    no worker has published any yet."""
+    return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in client.hgetall(keys.accounts).items()}
+
+
+KNOWN_FOR = 5.0
+"""Seconds a process takes an account it found published as known without asking again (one
+round trip saved per enqueue; an account removed meanwhile ends its cancels ``rejected``
+at the worker)."""
+
+
+def check_account(rt: Runtime, account: str | None) -> str:
+    """``account`` (None: the default one) if the workers know it, else ``ValueError`` naming
+    ``account``. Known: published by the workers, or in this process's own accounts file;
+    before any worker has published, the default account is taken as known (a producer
+    started before its workers, as before accounts)."""
+    name = DEFAULT_ACCOUNT if account is None else validate_account_name(account)
+    now = time.monotonic()
+    if rt.known_accounts.get(name, 0.0) > now:
+        return name
+    pipe = rt.redis.pipeline(transaction=False)
+    found, any_published = pipe.hexists(rt.keys.accounts, name).exists(rt.keys.accounts).execute()
+    local = rt.local_accounts()
+    if found or name in local or (name == DEFAULT_ACCOUNT and not any_published and not local):
+        rt.known_accounts[name] = now + KNOWN_FOR
+        return name
+    known = sorted(set(published(rt.redis, rt.keys)) | set(local))
+    shown = ", ".join(known[:SHOWN_NAMES]) + (", ..." if len(known) > SHOWN_NAMES else "")
+    raise ValueError(f"account: {name!r} is not an account the workers know "
+                     f"({'known: ' + shown if known else 'none is published yet'}; see PLURAL_ACCOUNTS_FILE)")
