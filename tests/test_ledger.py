@@ -249,8 +249,8 @@ def test_a_flood_of_rejected_messages_never_pushes_out_an_unread_outcome(redis_c
     keys, args = ledger.finish_call("x", "", "", state="failed", outcome="rejected", attempted=False, last_error=error)
     for n in range(flood):
         rid = f"flood-{n}"
-        ledger._reject(keys=[ledger.keys.record(rid), *keys[1:], ledger.keys.schedule_ids], args=[rid, *args[1:], "", ""],
-                       client=pipe)
+        ledger._reject(keys=[ledger.keys.record(rid), *keys[1:], ledger.keys.schedule_ids],
+                       args=[rid, *args[1:], "", ""], client=pipe)
         if n % 10_000 == 9_999:
             pipe.execute()
     pipe.execute()

@@ -1,8 +1,8 @@
 """The Plural access token and the stores the client takes it from: in memory, or shared through Redis.
 
 In Redis: one token per account (``Keys.token`` of its client id for the default account,
-``Keys.account_key`` for another, encrypted under a key of its own). It is refreshed 60 s before it expires (a quarter of
-its life before, for a token that lives under 4 minutes: see :func:`refresh_margin`), by
+``Keys.account_key`` for another, encrypted under a key of its own). It is refreshed 60 s
+before it expires (a quarter of its life before, for a token that lives under 4 minutes: see :func:`refresh_margin`), by
 one process at a time (a single-flight lock: N processes needing a token cause one
 Generate Token call, the others wait briefly and reuse it), and dropped on a 401.
 
