@@ -6,7 +6,7 @@ COPY config ./config
 COPY worker ./worker
 COPY tasks ./tasks
 COPY sandbox ./sandbox
-# SIGTERM becomes Celery's soft shutdown (README, Operations).
+# SIGTERM becomes Celery's soft shutdown (docs/operations.md).
 ENV REMAP_SIGTERM=SIGQUIT
 # The sandbox extra: docker-compose's sandbox service runs `plural-cancel sandbox` from this image.
 # The installed package is the one that runs: `celery -A worker` puts the working directory

@@ -7,7 +7,7 @@ VENV   := .venv
 STAMP  := $(VENV)/.installed-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-fast lint setup redis-server bench clean
+.PHONY: run test test-fast lint docs setup redis-server bench clean
 
 run: setup redis-server
 	@bash scripts/run-local.sh
@@ -24,6 +24,10 @@ test-fast: lint redis-server
 # pyflakes, pycodestyle and import order ([tool.ruff] in pyproject.toml): zero findings.
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# The docs site (docs/), warnings as errors: a broken link or a reference the code no longer matches fails.
+docs: setup
+	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 setup: $(STAMP)
 
@@ -45,4 +49,4 @@ redis-server:
 	  $(SUDO) systemctl disable --now redis-sentinel >/dev/null 2>&1 || true; }
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache docs/_build

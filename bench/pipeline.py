@@ -1,6 +1,6 @@
 """End-to-end cancels per second: the product's worker against a bare Celery task, same run.
 
-Run from the repository root (about 12 minutes as the README runs it)::
+Run from the repository root (about 12 minutes as docs/benchmarks.md runs it)::
 
     .venv/bin/python bench/pipeline.py [--count0 3000] [--count200 3000] [--rounds 1]
         [--modes product,bare[,sleep][,events]] [--latencies 0,200] [--pool-count 2000]

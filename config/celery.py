@@ -48,7 +48,7 @@ DEFAULT_CONCURRENCY = 128
 """Threads per worker process: a cancel spends nearly all its time waiting on Plural, so
 threads busy = rate x the time a cancel holds one (the call, the wait for the GIL, the
 consumer's turn to hand it the next message). Chosen by measurement (``bench/README.md``,
-end to end; README, Scaling)."""
+end to end; docs/scaling.md)."""
 
 CANCEL_TASK = "tasks.cancel_payment_link"
 """The cancel task's registered name: producers in any language send it by this name."""

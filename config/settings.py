@@ -156,13 +156,14 @@ REFERENCE = (
     Variable("CANCEL_QUEUE", "the Celery queue of the product's messages", "1-100 of A-Z a-z 0-9 . _ : -, starting "
              "with a letter or digit; not celery", field="cancel_queue"),
 )
-"""Every environment variable :meth:`Settings.from_env` reads, in the README's order, with what
-it means and what it accepts: the one place a number's range is stated (the README's table
-and ``.env.example`` repeat them)."""
+"""Every environment variable :meth:`Settings.from_env` reads, with what it means and what it
+accepts: the one place a number's range is stated. The docs' settings table is made from it
+(``docs/_ext/settings_reference.py``), ``.env.example`` repeats it, and ``tests/test_docs.py``
+holds the variables the code reads to it."""
 
 VARIABLES = tuple(variable.name for variable in REFERENCE)
-"""Every environment variable :meth:`Settings.from_env` reads, in the README's order
-(and ``BREAKER_THRESHOLD``, read only to be refused)."""
+"""Every environment variable :meth:`Settings.from_env` reads, in :data:`REFERENCE`'s order
+(but ``BREAKER_THRESHOLD``, read only to be refused)."""
 
 _BY_NAME = {variable.name: variable for variable in REFERENCE}
 
@@ -485,7 +486,7 @@ def _number(get, name: str) -> float | None:
 
 
 def _plain(number: float) -> str:
-    """``10000``, ``0.01``: a bound as the README writes it (never ``1e+04``)."""
+    """``10000``, ``0.01``: a bound as the docs write it (never ``1e+04``)."""
     return str(int(number)) if number == int(number) else f"{number:g}"
 
 

@@ -68,7 +68,7 @@ then:
   .venv/bin/plural-cancel check                             # settings, Redis, a Plural token
   .venv/bin/plural-cancel enqueue pl-demo-created-01        # prints a Request-ID
   .venv/bin/plural-cancel status REQUEST_ID
-or from Python:  from tasks import enqueue_cancel; enqueue_cancel("pl-demo-created-01")
+or from Python:  from plural_cancel import enqueue_cancel; enqueue_cancel("pl-demo-created-01")
 Ctrl-C stops everything.
 
 MSG

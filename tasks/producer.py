@@ -101,7 +101,8 @@ def enqueue_many(payment_link_ids: Iterable[str], *, account: str | None = None,
 
 
 def get_status(request_id: str, *, app: Celery | None = None) -> dict | None:
-    """The status record of a cancel (see CONTRACT.md), or None when unknown or expired."""
+    """The status record of a cancel (its fields: docs/using.md, "Status by key"), or None when
+    unknown or expired."""
     validate_request_id(request_id)
     return (app or default_app).runtime.ledger.status(request_id)
 

@@ -132,7 +132,7 @@ def test_compose_sets_only_variables_the_settings_read():
 
 def test_compose_redis_keeps_every_write():
     """AOF, so a restart keeps the ledger and the queue; noeviction, so a full Redis refuses
-    writes (which the worker rides out, README) instead of evicting records, locks or messages."""
+    writes (which the worker rides out, docs/operations.md) instead of evicting records, locks or messages."""
     command = compose()["services"]["redis"]["command"]
     options = dict(zip(command[1::2], command[2::2]))
     assert options["--appendonly"] == "yes"

@@ -223,7 +223,7 @@ def test_a_bad_callback_is_refused_naming_the_field_and_nothing_is_written(syste
 
 
 def raw_cancel_message(payment_link_id: str, request_id: str, message_id: str, queue: str = "plural-cancel") -> str:
-    """The message the README gives for a service in another language: LPUSH it onto the queue."""
+    """The message docs/using.md gives for a service in another language: LPUSH it onto the queue."""
     import base64
 
     body = [[], {"payment_link_id": payment_link_id, "request_id": request_id},
@@ -239,7 +239,7 @@ def raw_cancel_message(payment_link_id: str, request_id: str, message_id: str, q
 
 
 def test_a_message_pushed_by_a_service_in_another_language_is_a_cancel(system):
-    """No Celery on the sending side: one LPUSH of the README's JSON, then HGETALL of the record."""
+    """No Celery on the sending side: one LPUSH of docs/using.md's JSON, then HGETALL of the record."""
     import uuid
 
     [link_id] = system["sandbox"].create_links(1, status="CREATED", prefix="pl-raw-")

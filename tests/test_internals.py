@@ -4,7 +4,7 @@
 and Celery's threads pool, and the batch publish (``worker/publisher.py``) builds messages
 through kombu's Redis channel: none of it
 is public API, so ``pyproject.toml`` pins Celery and kombu to one minor version each.
-This is the first test an upgrade runs (README, "Upgrading Celery and kombu"): when an
+This is the first test an upgrade runs (docs/operations.md, "Upgrading Celery and kombu"): when an
 internal moves or its parameters change, it fails naming the internal and the file that
 uses it. What those files then do with them is tested by behaviour elsewhere
 (``test_broker.py``, ``test_shutdown*``, ``test_schedule.py``'s byte-for-byte publish).
@@ -166,7 +166,8 @@ def _bounds(requirement: Requirement) -> tuple[Version | None, Version | None]:
 def test_the_installed_versions_are_within_the_pins(name):
     pin = _our(name)
     assert pin.specifier.contains(version(name)), \
-        f"{name} {version(name)} is installed but pyproject.toml pins {pin}: run `make setup` (or bump the pin, README)"
+        f"{name} {version(name)} is installed but pyproject.toml pins {pin}: run `make setup` (or bump the pin: " \
+        "docs/operations.md)"
 
 
 @pytest.mark.parametrize("name", ["celery", "kombu"])

@@ -87,7 +87,7 @@ def test_an_outage_during_1000_cancels(redis_url, sandbox, workers):
 
     limit = 50
     # A 2-s window: the breaker opens once half the links called in it fail, about 1 s into
-    # the outage here (5 s with the default 10-s window, as the README says).
+    # the outage here (5 s with the default 10-s window, as docs/riding-out.md says).
     env = service_env(redis_url, sandbox.url, PLURAL_RATE_LIMIT=limit, BREAKER_MIN_LINKS=5, BREAKER_WINDOW=2,
                       BREAKER_COOLDOWN=2, CANCEL_RETRY_BASE=0.5, CANCEL_RETRY_CAP=5)
     workers.extend(start_worker(env, concurrency=8) for _ in range(2))

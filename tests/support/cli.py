@@ -2,7 +2,7 @@
 
 A run of the console script is a new interpreter loading Celery, kombu, redis-py and
 requests before the command does anything, which the operator's commands tests paid for
-every command (the README's "How long `make test` takes"). :func:`run` calls the same ``main`` the
+every command (docs/development.md, "Why the suite takes what it takes"). :func:`run` calls the same ``main`` the
 console script calls, with ``os.environ``, ``sys.stdin``, ``sys.stdout`` and ``sys.stderr``
 swapped for the run (click's ``CliRunner.isolation``), and returns what
 ``subprocess.run`` would have. ``test_cli_redis`` runs commands both ways and checks that

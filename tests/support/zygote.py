@@ -2,8 +2,8 @@
 
 A ``celery -A worker worker`` process spends most of its start loading Celery's command
 line (click-repl and prompt_toolkit among it), kombu, redis-py, requests and sentry-sdk,
-and the suite starts many of them on two cores (the README's "How long `make test`
-takes" has the figures). The zygote
+and the suite starts many of them on two cores (docs/development.md; the figures
+are in bench/README.md). The zygote
 (``_zygote_main.py``, one per test process, started on first use) loads those once and
 forks a child per process asked for; the child then runs exactly what the console script
 runs, ``celery.__main__.main()`` with the request's argv, environment and directory, in a
