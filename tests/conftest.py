@@ -13,7 +13,8 @@ from tests.support.redis_server import RedisServer
 ROOT = Path(__file__).resolve().parent.parent
 
 SLOW_MODULES = {
-    "test_accounts", "test_beat", "test_chaos", "test_deploy_files", "test_health", "test_host_app",
+    "test_accounts", "test_beat", "test_chaos", "test_cli_accounts", "test_deploy_files", "test_health",
+    "test_host_app",
     "test_imports", "test_inspect", "test_metrics", "test_namespace", "test_never_lose", "test_ops",
     "test_outcome_stream", "test_pipeline", "test_procfile", "test_redis_restart", "test_reporting", "test_ride_out",
     "test_run_local", "test_sentinel", "test_throttle", "test_tokens", "test_worker_loss",

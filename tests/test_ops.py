@@ -229,7 +229,7 @@ def test_check_says_what_is_wrong_with_its_exit_status(system):
     ok = run_process(env, "check", cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
     settings_line, redis_line, clock_line, plural_line = ok.stdout.splitlines()
-    assert (settings_line, plural_line) == ("settings   ok", "plural     ok (token obtained)")
+    assert (settings_line, plural_line) == ("settings   ok", "token default: ok (client id test...)")
     assert re.fullmatch(r"redis      ok \(round trip \d+\.\d ms\)", redis_line), redis_line
     assert re.fullmatch(r"clock      ok \([+-]\d+ ms off Redis's\)", clock_line), clock_line
 
@@ -257,5 +257,8 @@ def test_check_says_what_is_wrong_with_its_exit_status(system):
     assert int(re.search(r"answers in (\d+) ms", too_far.stderr)[1]) >= 40
     assert "every slot would be given up" in too_far.stderr and too_far.stdout == "settings   ok\n"
     wrong_secret = cli({**env, "PLURAL_CLIENT_SECRET": "not-the-secret"}, "check")
-    assert wrong_secret.returncode == 1 and "no token" in wrong_secret.stderr
+    assert wrong_secret.returncode == 1
+    assert wrong_secret.stdout.splitlines()[-1].startswith("token default: FAILED (auth_failed: Generate Token "
+                                                           "refused the credentials")
+    assert wrong_secret.stderr == "plural-cancel: no Plural token for 1 of 1 account: default\n"
     assert "not-the-secret" not in wrong_secret.stdout + wrong_secret.stderr

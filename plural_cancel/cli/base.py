@@ -148,6 +148,28 @@ def load_settings() -> Settings:
     return settings
 
 
+ACCOUNT_HELP = ("The Plural account: a name of PLURAL_ACCOUNTS_FILE that the workers know "
+                "[default: the default account].")
+"""The help of ``--account`` where it names the account a command works for."""
+
+
+def account_option(help_text: str = ACCOUNT_HELP):
+    """``--account NAME``: None when not given (the producer API takes that as the default account)."""
+    return click.option("--account", metavar="NAME", help=help_text)
+
+
+def known_account(app, account: str | None) -> str:
+    """``account``'s name (None: the default account) when the workers know it (published in
+    Redis, or in this host's own accounts file); else :class:`UsageFailure` naming
+    ``account``, before anything is read or written."""
+    from plural_cancel.worker.accounts import check_account
+
+    try:
+        return check_account(app.runtime, account)
+    except ValueError as exc:
+        raise UsageFailure(str(exc)) from None
+
+
 def configured_app():
     """An app built from the command line's settings (its options over the environment),
     closed (its Redis connections and broker pool) when the command ends."""

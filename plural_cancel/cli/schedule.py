@@ -6,8 +6,8 @@ line, are checked before anything is sent; each bad line is named on stderr with
 number and reason (a file that is not UTF-8: its first bad byte, and nothing is sent).
 The valid ones are enqueued (each distinct id once) unless ``--strict``; the exit
 status is then 2 when any line was bad, so a script notices, and 0 otherwise. The
-summary ends with the time the backlog needs at ``PLURAL_RATE_LIMIT``: every cancel
-not yet finished, the file's and any other producer's, over the one global limit.
+summary ends with the time the backlog needs at the account's rate limit: every cancel
+of the account not yet finished, the file's and any other producer's, over its one limit.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import BinaryIO, Iterable, TextIO
 
 import click
 
-from plural_cancel.cli.base import Failure, UsageFailure, configured_app
+from plural_cancel.cli.base import Failure, UsageFailure, account_option, configured_app, known_account
 from plural_cancel.worker.validation import validate_payment_link_id
 
 CHUNK = 1000
@@ -120,12 +120,17 @@ def _csv_rows(numbered, column: int):
 @click.option("--output", type=click.File("w"), default=None,
               help="Write 'payment_link_id,request_id' for every link enqueued.")
 @click.option("--strict", is_flag=True, help="Enqueue nothing when any line is bad.")
-def bulk(file: BinaryIO, wait: bool, timeout: float | None, output: TextIO | None, strict: bool):
+@account_option("The Plural account whose links they all are: a name of PLURAL_ACCOUNTS_FILE that the "
+                "workers know [default: the default account]. An unknown one: exit 2, before the file "
+                "is read.")
+def bulk(file: BinaryIO, wait: bool, timeout: float | None, output: TextIO | None, strict: bool,
+         account: str | None):
     """Cancel every payment link listed in FILE ('-' for stdin).
 
     One id per line (blank lines and # comments skipped), or a CSV with a
     payment_link_id column. Bad lines are named with their line numbers; the rest are
-    enqueued. The summary says how long every waiting cancel takes at PLURAL_RATE_LIMIT.
+    enqueued. The summary says how long every waiting cancel of the account takes at its
+    rate limit (PLURAL_RATE_LIMIT, or the account's rate_limit).
     Exit status 2 when any line was bad, 1 on other errors, 0 otherwise.
     """
     import redis
@@ -133,7 +138,8 @@ def bulk(file: BinaryIO, wait: bool, timeout: float | None, output: TextIO | Non
 
     from plural_cancel.tasks.producer import enqueue_many
 
-    app = configured_app()  # a bad setting is refused before the file is read
+    app = configured_app()  # a bad setting or account is refused before the file is read
+    account = known_account(app, account)
     name = getattr(file, "name", "FILE")
     parsed = read_link_file(text_lines(file, name))
     for number, reason in parsed.invalid[:SHOWN_INVALID]:
@@ -150,17 +156,16 @@ def bulk(file: BinaryIO, wait: bool, timeout: float | None, output: TextIO | Non
         with _progressbar(len(parsed.links), "enqueueing") as bar:
             for start in range(0, len(parsed.links), CHUNK):
                 chunk = parsed.links[start:start + CHUNK]
-                ids = enqueue_many(chunk, app=app)
+                ids = enqueue_many(chunk, account=account, app=app)
                 request_ids += ids
                 if output is not None:
                     output.writelines(f"{link},{rid}\n" for link, rid in zip(chunk, ids))
                 bar.update(len(chunk))
-        waiting = backlog(app)
+        waiting, rate = backlog(app, account)
     except (redis.RedisError, OperationalError) as exc:  # base.Commands makes it one line
         exc.add_note(f"{len(request_ids)} of {len(parsed.links)} enqueued before it")
         raise
 
-    rate = app.settings.rate_limit
     click.echo(f"accepted    {len(request_ids)}")
     click.echo(f"duplicates  {parsed.duplicates}")
     click.echo(f"invalid     {len(parsed.invalid)}")
@@ -177,10 +182,13 @@ def bulk(file: BinaryIO, wait: bool, timeout: float | None, output: TextIO | Non
                            f"the other {len(request_ids)} links were enqueued")
 
 
-def backlog(app) -> int:
-    """Cancels not yet finished (queued, running or retrying), every producer's: what the
-    workers must send through the one global rate limit before the queue is empty."""
-    return sum(app.runtime.ledger.stats()["active"].values())
+def backlog(app, account: str) -> tuple[int, float]:
+    """``account``'s cancels not yet finished (queued, running or retrying), every producer's,
+    and its rate limit (calls per second): what the workers must send through that limit
+    before the account's queue is empty."""
+    rt = app.runtime
+    rate = rt.published_accounts().get(account, app.settings.rate_limit)
+    return sum(rt.ledger.account_stats([account])[account]["active"].values()), rate
 
 
 def _duration(seconds: float) -> str:
@@ -233,7 +241,10 @@ def _follow(app, request_ids: list[str], timeout: float | None) -> tuple[Counter
               help="When, with a timezone: 2025-03-06T08:27:55Z or 2025-03-06T13:57:55+05:30.")
 @click.option("--request-id", help="Idempotency key (1-50 of A-Za-z0-9._:-); kept from an earlier schedule "
                                    "of the link, else a new UUID4.")
-def schedule(payment_link_id: str, at_text: str, request_id: str | None):
+@account_option("The Plural account whose link it is: a name of PLURAL_ACCOUNTS_FILE that the workers "
+                "know [default: the default account]. A link is scheduled once per account. An unknown "
+                "one: exit 2, nothing scheduled.")
+def schedule(payment_link_id: str, at_text: str, request_id: str | None, account: str | None):
     """Cancel PAYMENT_LINK_ID at a given time; prints its Request-ID. Again: moves it."""
     from plural_cancel.tasks.producer import schedule_cancel
 
@@ -246,30 +257,33 @@ def schedule(payment_link_id: str, at_text: str, request_id: str | None):
         raise UsageFailure(f"--at: needs a timezone, Z or an offset such as +05:30 (got {at_text[:40]!r})")
     app = configured_app()
     try:
-        click.echo(schedule_cancel(payment_link_id, at, request_id, app=app))
+        click.echo(schedule_cancel(payment_link_id, at, request_id, account=account, app=app))
     except ValueError as exc:
         raise UsageFailure(str(exc)) from None
 
 
 @click.command()
 @click.argument("payment_link_id")
-def unschedule(payment_link_id: str):
+@account_option("The Plural account the cancel was scheduled for (as given to schedule) [default: the "
+                "default account]. An unknown one: exit 2, nothing changed.")
+def unschedule(payment_link_id: str, account: str | None):
     """Take back the scheduled cancel of PAYMENT_LINK_ID. Exit 1 when too late or none."""
     from plural_cancel.tasks.producer import get_schedule, unschedule_cancel
 
     app = configured_app()
     try:
-        removed = unschedule_cancel(payment_link_id, app=app)
+        removed = unschedule_cancel(payment_link_id, account=account, app=app)
     except ValueError as exc:
         raise UsageFailure(str(exc)) from None
+    link = payment_link_id if account is None else f"{payment_link_id} of account {account}"
     if removed:
-        click.echo(f"unscheduled: {payment_link_id} will not be cancelled")
+        click.echo(f"unscheduled: {link} will not be cancelled")
         return
-    info = get_schedule(payment_link_id, app=app)
+    info = get_schedule(payment_link_id, account=account, app=app)
     if info and info["state"] == "fired":
-        raise Failure(f"too late: the cancel of {payment_link_id} has fired as request_id "
+        raise Failure(f"too late: the cancel of {link} has fired as request_id "
                       f"{info['request_id']} (plural-cancel status {info['request_id']})")
-    raise Failure(f"nothing scheduled for {payment_link_id}")
+    raise Failure(f"nothing scheduled for {link}")
 
 
 COMMANDS = [bulk, schedule, unschedule]
