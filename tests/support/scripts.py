@@ -26,11 +26,11 @@ def run(client, source: str, function: str, keys: list[str], args: list[Any]) ->
 
 
 def claim(ledger: Ledger, request_id: str, payment_link_id: str, owner: str, lease: float,
-          budget: float = 600.0) -> Claim:
-    """The ledger's claim alone: take the cancel for one attempt under a lease of ``lease`` seconds
-    (its retry budget, ``budget`` seconds from its first attempt, the policy's)."""
+          budget: float = 600.0, account: str = "default") -> Claim:
+    """The ledger's claim alone: take the cancel of ``account`` for one attempt under a lease of
+    ``lease`` seconds (its retry budget, ``budget`` seconds from its first attempt, the policy's)."""
     return parse_claim(run(ledger.redis, CLAIM_FN, "claim", *ledger.claim_call(request_id, payment_link_id, owner,
-                                                                                lease, budget)))
+                                                                                lease, budget, account)))
 
 
 def allow(breaker: RedisCircuitBreaker, owner: str) -> Gate:

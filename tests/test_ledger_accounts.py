@@ -1,0 +1,137 @@
+"""The ledger's scripts with many accounts, against a real Redis: one live cancel per
+(account, link), one Request-ID across accounts, each account's own counts and backlog, and
+the schedule's slot per (account, link)."""
+
+from __future__ import annotations
+
+import time
+
+from plural_cancel.config.settings import Settings
+from plural_cancel.worker.attempts import Attempts
+from plural_cancel.worker.breaker import RedisCircuitBreaker
+from plural_cancel.worker.keys import Keys
+from plural_cancel.worker.ledger import Ledger
+from plural_cancel.worker.ratelimit import RedisRateLimiter
+from plural_cancel.worker.schedule import Schedule
+from tests.support.scripts import claim
+
+QUEUE = Settings.cancel_queue
+LINK = "pl-acct-1"
+
+
+def ledger_for(client, **overrides) -> Ledger:
+    options = {"result_ttl": 3600, "stall_timeout": 60.0, "rate": 10.0, "queue": QUEUE}
+    return Ledger(client, keys=Keys(), **{**options, **overrides})
+
+
+def attempts_for(ledger: Ledger, account: str) -> Attempts:
+    keys = ledger.keys
+    breaker = RedisCircuitBreaker(ledger.redis, keys.account_key(account, "breaker"), window=10, min_links=5,
+                                  failure_rate=0.5, cooldown=30)
+    limiter = RedisRateLimiter(ledger.redis, keys.account_key(account, "ratelimit"), rate=100.0)
+    return Attempts(ledger, breaker, limiter, account=account)
+
+
+def test_one_live_cancel_per_account_and_link(redis_client):
+    ledger = ledger_for(redis_client)
+    assert ledger.create_many([("a-1", LINK), ("a-2", LINK)], account="shop-a") == [1, 2]  # the second follows
+    assert ledger.create_many([("b-1", LINK)], account="shop-b") == [1]  # another account's: a cancel of its own
+    assert ledger.create_many([("d-1", LINK)]) == [1]  # and the default account's
+    assert redis_client.get("plural-cancel:link:shop-a:pl-acct-1") == b"a-1"
+    assert redis_client.get("plural-cancel:link:shop-b:pl-acct-1") == b"b-1"
+    assert redis_client.get("plural-cancel:link:pl-acct-1") == b"d-1"  # as before accounts
+    assert ledger.status("a-2")["follows"] == "a-1"
+    assert [ledger.status(rid)["account"] for rid in ("a-1", "b-1", "d-1")] == ["shop-a", "shop-b", "default"]
+    assert b"account" not in redis_client.hkeys(ledger.keys.record("d-1"))  # the default's costs no bytes
+
+
+def test_a_request_id_names_one_cancel_across_accounts(redis_client):
+    ledger = ledger_for(redis_client)
+    assert ledger.create_many([("rid", LINK)], account="shop-a") == [1]
+    assert ledger.create_many([("rid", LINK)], account="shop-a") == [0]  # the same cancel
+    assert ledger.create_many([("rid", LINK)], account="shop-b") == [-1]
+    assert ledger.create_many([("rid", LINK)]) == [-1]
+    # A message sent by name under another account's name: refused, naming whose it is.
+    verdict = claim(ledger, "rid", LINK, "owner", lease=30, account="shop-b")
+    assert (verdict.verdict, verdict.link) == ("mismatch", "shop-a:pl-acct-1")
+
+
+def test_each_account_counts_its_own_and_its_events_name_it(redis_client):
+    ledger = ledger_for(redis_client)
+    ledger.create_many([("a-1", "pl-1"), ("a-2", "pl-2"), ("a-3", "pl-3")], account="shop-a")
+    ledger.create_many([("b-1", "pl-1")], account="shop-b", hold=True)
+    assert claim(ledger, "a-1", "pl-1", "o", lease=30, account="shop-a").verdict == "claimed"
+    own = ledger.account_stats(["shop-a", "shop-b", "default"])
+    assert own["shop-a"] == {"active": {"queued": 2, "running": 1, "retrying": 0}, "backlog": 0}
+    assert own["shop-b"] == {"active": {"queued": 1, "running": 0, "retrying": 0}, "backlog": 1}
+    assert own["default"]["active"] == {"queued": 0, "running": 0, "retrying": 0}
+    assert ledger.stats()["active"] == {"queued": 3, "running": 1, "retrying": 0}  # the fleet's
+    attempts_for(ledger, "shop-a").finish("a-1", "pl-1", "o", state="succeeded", outcome="cancelled", attempted=True)
+    assert ledger.account_stats(["shop-a"])["shop-a"]["active"]["running"] == 0
+    [(_, event)] = redis_client.xrange(ledger.keys.events)
+    assert (event[b"request_id"], event[b"account"]) == (b"a-1", b"shop-a")
+    assert redis_client.get("plural-cancel:link:shop-a:pl-1") is None  # freed: the next cancel leads
+
+
+def test_each_accounts_backlog_has_a_room_of_its_own(redis_client):
+    """shop-a at 1/s holds 100, shop-b at 10/s holds 100: in 2 s ahead the pump takes about 2 of
+    shop-a's and 20 of shop-b's, and an open breaker holds only its own account's back."""
+    ledger = ledger_for(redis_client)
+    redis_client.hset(ledger.keys.accounts, mapping={"shop-a": 1, "shop-b": 10, "default": 10})
+    ledger.create_many([(f"a-{n:03d}", f"pl-{n:03d}") for n in range(100)], account="shop-a", hold=True)
+    ledger.create_many([(f"b-{n:03d}", f"pl-{n:03d}") for n in range(100)], account="shop-b", hold=True)
+    taken = ledger.take_due(10, ahead=2.0, pacing=1.0)
+    by_account = {}
+    for rid, link, account in taken:
+        by_account.setdefault(account, []).append(rid)
+    assert (len(by_account["shop-a"]), len(by_account["shop-b"])) == (2, 20)
+    assert by_account["shop-a"] == ["a-000", "a-001"]  # oldest first
+    assert ledger.take_due(10, ahead=2.0, pacing=1.0) == []  # what was taken fills each room
+    redis_client.hset(ledger.keys.account_key("shop-b", "breaker"), mapping={"state": "open"})
+    ledger.create_many([("b-late", "pl-late")], account="shop-b", hold=True)
+    redis_client.delete(ledger.keys.stats + ":shop-a")  # shop-a's taken ones ran and ended
+    taken = ledger.take_due(10, ahead=2.0, pacing=1.0)
+    assert {account for _, _, account in taken} == {"shop-a"}  # shop-b's breaker holds only shop-b's
+
+
+def test_an_account_with_an_empty_backlog_leaves_the_pumps_round(redis_client):
+    ledger = ledger_for(redis_client)
+    ledger.create_many([("a-1", "pl-1")], account="shop-a", hold=True)
+    assert redis_client.smembers(ledger.keys.backlogs) == {b"shop-a"}
+    assert len(ledger.take_due(10, ahead=2.0)) == 1
+    ledger.take_due(10, ahead=2.0)
+    assert redis_client.smembers(ledger.keys.backlogs) == set()
+
+
+def test_a_dead_letter_retried_keeps_its_account(redis_client):
+    ledger = ledger_for(redis_client)
+    ledger.create_many([("dead", LINK)], account="shop-a")
+    claim(ledger, "dead", LINK, "o", lease=30, account="shop-a")
+    attempts_for(ledger, "shop-a").finish("dead", LINK, "o", state="failed", outcome="auth_failed", attempted=True)
+    assert ledger.requeue(["dead"]) == [("dead", "requeued", LINK, "shop-a")]
+    assert redis_client.get("plural-cancel:link:shop-a:pl-acct-1") == b"dead"
+    assert ledger.status("dead")["account"] == "shop-a"
+
+
+def test_a_link_is_scheduled_once_per_account(redis_client):
+    ledger = ledger_for(redis_client)
+    schedule = Schedule(redis_client, fired_ttl=3600)
+    at = time.time() - 1
+    assert schedule.put(LINK, at, "s-a", replace=False, account="shop-a") == ("scheduled", "s-a")
+    assert schedule.put(LINK, at, "s-b", replace=False, account="shop-b") == ("scheduled", "s-b")
+    assert schedule.put(LINK, at, "s-d", replace=False) == ("scheduled", "s-d")
+    assert schedule.get(LINK, "shop-a")["request_id"] == "s-a"
+    assert schedule.remove(LINK, "shop-b") == ("removed", "s-b")
+    assert schedule.get(LINK, "shop-b") is None and schedule.get(LINK)["request_id"] == "s-d"
+    fired = {(f.request_id, f.payment_link_id, f.account, f.result) for f in schedule.fire(ledger, limit=10)}
+    assert fired == {("s-a", LINK, "shop-a", "enqueued"), ("s-d", LINK, "default", "enqueued")}
+    assert ledger.status("s-a")["account"] == "shop-a"
+    assert schedule.get(LINK, "shop-a")["state"] == "fired"
+    assert ledger.account_stats(["shop-a"])["shop-a"]["active"]["queued"] == 1
+
+
+def test_a_refused_message_keeps_its_valid_account(redis_client):
+    ledger = ledger_for(redis_client)
+    error = {"http_status": None, "code": "MALFORMED_MESSAGE", "message": "x"}
+    assert ledger.reject("rej-1", LINK, error, "shop-a")
+    assert ledger.status("rej-1")["account"] == "shop-a"
