@@ -23,7 +23,14 @@ sandbox (taking any credentials, so any number of accounts), then:
 3. **``--file-accounts`` accounts in the file**: a worker's start-up (launch to "ready.")
    with the file against without it, and Redis bytes per account at rest once each account
    has run one cancel (its token, breaker, pace and counts, and its published name), summed
-   with ``MEMORY USAGE`` over the keys that name it.
+   with ``MEMORY USAGE`` over the keys that name it; and what one read of the shared
+   metrics costs then (``worker.metrics.snapshot``, every account's series), against one
+   with the default account alone.
+4. **A flood sent by name**: ``--flood`` messages of one account (``send_task``, 5 calls/s)
+   pushed onto the queue at once, then one cancel of another account by ``enqueue_cancel``:
+   seconds until Plural sees it (the queue is first in, first out: the workers must take
+   the flood's messages, each deferred to its account's slot, before they reach it), against
+   the same cancel after ``enqueue_many`` of the same flood (held in the backlog).
 """
 
 from __future__ import annotations
@@ -140,10 +147,70 @@ def file_accounts(server: RedisServer, sandbox, count: int, directory: Path) -> 
             if "shop-" in text and ":req:" not in text and ":link:" not in text:
                 per_account += client.memory_usage(key) or 0
         published = client.memory_usage("plural-cancel:accounts") or 0
+        scrape_many = snapshot_seconds(app)
+        saved = client.hgetall("plural-cancel:accounts")
+        client.delete("plural-cancel:accounts")
+        client.hset("plural-cancel:accounts", "default", RATE)
+        scrape_one = snapshot_seconds(app)
+        client.delete("plural-cancel:accounts")
+        client.hset("plural-cancel:accounts", mapping=saved)
     finally:
         worker.stop()
     return {"start_bare": bare, "start_file": loaded, "bytes_per_account": (per_account + published) / count,
-            "published_bytes": published / count}
+            "published_bytes": published / count, "scrape_many": scrape_many, "scrape_one": scrape_one}
+
+
+def snapshot_seconds(app, repeat: int = 5) -> float:
+    """The best of ``repeat`` reads of the shared metrics, seconds."""
+    from plural_cancel.worker import metrics
+
+    best = float("inf")
+    for _ in range(repeat):
+        began = time.perf_counter()
+        metrics.snapshot(app.runtime)
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
+def flood(server: RedisServer, sandbox, count: int, directory: Path) -> dict[str, float]:
+    """Seconds until another account's cancel reaches Plural behind ``count`` cancels of one
+    account: sent by name (all on the queue) and by ``enqueue_many`` (held)."""
+    from plural_cancel import enqueue_cancel, enqueue_many
+
+    path = directory / "flood.toml"
+    path.write_text('[accounts.slow]\nclient_id = "slow"\nclient_secret = "s"\nrate_limit = 5\n'
+                    '[accounts.other]\nclient_id = "other"\nclient_secret = "o"\nrate_limit = 10\n')
+    path.chmod(0o600)
+    out = {}
+    for mode in ("send_task", "enqueue_many"):
+        client = redis.Redis.from_url(server.url)
+        client.flushall()
+        worker, _ = start(service_env(server.url, sandbox.url, PLURAL_ACCOUNTS_FILE=str(path)))
+        try:
+            app = use_settings(server.url, sandbox.url)
+            while len(client.hkeys("plural-cancel:accounts")) < 3:
+                time.sleep(0.1)
+            links = [f"pl-flood-{n:05d}" for n in range(count)]
+            if mode == "send_task":
+                with app.producer_or_acquire() as producer:
+                    for n, link in enumerate(links):
+                        app.send_task("tasks.cancel_payment_link", queue=app.conf.task_default_queue,
+                                      producer=producer, kwargs={"payment_link_id": link,
+                                                                 "request_id": f"flood-{n}", "account": "slow"})
+            else:
+                enqueue_many(links, account="slow", app=app)
+            link = sandbox.create_links(1, prefix=f"pl-other-{mode}-")[0]
+            began = time.time()
+            enqueue_cancel(link, account="other", app=app)
+            while True:
+                seen = [r for r in sandbox.requests() if r["method"] == "PUT" and r["link_id"] == link]
+                if seen or time.time() - began > 300:
+                    break
+                time.sleep(0.1)
+            out[mode] = seen[0]["timestamp"] - began if seen else float("inf")
+        finally:
+            worker.stop()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accounts", type=int, default=100)
     parser.add_argument("--pending", type=int, default=100_000)
     parser.add_argument("--file-accounts", type=int, default=1000)
+    parser.add_argument("--flood", type=int, default=10_000)
     args = parser.parse_args(argv)
 
     # Every worker a process of its own, as deployed: a start-up measured from a fork of a
@@ -194,7 +262,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.file_accounts} accounts in the file: worker start-up {fa['start_file']:.2f} s "
               f"(x{fa['start_file'] / fa['start_bare']:.2f} the {fa['start_bare']:.2f} s without the file); "
               f"Redis bytes per account at rest {fa['bytes_per_account']:.0f} "
-              f"(of which its published name {fa['published_bytes']:.0f})")
+              f"(of which its published name {fa['published_bytes']:.0f}); one read of the shared metrics "
+              f"{fa['scrape_many'] * 1000:.0f} ms (x{fa['scrape_many'] / fa['scrape_one']:.0f} the "
+              f"{fa['scrape_one'] * 1000:.1f} ms of the default account alone)")
+
+        waits = flood(server, sandbox, args.flood, directory)
+        print(f"another account's cancel behind {args.flood} of one account at 5/s reached Plural in "
+              f"{waits['send_task']:.2f} s when they were sent by name, {waits['enqueue_many']:.2f} s when "
+              f"they were enqueued with enqueue_many")
         print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
     finally:
         sandbox.stop()

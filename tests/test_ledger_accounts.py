@@ -65,7 +65,10 @@ def test_each_account_counts_its_own_and_its_events_name_it(redis_client):
     assert own["shop-a"] == {"active": {"queued": 2, "running": 1, "retrying": 0}, "backlog": 0}
     assert own["shop-b"] == {"active": {"queued": 1, "running": 0, "retrying": 0}, "backlog": 1}
     assert own["default"]["active"] == {"queued": 0, "running": 0, "retrying": 0}
-    assert ledger.stats()["active"] == {"queued": 3, "running": 1, "retrying": 0}  # the fleet's
+    ledger.create_many([("d-1", "pl-1")], hold=True)
+    fleet = ledger.stats()
+    assert fleet["active"] == {"queued": 4, "running": 1, "retrying": 0}  # the fleet's
+    assert fleet["backlog"] == 2  # shop-b's and the default account's
     attempts_for(ledger, "shop-a").finish("a-1", "pl-1", "o", state="succeeded", outcome="cancelled", attempted=True)
     assert ledger.account_stats(["shop-a"])["shop-a"]["active"]["running"] == 0
     [(_, event)] = redis_client.xrange(ledger.keys.events)

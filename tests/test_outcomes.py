@@ -128,7 +128,7 @@ def test_a_token_that_could_not_be_had_is_not_an_attempt_and_no_news_of_plural(r
     settings = runtime.settings
     tokens = RedisTokenCache(runtime.redis, settings.client_id, settings.client_secret.reveal(),
                              keys=runtime.keys, wait_timeout=0.3)
-    runtime.__dict__["plural"] = PluralClient.from_settings(settings, tokens=tokens)  # a short wait, for the test
+    runtime.lane("default").plural = PluralClient.from_settings(settings, tokens=tokens)  # a short wait, for the test
     redis_client.set(runtime.keys.token_lock(settings.client_id), "another-process", px=60_000)
     status = run(runtime)
     assert (status["state"], status["attempts"]) == ("queued", 0)

@@ -338,15 +338,22 @@ class Ledger:
     def stats(self) -> dict[str, Any]:
         """``{"active": {queued|running|retrying: n}, "outcomes": {outcome: n}, "deferred": n,
         "backlog": n, "dead_letters": n}`` from counters, never a scan. ``backlog``: bulk cancels
-        waiting their turn in the ledger (counted among ``queued``; a few may have been taken
+        waiting their turn in the ledger, every account's (counted among ``queued``; a few may have been taken
         meanwhile by a message sent by name). ``outcomes`` counts the records that
         finished within the last ``result_ttl`` seconds (those still readable) in hourly
         hashes: the oldest may count up to ``STATS_BUCKET`` seconds of just-expired ones."""
         now, pipe = self.clock(), self.redis.pipeline(transaction=False)
         pipe.hgetall(self.keys.stats).zcard(self.keys.failed).llen(self.keys.backlog)
+        pipe.smembers(self.keys.backlogs)
         for bucket in range(int((now - self.result_ttl) // STATS_BUCKET) * STATS_BUCKET, int(now) + 1, STATS_BUCKET):
             pipe.hgetall(self.keys.finished(bucket))
-        active, dead, backlog, *hours = pipe.execute()
+        active, dead, backlog, named, *hours = pipe.execute()
+        others = [as_text(name) for name in named if as_text(name) != DEFAULT_ACCOUNT]
+        if others:  # every account's backlog: the default one's, and those the backlogs set names
+            pipe = self.redis.pipeline(transaction=False)
+            for name in others:
+                pipe.llen(self.keys.account_key(name, "backlog"))
+            backlog += sum(pipe.execute())
         outcomes: Counter[str] = Counter()
         for hour in hours:
             outcomes.update({as_text(k): int(v) for k, v in hour.items()})
