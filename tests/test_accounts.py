@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import use_settings, wait_for
+from tests.support.fake_sentry import FakeSentry
 from tests.support.sandbox import start_sandbox_process
 from tests.support.workers import CELERY, ROOT, service_env, start_worker
 
@@ -62,17 +63,24 @@ def sandbox():
 
 
 @pytest.fixture(scope="module")
-def fleet(module_redis_url, sandbox, tmp_path_factory):
+def sentry():
+    server = FakeSentry()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def fleet(module_redis_url, sandbox, sentry, tmp_path_factory):
     """Two workers serving the default account and shop-a to shop-d (shop-c with a secret
-    Plural refuses), and a producer's app that has no accounts file."""
+    Plural refuses), reporting to a Sentry, and a producer's app that has no accounts file."""
     path = write_private(tmp_path_factory.mktemp("accounts") / "accounts.toml",
                          accounts_toml(["shop-a", "shop-b", "shop-c", "shop-d"], wrong_secret=["shop-c"]))
     env = service_env(module_redis_url, sandbox.url, PLURAL_ACCOUNTS_FILE=str(path), CANCEL_RETRY_BASE="0.5",
-                      CANCEL_RETRY_CAP="2")
+                      CANCEL_RETRY_CAP="2", SENTRY_DSN=sentry.dsn)
     workers = [start_worker(env, concurrency=16) for _ in range(2)]
     app = use_settings(module_redis_url, sandbox.url)
     wait_for(lambda: set(app.runtime.published_accounts()) >= set(RATES), 10, message="accounts published")
-    yield {"app": app, "sandbox": sandbox, "workers": workers}
+    yield {"app": app, "sandbox": sandbox, "workers": workers, "sentry": sentry}
     for worker in workers:
         worker.stop()
 
@@ -151,6 +159,12 @@ def test_one_accounts_outage_bad_secret_or_throttling_never_holds_another_back(f
     assert app.runtime.breaker_of("shop-b").state()["state"] == "closed"
     c = ended(app, troubled["shop-c"], 20)
     assert {(s["state"], s["outcome"]) for s in c} == {("failed", "auth_failed")}
+    # Each failure is reported tagged with its account, and so is shop-a's breaker opening.
+    sentry = fleet["sentry"]
+    reported = sentry.wait_for_events(lambda e: e.get("tags", {}).get("request_id") in troubled["shop-c"], count=15)
+    assert {e["tags"]["account"] for e in reported} == {"shop-c"}
+    [opened] = sentry.wait_for_events(lambda e: "breaker-opened" in e.get("fingerprint", []))
+    assert opened["tags"]["account"] == "shop-a"
     assert app.runtime.breaker_of("shop-a").state()["state"] in ("open", "half_open")
     d_puts = puts_of(sandbox, [s["payment_link_id"] for s in statuses(app, troubled["shop-d"])])
     assert any(r["status"] == 429 for r in d_puts)  # throttled, and only shop-d's

@@ -72,7 +72,7 @@ def test_a_cancel_that_gives_up_is_one_event_with_its_tags(system, sentry):
     time.sleep(1.5)  # a second report would have arrived by now
     assert len(events_for(sentry, request_id)) == 1
     assert event["level"] == "error"
-    expected = {"payment_link_id": link_id, "request_id": request_id, "outcome": "gave_up",
+    expected = {"payment_link_id": link_id, "request_id": request_id, "account": "default", "outcome": "gave_up",
                 "plural_code": "INTERNAL_ERROR", "http_status": "503", "attempts": str(status["attempts"]),
                 "link_status": "none"}
     assert {k: event["tags"].get(k) for k in expected} == expected  # (Celery's integration adds its task id)
