@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SLOW_MODULES = {
     "test_accounts", "test_beat", "test_chaos", "test_cli_accounts", "test_deploy_files", "test_health",
-    "test_host_app",
-    "test_imports", "test_inspect", "test_metrics", "test_namespace", "test_never_lose", "test_ops",
+    "test_host_app", "test_imports", "test_inspect", "test_metrics", "test_monitoring", "test_namespace",
+    "test_never_lose", "test_ops",
     "test_outcome_stream", "test_pipeline", "test_procfile", "test_redis_restart", "test_reporting", "test_ride_out",
     "test_run_local", "test_sentinel", "test_throttle", "test_tokens", "test_worker_loss",
 }
@@ -32,7 +32,8 @@ ORDER = (
     "test_module_map", "test_sandbox_replies", "test_broker",
     # Then the rest, longest first, to whichever process is free (the docs build, about 10 s
     # of CPU, early among them).
-    "test_accounts", "test_docs", "test_throttle", "test_health", "test_never_lose", "test_reporting", "test_beat",
+    "test_accounts", "test_docs", "test_monitoring", "test_throttle", "test_health", "test_never_lose",
+    "test_reporting", "test_beat", "test_cli_accounts",
     "test_outcome_stream", "test_pipeline",
     "test_ops", "test_inspect", "test_namespace", "test_deploy_files", "test_backlog", "test_sandbox",
     "test_sandbox_throttle", "test_run_local", "test_tokens", "test_replication", "test_settings", "test_imports",

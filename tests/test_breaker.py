@@ -141,13 +141,20 @@ def test_a_successful_probe_closes_it_and_the_cooldown_starts_again_from_its_bas
     open_breaker(b)
     time.sleep(0.55)
     assert allow(b, "p1").probe
+    first = b.state()
     record(b, FAILURE, "pl-probe", probe=True, owner="p1")  # the cooldown doubles to 1 s
     assert b.state()["cooldown"] == pytest.approx(1.0)
+    # Opened again, at a new opening time; open since the first, which the alert on a long
+    # outage reads (plural_cancel_breaker_open_since_seconds).
+    again = b.state()
+    assert again["opened_at"] > first["opened_at"] and again["open_since"] == first["open_since"] == first["opened_at"]
+    assert again["open_seconds"] >= again["opened_at"] - first["opened_at"]
     time.sleep(max(0.0, b.state()["reopens_at"] - time.time() + 0.02))
     assert allow(b, "p2").probe
     record(b, SUCCESS, "pl-probe", probe=True, owner="p2")
     assert b.state() == {"state": "closed", "opened_at": None, "reopens_at": None, "cooldown": None,
-                         "probing": False, "links_called": 0, "links_failing": 0}
+                         "probing": False, "links_called": 0, "links_failing": 0, "open_since": None,
+                         "open_seconds": 0.0}
     assert allow(b, "o") == Gate(True, False, 0.0)
     # Closed from scratch: the next opening needs the full evidence again, and its cooldown is the base.
     assert not record(b, FAILURE, "pl-a") and not record(b, FAILURE, "pl-b")

@@ -19,7 +19,12 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 
 
 def value(samples, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """A sample's value (0 when absent); a figure of one account's cancels is the default
+    account's unless ``account`` is given."""
+    found = samples.get((name, tuple(sorted(labels.items()))))
+    if found is None and "account" not in labels:
+        found = samples.get((name, tuple(sorted({**labels, "account": "default"}.items()))))
+    return found or 0.0
 
 
 def finished(app, request_id, timeout=30.0):
@@ -85,6 +90,12 @@ def test_the_metrics_endpoint_counts_what_happened(system):
     late = value(samples, "plural_cancel_deferrals_total", reason="rate_limit")
     assert puts <= slots <= puts + late
     assert value(samples, "plural_cancel_records", state="succeeded") == 4
+    # Each ending observed once, from its enqueue: seconds, the flaky one's retries included.
+    assert value(samples, "plural_cancel_enqueue_to_end_seconds_count", outcome="cancelled") == 4
+    assert value(samples, "plural_cancel_enqueue_to_end_seconds_count", outcome="not_cancellable") == 1
+    assert 0 < value(samples, "plural_cancel_enqueue_to_end_seconds_sum", outcome="cancelled") < 4 * 30
+    assert value(samples, "plural_cancel_oldest_live_seconds") == 0  # none live
+    assert value(samples, "plural_cancel_breaker_open_since_seconds") == 0
     assert value(samples, "plural_cancel_records", state="failed") == 1
     assert value(samples, "plural_cancel_dead_letters") == 1
     assert value(samples, "plural_cancel_breaker_openings_total") == 0
@@ -105,6 +116,8 @@ def test_the_metrics_endpoint_counts_what_happened(system):
     assert value(samples, "plural_cancel_breaker_state", state="closed") == 0
     assert value(samples, "plural_cancel_breaker_openings_total") == 1
     assert value(samples, "plural_cancel_deferred") == 4
+    assert value(samples, "plural_cancel_breaker_open_since_seconds") > 0
+    assert value(samples, "plural_cancel_oldest_live_seconds") > 0
     assert value(samples, "plural_cancel_records", state="retrying") + value(
         samples, "plural_cancel_records", state="queued") == 4
     # A bulk enqueue while it is open waits in the ledger: nothing reaches the broker.

@@ -26,7 +26,7 @@ that holds a script, and the admission's questions depend on each other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from plural_cancel.worker.breaker import ALLOW_FN, NO_NEWS, RECORD_FN, Gate, RedisCircuitBreaker, parse_gate
@@ -64,27 +64,29 @@ return {c, g, slot}
 #       the pace's (none: Plural answered no call), as many of each as ARGV[2-4] say
 # ARGV: [1] 'finish' or 'defer'  [2-4] how many KEYS each section holds  [5-7] how many
 #       ARGV each takes, then the sections' ARGV in the same order
-# Returns {attempts, opened}: attempts made (-1: stale, nothing written), opened 1 when
-# this failure opened the breaker.
+# Returns {attempts, opened, age}: attempts made (-1: stale, nothing written), opened 1 when
+# this failure opened the breaker, age the seconds from the record's created_at to its end
+# ('' for a defer).
 SETTLE = script(FINISH_FN, DEFER_FN, RECORD_FN, OBSERVE_FN, SECTIONS, """
 local kind = ARGV[1]
 local write_keys, breaker_keys, pace_keys = sections(KEYS, 1, ARGV[2], ARGV[3], ARGV[4])
 local write_args, breaker_args, pace_args = sections(ARGV, 8, ARGV[5], ARGV[6], ARGV[7])
 local write = finish
 if kind == 'defer' then write = defer end
-local attempts = write(write_keys, write_args)
-if attempts == -1 then return {-1, 0} end
+local attempts, age = write(write_keys, write_args)
+if attempts == -1 then return {-1, 0, ''} end
 local opened = 0
 if #breaker_keys > 0 then opened = record(breaker_keys, breaker_args) end
 if #pace_keys > 0 then observe(pace_keys, pace_args) end
-return {attempts, opened}
+return {attempts, opened, age or ''}
 """)
 
 
 # KEYS: the claim's, then the finish's, as many of each as ARGV[1-2] say
 # ARGV: [1-2] how many KEYS each section holds  [3-4] how many ARGV each takes, then the
 #       sections' ARGV in the same order
-# Returns {claim} when the claim is refused, else {claim, attempts}: ended failed/rejected.
+# Returns {claim} when the claim is refused, else {claim, attempts, age}: ended failed/rejected
+# (age: seconds from its record's created_at).
 REFUSE = script(CLAIM_FN, FINISH_FN, SECTIONS, """
 local claim_keys, finish_keys = sections(KEYS, 1, ARGV[1], ARGV[2])
 local claim_args, finish_args = sections(ARGV, 5, ARGV[3], ARGV[4])
@@ -137,6 +139,8 @@ class Settled:
     """The delivery no longer held the cancel (its lease ran out and it was taken over): nothing was written."""
     opened: bool = False
     """This attempt's failure opened the breaker (report it, once)."""
+    age: float | None = None
+    """For an ending: seconds from the record's ``created_at`` to its end, by Redis's clock."""
 
 
 class Attempts:
@@ -206,7 +210,9 @@ class Attempts:
         reply = self._refuse(keys=[*claim_keys, *finish_keys],
                              args=[len(claim_keys), len(finish_keys), len(claim_args), len(finish_args),
                                    *claim_args, *finish_args])
-        return parse_claim(reply[0])
+        claim = parse_claim(reply[0])
+        # Ended here: the claim carries the ending's age, as a gave_up one does.
+        return replace(claim, age=float(reply[2])) if len(reply) > 2 else claim
 
     def _settle_call(self, write: str, keys: list[str], args: list[Any], health: Health,
                      payment_link_id: str, owner: str) -> Settled:
@@ -220,12 +226,12 @@ class Attempts:
         limiter_args: list[Any] = []
         if health.called:
             limiter_keys, limiter_args = self.limiter.observe_call(health.throttled, health.sent_at)
-        attempts, opened = self._settle(
+        attempts, opened, age = self._settle(
             keys=[*keys, *breaker_keys, *limiter_keys],
             args=[write, len(keys), len(breaker_keys), len(limiter_keys), len(args), len(breaker_args),
                   len(limiter_args), *args, *breaker_args, *limiter_args])
         attempts = int(attempts)
         if attempts == STALE:
             return Settled(0, stale=True)
-        return Settled(attempts, opened=bool(int(opened)))
+        return Settled(attempts, opened=bool(int(opened)), age=float(age) if age else None)
 

@@ -149,8 +149,10 @@ local function record(K, A)
   if failing < min_links then return 0 end
   if failing < failure_rate * redis.call('ZCARD', called) then return 0 end
   local cooldown = base_cooldown
+  -- ``open_since``: this first opening, which a failed probe's re-opening (a new ``opened_at``)
+  -- leaves alone; it goes with the hash when a probe closes the breaker.
   redis.call('HSET', breaker, 'state', 'open', 'opened_at', fmt(now), 'reopens_at', fmt(now + cooldown),
-             'cooldown', fmt(cooldown), 'failing_links', failing)
+             'cooldown', fmt(cooldown), 'failing_links', failing, 'open_since', fmt(now))
   redis.call('DEL', probe_lock, called, failing_links)
   return 1
 end
@@ -158,17 +160,23 @@ end
 
 # KEYS: [1] breaker (hash)  [2] probe lock  [3] links called  [4] links failing
 # ARGV: [1] window (seconds)
-# Returns {state, opened_at, reopens_at, cooldown, probing 0/1, links called, links failing}.
+# Returns {state, opened_at, reopens_at, cooldown, probing 0/1, links called, links failing,
+# open_since, seconds open}: the last two '' and 0 while closed.
 STATE = script(REDIS_NOW, """
 local breaker, probe_lock, called, failing_links = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local window = tonumber(ARGV[1])
-local b = redis.call('HMGET', breaker, 'state', 'opened_at', 'reopens_at', 'cooldown')
+local b = redis.call('HMGET', breaker, 'state', 'opened_at', 'reopens_at', 'cooldown', 'open_since')
 local state = b[1] or 'closed'
 local now = redis_now()
 if state == 'open' and now >= tonumber(b[3]) then state = 'half_open' end
 local horizon = '(' .. fmt(now - window)
+-- A breaker opened before ``open_since`` was written has only its latest opening to go by.
+local since = b[5] or (state ~= 'closed' and b[2]) or ''
+local open_for = '0'
+if since ~= '' then open_for = fmt(math.max(0, now - tonumber(since))) end
 return {state, b[2] or '', b[3] or '', b[4] or '', redis.call('EXISTS', probe_lock),
-        redis.call('ZCOUNT', called, horizon, '+inf'), redis.call('ZCOUNT', failing_links, horizon, '+inf')}
+        redis.call('ZCOUNT', called, horizon, '+inf'), redis.call('ZCOUNT', failing_links, horizon, '+inf'),
+        since, open_for}
 """)
 
 
@@ -241,13 +249,16 @@ class RedisCircuitBreaker:
     def state(self) -> dict[str, Any]:
         """The breaker for stats: ``{"state": "closed|open|half_open", "opened_at", "reopens_at"
         (epoch seconds by Redis's clock, or None), "cooldown" (seconds or None), "probing",
-        "links_called", "links_failing" (in the window now)}``."""
-        state, opened_at, reopens_at, cooldown, probing, called, failing = self._state(
+        "links_called", "links_failing" (in the window now), "open_since" (its first opening
+        since it was last closed: a failed probe re-opens it, a new ``opened_at``, and leaves this
+        alone; None while closed), "open_seconds" (seconds since then by Redis's clock; 0 while
+        closed)}``."""
+        state, opened_at, reopens_at, cooldown, probing, called, failing, since, open_for = self._state(
             keys=self.keys, args=[repr(self.window)])
         number = lambda raw: float(raw) if _text(raw) else None  # noqa: E731
         return {"state": _text(state), "opened_at": number(opened_at), "reopens_at": number(reopens_at),
                 "cooldown": number(cooldown), "probing": bool(int(probing)), "links_called": int(called),
-                "links_failing": int(failing)}
+                "links_failing": int(failing), "open_since": number(since), "open_seconds": float(open_for)}
 
 
 def parse_gate(reply: list) -> Gate:

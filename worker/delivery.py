@@ -48,8 +48,9 @@ def deliver(rt: Runtime, args: tuple, kwargs: dict) -> str:
         refused = malformed.refuse(rt, args, kwargs, problem)
         if refused is None:
             return "malformed"
+        # Its record is written ended (``REJECT``): created and ended in the same instant.
         report_failed(refused.request_id, refused.payment_link_id or "", "rejected", 0, refused.error, None,
-                      account=refused.account)
+                      account=refused.account, age=0.0)
         return "rejected"
     lane = rt.lane(account)
     if lane is None:
@@ -70,7 +71,8 @@ def refuse_account(rt: Runtime, payment_link_id: str, request_id: str, account: 
     log.error("cancel refused: account %r is not in the workers' accounts", account,
               extra={"request_id": request_id, "payment_link_id": payment_link_id, "account": account,
                      "state": "failed", "outcome": "rejected"})
-    report_failed(request_id, payment_link_id, "rejected", claim.attempts, error, None, account=account)
+    report_failed(request_id, payment_link_id, "rejected", claim.attempts, error, None, account=account,
+                  age=claim.age)
     return "rejected"
 
 
@@ -98,7 +100,7 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str, lane: Lane | Non
         log.warning("cancel failed: gave_up (retry budget spent)",
                     extra={**ids, "state": "failed", "outcome": "gave_up", "error": error})
         report_failed(request_id, payment_link_id, "gave_up", claim.attempts, error, claim.link_status,
-                      account=account)
+                      account=account, age=claim.age)
         return "gave_up"
     if claim.verdict == "mismatch":
         # One Request-ID names one cancel: this message's link is not cancelled under it. Not a
@@ -238,20 +240,21 @@ def record(rt: Runtime, decision: Decision, payment_link_id: str, request_id: st
             extra={**fields, "state": step.state, "outcome": step.outcome, "error": error})
     if step.state == "failed":
         report_failed(request_id, payment_link_id, step.outcome, attempts, error, link.status if link else None,
-                      account=account)
+                      account=account, age=settled.age)
     else:
-        metrics.CANCELS.labels(step.outcome, account).inc()
+        metrics.ended(step.outcome, account, settled.age)
     return step.outcome
 
 
 def report_failed(request_id: str, payment_link_id: str, outcome: str, attempts: int, error: dict | None,
-                  link_status: str | None, *, account: str | None = None) -> None:
-    """A cancel has just been recorded ``failed``: count it and report it, once.
+                  link_status: str | None, *, account: str | None = None, age: float | None = None) -> None:
+    """A cancel has just been recorded ``failed``: count it and report it, once. ``age``:
+    seconds from its record's ``created_at`` to its end.
 
     Once, because only the delivery holding the claim finishes a record, and a
     finished record is never claimed again.
     """
     account = account or DEFAULT_ACCOUNT
-    metrics.CANCELS.labels(outcome, account).inc()
+    metrics.ended(outcome, account, age)
     reporting.report_failure(request_id=request_id, payment_link_id=payment_link_id, outcome=outcome,
                              attempts=attempts, error=error, link_status=link_status, account=account)

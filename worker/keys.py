@@ -60,22 +60,32 @@ class Keys:
         room for them; they then enter ``due`` like any published cancel."""
         return f"{self.prefix}:backlog"
 
+    @property
+    def live(self) -> str:
+        """Sorted set: Request-IDs of the live cancels (queued, running, retrying) that are not
+        held in a backlog, scored by their record's ``created_at`` (epoch seconds, Redis's
+        clock): with the backlogs, which are in creation order, where the age of the oldest live
+        cancel is read (``OLDEST_LIVE`` in ``worker.ledger_lua``). Held cancels stay out of it:
+        an entry costs a backlogged cancel more than a third of its bytes again."""
+        return f"{self.prefix}:live"
+
     def account_key(self, account: str, what: str) -> str:
         """One of an account's own keys: ``what`` is ``ratelimit``, ``breaker`` (each with the
-        keys beside it), ``token``, ``token-lock``, ``backlog`` or ``stats``.
+        keys beside it), ``token``, ``token-lock``, ``backlog``, ``live`` or ``stats``.
 
-        Another account's are ``acct:<name>:<what>``, but for two the ledger's scripts
+        Another account's are ``acct:<name>:<what>``, but for three the ledger's scripts
         derive from the shared key they are given: ``backlog:<name>`` (List: as
-        :attr:`backlog`, its held cancels) and ``stats:<name>`` (Hash: as :attr:`stats`, for
-        its cancels alone). The default account keeps the keys it had before accounts
-        (:attr:`ratelimit`, :attr:`breaker`, :meth:`token`, :attr:`backlog`) and counts its
-        cancels in ``stats:default``."""
+        :attr:`backlog`, its held cancels), ``live:<name>`` (Sorted set: as :attr:`live`) and
+        ``stats:<name>`` (Hash: as :attr:`stats`, for its cancels alone). The default account
+        keeps the keys it had before accounts (:attr:`ratelimit`, :attr:`breaker`,
+        :meth:`token`, :attr:`backlog`, :attr:`live`) and counts its cancels in ``stats:default``."""
         if what == "stats":
             return f"{self.stats}:{account}"
         if account == DEFAULT_ACCOUNT:
-            return {"ratelimit": self.ratelimit, "breaker": self.breaker, "backlog": self.backlog}[what]
-        if what == "backlog":
-            return f"{self.backlog}:{account}"
+            return {"ratelimit": self.ratelimit, "breaker": self.breaker, "backlog": self.backlog,
+                    "live": self.live}[what]
+        if what in ("backlog", "live"):
+            return f"{getattr(self, what)}:{account}"
         return f"{self.prefix}:acct:{account}:{what}"
 
     @property

@@ -58,6 +58,8 @@ local function backlog_key(backlog, account)
   if account == nil or account == '' or account == false then return backlog end
   return backlog .. ':' .. account
 end
+-- ``Keys.account_key`` ``live``: an account's live cancels outside its backlog, by created_at.
+local live_key = backlog_key
 -- When a message sent now should have been taken by: the stall timeout plus the time
 -- the queue's backlog needs at the rate limit, so a long queue is not republished.
 local function recheck_at(now, queue, stall, rate)
@@ -69,6 +71,7 @@ end
 #       [4] stats  [5] schedule ids  [6] the queue (list)  [7] record key prefix
 #       [8] followers key prefix  [9] backlog (list; used only when ``hold``: the account's is
 #       beside it)  [10] backlogs (set of accounts with a backlog; only when ``hold``)
+#       [11] live (sorted set; the account's is beside it, ``Keys.live``)
 # ARGV: [1] request_id  [2] payment_link_id  [3] stall timeout (seconds)  [4] rate (per second)
 #       [5] callback task name ('' for none)  [6] callback queue  [7] account ('': default)
 # ``hold``: a bulk cancel waits in its account's backlog, not the due index, until the pump
@@ -80,7 +83,7 @@ CREATE_FN = Lua("""
 -- ``now`` and ``uncounted`` are for CREATE_MANY: one clock reading per batch, and the
 -- stats counted once for the batch (Lua calls into Redis are most of a create's cost).
 local function create(K, A, hold, now, uncounted)
-  local record, link, due, stats, schedule_ids, queue, records, followers, backlog, backlogs = unpack(K, 1, 10)
+  local record, link, due, stats, schedule_ids, queue, records, followers, backlog, backlogs, live = unpack(K, 1, 11)
   local rid, link_id, stall, rate, callback, callback_queue, account = unpack(A, 1, 7)
   local existing = redis.call('HMGET', record, 'payment_link_id', 'account')
   if existing[1] then
@@ -107,6 +110,7 @@ local function create(K, A, hold, now, uncounted)
       redis.call('HSET', record, 'follows', leader)
       redis.call('SADD', followers .. leader, rid)
       redis.call('ZADD', due, recheck_at(now, queue, stall, rate), rid)
+      redis.call('ZADD', live_key(live, account), now, rid)
       return 2
     end
     redis.call('SET', link, rid)
@@ -117,6 +121,8 @@ local function create(K, A, hold, now, uncounted)
     end
   else
     redis.call('ZADD', due, recheck_at(now, queue, stall, rate), rid)
+    -- Held ones are not indexed by age: a backlog is in creation order already (``OLDEST_LIVE``).
+    redis.call('ZADD', live_key(live, account), now, rid)
   end
   return 1
 end
@@ -124,16 +130,17 @@ end
 
 # KEYS: [1] due  [2] stats  [3] schedule ids  [4] the queue (list)  [5] record key prefix
 #       [6] followers key prefix  [7] link key prefix  [8] backlog (list)  [9] backlogs (set)
+#       [10] live (sorted set)
 # ARGV: [1] stall timeout (seconds)  [2] rate (per second)  [3] callback task name ('' for
 #       none)  [4] callback queue  [5] hold (0/1)  [6] account ('': default), then [7..]
 #       pairs: request_id, payment_link_id
 # Creates many records in one call (CREATE_FN each): a producer's batch costs one round
 # trip and one command per chunk, not one per link. Returns CREATE_FN's code per pair.
 CREATE_MANY = script(CREATE_FN, """
-local due, stats, schedule_ids, queue, records, followers, links, backlog, backlogs = unpack(KEYS, 1, 9)
+local due, stats, schedule_ids, queue, records, followers, links, backlog, backlogs, live = unpack(KEYS, 1, 10)
 local stall, rate, callback, callback_queue = unpack(ARGV, 1, 4)
 local hold, account, now = ARGV[5] == '1', ARGV[6], redis_now()
-local K = {'', '', due, stats, schedule_ids, queue, records, followers, backlog, backlogs}
+local K = {'', '', due, stats, schedule_ids, queue, records, followers, backlog, backlogs, live}
 local A = {'', '', stall, rate, callback, callback_queue, account}
 local out, created = {}, 0
 for i = 7, #ARGV, 2 do
@@ -150,7 +157,8 @@ end
 return out
 """)
 
-# KEYS: CREATE_FN's first eight (a message sent by name creates its record here)
+# KEYS: CREATE_FN's eleven (a message sent by name creates its record here; not held, so the
+#       backlog and backlogs go unused)
 # ARGV: [1-7] CREATE_FN's  [8] owner  [9] lease seconds  [10] the retry budget (seconds from
 #       the first attempt: the retry policy's, ``worker.policy``)
 # ``claim(K, A)`` returns {verdict, ...}: claimed/attempts/budget seconds left (the whole
@@ -206,16 +214,18 @@ end
 
 # KEYS: [1] record  [2] link  [3] due  [4] failed  [5] events  [6] stats
 #       [7] finished-hash prefix (the hour's start is appended)  [8] this record's followers
-#       [9] record key prefix  [10] callbacks (pending index)
+#       [9] record key prefix  [10] callbacks (pending index)  [11] live (sorted set; the
+#       account's is beside it)
 # ARGV: [1] request_id  [2] owner  [3] ttl seconds  [4] attempted (0/1)  [5] stream retention seconds
 #       [6] JSON object of fields to set (state, outcome, link_status, ...)  [7] bucket seconds
-# Returns the attempts made, or -1 when ``owner`` no longer holds the cancel (its lease
-# ran out and another delivery took it): a stale delivery writes nothing.
+# ``finish`` returns the attempts made, or -1 when ``owner`` no longer holds the cancel (its
+# lease ran out and another delivery took it): a stale delivery writes nothing; and, when it
+# ended the record, the seconds from its ``created_at`` to now as a second value (text).
 FINISH_FN = Lua("""
 -- Ends one record: its fields, its expiry (RESULT_TTL from now), its counts, its event,
 -- and its callback, if it has one, pending (sent by a worker's pump: worker.publisher).
 local function close(K, A, key, rid, before, fields, now, event, account)
-  local events, stats, finished, callbacks = K[5], K[6], K[7], K[10]
+  local events, stats, finished, callbacks, live = K[5], K[6], K[7], K[10], K[11]
   local ttl, retention, bucket_seconds = tonumber(A[3]), tonumber(A[5]), tonumber(A[7])
   table.insert(event, 'at')
   table.insert(event, fmt(now))
@@ -229,6 +239,7 @@ local function close(K, A, key, rid, before, fields, now, event, account)
   redis.call('HSET', key, 'updated_at', fmt(now), 'next_attempt_at', '')
   redis.call('HDEL', key, 'owner', 'lease_until')
   redis.call('EXPIRE', key, ttl)
+  redis.call('ZREM', live_key(live, account), rid)
   count_move(stats, before, fields['state'], account)
   -- Counted in the hour it finished; the hash expires with the last record it counts.
   local bucket = math.floor(now / bucket_seconds) * bucket_seconds
@@ -245,7 +256,7 @@ end
 local function finish(K, A)
   local record, link, due, failed, followers, records = K[1], K[2], K[3], K[4], K[8], K[9]
   local rid, owner, ttl, attempted, fields = A[1], A[2], tonumber(A[3]), tonumber(A[4]), cjson.decode(A[6])
-  local r = redis.call('HMGET', record, 'state', 'owner', 'payment_link_id', 'account')
+  local r = redis.call('HMGET', record, 'state', 'owner', 'payment_link_id', 'account', 'created_at')
   if r[1] ~= 'running' or r[2] ~= owner then return -1 end
   local now = redis_now()
   local attempts = redis.call('HINCRBY', record, 'attempts', attempted)
@@ -272,7 +283,7 @@ local function finish(K, A)
     end
   end
   redis.call('DEL', followers)
-  return attempts
+  return attempts, fmt(now - (tonumber(r[5] or '') or now))
 end
 """, needs=(_PRELUDE,))
 
@@ -280,16 +291,17 @@ end
 # ``give_up(K, A)``: a claimed cancel whose retry budget is spent ends ``gave_up`` (the
 # budget is the retry policy's; ``worker.attempts`` calls this at admission, in the same
 # round trip as the claim). Returns {'gave_up', attempts, last error JSON or '', the
-# link's last known status or ''}.
+# link's last known status or '', seconds from its created_at to its end}.
 GIVE_UP_FN = Lua("""
 local function give_up(K, A)
   local record = K[1]
   local r = redis.call('HMGET', record, 'last_error', 'link_status')
-  return {'gave_up', finish(K, A), r[1] or '', r[2] or ''}
+  local attempts, age = finish(K, A)
+  return {'gave_up', attempts, r[1] or '', r[2] or '', age}
 end
 """, needs=(FINISH_FN,))
 
-# KEYS: FINISH_FN's ten (the link, due and followers are not used), then [11] schedule ids
+# KEYS: FINISH_FN's eleven (the link, due and followers are not used), then [12] schedule ids
 # ARGV: FINISH_FN's seven (owner unused, attempted 0, fields state=failed, outcome=rejected,
 #       last_error), then [8] the payment link id ('' when the message had no valid one)
 #       [9] the account ('': default, or the message had no valid one)
@@ -298,7 +310,7 @@ end
 # (then nothing is written and the caller counts the message as malformed: a message
 # never takes the Request-ID of a cancel that is to fire later). Returns 1 written, 0 not.
 REJECT = script(FINISH_FN, """
-local record, schedule_ids = KEYS[1], KEYS[11]
+local record, schedule_ids = KEYS[1], KEYS[12]
 local rid, fields, link_id, account = ARGV[1], cjson.decode(ARGV[6]), ARGV[8], ARGV[9]
 if redis.call('EXISTS', record) == 1 or redis.call('HEXISTS', schedule_ids, rid) == 1 then return 0 end
 local now = redis_now()
@@ -340,7 +352,8 @@ end
 #       account's; another's is beside it)  [5] stats  [6] breaker (hash: the default
 #       account's)  [7] link key prefix  [8] followers key prefix  [9] accounts (hash: name ->
 #       rate limit)  [10] backlogs (set)  [11] account key prefix (``acct:``: another
-#       account's breaker is ``acct:<name>:breaker``)
+#       account's breaker is ``acct:<name>:breaker``)  [12] live (sorted set; the account's is
+#       beside it)
 # ARGV: [1] how many due ones at most  [2] stall timeout (seconds)  [3] the default account's
 #       rate (per second, as granted now)  [4] seconds of work to keep ahead of the workers
 #       (0: take nothing from the backlogs)  [5] share of an account's rate limit granted
@@ -357,9 +370,11 @@ end
 # up to its own room, ARGV[4] seconds at its rate less the cancels of its own that will
 # run in that time anyway (queued and published, running). Accounts do not share a room,
 # so one account's backlog, however long, never takes another's turn. Each cancel taken
-# enters the due index as a published one does.
+# enters the due index as a published one does; each live one taken off a backlog (a few
+# were claimed meanwhile) enters its account's live index.
 PUMP = script(_PRELUDE, """
 local index, records, queue, backlog, stats, breaker, links, followers, accounts, backlogs, acct = unpack(KEYS, 1, 11)
+local live = KEYS[12]
 local limit, stall, rate, ahead, pacing = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
                                           tonumber(ARGV[4]), tonumber(ARGV[5])
 -- Whether a follower whose leader is gone leads now (true), or follows the link's live cancel.
@@ -424,7 +439,8 @@ for _, name in ipairs(redis.call('SMEMBERS', backlogs)) do
       looked = looked + 1
       local rid = redis.call('RPOP', list)
       if not rid then break end
-      local r = redis.call('HMGET', records .. rid, 'state', 'payment_link_id', 'follows')
+      local r = redis.call('HMGET', records .. rid, 'state', 'payment_link_id', 'follows', 'created_at')
+      if ACTIVE[r[1] or ''] then redis.call('ZADD', live_key(live, account), r[4], rid) end
       -- Anything else was claimed meanwhile (a message sent by name), or ended: it is not ours.
       if r[1] == 'queued' and not r[3] and not redis.call('ZSCORE', index, rid) then
         redis.call('ZADD', index, recheck, rid)
@@ -440,16 +456,17 @@ return out
 """)
 
 # KEYS: [1] record  [2] failed  [3] due  [4] stats  [5] finished-hash prefix  [6] link key prefix
-#       [7] record key prefix  [8] followers key prefix  [9] the queue (list)
+#       [7] record key prefix  [8] followers key prefix  [9] the queue (list)  [10] live (sorted
+#       set; the account's is beside it)
 # ARGV: [1] request_id  [2] bucket seconds  [3] stall timeout (seconds)  [4] rate (per second)
 # A dead letter back to queued, live again (no expiry), attempts kept; its budget starts
 # afresh at its next claim. It leads its link again, or follows the link's live cancel
 # when another has started meanwhile. Returns {verdict, link, account}: requeued (publish
 # it), following (publish nothing), missing or not_failed.
 REQUEUE = script(_PRELUDE, """
-local record, failed, due, stats, hours, links, records, followers, queue = unpack(KEYS, 1, 9)
+local record, failed, due, stats, hours, links, records, followers, queue, live = unpack(KEYS, 1, 10)
 local rid, bucket_seconds, stall, rate = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local r = redis.call('HMGET', record, 'state', 'payment_link_id', 'outcome', 'updated_at', 'account')
+local r = redis.call('HMGET', record, 'state', 'payment_link_id', 'outcome', 'updated_at', 'account', 'created_at')
 redis.call('ZREM', failed, rid)
 if r[1] ~= 'failed' then return {r[1] and 'not_failed' or 'missing', r[2] or '', r[5] or ''} end
 -- Uncount it from the hour it failed in, while that hash lives.
@@ -460,6 +477,8 @@ redis.call('HSET', record, 'state', 'queued', 'updated_at', fmt(now), 'next_atte
 redis.call('HDEL', record, 'outcome', 'owner', 'lease_until', 'deadline', 'follows')
 redis.call('PERSIST', record)
 count_move(stats, 'failed', 'queued', r[5])
+-- Live again, and as old as its record: the promise it carries dates from its creation.
+redis.call('ZADD', live_key(live, r[5]), r[6] or fmt(now), rid)
 local link = link_key(links, r[5], r[2])
 local leader = redis.call('GET', link)
 -- Due in the index either way: a follower is checked for its leader there (PUMP).
@@ -519,3 +538,46 @@ for i = 1, #ARGV, 2 do
 end
 return removed
 """
+
+# KEYS: [1] live (sorted set: the default account's; another's is beside it)  [2] backlog
+#       (list: the same)  [3] record key prefix
+# ARGV: account names ('default' for the default one)
+# The age of each account's oldest live cancel: returns {seconds or '' (none live), ...}, one
+# per account, by Redis's clock. A live cancel is in its account's live index (by created_at)
+# or held in its backlog, which is in creation order (pushed at the head, taken from the
+# tail): so the oldest is the older of the index's first and the backlog's last. Cheap at
+# any size: a few entries at each end are read, never the whole. An entry whose record is
+# no longer live (deleted by hand) is skipped, and dropped from the index, at most
+# ``STALE_LOOK`` of each per account and call; a backlog's are the pump's to drop.
+OLDEST_LIVE = script(_PRELUDE, """
+local live, backlog, records = KEYS[1], KEYS[2], KEYS[3]
+local STALE_LOOK = 100
+local now = redis_now()
+local out = {}
+for i, name in ipairs(ARGV) do
+  local account = name
+  if name == 'default' then account = '' end
+  local oldest
+  local index = live_key(live, account)
+  for _ = 1, STALE_LOOK do
+    local head = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')
+    if #head == 0 then break end
+    if ACTIVE[redis.call('HGET', records .. head[1], 'state') or ''] then
+      oldest = tonumber(head[2])
+      break
+    end
+    redis.call('ZREM', index, head[1])
+  end
+  local tail = redis.call('LRANGE', backlog_key(backlog, account), -STALE_LOOK, -1)
+  for j = #tail, 1, -1 do
+    local r = redis.call('HMGET', records .. tail[j], 'state', 'created_at')
+    if ACTIVE[r[1] or ''] then
+      local created = tonumber(r[2] or '')
+      if created and (not oldest or created < oldest) then oldest = created end
+      break
+    end
+  end
+  out[i] = oldest and fmt(math.max(0, now - oldest)) or ''
+end
+return out
+""")

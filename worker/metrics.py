@@ -6,17 +6,26 @@ Every figure of one account's cancels carries its ``account`` label (one series 
 the workers know: bounded by the accounts file).
 
 - ``plural_cancel_cancels_total{outcome,account}``: cancels that reached a final outcome;
+- ``plural_cancel_enqueue_to_end_seconds{outcome,account}``: of those, seconds from the
+  record's ``created_at`` to its end (Redis's clock, so every host agrees), observed by the
+  worker that ends it. Followers that end with their leader are left out, as they are of
+  ``cancels_total``: each was created while its leader was live, so the leader's age bounds it;
 - ``plural_cancel_plural_request_seconds{call}``: latency of each call to Plural
   (``cancel``: the PUT, ``get``: the GET after an unclear refusal), in seconds;
 - ``plural_cancel_retries_total{reason,account}``: attempts that ended in a retry, by error;
 - ``plural_cancel_deferrals_total{reason,account}``: cancels held back before calling Plural
   (``breaker``: it is open; ``rate_limit``: no slot soon enough);
 - ``plural_cancel_limiter_wait_seconds``: seconds slept for a granted rate-limit slot;
-- ``plural_cancel_breaker_openings_total{account}``: openings of a breaker caused here.
+- ``plural_cancel_breaker_openings_total{account}``: openings of a breaker caused here;
+- ``plural_cancel_token_refresh_failures_total{account}``: Generate Token calls of this
+  process that failed (``worker.tokens``), 0 from the start for each account it serves.
 
 Read from Redis at each scrape (shared by every worker, so each one shows the same):
 ``plural_cancel_breaker_state{state,account}`` (1 for the current one of closed, open,
-half_open), ``plural_cancel_records{state}`` (see ``Ledger.stats``) and
+half_open), ``plural_cancel_breaker_open_since_seconds{account}`` (seconds since the breaker
+first opened, kept through its half-open probes until one closes it; 0 while closed),
+``plural_cancel_oldest_live_seconds{account}`` (age of the account's oldest queued, running
+or retrying cancel; 0 when none: ``Ledger.oldest_live``), ``plural_cancel_records{state}`` (see ``Ledger.stats``) and
 ``plural_cancel_account_records{state,account}`` (queued, running, retrying, and
 ``backlog``: ``Ledger.account_stats``),
 ``plural_cancel_queue_depth``, ``plural_cancel_backlog``, ``plural_cancel_deferred``,
@@ -69,6 +78,12 @@ LIMITER_WAIT = Histogram("plural_cancel_limiter_wait_seconds", "Seconds slept fo
                          buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
 BREAKER_OPENINGS = Counter("plural_cancel_breaker_openings",
                            "Openings of an account's circuit breaker caused by this process.", ["account"])
+ENQUEUE_TO_END = Histogram(
+    "plural_cancel_enqueue_to_end_seconds",
+    "Seconds from a cancel's enqueue (its record's created_at) to its end, by outcome, Redis's clock.",
+    ["outcome", "account"], buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400))
+TOKEN_REFRESH_FAILURES = Counter("plural_cancel_token_refresh_failures",
+                                 "Generate Token calls of this process that failed, by account.", ["account"])
 ACCOUNTS_RELOAD_FAILURES = Counter("plural_cancel_accounts_reload_failures",
                                    "Reloads of the accounts file (PLURAL_ACCOUNTS_FILE) that failed in this process: "
                                    "the last good accounts stay in force (see the worker log).")
@@ -76,6 +91,14 @@ ACCOUNTS_RELOAD_FAILURES = Counter("plural_cancel_accounts_reload_failures",
 BREAKER_STATES = ("closed", "open", "half_open")
 SUCCEEDED = ("cancelled", "already_cancelled")
 """Outcomes of the state ``succeeded``; every other outcome is ``failed``."""
+
+
+def ended(outcome: str, account: str, age: float | None) -> None:
+    """Count a cancel that has just ended with ``outcome``, and observe its ``age``: seconds from
+    its record's ``created_at`` to its end (None: unknown, not observed)."""
+    CANCELS.labels(outcome, account).inc()
+    if age is not None:
+        ENQUEUE_TO_END.labels(outcome, account).observe(age)
 
 
 @contextmanager
@@ -97,7 +120,8 @@ def snapshot(rt) -> dict[str, Any]:
     """The state every worker shares, read from Redis now (``rt`` is a ``worker.runtime.Runtime``):
     ``{"states": {state: n}, "outcomes": {outcome: n}, "deferred": n, "backlog": n, "dead_letters": n,
     "queue_depth": n, "breaker": {...}, "rate": calls per second, "malformed": {reason: n}}``.
-    ``queued``, ``running`` and ``retrying`` are counted now; ``succeeded``, ``failed`` and
+    ``accounts``: per account, its counts, breaker, pace and ``oldest_live`` (seconds, or
+    None: none live). ``queued``, ``running`` and ``retrying`` are counted now; ``succeeded``, ``failed`` and
     the outcomes over the last ``RESULT_TTL`` seconds (see ``Ledger.stats``); ``malformed``
     since the count began (``worker.malformed``)."""
     shared = rt.ledger.stats()
@@ -109,10 +133,11 @@ def snapshot(rt) -> dict[str, Any]:
     shared["queue_depth"] = rt.redis.llen(rt.settings.cancel_queue)
     rates = rt.published_accounts()
     shared["accounts"] = {}
+    oldest = rt.ledger.oldest_live(rates)
     for name, own in rt.ledger.account_stats(rates).items():
         rate, share = rt.limiter_of(name, rates[name]).pace()
         shared["accounts"][name] = {**own, "breaker": rt.breaker_of(name).state(), "rate": rate,
-                                    "throttled_share": share}
+                                    "throttled_share": share, "oldest_live": oldest.get(name)}
     default = shared["accounts"].get("default")
     shared["breaker"] = default["breaker"] if default else rt.breaker.state()
     shared["rate"], shared["throttled_share"] = (default["rate"], default["throttled_share"]) if default \
@@ -143,10 +168,21 @@ class SharedStateCollector(Collector):
         accounts = shared.get("accounts") or {"default": shared}
         breaker = GaugeMetricFamily("plural_cancel_breaker_state", "1 for an account's breaker's current state.",
                                     labels=["state", "account"])
+        open_for = GaugeMetricFamily("plural_cancel_breaker_open_since_seconds",
+                                     "Seconds since an account's breaker first opened, kept while it turns "
+                                     "half-open to probe and opens again; 0 while closed.", labels=["account"])
+        oldest = GaugeMetricFamily("plural_cancel_oldest_live_seconds",
+                                   "Age in seconds of an account's oldest live cancel (queued, running or "
+                                   "retrying), from its enqueue (Redis's clock); 0 when it has none.",
+                                   labels=["account"])
         for name, own in accounts.items():
             for state in BREAKER_STATES:
                 breaker.add_metric([state, name], 1.0 if own["breaker"]["state"] == state else 0.0)
+            open_for.add_metric([name], own["breaker"].get("open_seconds") or 0.0)
+            oldest.add_metric([name], own.get("oldest_live") or 0.0)
         yield breaker
+        yield open_for
+        yield oldest
         records = GaugeMetricFamily("plural_cancel_records", "Cancels in the ledger by state (queued, running, "
                                     "retrying: now; succeeded, failed: within RESULT_TTL).", labels=["state"])
         for state, n in shared["states"].items():

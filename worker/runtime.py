@@ -219,7 +219,8 @@ class Lane:
         name = account.name
         limiter = rt.limiter_of(name, account.rate_limit)
         breaker = rt.breaker_of(name)
+        failures = metrics.TOKEN_REFRESH_FAILURES.labels(name)  # shown at 0 from the start: rate() needs a start
         tokens = RedisTokenCache(rt.redis, account.client_id, account.client_secret.reveal(), keys=rt.keys,
-                                 account=name)
+                                 account=name, on_refresh_failure=lambda exc: failures.inc())
         plural = PluralClient.from_settings(account.settings(rt.settings), tokens=tokens)
         return cls(account, limiter, breaker, Attempts(rt.ledger, breaker, limiter, account=name), plural)

@@ -97,7 +97,7 @@ return {'none', ''}
 # KEYS: [1] schedule  [2] link hash key prefix  [3] fired marker key prefix, then the
 #       ledger's batch keys (``Ledger.batch_keys``): [4] due  [5] stats  [6] schedule ids
 #       [7] the queue  [8] record key prefix  [9] followers key prefix  [10] link key prefix
-#       [11] backlog  [12] backlogs
+#       [11] backlog  [12] backlogs  [13] live
 # ARGV: [1] how many at most  [2] marker ttl seconds  [3] stall timeout (seconds)
 #       [4] rate (per second)  [5-8] the names of CREATE_FN's codes 1, 2, 0, -1 for the
 #       fired marker (``Created.fired``)
@@ -107,13 +107,13 @@ return {'none', ''}
 # ('': default), ...}. A member without its hash is dropped.
 FIRE = script(CREATE_FN, """
 local schedule, entries, markers = KEYS[1], KEYS[2], KEYS[3]
-local due, stats, schedule_ids, queue, records, followers, links, backlog, backlogs = unpack(KEYS, 4, 12)
+local due, stats, schedule_ids, queue, records, followers, links, backlog, backlogs, live = unpack(KEYS, 4, 13)
 local limit, marker_ttl, stall, rate = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 local RESULTS = {[1] = ARGV[5], [2] = ARGV[6], [0] = ARGV[7], [-1] = ARGV[8]}
 local now = redis_now()
 local fired = redis.call('ZRANGEBYSCORE', schedule, '-inf', now, 'LIMIT', 0, limit)
 -- CREATE_FN's keys and arguments; the record's and the link's keys, ids and callback per entry.
-local K = {'', '', due, stats, schedule_ids, queue, records, followers, backlog, backlogs}
+local K = {'', '', due, stats, schedule_ids, queue, records, followers, backlog, backlogs, live}
 local A = {'', '', stall, rate, '', '', ''}
 local out = {}
 for _, slot in ipairs(fired) do

@@ -157,13 +157,17 @@ class RedisTokenCache:
     host whose clock is off (``plural-cancel check`` reports it) neither refetches on every
     call nor keeps a token past its life. ``clock``: Redis's time (epoch seconds) for tests;
     by default Redis's own ``TIME``, read in the same round trip as the token.
+    ``on_refresh_failure``: called with the error each time this process's refresh fails
+    (Generate Token refused or unreachable), before it is raised: the worker counts it.
     """
 
     def __init__(self, client: redis.Redis, client_id: str, client_secret: str, *,
                  keys: Keys = Keys(), clock: Callable[[], float] | None = None,
                  monotonic: Callable[[], float] = time.monotonic, wait_timeout: float = 20.0,
-                 account: str = DEFAULT_ACCOUNT):
+                 account: str = DEFAULT_ACCOUNT,
+                 on_refresh_failure: Callable[[BaseException], None] = lambda exc: None):
         self._redis = client
+        self._on_refresh_failure = on_refresh_failure
         if account == DEFAULT_ACCOUNT:
             self._key, self._lock_key = keys.token(client_id), keys.token_lock(client_id)
             info = client_id
@@ -217,7 +221,12 @@ class RedisTokenCache:
                     cached = self._read()
                     if cached is not None:
                         return cached
-                    return self._write(fetch())
+                    try:
+                        token = fetch()
+                    except Exception as exc:
+                        self._on_refresh_failure(exc)
+                        raise
+                    return self._write(token)
                 finally:
                     self._release(keys=[self._lock_key], args=[owner])
             if time.monotonic() >= deadline:
