@@ -200,10 +200,13 @@ def flood(server: RedisServer, sandbox, count: int, directory: Path) -> dict[str
             else:
                 enqueue_many(links, account="slow", app=app)
             link = sandbox.create_links(1, prefix=f"pl-other-{mode}-")[0]
+            since = max((r["seq"] for r in sandbox.requests()), default=0)
             began = time.time()
             enqueue_cancel(link, account="other", app=app)
             while True:
-                seen = [r for r in sandbox.requests() if r["method"] == "PUT" and r["link_id"] == link]
+                fresh = sandbox.requests(since)
+                since = max((r["seq"] for r in fresh), default=since)
+                seen = [r for r in fresh if r["method"] == "PUT" and r["link_id"] == link]
                 if seen or time.time() - began > 300:
                     break
                 time.sleep(0.1)

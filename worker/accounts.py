@@ -1,8 +1,8 @@
 """The accounts the workers know, published in Redis for producers and the pump.
 
 Each worker reads the accounts file (``config.accounts.AccountBook``) and writes the names
-of the accounts in force, each with its rate limit, to one hash (``Keys.accounts``),
-whole, at start and after every reload; never a secret. A producer host then needs no
+of the accounts in force, each with its rate limit, to one hash (``Keys.accounts``), at
+start, after every reload and every ``REPUBLISH_EVERY`` seconds; never a secret. A producer host then needs no
 file to check a name (:func:`check_account`), and the pump reads each account's rate from
 the same hash (``worker.ledger_lua``'s ``PUMP``).
 
@@ -36,11 +36,17 @@ SHOWN_NAMES = 20
 
 
 def publish(client: redis.Redis, keys: Keys, accounts: dict[str, Account]) -> None:
-    """Replace the published accounts with ``accounts`` (name -> rate limit), in one MULTI."""
-    pipe = client.pipeline(transaction=True)
-    pipe.delete(keys.accounts)
-    if accounts:
-        pipe.hset(keys.accounts, mapping={name: repr(account.rate_limit) for name, account in accounts.items()})
+    """Make the published accounts ``accounts`` (name -> rate limit): every name set first,
+    then the names no longer in force removed, so that no moment shows an account in force
+    missing. No MULTI: a Redis refusing writes (``NOREPLICAS``, ``OOM``) then answers with its
+    own error, which the pump's tick rides out as it does for its other steps."""
+    current = {name: repr(account.rate_limit) for name, account in accounts.items()}
+    stale = [name for name in client.hkeys(keys.accounts) if name.decode() not in current]
+    pipe = client.pipeline(transaction=False)
+    if current:
+        pipe.hset(keys.accounts, mapping=current)
+    if stale:
+        pipe.hdel(keys.accounts, *stale)
     pipe.execute()
 
 
