@@ -305,11 +305,12 @@ def test_the_breaker_opening_is_reported_once(system, redis_url, sandbox_process
         client = redis.Redis.from_url(redis_url, decode_responses=True)
         wait_for(lambda: client.hget("plural-cancel:breaker", "state") == "open", 20, message="breaker open")
         time.sleep(3.0)  # every cancel has tried or been held by now
-        opened = sentry.wait_for_events(lambda e: e.get("fingerprint") == ["plural-cancel", "breaker-opened"])
+        fingerprint = ["plural-cancel", "breaker-opened", "default"]  # one issue per account's breaker
+        sentry.wait_for_events(lambda e: e.get("fingerprint") == fingerprint)
         time.sleep(1.0)
-        opened = [e for e in sentry.events() if e.get("fingerprint") == ["plural-cancel", "breaker-opened"]]
+        opened = [e for e in sentry.events() if e.get("fingerprint") == fingerprint]
         assert len(opened) == 1
-        assert opened[0]["tags"]["plural_code"] == "INTERNAL_ERROR"
+        assert (opened[0]["tags"]["plural_code"], opened[0]["tags"]["account"]) == ("INTERNAL_ERROR", "default")
         # ...and its ERROR log line did not become a second event through the logging integration.
         echoes = [e for e in sentry.events() if "circuit breaker opened" in str(e.get("logentry", ""))]
         assert echoes == []

@@ -50,10 +50,16 @@ def publish(client: redis.Redis, keys: Keys, accounts: dict[str, Account]) -> No
     pipe.execute()
 
 
-def published(client: redis.Redis, keys: Keys) -> dict[str, float]:
-    """The accounts the workers published: name -> rate limit (calls per second); {} when
-    no worker has published any yet."""
-    return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in client.hgetall(keys.accounts).items()}
+def refresh(rt: Runtime) -> bool:
+    """Read the accounts file again if it changed, and publish the accounts in force when
+    they changed or ``REPUBLISH_EVERY`` seconds have passed. Run by every worker's pump
+    (``worker.app.DuePump``); returns True when the accounts changed."""
+    changed = rt.book.refresh()
+    now = time.monotonic()
+    if changed or rt.accounts_published_at is None or now - rt.accounts_published_at >= REPUBLISH_EVERY:
+        publish(rt.redis, rt.keys, rt.book.accounts())
+        rt.accounts_published_at = now
+    return changed
 
 
 KNOWN_FOR = 5.0
@@ -77,7 +83,7 @@ def check_account(rt: Runtime, account: str | None) -> str:
     if found or name in local or (name == DEFAULT_ACCOUNT and not any_published and not local):
         rt.known_accounts[name] = now + KNOWN_FOR
         return name
-    known = sorted(set(published(rt.redis, rt.keys)) | set(local))
+    known = sorted(set(rt.published_accounts()) - ({DEFAULT_ACCOUNT} if not any_published else set()) | set(local))
     shown = ", ".join(known[:SHOWN_NAMES]) + (", ..." if len(known) > SHOWN_NAMES else "")
     raise ValueError(f"account: {name!r} is not an account the workers know "
                      f"({'known: ' + shown if known else 'none is published yet'}; see PLURAL_ACCOUNTS_FILE)")

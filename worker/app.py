@@ -21,7 +21,7 @@ from kombu.exceptions import OperationalError
 from plural_cancel.config.celery import PUMP_INTERVAL, celery_config
 from plural_cancel.config.settings import Settings
 from plural_cancel.errors import REDIS_AWAY, ConfigError, refusal_code, write_refused
-from plural_cancel.worker import malformed
+from plural_cancel.worker import accounts, malformed
 from plural_cancel.worker.broker import message_dropped
 from plural_cancel.worker.health import BrokerReady, WorkerHeartbeat
 from plural_cancel.worker.publisher import pump, send_callbacks
@@ -56,7 +56,8 @@ class CancelApp(Celery):
         if self._runtime is None:
             with self._runtime_lock:
                 if self._runtime is None:
-                    self._runtime = Runtime(self.settings)
+                    self._runtime = Runtime(self.settings, on_reload_failure=_count_reload_failure,
+                                            token_failures=_token_failure_counter)
         return self._runtime
 
     def close(self) -> None:
@@ -116,8 +117,25 @@ SKIPPED_EVERY = 60.0
 
 
 def refresh_accounts(app_) -> None:
-    """The accounts file read again if it changed, and the accounts published (``Runtime.refresh_accounts``)."""
-    app_.runtime.refresh_accounts()
+    """The accounts file read again if it changed, and the accounts published (``worker.accounts.refresh``)."""
+    accounts.refresh(app_.runtime)
+
+
+def _count_reload_failure(exc: Exception) -> None:
+    """A reload of the accounts file failed (``config.accounts`` logged it): counted."""
+    # Imported here, as the other handlers import it: producers load this app too, and need
+    # no prometheus-client.
+    from plural_cancel.worker import metrics
+
+    metrics.ACCOUNTS_RELOAD_FAILURES.inc()
+
+
+def _token_failure_counter(account: str):
+    """What counts one account's failed token refreshes (``Runtime.token_failures``)."""
+    from plural_cancel.worker import metrics
+
+    failures = metrics.TOKEN_REFRESH_FAILURES.labels(account)  # shown at 0 from the start: rate() needs one
+    return lambda exc: failures.inc()
 
 
 class DuePump(bootsteps.StartStopStep):

@@ -20,7 +20,6 @@ from plural_cancel.config import sentinel
 from plural_cancel.config.accounts import Account, AccountBook
 from plural_cancel.config.settings import Settings
 from plural_cancel.errors import ConfigError
-from plural_cancel.worker import accounts, metrics
 from plural_cancel.worker.attempts import Attempts
 from plural_cancel.worker.breaker import RedisCircuitBreaker
 from plural_cancel.worker.keys import DEFAULT_ACCOUNT, Keys
@@ -43,7 +42,9 @@ class Runtime:
     """Long-lived collaborators of one process. ``clock`` and ``jitter`` are injectable for tests."""
 
     def __init__(self, settings: Settings, *, keys: Keys = Keys(), clock: Callable[[], float] = time.time,
-                 jitter: Callable[[], float] = random.random):
+                 jitter: Callable[[], float] = random.random,
+                 on_reload_failure: Callable[[Exception], None] | None = None,
+                 token_failures: Callable[[str], Callable[[Exception], None]] | None = None):
         self.settings = settings
         self.keys = keys
         self.clock = clock
@@ -52,7 +53,13 @@ class Runtime:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._lanes: dict[str, Lane] = {}
-        self._published_at = -accounts.REPUBLISH_EVERY
+        self.on_reload_failure = on_reload_failure
+        """Called with the error when a reload of the accounts file fails (the worker counts it)."""
+        self.token_failures = token_failures
+        """Given an account's name, what to call with the error when its token cannot be had
+        (the worker counts it, per account, from the lane's start)."""
+        self.accounts_published_at: float | None = None
+        """Monotonic time this process last published its accounts (``worker.accounts.refresh``)."""
         self.known_accounts: dict[str, float] = {}
         """Account name -> monotonic time until which this process takes it as known
         (``worker.accounts.check_account``)."""
@@ -92,19 +99,8 @@ class Runtime:
     @cached_property
     def book(self) -> AccountBook:
         """The Plural accounts in force (``PLURAL_ACCOUNTS_FILE``, and ``default`` from
-        ``PLURAL_CLIENT_ID``), re-read as the file changes (:meth:`refresh_accounts`)."""
-        return AccountBook(self.settings, on_reload_failure=lambda exc: metrics.ACCOUNTS_RELOAD_FAILURES.inc())
-
-    def refresh_accounts(self) -> bool:
-        """Re-read the accounts file if it changed, and publish the accounts in force
-        (``worker.accounts``) when they changed or ``REPUBLISH_EVERY`` seconds have passed.
-        Run by every worker's pump; returns True when the accounts changed."""
-        changed = self.book.refresh()
-        now = time.monotonic()
-        if changed or now - self._published_at >= accounts.REPUBLISH_EVERY:
-            accounts.publish(self.redis, self.keys, self.book.accounts())
-            self._published_at = now
-        return changed
+        ``PLURAL_CLIENT_ID``), re-read as the file changes (``worker.accounts.refresh``)."""
+        return AccountBook(self.settings, on_reload_failure=self.on_reload_failure)
 
     def local_accounts(self) -> dict[str, Account]:
         """This process's own accounts ({} when it has none, or its file cannot be read: a
@@ -115,9 +111,11 @@ class Runtime:
             return {}
 
     def published_accounts(self) -> dict[str, float]:
-        """The accounts the workers published, name -> rate limit; the default one at
-        ``PLURAL_RATE_LIMIT`` when none is published yet."""
-        return accounts.published(self.redis, self.keys) or {DEFAULT_ACCOUNT: self.settings.rate_limit}
+        """The accounts the workers published (``worker.accounts``), name -> rate limit (calls
+        per second); the default one at ``PLURAL_RATE_LIMIT`` when none is published yet."""
+        published = {(k.decode() if isinstance(k, bytes) else k): float(v)
+                     for k, v in self.redis.hgetall(self.keys.accounts).items()}
+        return published or {DEFAULT_ACCOUNT: self.settings.rate_limit}
 
     def lane(self, account: str) -> Lane | None:
         """``account``'s own rate limit, breaker and Plural client, or None when this process
@@ -219,8 +217,8 @@ class Lane:
         name = account.name
         limiter = rt.limiter_of(name, account.rate_limit)
         breaker = rt.breaker_of(name)
-        failures = metrics.TOKEN_REFRESH_FAILURES.labels(name)  # shown at 0 from the start: rate() needs a start
+        counted = {"on_refresh_failure": rt.token_failures(name)} if rt.token_failures else {}
         tokens = RedisTokenCache(rt.redis, account.client_id, account.client_secret.reveal(), keys=rt.keys,
-                                 account=name, on_refresh_failure=lambda exc: failures.inc())
+                                 account=name, **counted)
         plural = PluralClient.from_settings(account.settings(rt.settings), tokens=tokens)
         return cls(account, limiter, breaker, Attempts(rt.ledger, breaker, limiter, account=name), plural)
