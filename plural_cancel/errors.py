@@ -92,15 +92,28 @@ def write_refused(error: BaseException) -> bool:
     (``NOREPLICAS`` and ``MISCONF`` arrive as a plain ``ResponseError``)."""
     import redis
 
-    return isinstance(error, redis.ResponseError) and str(error).split(" ", 1)[0] in WRITE_REFUSALS \
+    return isinstance(error, redis.ResponseError) and _code(error) in WRITE_REFUSALS \
         or isinstance(error, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError))
+
+
+_PIPELINED = " of pipeline caused error: "
+"""What redis-py puts before Redis's own message when a command of a pipeline failed
+(``Command # 1 (HSET ...) of pipeline caused error: NOREPLICAS ...``)."""
+
+
+def _code(error: BaseException) -> str:
+    """Redis's error code (its message's first word), from under a pipeline's wording too."""
+    text = str(error)
+    if _PIPELINED in text:
+        text = text.split(_PIPELINED, 1)[1]
+    return text.split(" ", 1)[0]
 
 
 def refusal_code(error: BaseException) -> str:
     """A refused write's name for a log line: Redis's code (``NOREPLICAS``), else the class's."""
     import redis
 
-    code = str(error).split(" ", 1)[0]
+    code = _code(error)
     if code in WRITE_REFUSALS:
         return code
     if isinstance(error, redis.exceptions.OutOfMemoryError):

@@ -206,3 +206,26 @@ def test_every_error_the_product_defines_has_the_one_base():
                     checked.append(cls)
                     assert issubclass(cls, PluralCancelError), f"{name}.{node.name} is not a PluralCancelError"
     assert len(checked) >= 15  # the hierarchy, the CLI's failures, the broker's undecodable body
+
+
+def test_a_refused_write_is_known_by_its_code_alone_or_in_a_pipeline(redis_client):
+    """A master short of replicas refuses writes (NOREPLICAS): a command's error and a
+    pipeline's, which redis-py words around Redis's own, are both a refused write."""
+    import redis
+
+    from plural_cancel.errors import refusal_code, write_refused
+
+    redis_client.config_set("min-replicas-to-write", 1)
+    try:
+        errors = []
+        for send in (lambda: redis_client.hset("plural-cancel:x", "a", 1),
+                     lambda: redis_client.pipeline(transaction=False).hset("plural-cancel:x", "a", 1).execute()):
+            try:
+                send()
+            except redis.ResponseError as exc:
+                errors.append(exc)
+        assert len(errors) == 2 and "of pipeline caused error" in str(errors[1])
+        assert [(write_refused(e), refusal_code(e)) for e in errors] == [(True, "NOREPLICAS")] * 2
+    finally:
+        redis_client.config_set("min-replicas-to-write", 0)
+    assert not write_refused(redis.ResponseError("Command # 1 (GET x) of pipeline caused error: WRONGTYPE ..."))

@@ -1,10 +1,10 @@
 """The accounts the workers know, published in Redis for producers and the pump.
 
 Each worker reads the accounts file (``config.accounts.AccountBook``) and writes the names
-of the accounts in force, each with its rate limit, to one hash (``Keys.accounts``), at
-start, after every reload and every ``REPUBLISH_EVERY`` seconds; never a secret. A producer host then needs no
-file to check a name (:func:`check_account`), and the pump reads each account's rate from
-the same hash (``worker.ledger_lua``'s ``PUMP``).
+of the accounts in force, each with its rate limit, to one hash (``Keys.accounts``): at
+start, after every reload and every ``REPUBLISH_EVERY`` seconds; never a secret. A
+producer host then needs no file to check a name (:func:`check_account`), and the pump
+reads each account's rate from the same hash (``worker.ledger_lua``'s ``PUMP``).
 
 Several workers write the hash: each writes what its own file says, so for the minute a
 changed file takes to reach them all, the last writer wins.
@@ -12,7 +12,6 @@ changed file takes to reach them all, the last writer wins.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -24,8 +23,6 @@ from plural_cancel.worker.validation import validate_account_name
 
 if TYPE_CHECKING:
     from plural_cancel.worker.runtime import Runtime
-
-log = logging.getLogger(__name__)
 
 REPUBLISH_EVERY = 30.0
 """Seconds between two writes of the hash by one worker when nothing changed: a worker of

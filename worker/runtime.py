@@ -130,6 +130,8 @@ class Runtime:
         with self._lock:
             lane = self._lanes.get(account)
             if lane is None or lane.account != found:
+                # The lane replaced stays with the threads still using it; its HTTP session
+                # closes when the last of them lets it go.
                 lane = self._lanes[account] = Lane.build(self, found)
         return lane
 
