@@ -12,8 +12,8 @@ sandbox (taking any credentials, so any number of accounts), then:
 1. **Per-cancel cost, 1 account against ``--accounts``**, alternating over ``--rounds``: one
    ``celery -A worker worker`` (threads x 128) with an accounts file of ``--accounts``
    accounts (each at ``rate_limit`` 10000, so no limiter binds) beside the default account
-   (``PLURAL_RATE_LIMIT=10000``); ``--count`` cancels enqueued with ``enqueue_many``, all
-   for ``default`` (1 account), or spread evenly over the file's accounts; the clock runs
+   (``PLURAL_RATE_LIMIT=10000``); ``--count`` cancels enqueued in ``--accounts`` calls of
+   ``enqueue_many``, all for ``default`` (1 account), or one call per account; the clock runs
    from the first enqueue until the ledger counts none live. Per run: cancels per second and
    Redis commands per cancel (``INFO commandstats``, those inside Lua scripts included, less
    this driver's own). The ratios many/one use each mode's best rate and its mean commands.
@@ -79,17 +79,18 @@ def start(env: dict[str, str]) -> tuple[CeleryProcess, float]:
     return worker, time.monotonic() - began
 
 
-def run(app, client: redis.Redis, sandbox, names: list[str], count: int) -> tuple[float, float]:
-    """Enqueue ``count`` cancels spread over ``names``; (cancels per second, Redis commands per cancel)."""
+def run(app, client: redis.Redis, sandbox, names: list[str], count: int, calls: int) -> tuple[float, float]:
+    """Enqueue ``count`` cancels in ``calls`` calls of ``enqueue_many``, the accounts ``names``
+    taking turns; (cancels per second, Redis commands per cancel)."""
     from plural_cancel import enqueue_many
 
     links = sandbox.create_links(count, prefix=f"pl-b{time.monotonic_ns() % 10**9}-")
-    share = count // len(names)
+    share = count // calls
     time.sleep(1.0)  # the workers' idle pump settles
     calls0 = info_calls(client)
     began = time.monotonic()
-    for n, name in enumerate(names):
-        enqueue_many(links[n * share:(n + 1) * share], account=name, app=app)
+    for n in range(calls):
+        enqueue_many(links[n * share:(n + 1) * share], account=names[n % len(names)], app=app)
     polls = 0
     while True:
         stats = client.hgetall("plural-cancel:stats")
@@ -99,7 +100,7 @@ def run(app, client: redis.Redis, sandbox, names: list[str], count: int) -> tupl
         time.sleep(0.05)
     seconds = time.monotonic() - began
     commands = info_calls(client) - calls0 - polls - 1
-    return share * len(names) / seconds, commands / (share * len(names))
+    return share * calls / seconds, commands / (share * calls)
 
 
 def bytes_per_pending(server: RedisServer, sandbox, pending: int) -> dict[str, float]:
@@ -241,14 +242,16 @@ def main(argv: list[str] | None = None) -> int:
         while len(client.hkeys("plural-cancel:accounts")) < args.accounts + 1:
             time.sleep(0.1)
         many_names = [f"shop-{n:04d}" for n in range(args.accounts)]
-        run(app, client, sandbox, ["default"], 300)  # warm-up: tokens, connections
-        run(app, client, sandbox, many_names, args.accounts * 3)
+        run(app, client, sandbox, ["default"], 300, 3)  # warm-up: tokens, connections
+        run(app, client, sandbox, many_names, args.accounts * 3, args.accounts)
         figures: dict[str, list[tuple[float, float]]] = {"one": [], "many": []}
         print(f"{'round':<7}{'accounts':>9}{'cancels/s':>11}{'cmds/cancel':>13}")
         for r in range(args.rounds):
             for mode in (("one", "many") if r % 2 == 0 else ("many", "one")):
                 names = ["default"] if mode == "one" else many_names
-                rate, cmds = run(app, client, sandbox, names, args.count)
+                # The same calls either way (one enqueue_many per account's share), so that what
+                # differs is the accounts alone.
+                rate, cmds = run(app, client, sandbox, names, args.count, args.accounts)
                 figures[mode].append((rate, cmds))
                 print(f"{r:<7}{len(names):>9}{rate:>11.0f}{cmds:>13.2f}", flush=True)
         worker.stop()

@@ -253,12 +253,21 @@ class RedisCircuitBreaker:
         since it was last closed: a failed probe re-opens it, a new ``opened_at``, and leaves this
         alone; None while closed), "open_seconds" (seconds since then by Redis's clock; 0 while
         closed)}``."""
-        state, opened_at, reopens_at, cooldown, probing, called, failing, since, open_for = self._state(
-            keys=self.keys, args=[repr(self.window)])
-        number = lambda raw: float(raw) if _text(raw) else None  # noqa: E731
-        return {"state": _text(state), "opened_at": number(opened_at), "reopens_at": number(reopens_at),
-                "cooldown": number(cooldown), "probing": bool(int(probing)), "links_called": int(called),
-                "links_failing": int(failing), "open_since": number(since), "open_seconds": float(open_for)}
+        return parse_state(self._state(*self.state_call()))
+
+    def state_call(self) -> tuple[list[str], list[str]]:
+        """KEYS and ARGV of the state script (``STATE``), for reading many breakers in one
+        pipeline (the metrics); its reply is :func:`parse_state`'s."""
+        return self.keys, [repr(self.window)]
+
+
+def parse_state(reply: list) -> dict[str, Any]:
+    """:meth:`RedisCircuitBreaker.state` from the state script's (``STATE``) reply."""
+    state, opened_at, reopens_at, cooldown, probing, called, failing, since, open_for = reply
+    number = lambda raw: float(raw) if _text(raw) else None  # noqa: E731
+    return {"state": _text(state), "opened_at": number(opened_at), "reopens_at": number(reopens_at),
+            "cooldown": number(cooldown), "probing": bool(int(probing)), "links_called": int(called),
+            "links_failing": int(failing), "open_since": number(since), "open_seconds": float(open_for)}
 
 
 def parse_gate(reply: list) -> Gate:

@@ -119,7 +119,11 @@ class RedisRateLimiter:
         pipe.hgetall(self.pace_key)
         pipe.time()
         fields, (seconds, micros) = pipe.execute()
-        now = seconds + micros / 1e6
+        return self.pace_at(fields, seconds + micros / 1e6)
+
+    def pace_at(self, fields: dict, now: float) -> tuple[float, float]:
+        """:meth:`pace` from the pace hash's fields (``HGETALL`` of :attr:`pace_key`) read at
+        ``now`` (epoch seconds, Redis's clock): for reading many limiters in one pipeline."""
         state = pace.from_fields({k.decode(): v.decode() for k, v in fields.items()})
         return pace.rate(state, self.rate, now), pace.share(state, now)
 
