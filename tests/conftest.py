@@ -118,6 +118,17 @@ def sandbox_process():
     proc.stop()
 
 
+@pytest.fixture(scope="module")
+def sentry():
+    """A loopback Sentry (``tests.support.fake_sentry``) for one test module; ``.dsn`` points a
+    worker's ``SENTRY_DSN`` at it."""
+    from tests.support.fake_sentry import FakeSentry
+
+    server = FakeSentry()
+    yield server
+    server.close()
+
+
 @pytest.fixture
 def services():
     """Processes a test started (workers, beats: anything with ``stop()``), stopped after it."""

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import use_settings, wait_for
-from tests.support.fake_sentry import FakeSentry
 from tests.support.sandbox import start_sandbox_process
 from tests.support.workers import CELERY, ROOT, service_env, start_worker
 
@@ -60,13 +59,6 @@ def sandbox():
                                  accounts=CREDENTIALS.items())
     yield proc
     proc.stop()
-
-
-@pytest.fixture(scope="module")
-def sentry():
-    server = FakeSentry()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

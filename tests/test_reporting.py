@@ -15,17 +15,9 @@ import pytest
 import redis
 
 from tests.conftest import use_settings, wait_for
-from tests.support.fake_sentry import FakeSentry
 from tests.support.workers import ROOT, service_env, start_beat, start_worker
 
 SECRET = "test-secret-do-not-leak"
-
-
-@pytest.fixture(scope="module")
-def sentry():
-    server = FakeSentry()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

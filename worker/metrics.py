@@ -186,21 +186,16 @@ class SharedStateCollector(Collector):
         accounts = shared.get("accounts") or {"default": shared}
         breaker = GaugeMetricFamily("plural_cancel_breaker_state", "1 for an account's breaker's current state.",
                                     labels=["state", "account"])
-        open_for = GaugeMetricFamily("plural_cancel_breaker_open_since_seconds",
-                                     "Seconds since an account's breaker first opened, kept while it turns "
-                                     "half-open to probe and opens again; 0 while closed.", labels=["account"])
-        oldest = GaugeMetricFamily("plural_cancel_oldest_live_seconds",
-                                   "Age in seconds of an account's oldest live cancel (queued, running or "
-                                   "retrying), from its enqueue (Redis's clock); 0 when it has none.",
-                                   labels=["account"])
         for name, own in accounts.items():
             for state in BREAKER_STATES:
                 breaker.add_metric([state, name], 1.0 if own["breaker"]["state"] == state else 0.0)
-            open_for.add_metric([name], own["breaker"].get("open_seconds") or 0.0)
-            oldest.add_metric([name], own.get("oldest_live") or 0.0)
         yield breaker
-        yield open_for
-        yield oldest
+        yield _by_account("plural_cancel_breaker_open_since_seconds", "Seconds since an account's breaker first "
+                          "opened, kept while it turns half-open to probe and opens again; 0 while closed.",
+                          accounts, lambda own: own["breaker"].get("open_seconds") or 0.0)
+        yield _by_account("plural_cancel_oldest_live_seconds", "Age in seconds of an account's oldest live cancel "
+                          "(queued, running or retrying), from its enqueue (Redis's clock); 0 when it has none.",
+                          accounts, lambda own: own.get("oldest_live") or 0.0)
         records = GaugeMetricFamily("plural_cancel_records", "Cancels in the ledger by state (queued, running, "
                                     "retrying: now; succeeded, failed: within RESULT_TTL).", labels=["state"])
         for state, n in shared["states"].items():
@@ -222,18 +217,12 @@ class SharedStateCollector(Collector):
         yield GaugeMetricFamily("plural_cancel_dead_letters",
                                 "Cancels that ended failed (plural-cancel failed list).",
                                 value=shared["dead_letters"])
-        rate = GaugeMetricFamily("plural_cancel_rate_limit_per_second",
-                                 "Calls per second an account's limiter grants now: the pace, lower while Plural "
-                                 "throttles a share of calls (worker.pace).", labels=["account"])
-        throttled = GaugeMetricFamily("plural_cancel_throttled_share",
-                                      "Share of Plural's recent answers to an account's calls that were throttles "
-                                      "(429, or a rate limit in Plural's words), weighted over about the last 2 s.",
-                                      labels=["account"])
-        for name, own in accounts.items():
-            rate.add_metric([name], own["rate"])
-            throttled.add_metric([name], own["throttled_share"])
-        yield rate
-        yield throttled
+        yield _by_account("plural_cancel_rate_limit_per_second", "Calls per second an account's limiter grants "
+                          "now: the pace, lower while Plural throttles a share of calls (worker.pace).",
+                          accounts, lambda own: own["rate"])
+        yield _by_account("plural_cancel_throttled_share", "Share of Plural's recent answers to an account's calls "
+                          "that were throttles (429, or a rate limit in Plural's words), weighted over about the "
+                          "last 2 s.", accounts, lambda own: own["throttled_share"])
         # A counter: the hash only grows, so rate() and increase() apply. Every worker
         # serves the same fleet-wide figure; aggregate with max, not sum.
         dropped = CounterMetricFamily("plural_cancel_malformed_messages",
@@ -266,6 +255,15 @@ class SharedStateCollector(Collector):
         yield GaugeMetricFamily("plural_cancel_clock_offset_seconds",
                                 "Seconds this worker's host clock is ahead of Redis's (negative: behind); Plural "
                                 "sees it in every Request-Timestamp.", value=shared["clock_offset"])
+
+
+def _by_account(name: str, documentation: str, accounts: dict[str, dict],
+                value: Callable[[dict], float]) -> GaugeMetricFamily:
+    """A gauge with one sample per account, ``value`` of each account's shared figures."""
+    family = GaugeMetricFamily(name, documentation, labels=["account"])
+    for account, own in accounts.items():
+        family.add_metric([account], value(own))
+    return family
 
 
 class MetricsServer:
