@@ -138,3 +138,52 @@ def test_a_refused_message_keeps_its_valid_account(redis_client):
     error = {"http_status": None, "code": "MALFORMED_MESSAGE", "message": "x"}
     assert ledger.reject("rej-1", LINK, error, "shop-a")
     assert ledger.status("rej-1")["account"] == "shop-a"
+
+
+def test_followers_take_no_room_from_their_accounts_backlog(redis_client):
+    """A second cancel of a held link follows it and is never sent: it must not count as work
+    about to run, or the held cancels it follows would never be let out."""
+    ledger = ledger_for(redis_client)
+    redis_client.hset(ledger.keys.accounts, "shop-a", 10)
+    links = [f"pl-{n:03d}" for n in range(100)]
+    ledger.create_many([(f"lead-{n:03d}", link) for n, link in enumerate(links)], account="shop-a", hold=True)
+    ledger.create_many([(f"again-{n:03d}", link) for n, link in enumerate(links[:40])], account="shop-a")
+    assert ledger.account_stats(["shop-a"])["shop-a"]["active"]["queued"] == 140
+    taken = ledger.take_due(0, ahead=2.0, pacing=1.0)
+    assert len(taken) == 20 and {rid[:5] for rid, _, _ in taken} == {"lead-"}
+
+
+def test_the_default_accounts_backlog_is_pumped_though_the_backlogs_set_never_named_it(redis_client):
+    """Cancels held before accounts (an upgrade with a backlog): the list is not empty, so no
+    create since has added ``default`` to the backlogs set; the pump looks at it anyway."""
+    ledger = ledger_for(redis_client)
+    ledger.create_many([(f"old-{n}", f"pl-{n}") for n in range(3)], hold=True)
+    redis_client.delete(ledger.keys.backlogs)  # as the version before accounts left it
+    ledger.create_many([("new-0", "pl-new")], hold=True)
+    assert not redis_client.sismember(ledger.keys.backlogs, "default")
+    assert [rid for rid, _ in ledger.take_due(0, ahead=2.0, pacing=1.0)] == ["old-0", "old-1", "old-2", "new-0"]
+
+
+def test_an_account_slower_than_one_call_in_the_look_ahead_still_drains_one_at_a_time(redis_client):
+    ledger = ledger_for(redis_client)
+    redis_client.hset(ledger.keys.accounts, "shop-slow", 0.2)  # 0.4 of a call in 2 s
+    ledger.create_many([(f"s-{n}", f"pl-{n}") for n in range(3)], account="shop-slow", hold=True)
+    assert [rid for rid, *_ in ledger.take_due(0, ahead=2.0, pacing=1.0)] == ["s-0"]
+    assert ledger.take_due(0, ahead=2.0, pacing=1.0) == []  # the one taken is queued: busy
+    claim(ledger, "s-0", "pl-0", "o", lease=30, account="shop-slow")
+    attempts_for(ledger, "shop-slow").finish("s-0", "pl-0", "o", state="succeeded", outcome="cancelled",
+                                             attempted=True)
+    assert [rid for rid, *_ in ledger.take_due(0, ahead=2.0, pacing=1.0)] == ["s-1"]
+
+
+def test_an_open_breaker_holds_the_backlog_only_until_it_is_due_to_reopen(redis_client):
+    """After its reopening time a probe decides, which needs a delivery: an account no worker
+    serves any more (removed from the file) must still have its held cancels delivered, to be
+    refused."""
+    ledger = ledger_for(redis_client)
+    ledger.create_many([("g-0", "pl-0")], account="shop-gone", hold=True)
+    breaker = ledger.keys.account_key("shop-gone", "breaker")
+    redis_client.hset(breaker, mapping={"state": "open", "reopens_at": time.time() + 60})
+    assert ledger.take_due(0, ahead=2.0, pacing=1.0) == []
+    redis_client.hset(breaker, "reopens_at", time.time() - 1)
+    assert ledger.take_due(0, ahead=2.0, pacing=1.0) == [("g-0", "pl-0", "shop-gone")]

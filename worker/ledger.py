@@ -275,18 +275,20 @@ class Ledger:
                  pacing: float = 1.0) -> list[tuple[str, ...]]:
         """Live cancels to publish now, as (request_id, link), or (request_id, link, account)
         for an account but the default one (as ``worker.publisher.publish`` takes them): up to
-        ``limit`` whose time has come, then, with ``ahead`` seconds, each account's turn at its backlog: held
-        ones (oldest first) until ``ahead`` seconds of its work at its rate are queued or
-        running. The default account's rate is ``rate`` (per second; the configured rate
-        unless given), another's the one published for it (``Keys.accounts``) times
-        ``pacing``. None from an account's backlog while its breaker is open.
+        ``limit`` whose time has come, then, with ``ahead`` seconds, each account's turn at its
+        backlog: held ones (oldest first) until ``ahead`` seconds of its work at its pace are
+        queued or running (at least one when none is). An account's pace is its published rate
+        limit (``Keys.accounts``) times ``pacing``, as its throttling leaves it; ``rate`` (per
+        second; the configured rate unless given) stands for an account not published. None
+        from an account's backlog while its breaker is open and not yet due to reopen.
 
         They stay in the index, due again once the stall timeout (and the queue's
         backlog) has passed: if their message is lost too, they come back again.
         """
         k = self.keys
         flat = self._pump(keys=[k.due, k.record(""), self.queue, k.backlog, k.stats, k.breaker, k.link(""),
-                                k.followers(""), k.accounts, k.backlogs, f"{k.prefix}:acct:", k.live],
+                                k.followers(""), k.accounts, k.backlogs, f"{k.prefix}:acct:", k.live,
+                                f"{k.ratelimit}:pace"],
                           args=[limit, repr(self.stall_timeout), repr(rate or self.rate), repr(ahead), repr(pacing)])
         items = [as_text(x) for x in flat]
         return [(rid, link, account) if account else (rid, link)

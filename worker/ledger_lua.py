@@ -18,6 +18,7 @@ bytes); the pump moves it into the index as it publishes it.
 """
 
 from plural_cancel.worker.lua import Lua, script
+from plural_cancel.worker.pace import PACE_FN
 from plural_cancel.worker.redis_clock import REDIS_NOW
 
 # Needed by every script that moves a record: the stats hash (records per active state)
@@ -41,6 +42,11 @@ local function count_move(stats, from, to, account)
     redis.call('HINCRBY', stats, to, 1)
     redis.call('HINCRBY', own, to, 1)
   end
+end
+-- Of an account's ``queued`` ones, those that follow another cancel of their link (and are
+-- never sent): the pump leaves them out of what its room counts.
+local function count_following(stats, account, by)
+  redis.call('HINCRBY', stats .. ':' .. account_name(account), 'following', by)
 end
 -- ``Keys.link``: one live cancel per (account, link); the default account's keys as before accounts.
 local function link_key(links, account, link_id)
@@ -111,6 +117,7 @@ local function create(K, A, hold, now, uncounted)
       redis.call('SADD', followers .. leader, rid)
       redis.call('ZADD', due, recheck_at(now, queue, stall, rate), rid)
       redis.call('ZADD', live_key(live, account), now, rid)
+      count_following(stats, account, 1)
       return 2
     end
     redis.call('SET', link, rid)
@@ -279,6 +286,7 @@ local function finish(K, A)
     local fr = redis.call('HMGET', key, 'state', 'payment_link_id', 'follows')
     if fr[3] == rid and ACTIVE[fr[1] or ''] then
       close(K, A, key, f, fr[1], shared, now, {'request_id', f, 'payment_link_id', fr[2], 'follows', rid}, r[4])
+      count_following(K[6], r[4], -1)
       redis.call('ZREM', due, f)
     end
   end
@@ -352,12 +360,13 @@ end
 #       account's; another's is beside it)  [5] stats  [6] breaker (hash: the default
 #       account's)  [7] link key prefix  [8] followers key prefix  [9] accounts (hash: name ->
 #       rate limit)  [10] backlogs (set)  [11] account key prefix (``acct:``: another
-#       account's breaker is ``acct:<name>:breaker``)  [12] live (sorted set; the account's is
-#       beside it)
-# ARGV: [1] how many due ones at most  [2] stall timeout (seconds)  [3] the default account's
-#       rate (per second, as granted now)  [4] seconds of work to keep ahead of the workers
-#       (0: take nothing from the backlogs)  [5] share of an account's rate limit granted
-#       (``PACING``)
+#       account's breaker is ``acct:<name>:breaker``, its pace ``acct:<name>:ratelimit:pace``)
+#       [12] live (sorted set; the account's is beside it)  [13] the default account's pace
+#       (hash, ``worker.pace``)
+# ARGV: [1] how many due ones at most  [2] stall timeout (seconds)  [3] the rate (per second)
+#       of an account the workers have not published (the default one before any is)
+#       [4] seconds of work to keep ahead of the workers (0: take nothing from the backlogs)
+#       [5] share of an account's rate limit granted (``PACING``)
 # Takes the live cancels whose time has come (a retry due, a message never taken, a
 # lease run out) and returns {request_id, payment_link_id, account, ...} to publish. Each
 # stays in the index, due again at ``recheck_at``: a publish that fails, or a message that
@@ -366,15 +375,18 @@ end
 # (deleted by hand, a pattern delete) or ended without ending it (its followers set
 # gone), the follower leads its link and is sent under its own Request-ID, because the
 # link still needs cancelling; or it follows the link's new live cancel, if it has one.
-# Then each account's turn at its own backlog (oldest first), unless its breaker is open:
-# up to its own room, ARGV[4] seconds at its rate less the cancels of its own that will
-# run in that time anyway (queued and published, running). Accounts do not share a room,
+# Then each account's turn at its own backlog (oldest first), the default account's always
+# (its backlog may predate the backlogs set), unless its breaker is open and not yet due
+# to reopen: up to its own room, ARGV[4] seconds at its pace (its published rate limit, as
+# its throttling leaves it: ``worker.pace``) less the cancels of its own that will run in
+# that time anyway (queued and published, not following another; running), and at least
+# one when none of its own is, however low its rate. Accounts do not share a room,
 # so one account's backlog, however long, never takes another's turn. Each cancel taken
 # enters the due index as a published one does; each live one taken off a backlog (a few
 # were claimed meanwhile) enters its account's live index.
-PUMP = script(_PRELUDE, """
+PUMP = script(_PRELUDE, PACE_FN, """
 local index, records, queue, backlog, stats, breaker, links, followers, accounts, backlogs, acct = unpack(KEYS, 1, 11)
-local live = KEYS[12]
+local live, default_pace = KEYS[12], KEYS[13]
 local limit, stall, rate, ahead, pacing = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
                                           tonumber(ARGV[4]), tonumber(ARGV[5])
 -- Whether a follower whose leader is gone leads now (true), or follows the link's live cancel.
@@ -388,6 +400,7 @@ local function lead(rid, link, gone, account)
     return false
   end
   redis.call('SET', key, rid)
+  count_following(stats, account, -1)
   return true
 end
 
@@ -418,21 +431,32 @@ for _, rid in ipairs(due) do
   end
 end
 if ahead <= 0 then return out end
-for _, name in ipairs(redis.call('SMEMBERS', backlogs)) do
+local names = redis.call('SMEMBERS', backlogs)
+if redis.call('SISMEMBER', backlogs, 'default') == 0 then table.insert(names, 'default') end
+local function number(value) return math.max(0, tonumber(value or '0') or 0) end
+for _, name in ipairs(names) do
   local account = name
   if name == 'default' then account = '' end
   local list = backlog_key(backlog, account)
   local held = redis.call('LLEN', list)
-  local own_breaker = breaker
-  if account ~= '' then own_breaker = acct .. account .. ':breaker' end
+  local own_breaker, own_pace = breaker, default_pace
+  if account ~= '' then own_breaker, own_pace = acct .. account .. ':breaker', acct .. account .. ':ratelimit:pace' end
+  local gate = redis.call('HMGET', own_breaker, 'state', 'reopens_at')
+  -- Open and not yet due to reopen: held back. Due to reopen, a probe decides (a delivery);
+  -- an account no worker serves any more has no deliveries to probe for it, and its held
+  -- cancels must still reach one to be refused.
+  local holding = gate[1] == 'open' and now < (tonumber(gate[2] or '') or math.huge)
   if held == 0 then
     redis.call('SREM', backlogs, name)
-  elseif redis.call('HGET', own_breaker, 'state') ~= 'open' then
+  elseif not holding then
     local own_rate = rate
-    if account ~= '' then own_rate = (tonumber(redis.call('HGET', accounts, name) or '') or rate) * pacing end
-    local counts = redis.call('HMGET', stats .. ':' .. name, 'queued', 'running')
-    local busy = math.max(0, (tonumber(counts[1] or '0') or 0) - held) + math.max(0, tonumber(counts[2] or '0') or 0)
+    local published = tonumber(redis.call('HGET', accounts, name) or '')
+    if published then own_rate = published * pacing end
+    own_rate = pace_rate(own_pace, own_rate, now)
+    local counts = redis.call('HMGET', stats .. ':' .. name, 'queued', 'running', 'following')
+    local busy = math.max(0, number(counts[1]) - held - number(counts[3])) + number(counts[2])
     local room = math.floor(own_rate * ahead - busy)
+    if room < 1 and busy == 0 then room = 1 end
     local looked = 0
     -- Bounded, so a backlog of entries claimed meanwhile never holds Redis in one long call.
     while room > 0 and looked < room + 1000 do
@@ -486,6 +510,7 @@ redis.call('ZADD', due, recheck_at(now, queue, stall, rate), rid)
 if leader and leader ~= rid and ACTIVE[redis.call('HGET', records .. leader, 'state') or ''] then
   redis.call('HSET', record, 'follows', leader)
   redis.call('SADD', followers .. leader, rid)
+  count_following(stats, r[5], 1)
   return {'following', r[2], r[5] or ''}
 end
 redis.call('SET', link, rid)

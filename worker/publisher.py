@@ -136,7 +136,8 @@ def pump(app_: Celery) -> int:
     rate = rt.limiter.effective_rate()
     fleet = max(rate, sum(rt.published_accounts().values()) * PACING)
     limit = max(PUMP_MIN_BATCH, math.ceil(min(PUMP_BATCH, fleet * PUMP_INTERVAL * 2)))
-    items = rt.ledger.take_due(limit, ahead=BACKLOG_AHEAD, rate=rate, pacing=PACING)
+    # Each account's pace is the script's to read (its own throttling); ``rate`` stands for one unpublished.
+    items = rt.ledger.take_due(limit, ahead=BACKLOG_AHEAD, rate=rt.limiter.rate, pacing=PACING)
     publish(app_, items)
     return len(items)
 
