@@ -189,6 +189,25 @@ def test_a_cancel_sent_by_name_for_an_unknown_account_ends_rejected_naming_it(fl
     assert (status["outcome"], status["account"], status["last_error"]["code"]) == (
         "rejected", "shop-z", "UNKNOWN_ACCOUNT")
     assert "'shop-z'" in status["last_error"]["message"]
+    assert not app.runtime.redis.exists(app.runtime.keys.account_key("shop-z", "stats"))  # a name leaves no key
+    # The same Request-ID again, for another link: one Request-ID, one cancel; counted as a conflict.
+    before = app.runtime.redis.hget(app.runtime.keys.malformed, "request_id_conflict") or b"0"
+    app.send_task("tasks.cancel_payment_link", queue=app.conf.task_default_queue,
+                  kwargs={"payment_link_id": "pl-by-name-2", "request_id": "by-name-unknown", "account": "shop-z"})
+    wait_for(lambda: int(app.runtime.redis.hget(app.runtime.keys.malformed, "request_id_conflict") or 0)
+             == int(before) + 1, 15, message="counted as a conflict")
+
+
+def test_an_account_another_worker_has_published_is_waited_for_not_refused(fleet):
+    """A worker whose accounts file is behind another's (a file being rolled out) puts the
+    cancel off until its next look at the file, instead of failing it."""
+    app = fleet["app"]
+    app.runtime.redis.hset(app.runtime.keys.accounts, "shop-new", 10)  # as a worker with the newer file does
+    app.send_task("tasks.cancel_payment_link", queue=app.conf.task_default_queue,
+                  kwargs={"payment_link_id": "pl-new-1", "request_id": "by-name-new", "account": "shop-new"})
+    status = wait_for(lambda: (s := app.runtime.ledger.status("by-name-new")) and s["next_attempt_at"] and s,
+                      15, message="put off")
+    assert (status["state"], status["attempts"], status["last_error"]) == ("queued", 0, None)
 
 
 def test_a_request_id_names_one_cancel_across_accounts(fleet):

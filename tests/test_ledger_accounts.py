@@ -187,3 +187,44 @@ def test_an_open_breaker_holds_the_backlog_only_until_it_is_due_to_reopen(redis_
     assert ledger.take_due(0, ahead=2.0, pacing=1.0) == []
     redis_client.hset(breaker, "reopens_at", time.time() - 1)
     assert ledger.take_due(0, ahead=2.0, pacing=1.0) == [("g-0", "pl-0", "shop-gone")]
+
+
+def test_records_live_from_before_accounts_count_as_the_default_accounts_when_they_end(redis_client):
+    """An upgrade: the fleet's counts hold live records that no account's counts do. The first
+    worker to publish accounts copies them to the default account's, once."""
+    ledger = ledger_for(redis_client)
+    ledger.create_many([("old-1", "pl-1"), ("old-2", "pl-2")])
+    redis_client.delete(ledger.keys.account_key("default", "stats"))  # as the version before accounts left it
+    assert ledger.seed_account_stats()
+    assert ledger.account_stats(["default"])["default"]["active"]["queued"] == 2
+    claim(ledger, "old-1", "pl-1", "o", lease=30)
+    attempts_for(ledger, "default").finish("old-1", "pl-1", "o", state="succeeded", outcome="cancelled",
+                                           attempted=True)
+    assert ledger.account_stats(["default"])["default"]["active"] == {"queued": 1, "running": 0, "retrying": 0}
+    redis_client.hset(ledger.keys.accounts, "default", 10)
+    assert not ledger.seed_account_stats()  # once: accounts are published from then on
+
+
+def test_every_accounts_secret_is_masked_by_value_those_added_at_run_time_too(redis_url, tmp_path):
+    """A secret of the accounts file is not shaped like one (no ``client_secret=`` before it):
+    the worker's one redactor knows each by value, and learns those of accounts added."""
+    from plural_cancel.worker.accounts import refresh
+    from plural_cancel.worker.runtime import Runtime
+
+    path = tmp_path / "accounts.toml"
+    path.write_text('[accounts.shop-a]\nclient_id = "ida"\nclient_secret = "Zq8-first-secret"\n')
+    path.chmod(0o600)
+    from plural_cancel.config.accounts import RELOAD_INTERVAL, AccountBook
+
+    rt = Runtime(Settings.from_env({"REDIS_URL": redis_url, "PLURAL_ACCOUNTS_FILE": str(path)}))
+    now = [0.0]
+    rt.__dict__["book"] = AccountBook(rt.settings, clock=lambda: now[0])  # a clock the test steps
+    refresh(rt)
+    assert rt.redactor.text("Plural said: Zq8-first-secret is wrong") == "Plural said: [Filtered] is wrong"
+    path.write_text(path.read_text() + '[accounts.shop-b]\nclient_id = "idb"\nclient_secret = "Yp7-added-later"\n')
+    now[0] += RELOAD_INTERVAL + 5  # the next look at the file, and past the racy window of its timestamps
+    assert refresh(rt)
+    assert rt.redactor.text("echo Yp7-added-later") == "echo [Filtered]"
+    assert set(rt.published_accounts()) == {"shop-a", "shop-b"}
+    assert rt.ledger.redactor is rt.redactor  # what the ledger stores is masked by the same one
+    rt.close()

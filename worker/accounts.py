@@ -53,6 +53,10 @@ def refresh(rt: Runtime) -> bool:
     (``worker.app.DuePump``); returns True when the accounts changed."""
     changed = rt.book.refresh()
     now = time.monotonic()
+    if rt.accounts_published_at is None:
+        rt.ledger.seed_account_stats()  # the first publication ever: an upgrade's live records are default's
+    if changed:
+        rt.redactor.learn(account.client_secret.reveal() for account in rt.book.accounts().values())
     if changed or rt.accounts_published_at is None or now - rt.accounts_published_at >= REPUBLISH_EVERY:
         publish(rt.redis, rt.keys, rt.book.accounts())
         rt.accounts_published_at = now

@@ -290,9 +290,10 @@ def _count_unknown(sender=None, **kwargs):
 @signals.setup_logging.connect
 def _setup_logging(loglevel=None, logfile=None, **kwargs):
     """Worker and beat log through :mod:`worker.logs` (structured, redacted), not Celery's format."""
-    from plural_cancel.worker import logs, redaction
+    from plural_cancel.worker import logs
 
-    logs.configure(redaction.redactor_for(app.settings), loglevel or logging.INFO, logfile)
+    # The runtime's: it learns the secrets of accounts added to the file at run time.
+    logs.configure(app.runtime.redactor, loglevel or logging.INFO, logfile)
 
 
 @signals.celeryd_init.connect
@@ -301,7 +302,7 @@ def _start_reporting(**kwargs):
     """Sentry in the worker's main process (before its pool starts) and in beat; off without SENTRY_DSN."""
     from plural_cancel.worker import reporting
 
-    reporting.init(app.settings, app.conf.beat_schedule)
+    reporting.init(app.settings, app.conf.beat_schedule, redactor=app.runtime.redactor)
 
 
 @signals.worker_ready.connect

@@ -82,17 +82,18 @@ return {attempts, opened, age or ''}
 """)
 
 
-# KEYS: the claim's, then the finish's, as many of each as ARGV[1-2] say
-# ARGV: [1-2] how many KEYS each section holds  [3-4] how many ARGV each takes, then the
-#       sections' ARGV in the same order
-# Returns {claim} when the claim is refused, else {claim, attempts, age}: ended failed/rejected
-# (age: seconds from its record's created_at).
-REFUSE = script(CLAIM_FN, FINISH_FN, SECTIONS, """
-local claim_keys, finish_keys = sections(KEYS, 1, ARGV[1], ARGV[2])
-local claim_args, finish_args = sections(ARGV, 5, ARGV[3], ARGV[4])
+# KEYS: the claim's, then the finish's or the defer's, as many of each as ARGV[2-3] say
+# ARGV: [1] 'finish' or 'defer'  [2-3] how many KEYS each section holds  [4-5] how many ARGV
+#       each takes, then the sections' ARGV in the same order
+# Returns {claim} when the claim is refused, else {claim, attempts, age}: ended (age: seconds
+# from its record's created_at) or deferred (no age), without an attempt.
+SET_ASIDE = script(CLAIM_FN, FINISH_FN, DEFER_FN, SECTIONS, """
+local claim_keys, write_keys = sections(KEYS, 1, ARGV[2], ARGV[3])
+local claim_args, write_args = sections(ARGV, 6, ARGV[4], ARGV[5])
 local c = claim(claim_keys, claim_args)
 if c[1] ~= 'claimed' then return {c} end
-return {c, finish(finish_keys, finish_args)}
+if ARGV[1] == 'defer' then return {c, defer(write_keys, write_args)} end
+return {c, finish(write_keys, write_args)}
 """)
 
 
@@ -155,7 +156,7 @@ class Attempts:
         self.account = account
         self._admit = ledger.redis.register_script(ADMIT)
         self._settle = ledger.redis.register_script(SETTLE)
-        self._refuse = ledger.redis.register_script(REFUSE)
+        self._set_aside = ledger.redis.register_script(SET_ASIDE)
 
     def admit(self, request_id: str, payment_link_id: str, owner: str, lease: float, *, budget: float,
               max_wait: float, probe_max_wait: float) -> Admission:
@@ -203,13 +204,25 @@ class Attempts:
         ``error`` as its last error: claimed (its record created if the message was sent by
         name), then finished, in one round trip. The claim as it was: anything but
         ``claimed`` means this copy had nothing to end (``Attempts.admit``'s verdicts)."""
+        write = self.ledger.finish_call(request_id, payment_link_id, owner, state="failed", outcome="rejected",
+                                        attempted=False, last_error=error, account=account)
+        return self._aside("finish", request_id, payment_link_id, owner, lease, account, write)
+
+    def wait_for_account(self, request_id: str, payment_link_id: str, owner: str, lease: float, *, account: str,
+                         delay: float) -> Claim:
+        """Put off, ``delay`` seconds and without an attempt, a cancel of an account this worker
+        does not know yet but another worker has published (its accounts file reached that
+        host first): claimed, then deferred, in one round trip."""
+        write = self.ledger.defer_call(request_id, owner, delay=delay, attempted=False)
+        return self._aside("defer", request_id, payment_link_id, owner, lease, account, write)
+
+    def _aside(self, kind: str, request_id: str, payment_link_id: str, owner: str, lease: float, account: str,
+               write: tuple[list[str], list[Any]]) -> Claim:
         claim_keys, claim_args = self.ledger.claim_call(request_id, payment_link_id, owner, lease, 0.0, account)
-        finish_keys, finish_args = self.ledger.finish_call(request_id, payment_link_id, owner, state="failed",
-                                                           outcome="rejected", attempted=False, last_error=error,
-                                                           account=account)
-        reply = self._refuse(keys=[*claim_keys, *finish_keys],
-                             args=[len(claim_keys), len(finish_keys), len(claim_args), len(finish_args),
-                                   *claim_args, *finish_args])
+        write_keys, write_args = write
+        reply = self._set_aside(keys=[*claim_keys, *write_keys],
+                                args=[kind, len(claim_keys), len(write_keys), len(claim_args), len(write_args),
+                                      *claim_args, *write_args])
         claim = parse_claim(reply[0])
         # Ended here: the claim carries the ending's age, as a gave_up one does.
         return replace(claim, age=float(reply[2])) if len(reply) > 2 else claim

@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 
+from plural_cancel.config.accounts import RELOAD_INTERVAL
 from plural_cancel.config.celery import lease_seconds
 from plural_cancel.errors import MalformedMessage, PluralConnectionError, PluralRateLimited, PluralTimeout, SlotMissed
 from plural_cancel.worker import breaker, malformed, metrics, reporting
@@ -49,8 +50,9 @@ def deliver(rt: Runtime, args: tuple, kwargs: dict) -> str:
         if refused is None:
             return "malformed"
         # Its record is written ended (``REJECT``): created and ended in the same instant.
+        known = (refused.account or DEFAULT_ACCOUNT) in rt.local_accounts()
         report_failed(refused.request_id, refused.payment_link_id or "", "rejected", 0, refused.error, None,
-                      account=refused.account, age=0.0)
+                      account=refused.account, age=0.0, label=None if known else UNKNOWN_ACCOUNT)
         return "rejected"
     lane = rt.lane(account)
     if lane is None:
@@ -58,22 +60,53 @@ def deliver(rt: Runtime, args: tuple, kwargs: dict) -> str:
     return execute(rt, payment_link_id, request_id, lane)
 
 
+UNKNOWN_ACCOUNT = "unknown"
+"""The metrics' ``account`` label of a cancel whose account no worker knows: a name anyone can
+send by name must not add a series per name (Sentry and the record still name it)."""
+
+
 def refuse_account(rt: Runtime, payment_link_id: str, request_id: str, account: str) -> str:
     """A cancel of an account this worker does not know, even after reading the accounts file
-    again (never in it, or removed from it): it ends ``failed`` / ``rejected``, with a
-    ``last_error`` naming the account, as a malformed message does."""
-    error = {"http_status": None, "code": "UNKNOWN_ACCOUNT",
-             "message": f"account {account!r} is not in the workers' accounts (PLURAL_ACCOUNTS_FILE)"}
-    claim = rt.attempts.refuse(request_id, payment_link_id, uuid.uuid4().hex, lease_seconds(rt.settings),
-                               account=account, error=error)
-    if claim.verdict != "claimed":
-        return claim.verdict  # a copy of a cancel already ended, or held by another delivery
-    log.error("cancel refused: account %r is not in the workers' accounts", account,
-              extra={"request_id": request_id, "payment_link_id": payment_link_id, "account": account,
-                     "state": "failed", "outcome": "rejected"})
-    report_failed(request_id, payment_link_id, "rejected", claim.attempts, error, None, account=account,
-                  age=claim.age)
-    return "rejected"
+    again. Another worker has published it: this host's file is behind that one's (a file
+    being rolled out), so the cancel is put off until this worker's next look at its file.
+    No worker has (never in a file, or removed from it): it ends ``failed`` / ``rejected``,
+    with a ``last_error`` naming the account, as a malformed message does."""
+    owner, lease = uuid.uuid4().hex, lease_seconds(rt.settings)
+    ids = {"request_id": request_id, "payment_link_id": payment_link_id, "account": account}
+    if rt.redis.hexists(rt.keys.accounts, account):
+        claim = rt.attempts.wait_for_account(request_id, payment_link_id, owner, lease, account=account,
+                                             delay=RELOAD_INTERVAL)
+        if claim.verdict == "claimed":
+            log.warning("cancel put off: account %r is published by another worker, not yet in this one's "
+                        "accounts file", account, extra={**ids, "state": "queued", "reason": "account"})
+            return "waiting"
+    else:
+        error = {"http_status": None, "code": "UNKNOWN_ACCOUNT",
+                 "message": f"account {account!r} is not in the workers' accounts (PLURAL_ACCOUNTS_FILE)"}
+        claim = rt.attempts.refuse(request_id, payment_link_id, owner, lease, account=account, error=error)
+        if claim.verdict == "claimed":
+            rt.ledger.forget_idle_account(account)
+            log.error("cancel refused: account %r is not in the workers' accounts", account,
+                      extra={**ids, "state": "failed", "outcome": "rejected"})
+            report_failed(request_id, payment_link_id, "rejected", claim.attempts, error, None, account=account,
+                          age=claim.age, label=UNKNOWN_ACCOUNT)
+            return "rejected"
+    if claim.verdict == "mismatch":
+        return _conflict(rt, claim, ids)
+    return claim.verdict  # a copy of a cancel already ended, or held by another delivery
+
+
+def _conflict(rt: Runtime, claim, ids: dict) -> str:
+    """A message whose Request-ID names the cancel of another link or account: this message's
+    link is not cancelled under it. Not a copy of anything the ledger carries, so it is
+    counted and reported, with both links, for someone to send it under a Request-ID of its own."""
+    log.error("cancel message refused: request_id %s names the cancel of another link (%s); this link is not "
+              "cancelled (counted as malformed: request_id_conflict)", ids["request_id"], claim.link,
+              extra={**ids, "sentry": reporting.REPORTED})
+    malformed.count(rt.redis, rt.keys, malformed.REQUEST_ID_CONFLICT)
+    reporting.report_request_id_conflict(request_id=ids["request_id"], payment_link_id=ids["payment_link_id"],
+                                         taken_by=claim.link, account=ids["account"])
+    return "conflict"
 
 
 def execute(rt: Runtime, payment_link_id: str, request_id: str, lane: Lane | None = None) -> str:
@@ -103,16 +136,7 @@ def execute(rt: Runtime, payment_link_id: str, request_id: str, lane: Lane | Non
                       account=account, age=claim.age)
         return "gave_up"
     if claim.verdict == "mismatch":
-        # One Request-ID names one cancel: this message's link is not cancelled under it. Not a
-        # copy of anything the ledger carries, so it is counted and reported, with both links,
-        # for someone to send it under a Request-ID of its own.
-        log.error("cancel message refused: request_id %s names the cancel of another link (%s); this link is not "
-                  "cancelled (counted as malformed: request_id_conflict)", request_id, claim.link,
-                  extra={**ids, "sentry": reporting.REPORTED})
-        malformed.count(rt.redis, rt.keys, malformed.REQUEST_ID_CONFLICT)
-        reporting.report_request_id_conflict(request_id=request_id, payment_link_id=payment_link_id,
-                                             taken_by=claim.link, account=account)
-        return "conflict"
+        return _conflict(rt, claim, ids)
     if claim.verdict != "claimed":
         # A copy with nothing to do (ended, following, held by another delivery, early):
         # the due index carries the cancel, so this message is simply dropped.
@@ -247,14 +271,16 @@ def record(rt: Runtime, decision: Decision, payment_link_id: str, request_id: st
 
 
 def report_failed(request_id: str, payment_link_id: str, outcome: str, attempts: int, error: dict | None,
-                  link_status: str | None, *, account: str | None = None, age: float | None = None) -> None:
+                  link_status: str | None, *, account: str | None = None, age: float | None = None,
+                  label: str | None = None) -> None:
     """A cancel has just been recorded ``failed``: count it and report it, once. ``age``:
-    seconds from its record's ``created_at`` to its end.
+    seconds from its record's ``created_at`` to its end; ``label``: the metrics' account
+    label, when not ``account`` (:data:`UNKNOWN_ACCOUNT`).
 
     Once, because only the delivery holding the claim finishes a record, and a
     finished record is never claimed again.
     """
     account = account or DEFAULT_ACCOUNT
-    metrics.ended(outcome, account, age)
+    metrics.ended(outcome, label or account, age)
     reporting.report_failure(request_id=request_id, payment_link_id=payment_link_id, outcome=outcome,
                              attempts=attempts, error=error, link_status=link_status, account=account)

@@ -166,6 +166,8 @@ class Ledger:
         self._take_callbacks = client.register_script(lua.TAKE_CALLBACKS)
         self._callbacks_sent = client.register_script(lua.CALLBACKS_SENT)
         self._oldest_live = client.register_script(lua.OLDEST_LIVE)
+        self._seed_account_stats = client.register_script(lua.SEED_ACCOUNT_STATS)
+        self._forget_idle_account = client.register_script(lua.FORGET_IDLE_ACCOUNT)
 
     def _error_json(self, error: dict) -> str:
         return json.dumps(self.redactor.walk(error), separators=(",", ":"))
@@ -366,6 +368,16 @@ class Ledger:
         return {"active": {state: max(0, int(active.get(state.encode(), 0))) for state in ACTIVE},
                 "outcomes": {k: n for k, n in sorted(outcomes.items()) if n > 0},
                 "deferred": max(0, int(active.get(b"deferred", 0))), "backlog": backlog, "dead_letters": dead}
+
+    def seed_account_stats(self) -> bool:
+        """Count the records live from before accounts as the default account's (``SEED_ACCOUNT_STATS``),
+        once, before the first accounts are published; True when it did."""
+        k = self.keys
+        return bool(self._seed_account_stats(keys=[k.stats, k.account_key(DEFAULT_ACCOUNT, "stats"), k.accounts]))
+
+    def forget_idle_account(self, account: str) -> bool:
+        """Remove the counts of an account no worker knows when they are at nothing (``FORGET_IDLE_ACCOUNT``)."""
+        return bool(self._forget_idle_account(keys=[self.keys.account_key(account, "stats")]))
 
     def account_stats(self, accounts: Iterable[str]) -> dict[str, dict[str, Any]]:
         """Each account's own counts: ``{name: {"active": {queued|running|retrying: n},

@@ -606,3 +606,28 @@ for i, name in ipairs(ARGV) do
 end
 return out
 """)
+
+# KEYS: [1] stats (the fleet's)  [2] the default account's stats (``stats:default``)
+#       [3] accounts (the published hash)
+# Before accounts, the fleet's counts were the default account's alone: the first worker of
+# the version that counts per account (no account published yet, no default counts yet)
+# copies them, so that the records live from before count as the default account's when
+# they end (else its counts, and the pump's room, would be off by them). Returns 1 copied.
+SEED_ACCOUNT_STATS = """
+local stats, own, accounts = KEYS[1], KEYS[2], KEYS[3]
+if redis.call('EXISTS', accounts) == 1 or redis.call('EXISTS', own) == 1 then return 0 end
+local c = redis.call('HMGET', stats, 'queued', 'running', 'retrying')
+redis.call('HSET', own, 'queued', c[1] or '0', 'running', c[2] or '0', 'retrying', c[3] or '0')
+return 1
+"""
+
+# KEYS: [1] an account's stats (``stats:<name>``)
+# An account no worker knows, whose refused cancels left its counts at nothing: its hash
+# goes, so that names sent by anyone leave no key behind. Returns 1 removed.
+FORGET_IDLE_ACCOUNT = """
+local c = redis.call('HMGET', KEYS[1], 'queued', 'running', 'retrying', 'following')
+for i = 1, 4 do
+  if (tonumber(c[i] or '0') or 0) ~= 0 then return 0 end
+end
+return redis.call('DEL', KEYS[1])
+"""

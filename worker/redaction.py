@@ -35,6 +35,11 @@ class Redactor:
         # Longest first, so that a secret containing another is masked whole.
         self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
 
+    def learn(self, secrets: Iterable[str]) -> None:
+        """Know ``secrets`` by value too (an account added to the accounts file at run time).
+        The list is replaced whole, so a thread masking meanwhile uses the old one or the new."""
+        self.secrets = sorted(set(self.secrets) | {s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+
     def text(self, value: str) -> str:
         """``value`` with every secret, bearer token, URL password, e-mail and phone masked."""
         for secret in self.secrets:
@@ -54,6 +59,7 @@ class Redactor:
         return value
 
 
-def redactor_for(settings: Settings) -> Redactor:
-    """The redactor of this process: it knows the client secret by value."""
-    return Redactor([settings.client_secret.reveal()] if settings.client_secret else [])
+def redactor_for(settings: Settings, secrets: Iterable[str] = ()) -> Redactor:
+    """A redactor that knows the client secret by value, and ``secrets`` (the accounts'
+    secrets: ``Runtime.redactor``, the one every way out of a worker shares)."""
+    return Redactor([*([settings.client_secret.reveal()] if settings.client_secret else []), *secrets])

@@ -68,7 +68,8 @@ CHECKIN_EVERY = 60.0
 """Seconds between cron check-ins of a beat job that runs more often than Sentry Crons can
 express (it counts whole minutes): at most one per job and worker process per this long."""
 
-def init(settings: Settings, beat_schedule: Mapping[str, Mapping] | None = None) -> bool:
+def init(settings: Settings, beat_schedule: Mapping[str, Mapping] | None = None, *,
+         redactor: Redactor | None = None) -> bool:
     """Start Sentry in this worker or beat process when ``SENTRY_DSN`` is set; True if started.
 
     The environment is ``SENTRY_ENVIRONMENT``, else ``PLURAL_ENV`` (``uat``/``prod``).
@@ -81,7 +82,7 @@ def init(settings: Settings, beat_schedule: Mapping[str, Mapping] | None = None)
     if not settings.sentry_dsn:
         return False
     frequent = _frequent_jobs(beat_schedule or {})
-    redactor = redactor_for(settings)
+    redactor = redactor or redactor_for(settings)
     sentry_sdk.init(
         dsn=settings.sentry_dsn,
         environment=settings.sentry_environment or settings.plural_env,

@@ -27,7 +27,7 @@ from plural_cancel.worker.ledger import Ledger
 from plural_cancel.worker.plural import PluralClient
 from plural_cancel.worker.policy import RetryPolicy
 from plural_cancel.worker.ratelimit import RedisRateLimiter
-from plural_cancel.worker.redaction import redactor_for
+from plural_cancel.worker.redaction import Redactor, redactor_for
 from plural_cancel.worker.replication import ReplicaWait
 from plural_cancel.worker.tokens import RedisTokenCache
 
@@ -81,7 +81,7 @@ class Runtime:
     def ledger(self) -> Ledger:
         return Ledger(self.redis, result_ttl=self.settings.result_ttl, stall_timeout=self.settings.stall_timeout,
                       rate=self.settings.rate_limit * PACING, queue=self.settings.cancel_queue, keys=self.keys,
-                      clock=self.clock, redactor=redactor_for(self.settings), replicas=self.replicas,
+                      clock=self.clock, redactor=self.redactor, replicas=self.replicas,
                       outcome_retention=self.settings.outcome_retention)
 
     @cached_property
@@ -95,6 +95,13 @@ class Runtime:
         """How a producer's writes wait for Redis's replicas (``REDIS_WAIT_REPLICAS``)."""
         return ReplicaWait(self.redis, self.settings.wait_replicas, keys=self.keys,
                            sentinel=bool(self.settings.redis_sentinels))
+
+    @cached_property
+    def redactor(self) -> Redactor:
+        """What masks secrets and personal data in this process's logs, Sentry events and
+        stored errors: it knows the client secret and every account's by value, those of
+        accounts added at run time too (``worker.accounts.refresh``)."""
+        return redactor_for(self.settings, (a.client_secret.reveal() for a in self.local_accounts().values()))
 
     @cached_property
     def book(self) -> AccountBook:
@@ -150,9 +157,10 @@ class Runtime:
 
     @cached_property
     def limiter(self) -> RedisRateLimiter:
-        """The default account's rate limit (``PLURAL_RATE_LIMIT``): a producer's, and the pump's
-        measure of the default account's pace."""
-        return self.limiter_of(DEFAULT_ACCOUNT, self.settings.rate_limit)
+        """The default account's rate limit (``PLURAL_RATE_LIMIT``, or the accounts file's for
+        ``[accounts.default]``): the pump's measure of the default account's pace."""
+        own = self.local_accounts().get(DEFAULT_ACCOUNT)
+        return self.limiter_of(DEFAULT_ACCOUNT, own.rate_limit if own else self.settings.rate_limit)
 
     @cached_property
     def breaker(self) -> RedisCircuitBreaker:
