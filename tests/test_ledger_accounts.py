@@ -228,3 +228,25 @@ def test_every_accounts_secret_is_masked_by_value_those_added_at_run_time_too(re
     assert set(rt.published_accounts()) == {"shop-a", "shop-b"}
     assert rt.ledger.redactor is rt.redactor  # what the ledger stores is masked by the same one
     rt.close()
+
+
+def test_a_file_turned_bad_keeps_the_last_good_accounts_published_and_is_counted(redis_url, tmp_path):
+    from plural_cancel.config.accounts import RELOAD_INTERVAL, AccountBook
+    from plural_cancel.worker.accounts import refresh
+    from plural_cancel.worker.runtime import Runtime
+
+    path = tmp_path / "accounts.toml"
+    path.write_text('[accounts.shop-a]\nclient_id = "ida"\nclient_secret_env = "SHOP_A_SECRET"\n')
+    failures = []
+    rt = Runtime(Settings.from_env({"REDIS_URL": redis_url, "PLURAL_ACCOUNTS_FILE": str(path)}),
+                 on_reload_failure=failures.append)
+    now = [0.0]
+    rt.__dict__["book"] = AccountBook(rt.settings, {"SHOP_A_SECRET": "s3cret-a"}, clock=lambda: now[0],
+                                      on_reload_failure=rt.on_reload_failure)
+    refresh(rt)
+    path.write_text('[accounts.shop-a]\nclient_id = "ida"\nclient_secret_env = "SHOP_A_SECRET"\nrate_limit = "fast"\n')
+    now[0] += RELOAD_INTERVAL + 5
+    assert not refresh(rt)
+    assert len(failures) == 1 and "rate_limit" in str(failures[0])
+    assert set(rt.published_accounts()) == {"shop-a"} and rt.lane("shop-a") is not None  # the last good ones
+    rt.close()
