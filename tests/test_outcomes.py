@@ -185,7 +185,7 @@ def test_a_cancel_that_could_not_reach_plural_is_not_an_attempt(runtime, plural)
     plural.answers.append(Answer(200, CANCELLED, JSON))
     assert run(runtime, "req-first")["outcome"] == "cancelled"  # a token is cached, the pool warm
     plural.close()  # nothing listens on Plural's port any more...
-    runtime.plural.close()  # ...and the kept-alive connection is gone with it
+    runtime.lane("default").plural.close()  # ...and the kept-alive connection is gone with it
     status = run(runtime, "req-unreachable")
     assert (status["state"], status["attempts"]) == ("queued", 0)  # never attempted
     assert status["last_error"]["code"] == "PluralConnectionError"

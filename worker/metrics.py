@@ -121,10 +121,10 @@ def snapshot(rt) -> dict[str, Any]:
     """The state every worker shares, read from Redis now (``rt`` is a ``worker.runtime.Runtime``):
     ``{"states": {state: n}, "outcomes": {outcome: n}, "deferred": n, "backlog": n, "dead_letters": n,
     "queue_depth": n, "breaker": {...}, "rate": calls per second, "malformed": {reason: n}}``.
-    ``accounts``: per account, its counts, breaker, pace and ``oldest_live`` (seconds, or
-    None: none live). ``queued``, ``running`` and ``retrying`` are counted now; ``succeeded``, ``failed`` and
-    the outcomes over the last ``RESULT_TTL`` seconds (see ``Ledger.stats``); ``malformed``
-    since the count began (``worker.malformed``)."""
+    ``accounts``: per account, its counts, rate ``limit`` (published, per second), breaker, pace
+    and ``oldest_live`` (seconds, or None: none live). ``queued``, ``running`` and ``retrying``
+    are counted now; ``succeeded``, ``failed`` and the outcomes over the last ``RESULT_TTL``
+    seconds (see ``Ledger.stats``); ``malformed`` since the count began (``worker.malformed``)."""
     shared = rt.ledger.stats()
     finished = shared["outcomes"]
     shared["states"] = {**shared.pop("active"),
@@ -135,7 +135,7 @@ def snapshot(rt) -> dict[str, Any]:
     rates = rt.published_accounts()
     oldest = rt.ledger.oldest_live(rates)
     paces, breakers = _paces_and_breakers(rt, rates)
-    shared["accounts"] = {name: {**own, "breaker": breakers[name], "rate": paces[name][0],
+    shared["accounts"] = {name: {**own, "limit": rates[name], "breaker": breakers[name], "rate": paces[name][0],
                                  "throttled_share": paces[name][1], "oldest_live": oldest.get(name)}
                           for name, own in rt.ledger.account_stats(rates).items()}
     default = shared["accounts"].get("default")

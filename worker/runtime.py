@@ -173,16 +173,6 @@ class Runtime:
         ``lane(name).attempts``); also the writer of a refused message's record."""
         return Attempts(self.ledger, self.breaker, self.limiter)
 
-    @property
-    def plural(self) -> PluralClient:
-        """The default account's Plural client; needs credentials, so only the worker (not
-        producers) builds it."""
-        lane = self.lane(DEFAULT_ACCOUNT)
-        if lane is None:
-            self.settings.require_credentials()  # names the variable that is missing
-            raise KeyError(DEFAULT_ACCOUNT)
-        return lane.plural
-
     def _follow_master(self, pool) -> None:
         # redis-py asks the Sentinels for the master only when it opens a connection. After a
         # SENTINEL FAILOVER the old master is not down: it takes writes on the connections

@@ -144,9 +144,7 @@ def stats(as_json: bool, account: str | None):
     app = configured_app()
     name = None if account is None else known_account(app, account)
     snap = snapshot(app.runtime)
-    limits = app.runtime.published_accounts()
-    accounts = {n: _account_figures(own, limits.get(n, app.settings.rate_limit))
-                for n, own in sorted(snap["accounts"].items())}
+    accounts = {n: _account_figures(own) for n, own in sorted(snap["accounts"].items())}
     if name is not None:
         if name not in accounts:
             raise Failure(f"account {name!r}: no worker has published it yet (it is in this host's "
@@ -201,11 +199,11 @@ def _breaker_figures(breaker: dict) -> dict:
             "reopens_at": None if reopens_at is None else format_timestamp(reopens_at, "seconds")}
 
 
-def _account_figures(own: dict, limit: float) -> dict:
+def _account_figures(own: dict) -> dict:
     """One account's figures of ``metrics.snapshot`` (``shared["accounts"][name]``) as ``stats
-    --json`` shows them; ``limit``: its rate limit, calls per second."""
+    --json`` shows them."""
     return {"states": own["active"], "backlog": own["backlog"], "breaker": _breaker_figures(own["breaker"]),
-            "rate": {"limit_per_second": limit, "current_per_second": round(own["rate"], 3),
+            "rate": {"limit_per_second": own["limit"], "current_per_second": round(own["rate"], 3),
                      "throttled_share": round(own["throttled_share"], 3)}}
 
 
