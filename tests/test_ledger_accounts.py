@@ -250,3 +250,27 @@ def test_a_file_turned_bad_keeps_the_last_good_accounts_published_and_is_counted
     assert len(failures) == 1 and "rate_limit" in str(failures[0])
     assert set(rt.published_accounts()) == {"shop-a"} and rt.lane("shop-a") is not None  # the last good ones
     rt.close()
+
+
+def test_an_account_first_met_by_a_delivery_is_published_and_its_secret_masked(redis_url, tmp_path):
+    """A cancel of an account just added to the file makes the worker read the file at once
+    (``AccountBook.get``): the next refresh must still publish the account and learn its secret,
+    though its own look at the file then finds nothing new."""
+    from plural_cancel.config.accounts import AccountBook
+    from plural_cancel.worker.accounts import refresh
+    from plural_cancel.worker.runtime import Runtime
+
+    path = tmp_path / "accounts.toml"
+    path.write_text('[accounts.shop-a]\nclient_id = "ida"\nclient_secret = "Zq8-first-secret"\n')
+    path.chmod(0o600)
+    rt = Runtime(Settings.from_env({"REDIS_URL": redis_url, "PLURAL_ACCOUNTS_FILE": str(path)}))
+    now = [0.0]
+    rt.__dict__["book"] = AccountBook(rt.settings, clock=lambda: now[0])
+    refresh(rt)
+    path.write_text(path.read_text() + '[accounts.shop-b]\nclient_id = "idb"\nclient_secret = "Yp7-added-later"\n')
+    now[0] += 5  # within the reload interval: only a delivery's unknown name looks now
+    assert rt.lane("shop-b") is not None
+    refresh(rt)
+    assert "shop-b" in rt.published_accounts()
+    assert rt.redactor.text("echo Yp7-added-later") == "echo [Filtered]"
+    rt.close()

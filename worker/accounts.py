@@ -50,15 +50,21 @@ def publish(client: redis.Redis, keys: Keys, accounts: dict[str, Account]) -> No
 def refresh(rt: Runtime) -> bool:
     """Read the accounts file again if it changed, and publish the accounts in force when
     they changed or ``REPUBLISH_EVERY`` seconds have passed. Run by every worker's pump
-    (``worker.app.DuePump``); returns True when the accounts changed."""
-    changed = rt.book.refresh()
+    (``worker.app.DuePump``); returns True when the accounts changed since the last call.
+
+    Changed by the book's ``generation``, not by what this look found: a delivery that met
+    an unknown name may have read the file already (``AccountBook.get``)."""
+    book = rt.book
+    book.refresh()
+    changed = book.generation != rt.accounts_generation
     now = time.monotonic()
     if rt.accounts_published_at is None:
         rt.ledger.seed_account_stats()  # the first publication ever: an upgrade's live records are default's
     if changed:
-        rt.redactor.learn(account.client_secret.reveal() for account in rt.book.accounts().values())
+        rt.redactor.learn(account.client_secret.reveal() for account in book.accounts().values())
+        rt.accounts_generation = book.generation
     if changed or rt.accounts_published_at is None or now - rt.accounts_published_at >= REPUBLISH_EVERY:
-        publish(rt.redis, rt.keys, rt.book.accounts())
+        publish(rt.redis, rt.keys, book.accounts())
         rt.accounts_published_at = now
     return changed
 

@@ -60,6 +60,8 @@ class Runtime:
         (the worker counts it, per account, from the lane's start)."""
         self.accounts_published_at: float | None = None
         """Monotonic time this process last published its accounts (``worker.accounts.refresh``)."""
+        self.accounts_generation = 0
+        """The accounts book's ``generation`` this process last published and learnt the secrets of."""
         self.known_accounts: dict[str, float] = {}
         """Account name -> monotonic time until which this process takes it as known
         (``worker.accounts.check_account``)."""
