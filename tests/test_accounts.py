@@ -201,12 +201,28 @@ def test_a_cancel_sent_by_name_for_an_unknown_account_ends_rejected_naming_it(fl
 def test_an_account_another_worker_has_published_is_waited_for_not_refused(fleet):
     """A worker whose accounts file is behind another's (a file being rolled out) puts the
     cancel off until its next look at the file, instead of failing it."""
+    import threading
+
     app = fleet["app"]
-    app.runtime.redis.hset(app.runtime.keys.accounts, "shop-new", 10)  # as a worker with the newer file does
-    app.send_task("tasks.cancel_payment_link", queue=app.conf.task_default_queue,
-                  kwargs={"payment_link_id": "pl-new-1", "request_id": "by-name-new", "account": "shop-new"})
-    status = wait_for(lambda: (s := app.runtime.ledger.status("by-name-new")) and s["next_attempt_at"] and s,
-                      15, message="put off")
+    # A worker with the newer file keeps publishing the name, as the fleet's own workers keep
+    # publishing theirs (without it): the test plays that worker until the cancel is put off.
+    done = threading.Event()
+
+    def newer_worker():
+        while not done.is_set():
+            app.runtime.redis.hset(app.runtime.keys.accounts, "shop-new", 10)
+            done.wait(0.05)
+
+    publisher = threading.Thread(target=newer_worker, daemon=True)
+    publisher.start()
+    try:
+        app.send_task("tasks.cancel_payment_link", queue=app.conf.task_default_queue,
+                      kwargs={"payment_link_id": "pl-new-1", "request_id": "by-name-new", "account": "shop-new"})
+        status = wait_for(lambda: (s := app.runtime.ledger.status("by-name-new")) and s["next_attempt_at"] and s,
+                          15, message="put off")
+    finally:
+        done.set()
+        publisher.join()
     assert (status["state"], status["attempts"], status["last_error"]) == ("queued", 0, None)
 
 
